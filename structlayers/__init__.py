@@ -1,0 +1,29 @@
+"""structlayers: structured linear ("sum") layers for PyTorch behind one interface.
+
+>>> import structlayers
+>>> structlayers.available()
+['dense', 'kronecker', 'lowrank', 'nystrom']
+>>> layer = structlayers.from_kronecker("lowrank", A, B, rank=16)   # doctest: +SKIP
+"""
+
+from .base import StructuredSumLayer, available, create, from_dense, from_kronecker, get
+from .kinds import Dense, Kronecker, LowRank, Nystrom
+from .linalg import PIVOT_STRATEGIES, optimal_relative_error, optimal_relative_error_kronecker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StructuredSumLayer",
+    "available",
+    "create",
+    "from_dense",
+    "from_kronecker",
+    "get",
+    "Dense",
+    "Kronecker",
+    "LowRank",
+    "Nystrom",
+    "PIVOT_STRATEGIES",
+    "optimal_relative_error",
+    "optimal_relative_error_kronecker",
+]

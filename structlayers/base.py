@@ -1,0 +1,267 @@
+"""The one interface every structured sum layer implements, and the kind registry.
+
+A structured sum layer holds F independent linear maps ("folds") of shape
+(out_features, in_features) and applies them to folded inputs:
+``forward(x)`` maps x of shape (F, B, in_features) to (F, B, out_features),
+``y[f, b] = W[f] @ x[f, b]``. Subclasses differ only in how W[f] is stored.
+
+A subclass declares its registry name in the class statement::
+
+    class LowRank(StructuredSumLayer, kind="lowrank"):
+        ...
+
+and is then reachable by name through :func:`structlayers.get` and friends.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from ._checks import as_folded_factors, as_folded_weight, check_positive_int
+from .linalg.kron import frobenius_sq
+
+_REGISTRY: Dict[str, Type["StructuredSumLayer"]] = {}
+
+
+class StructuredSumLayer(nn.Module, abc.ABC):
+    """Abstract folded linear layer: (F, B, in_features) -> (F, B, out_features).
+
+    Attributes:
+        num_folds: F, the number of independent weight matrices.
+        in_features, out_features: the shape of each W[f] is (out_features, in_features).
+        kind: the registry name of the concrete class.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, kind: Optional[str] = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+                raise ValueError(f"a structured layer kind named {kind!r} is already registered "
+                                 f"({_REGISTRY[kind].__qualname__})")
+            cls.kind = kind
+            _REGISTRY[kind] = cls
+
+    def __init__(self, in_features: int, out_features: int, num_folds: int = 1) -> None:
+        super().__init__()
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        self.num_folds = check_positive_int(num_folds, "num_folds")
+
+    # ----------------------------------------------------------------- compute
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (F, B, in_features) -> (F, B, out_features)."""
+
+    @abc.abstractmethod
+    def flops(self, batch_size: int) -> int:
+        """Multiply-adds of one forward over a batch of ``batch_size`` per fold, all folds."""
+
+    def to_dense(self) -> torch.Tensor:
+        """The represented weight, (F, out_features, in_features); differentiable.
+
+        Derived from the forward applied to the identity, so it is right for any
+        kind whose forward is; kinds override it only to be cheaper.
+        """
+        eye = torch.eye(self.in_features, dtype=self.dtype, device=self.device)
+        return self.forward(eye.expand(self.num_folds, -1, -1)).transpose(1, 2)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError unless x has shape (F, B, in_features) for this layer."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.kind} layer input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[0] != self.num_folds or x.shape[2] != self.in_features:
+            raise ValueError(
+                f"{self.kind} layer expects input of shape (F={self.num_folds}, B, "
+                f"in_features={self.in_features}), got {tuple(x.shape)}"
+            )
+
+    # ------------------------------------------------------------ bookkeeping
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._tensors()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._tensors()).device
+
+    def _tensors(self):
+        yield from self.parameters()
+        yield from self.buffers()
+
+    @property
+    def num_params(self) -> int:
+        """Trainable numbers stored (a complex entry counts as one)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def num_buffers(self) -> int:
+        """Fixed (non-trainable) numbers stored: buffers and frozen parameters."""
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return frozen + sum(b.numel() for b in self.buffers())
+
+    @property
+    def dense_params(self) -> int:
+        """Numbers a dense layer of the same shape stores: F * out * in."""
+        return self.num_folds * self.out_features * self.in_features
+
+    def config(self) -> dict:
+        """Constructor keyword arguments that rebuild a layer of this exact shape.
+
+        ``type(layer)(**layer.config())`` has the same parameter and buffer
+        shapes, so a saved ``state_dict`` loads into it.
+        """
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "num_folds": self.num_folds, "dtype": self.dtype}
+
+    def extra_repr(self) -> str:
+        return (f"folds={self.num_folds}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, params={self.num_params}")
+
+    # ----------------------------------------------------------- constructors
+    @classmethod
+    @abc.abstractmethod
+    def from_dense(cls, weight: torch.Tensor, **options) -> "StructuredSumLayer":
+        """Build from W of shape (F, out, in) or (out, in)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_kronecker(cls, a: torch.Tensor, b: torch.Tensor, **options) -> "StructuredSumLayer":
+        """Build for W[f] = A[f] ⊗ B[f] from A (F, a1, a2), B (F, b1, b2), never forming W."""
+
+    @classmethod
+    def _bare(cls, in_features: int, out_features: int, num_folds: int):
+        """An instance with only the base attributes set, for constructors that
+        assign computed tensors instead of a random initialisation."""
+        layer = cls.__new__(cls)
+        StructuredSumLayer.__init__(layer, in_features, out_features, num_folds)
+        return layer
+
+    # ------------------------------------------------------------------ errors
+    def relative_error(self, weight: torch.Tensor, per_fold: bool = False):
+        """||W - self||_F / ||W||_F over all folds (a float), or per fold (a tensor (F,))."""
+        w = self._check_target(as_folded_weight(weight))
+        with torch.no_grad():
+            err = frobenius_sq(w - self.to_dense().to(w.dtype))
+            return _ratio(err, frobenius_sq(w), per_fold)
+
+    def relative_error_kronecker(self, a: torch.Tensor, b: torch.Tensor, per_fold: bool = False):
+        """Like :meth:`relative_error` for W = A ⊗ B, computed without forming W.
+
+        Computed as ||W||^2 - 2 Re<W, L> + ||L||^2 from inner products, so errors
+        below about sqrt(machine epsilon) (1e-8 in float64) are not resolved.
+        """
+        a, b = as_folded_factors(a, b)
+        self._check_target_shape(a.shape[0], a.shape[1] * b.shape[1], a.shape[2] * b.shape[2])
+        with torch.no_grad():
+            a, b = a.to(self.dtype), b.to(self.dtype)
+            total = frobenius_sq(a) * frobenius_sq(b)
+            err = total - 2 * self._inner_kronecker(a, b).real + self._frobenius_sq()
+            return _ratio(err.clamp_min(0), total, per_fold)
+
+    def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """<A ⊗ B, W_self> per fold, (F,). Default materialises this layer (not A ⊗ B)."""
+        f, a1, a2 = a.shape
+        _, b1, b2 = b.shape
+        w = self.to_dense().reshape(f, a1, b1, a2, b2)
+        return torch.einsum("fij,fkl,fikjl->f", a.conj(), b.conj(), w)
+
+    def _frobenius_sq(self) -> torch.Tensor:
+        """||W_self||_F^2 per fold, (F,). Default materialises this layer."""
+        return frobenius_sq(self.to_dense())
+
+    def _check_target(self, w: torch.Tensor) -> torch.Tensor:
+        self._check_target_shape(*w.shape)
+        return w
+
+    def _check_target_shape(self, folds: int, out: int, inp: int) -> None:
+        if (folds, out, inp) != (self.num_folds, self.out_features, self.in_features):
+            raise ValueError(
+                f"target weight has shape (F={folds}, out={out}, in={inp}) but this "
+                f"{self.kind} layer is (F={self.num_folds}, out={self.out_features}, "
+                f"in={self.in_features})"
+            )
+
+
+def _ratio(err_sq: torch.Tensor, total_sq: torch.Tensor, per_fold: bool):
+    if per_fold:
+        return (err_sq / total_sq).sqrt()
+    return float((err_sq.sum() / total_sq.sum()).sqrt())
+
+
+# ---------------------------------------------------------------- registry
+def available() -> List[str]:
+    """Names of the registered kinds, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Type[StructuredSumLayer]:
+    """The class registered under ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"kind name must be a str, got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown structured layer kind {name!r}; available: {', '.join(available())}") from None
+
+
+def create(name: str, in_features: int, out_features: int, num_folds: int = 1, **options) -> StructuredSumLayer:
+    """A randomly initialised layer of kind ``name`` (trainable from scratch)."""
+    return get(name)(in_features, out_features, num_folds, **options)
+
+
+def from_dense(name: str, weight: torch.Tensor, **options) -> StructuredSumLayer:
+    """``get(name).from_dense(weight, **options)``."""
+    return get(name).from_dense(weight, **options)
+
+
+def from_kronecker(name: str, a: torch.Tensor, b: torch.Tensor, **options) -> StructuredSumLayer:
+    """``get(name).from_kronecker(a, b, **options)``."""
+    return get(name).from_kronecker(a, b, **options)
+
+
+# ------------------------------------------------------ helpers for kinds
+def random_normal(
+    shape: Tuple[int, ...],
+    std: float,
+    *,
+    dtype: Optional[torch.dtype],
+    device,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """N(0, std^2) entries drawn on the CPU (reproducible across devices); complex
+    dtypes split the variance evenly between real and imaginary parts."""
+    dtype = dtype or torch.get_default_dtype()
+    if dtype.is_complex:
+        real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
+        parts = torch.randn((2,) + tuple(shape), generator=generator, dtype=real_dtype)
+        out = torch.complex(parts[0], parts[1]) * (std / math.sqrt(2))
+    else:
+        out = torch.randn(tuple(shape), generator=generator, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * std
+    return out.to(device=device, dtype=dtype)
+
+
+def rank_for_params_share(
+    share: float, dense_params: int, params_for_rank: Callable[[int], int], max_rank: int, what: str
+) -> int:
+    """Largest rank r <= max_rank whose parameter count fits in share * dense_params."""
+    budget = share * dense_params
+    best = 0
+    for r in range(1, max_rank + 1):
+        if params_for_rank(r) <= budget:
+            best = r
+        else:
+            break
+    if best == 0:
+        raise ValueError(
+            f"params_share={share} allows {int(budget)} parameters, but the smallest "
+            f"{what} (rank 1) needs {params_for_rank(1)}"
+        )
+    return best
+

@@ -1,0 +1,178 @@
+"""``kronecker``: W[f] = sum_t A_t[f] ⊗ B_t[f], applied as small products, never formed.
+
+With one term (the default, and what ``from_kronecker`` builds) this is the exact
+fast path for the Kronecker-weighted sum layers of squared circuits: per sample it
+costs a1*a2*b2 + a1*b2*b1 multiply-adds (O(K^3) for K x K factors) instead of
+(a1*b1)*(a2*b2) (O(K^4)). ``from_dense`` finds the nearest sum of ``rank`` Kronecker
+products (Van Loan & Pitsianis: an SVD of the rearranged weight), exact when
+``rank`` reaches the Kronecker rank of W.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._checks import (
+    as_folded_factors,
+    as_folded_weight,
+    check_budget,
+    check_positive_int,
+    check_rank_range,
+    make_generator,
+)
+from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..linalg.kron import frobenius_sq, inner, kron_apply, kron_chain_flops
+from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
+
+FactorShapes = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def balanced_factor_shapes(out_features: int, in_features: int) -> FactorShapes:
+    """((a1, a2), (b1, b2)) with a1*b1 = out, a2*b2 = in and each a the largest divisor <= sqrt."""
+    def split(n: int) -> Tuple[int, int]:
+        d = max(k for k in range(1, math.isqrt(n) + 1) if n % k == 0)
+        return d, n // d
+
+    (a1, b1), (a2, b2) = split(out_features), split(in_features)
+    return (a1, a2), (b1, b2)
+
+
+def check_factor_shapes(shapes: object, out_features: int, in_features: int) -> FactorShapes:
+    try:
+        (a1, a2), (b1, b2) = shapes  # type: ignore[misc]
+        dims = [check_positive_int(d, "factor_shapes entry") for d in (a1, a2, b1, b2)]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"factor_shapes must be ((a1, a2), (b1, b2)) of positive ints, got {shapes!r}") from exc
+    a1, a2, b1, b2 = dims
+    if a1 * b1 != out_features or a2 * b2 != in_features:
+        raise ValueError(
+            f"factor_shapes {shapes!r} give a {a1 * b1} x {a2 * b2} product, but the layer "
+            f"is {out_features} x {in_features} (need a1*b1 = out and a2*b2 = in)"
+        )
+    return (a1, a2), (b1, b2)
+
+
+class Kronecker(StructuredSumLayer, kind="kronecker"):
+    """Sum of ``rank`` Kronecker products per fold.
+
+    Parameters ``a`` (F, rank, a1, a2) and ``b`` (F, rank, b1, b2); out = a1*b1,
+    in = a2*b2. ``factor_shapes`` defaults to :func:`balanced_factor_shapes`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_folds: int = 1,
+        *,
+        factor_shapes: Optional[FactorShapes] = None,
+        rank: int = 1,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, num_folds)
+        (a1, a2), (b1, b2) = check_factor_shapes(
+            factor_shapes or balanced_factor_shapes(self.out_features, self.in_features),
+            self.out_features, self.in_features)
+        rank = check_positive_int(rank, "rank")
+        gen = make_generator(seed, generator)
+        # Var(W_ij) = rank * Var(a) Var(b) = 1 / (3 in), like nn.Linear.
+        std = (1.0 / (3.0 * self.in_features * rank)) ** 0.25
+        f = self.num_folds
+        self.a = nn.Parameter(random_normal((f, rank, a1, a2), std, dtype=dtype, device=device, generator=gen))
+        self.b = nn.Parameter(random_normal((f, rank, b1, b2), std, dtype=dtype, device=device, generator=gen))
+
+    @property
+    def rank(self) -> int:
+        """Number of Kronecker terms."""
+        return self.a.shape[1]
+
+    @property
+    def factor_shapes(self) -> FactorShapes:
+        return tuple(self.a.shape[2:]), tuple(self.b.shape[2:])  # type: ignore[return-value]
+
+    def config(self) -> dict:
+        return {**super().config(), "factor_shapes": self.factor_shapes, "rank": self.rank}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        f, r = self.num_folds, self.rank
+        if r == 1:
+            return kron_apply([self.a[:, 0]], [self.b[:, 0]], x)
+        # Each term becomes its own fold so the whole sum is a single batched apply.
+        xs = x.unsqueeze(1).expand(f, r, *x.shape[1:]).reshape(f * r, *x.shape[1:])
+        a = self.a.reshape(f * r, *self.a.shape[2:])
+        b = self.b.reshape(f * r, *self.b.shape[2:])
+        return kron_apply([a], [b], xs).reshape(f, r, x.shape[1], -1).sum(dim=1)
+
+    def flops(self, batch_size: int) -> int:
+        per_sample = kron_chain_flops([self.a[:, 0]], [self.b[:, 0]])
+        return check_positive_int(batch_size, "batch_size") * self.num_folds * self.rank * per_sample
+
+    def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.factor_shapes != (tuple(a.shape[1:]), tuple(b.shape[1:])):
+            return super()._inner_kronecker(a, b)
+        return (inner(a[:, None], self.a) * inner(b[:, None], self.b)).sum(dim=1)
+
+    def _frobenius_sq(self) -> torch.Tensor:
+        gram_a = torch.einsum("fsij,ftij->fst", self.a.conj(), self.a)
+        gram_b = torch.einsum("fsij,ftij->fst", self.b.conj(), self.b)
+        return (gram_a * gram_b).sum(dim=(1, 2)).real
+
+    @classmethod
+    def _from_terms(cls, a: torch.Tensor, b: torch.Tensor) -> "Kronecker":
+        """From term factors a (F, R, a1, a2), b (F, R, b1, b2)."""
+        f, _, a1, a2 = a.shape
+        layer = cls._bare(a2 * b.shape[3], a1 * b.shape[2], f)
+        layer.a = nn.Parameter(a.detach().clone())
+        layer.b = nn.Parameter(b.detach().clone())
+        return layer
+
+    @classmethod
+    def from_kronecker(cls, a: torch.Tensor, b: torch.Tensor) -> "Kronecker":
+        """Exact: stores A and B (one term)."""
+        a, b = as_folded_factors(a, b)
+        return cls._from_terms(a[:, None], b[:, None])
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        *,
+        factor_shapes: Optional[FactorShapes] = None,
+        rank: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        params_share: Optional[float] = None,
+    ) -> "Kronecker":
+        """Nearest sum of Kronecker products to W (F, out, in) in Frobenius norm.
+
+        With no budget the full Kronecker rank min(a1*a2, b1*b2) is used: exact.
+        """
+        w = as_folded_weight(weight).detach()
+        check_budget(rank, tolerance, params_share)
+        f, out, inp = w.shape
+        (a1, a2), (b1, b2) = check_factor_shapes(factor_shapes or balanced_factor_shapes(out, inp), out, inp)
+        # Rearranged so that W = sum_t A_t ⊗ B_t becomes sum_t vec(A_t) vec(B_t)^T.
+        rearranged = w.reshape(f, a1, b1, a2, b2).permute(0, 1, 3, 2, 4).reshape(f, a1 * a2, b1 * b2)
+        u, s, vh = svd(rearranged)
+        max_rank = s.shape[1]
+        total = frobenius_sq(w)
+        if rank is not None:
+            check_rank_range(rank, max_rank, f"a Kronecker sum with factor shapes {((a1, a2), (b1, b2))}")
+        elif tolerance is not None:
+            rank = smallest_rank_for_tolerance(tail_error_sq(s), total, tolerance) or max_rank
+        elif params_share is not None:
+            rank = rank_for_params_share(params_share, f * out * inp, lambda r: f * r * (a1 * a2 + b1 * b2),
+                                         max_rank, "Kronecker sum")
+        else:
+            rank = max_rank
+        root = s[:, :rank].sqrt().to(w.dtype)
+        a = (u[:, :, :rank] * root[:, None, :]).transpose(1, 2).reshape(f, rank, a1, a2)
+        b = (vh[:, :rank, :] * root[:, :, None]).reshape(f, rank, b1, b2)
+        return cls._from_terms(a, b)

@@ -1,0 +1,135 @@
+"""Kronecker products applied, inspected and compared without materialising them.
+
+Convention (the same as ``torch.kron``): for A of shape (a1, a2) and B of shape
+(b1, b2), ``(A ⊗ B)[i*b1 + k, j*b2 + l] = A[i, j] * B[k, l]``. A vector x of
+length a2*b2 is viewed row-major as X of shape (a2, b2); then
+``(A ⊗ B) x`` is ``A @ X @ B^T`` flattened row-major. Every function takes
+folded operands: a leading fold axis F on each factor.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Chain = Sequence[torch.Tensor]
+
+
+def kron_dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Materialise A ⊗ B per fold: (F, a1, a2), (F, b1, b2) -> (F, a1*b1, a2*b2).
+
+    Only for references and tests; every other path avoids it.
+    """
+    f, a1, a2 = a.shape
+    _, b1, b2 = b.shape
+    return (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(f, a1 * b1, a2 * b2)
+
+
+def _chain_cost(chain: Chain, other_dim: int) -> tuple[int, int]:
+    """Multiply-adds to push a (.., n_in, other_dim) block through ``chain``; final size."""
+    cost = 0
+    for m in reversed(chain):
+        cost += m.shape[-2] * m.shape[-1] * other_dim
+    return cost, chain[0].shape[-2]
+
+
+def kron_chain_flops(a_chain: Chain, b_chain: Chain) -> int:
+    """Multiply-adds per sample of :func:`kron_apply` with the cheaper ordering."""
+    a_in, b_in = a_chain[-1].shape[-1], b_chain[-1].shape[-1]
+    a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
+    a_first = _chain_cost(a_chain, b_in)[0] + _chain_cost(b_chain, a_out)[0]
+    b_first = _chain_cost(b_chain, a_in)[0] + _chain_cost(a_chain, b_out)[0]
+    return min(a_first, b_first)
+
+
+def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
+    """Apply (A ⊗ B) to a folded batch without forming the product.
+
+    ``a_chain`` and ``b_chain`` are sequences of folded matrices whose products
+    are the factors: A = a_chain[0] @ a_chain[1] @ ... (each (F, m, n)); a plain
+    factor is a chain of length one. x: (F, N, a2*b2) -> (F, N, a1*b1).
+    The side that shrinks the intermediate most is applied first.
+    """
+    f, n, _ = x.shape
+    a_in, b_in = a_chain[-1].shape[-1], b_chain[-1].shape[-1]
+    a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
+    blocks = x.reshape(f, n, a_in, b_in)
+    a_first = _chain_cost(a_chain, b_in)[0] + _chain_cost(b_chain, a_out)[0]
+    b_first = _chain_cost(b_chain, a_in)[0] + _chain_cost(a_chain, b_out)[0]
+    if a_first <= b_first:
+        blocks = _left_chain(a_chain, blocks)
+        blocks = _right_chain(b_chain, blocks)
+    else:
+        blocks = _right_chain(b_chain, blocks)
+        blocks = _left_chain(a_chain, blocks)
+    return blocks.reshape(f, n, a_out * b_out)
+
+
+def _left_chain(chain: Chain, blocks: torch.Tensor) -> torch.Tensor:
+    # blocks: (F, N, p, q) -> M @ blocks for each M from the right end of the chain.
+    for m in reversed(chain):
+        f, n, p, q = blocks.shape
+        # Fold the batch into the columns so each fold is one GEMM: (F, p, N*q).
+        cols = blocks.permute(0, 2, 1, 3).reshape(f, p, n * q)
+        blocks = torch.matmul(m, cols).reshape(f, m.shape[-2], n, q).permute(0, 2, 1, 3)
+    return blocks
+
+
+def _right_chain(chain: Chain, blocks: torch.Tensor) -> torch.Tensor:
+    # blocks: (F, N, p, q) -> blocks @ M^T for each M from the right end of the chain.
+    for m in reversed(chain):
+        f, n, p, q = blocks.shape
+        rows = blocks.reshape(f, n * p, q)
+        blocks = torch.matmul(rows, m.transpose(-1, -2)).reshape(f, n, p, m.shape[-2])
+    return blocks
+
+
+def kron_columns(a: torch.Tensor, b: torch.Tensor, cols_a: torch.Tensor, cols_b: torch.Tensor) -> torch.Tensor:
+    """Columns (j, l) of A ⊗ B, i.e. A[:, j] ⊗ B[:, l], for index tensors of shape (F, c).
+
+    Returns (F, a1*b1, c).
+    """
+    f, a1, _ = a.shape
+    b1 = b.shape[1]
+    ca = torch.gather(a, 2, cols_a[:, None, :].expand(f, a1, -1))  # (F, a1, c)
+    cb = torch.gather(b, 2, cols_b[:, None, :].expand(f, b1, -1))  # (F, b1, c)
+    return (ca[:, :, None, :] * cb[:, None, :, :]).reshape(f, a1 * b1, -1)
+
+
+def kron_rows(a: torch.Tensor, b: torch.Tensor, rows_a: torch.Tensor, rows_b: torch.Tensor) -> torch.Tensor:
+    """Rows (i, k) of A ⊗ B for index tensors of shape (F, r); returns (F, r, a2*b2)."""
+    return kron_columns(a.transpose(1, 2), b.transpose(1, 2), rows_a, rows_b).transpose(1, 2)
+
+
+def kron_frobenius_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||A ⊗ B||_F^2 per fold = ||A||^2 ||B||^2, shape (F,)."""
+    return frobenius_sq(a) * frobenius_sq(b)
+
+
+def frobenius_sq(m: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm over the last two axes, real, shape (F,)."""
+    return (m.abs() ** 2).sum(dim=(-2, -1)) if m.is_complex() else (m * m).sum(dim=(-2, -1))
+
+
+def inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner product <X, Y> = sum(conj(X) * Y) over the last two axes, shape (F,)."""
+    return (x.conj() * y).sum(dim=(-2, -1))
+
+
+def kron_inner_lowrank(a: torch.Tensor, b: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """<A ⊗ B, left @ right> per fold without forming either matrix.
+
+    left: (F, a1*b1, r), right: (F, r, a2*b2). Cost O(r) Kronecker applies.
+    """
+    # <W, L R> = trace(W^H L R) = sum_{i,k} (W^H L)[i, k] R[k, i]
+    wh_left = kron_apply([a.conj().transpose(1, 2)], [b.conj().transpose(1, 2)], left.transpose(1, 2))
+    # wh_left: (F, r, in) holds (W^H L)^T
+    return (wh_left * right).sum(dim=(-2, -1))
+
+
+def lowrank_frobenius_sq(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """||left @ right||_F^2 per fold from the two small Gram matrices, shape (F,)."""
+    gram_left = left.conj().transpose(1, 2) @ left  # (F, r, r)
+    gram_right = right @ right.conj().transpose(1, 2)  # (F, r, r)
+    return (gram_left * gram_right.transpose(1, 2)).sum(dim=(-2, -1)).real

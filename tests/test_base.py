@@ -1,0 +1,207 @@
+"""The StructuredSumLayer interface and registry, exercised for every registered kind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import structlayers as sl
+from structlayers.linalg import kron_dense
+
+from .helpers import decaying_matrix, generator, random_factors, rel
+from .kind_specs import SPECS
+
+KINDS = sl.available()
+EXACT = 1e-10
+
+
+def test_every_registered_kind_has_a_test_spec():
+    assert set(KINDS) == set(SPECS), "add the new kind to tests/kind_specs.py"
+    assert {"dense", "kronecker", "lowrank", "nystrom"} <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("folds,out,inp,unfolded", [(1, 12, 10, True), (3, 12, 10, False), (2, 6, 15, False)])
+def test_full_rank_from_dense_is_exact(kind, folds, out, inp, unfolded):
+    w = torch.randn(folds, out, inp, generator=generator(1), dtype=torch.float64)
+    x = torch.randn(folds, 7, inp, generator=generator(2), dtype=torch.float64)
+    for options in SPECS[kind]["full_dense"](w):
+        layer = sl.from_dense(kind, w[0] if unfolded else w, **options)
+        assert isinstance(layer, sl.get(kind)) and layer.kind == kind
+        assert (layer.num_folds, layer.out_features, layer.in_features) == (folds, out, inp)
+        assert rel(layer(x), x @ w.transpose(1, 2)) < EXACT, options
+        assert rel(layer.to_dense(), w) < EXACT, options
+        assert layer.relative_error(w) < EXACT
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("folds,shape_a,shape_b", [(1, (4, 3), (2, 5)), (3, (3, 3), (4, 4)), (2, (2, 5), (3, 2))])
+def test_full_rank_from_kronecker_is_exact(kind, folds, shape_a, shape_b):
+    a, b = random_factors(folds, shape_a, shape_b, seed=3)
+    w = kron_dense(a, b)
+    x = torch.randn(folds, 5, w.shape[2], generator=generator(4), dtype=torch.float64)
+    for options in SPECS[kind]["full_kron"](a, b):
+        layer = sl.from_kronecker(kind, a, b, **options)
+        assert rel(layer(x), x @ w.transpose(1, 2)) < EXACT, options
+        assert rel(layer.to_dense(), w) < EXACT, options
+        # The non-materialising error report: accurate to ~sqrt(eps) (see its docstring).
+        assert layer.relative_error_kronecker(a, b) < 1e-7, options
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfolded_kronecker_factors(kind):
+    a, b = random_factors(1, (3, 4), (2, 3), seed=5)
+    options = SPECS[kind]["full_kron"](a, b)[0]
+    layer = sl.from_kronecker(kind, a[0], b[0], **options)
+    assert layer.num_folds == 1
+    assert rel(layer.to_dense()[0], torch.kron(a[0], b[0])) < EXACT
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_init_forward_matches_to_dense_and_scale(kind):
+    layer = sl.create(kind, 64, 48, 2, dtype=torch.float64, seed=0, **SPECS[kind]["init"](64, 48))
+    x = torch.randn(2, 500, 64, generator=generator(6), dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (2, 500, 48)
+    assert rel(y, x @ layer.to_dense().transpose(1, 2)) < EXACT
+    # Output variance near nn.Linear's 1/3 for unit-variance inputs (loose: few random draws).
+    assert 0.05 < float(y.detach().var()) < 2.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_init_is_reproducible(kind):
+    one = sl.create(kind, 12, 8, 2, seed=7, **SPECS[kind]["init"](12, 8))
+    two = sl.create(kind, 12, 8, 2, seed=7, **SPECS[kind]["init"](12, 8))
+    three = sl.create(kind, 12, 8, 2, seed=8, **SPECS[kind]["init"](12, 8))
+    assert torch.equal(one.to_dense(), two.to_dense())
+    assert not torch.equal(one.to_dense(), three.to_dense())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_through_forward(kind):
+    a, b = random_factors(2, (3, 2), (2, 3), seed=9)
+    layer = sl.from_kronecker(kind, a, b, **SPECS[kind]["full_kron"](a, b)[0])
+    x = torch.randn(2, 3, 6, generator=generator(10), dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x,) + params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip(kind):
+    a, b = random_factors(2, (4, 3), (3, 4), seed=11)
+    layer = sl.from_kronecker(kind, a, b, **SPECS[kind]["full_kron"](a, b)[-1])
+    clone = type(layer)(**layer.config())
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 12, generator=generator(12), dtype=torch.float64)
+    assert torch.equal(clone(x), layer(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_and_complex(kind):
+    a, b = random_factors(2, (4, 4), (3, 3), seed=13, dtype=torch.float32)
+    layer = sl.from_kronecker(kind, a, b, **SPECS[kind]["full_kron"](a, b)[0])
+    assert layer.dtype == torch.float32
+    assert rel(layer.to_dense(), kron_dense(a, b)) < 1e-5
+    ac, bc = random_factors(2, (4, 4), (3, 3), seed=14, dtype=torch.complex128)
+    layer = sl.from_kronecker(kind, ac, bc, **SPECS[kind]["full_kron"](ac, bc)[0])
+    assert layer.dtype == torch.complex128
+    x = torch.randn(2, 5, 12, generator=generator(15), dtype=torch.complex128)
+    assert rel(layer(x), x @ kron_dense(ac, bc).transpose(1, 2)) < EXACT
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trainable_after_construction(kind):
+    torch.manual_seed(0)
+    target = decaying_matrix(2, 12, 12, decay=0.7, seed=16)
+    start = sl.create(kind, 12, 12, 2, dtype=torch.float64, seed=1, **SPECS[kind]["init"](12, 12))
+    x = torch.randn(2, 64, 12, generator=generator(17), dtype=torch.float64)
+    y = x @ target.transpose(1, 2)
+    opt = torch.optim.Adam(start.parameters(), lr=0.02)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = ((start(x) - y) ** 2).mean()
+        loss.backward()
+        assert all(p.grad is not None for p in start.parameters())
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if SPECS[k]["budget"]])
+def test_relative_error_reports_agree(kind):
+    """relative_error_kronecker (no materialisation) equals the dense computation."""
+    a, b = random_factors(2, (5, 4), (4, 5), seed=18)
+    layer = sl.from_kronecker(kind, a, b, **SPECS[kind]["budget"](4))
+    w = kron_dense(a, b)
+    dense_err = rel(layer.to_dense(), w)
+    assert layer.relative_error(w) == pytest.approx(dense_err, rel=1e-10)
+    assert layer.relative_error_kronecker(a, b) == pytest.approx(dense_err, rel=1e-8)
+    per_fold = layer.relative_error_kronecker(a, b, per_fold=True)
+    assert per_fold.shape == (2,)
+    expected = (layer.to_dense() - w).flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1)
+    assert torch.allclose(per_fold, expected, rtol=1e-8)
+
+
+# ------------------------------------------------------------------ bookkeeping
+def test_flops_and_params_hand_counts():
+    f, bsz = 3, 5
+    a, b = random_factors(f, (4, 6), (5, 3), seed=19)  # out = 20, in = 18
+    assert sl.Dense.from_kronecker(a, b).num_params == f * 20 * 18
+    assert sl.Dense.from_kronecker(a, b).flops(bsz) == bsz * f * 20 * 18
+    kron = sl.Kronecker.from_kronecker(a, b)
+    assert kron.num_params == f * (4 * 6 + 5 * 3)
+    # X (6 x 3): A first: 4*6*3 + 4*3*5 = 132; B first: 6*3*5 + 4*6*5 = 210.
+    assert kron.flops(bsz) == bsz * f * 132
+    low = sl.LowRank.from_kronecker(a, b, rank=7)
+    assert low.num_params == f * 7 * (20 + 18)
+    assert low.flops(bsz) == bsz * f * 7 * (20 + 18)
+    nys = sl.Nystrom.from_kronecker(a, b, factor_ranks=(2, 3))
+    assert nys.num_params == f * (2 * (4 + 6) + 3 * (5 + 3))
+    # chains A: 4x2 @ 2x6, B: 5x3 @ 3x3; X (6 x 3).
+    # A first: (2*6*3 + 4*2*3) + (3*3*4 + 5*3*4) = 60 + 96 = 156
+    # B first: (3*3*6 + 5*3*6) + (2*6*5 + 4*2*5) = 144 + 100 = 244
+    assert nys.flops(bsz) == bsz * f * 156
+    square = sl.LowRank.from_kronecker(a[:, :4, :4], a[:, :4, :4], rank=4, square=True)
+    assert square.num_params == f * 2 * (4 + 4) and square.num_buffers == 0
+    sum_of_two = sl.Kronecker.from_dense(kron_dense(a, b), factor_shapes=((4, 6), (5, 3)), rank=2)
+    assert sum_of_two.flops(bsz) == 2 * bsz * f * 132
+
+
+def test_registry_dispatch_and_custom_kind():
+    assert sl.get("lowrank") is sl.LowRank
+    layer = sl.from_dense("lowrank", torch.randn(6, 5, dtype=torch.float64), rank=2)
+    assert isinstance(layer, sl.LowRank) and layer.rank == 2
+    # A new kind is one class plus its registration (run in a fresh interpreter).
+    code = textwrap.dedent(
+        """
+        import torch, structlayers as sl
+        class Scaled(sl.StructuredSumLayer, kind="scaled-identity"):
+            def __init__(self, in_features, out_features, num_folds=1):
+                super().__init__(in_features, out_features, num_folds)
+                self.scale = torch.nn.Parameter(torch.ones(num_folds, 1, 1))
+            def forward(self, x):
+                return self.scale * x
+            def flops(self, batch_size):
+                return batch_size * self.num_folds * self.in_features
+            @classmethod
+            def from_dense(cls, w): raise NotImplementedError
+            @classmethod
+            def from_kronecker(cls, a, b): raise NotImplementedError
+        assert "scaled-identity" in sl.available() and sl.get("scaled-identity") is Scaled
+        layer = sl.create("scaled-identity", 4, 4, 2)
+        assert torch.equal(layer.to_dense(), torch.eye(4).expand(2, 4, 4))
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
