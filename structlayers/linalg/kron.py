@@ -9,7 +9,8 @@ folded operands: a leading fold axis F on each factor.
 
 from __future__ import annotations
 
-from typing import Sequence
+from itertools import permutations
+from typing import Sequence, Tuple
 
 import torch
 
@@ -26,21 +27,35 @@ def kron_dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(f, a1 * b1, a2 * b2)
 
 
-def _chain_cost(chain: Chain, other_dim: int) -> tuple[int, int]:
-    """Multiply-adds to push a (.., n_in, other_dim) block through ``chain``; final size."""
-    cost = 0
-    for m in reversed(chain):
-        cost += m.shape[-2] * m.shape[-1] * other_dim
-    return cost, chain[0].shape[-2]
+def _plan(a_chain: Chain, b_chain: Chain) -> Tuple[int, Tuple[str, ...]]:
+    """Cheapest interleaving of the two chains' matrices; (multiply-adds per sample, order).
+
+    Each chain is applied right to left; the A side acts on the first axis of the
+    (p, q) block and the B side on the second. Shrinking both axes before
+    expanding either matters for factored factors (e.g. low-rank A~ and B~).
+    Chains are short (1 or 2 matrices), so all interleavings are tried.
+    """
+    a_dims = [m.shape[-2:] for m in reversed(a_chain)]
+    b_dims = [m.shape[-2:] for m in reversed(b_chain)]
+    best: Tuple[int, Tuple[str, ...]] = (-1, ())
+    for order in set(permutations("a" * len(a_dims) + "b" * len(b_dims))):
+        p, q = a_dims[0][1], b_dims[0][1]
+        ia = ib = cost = 0
+        for side in order:
+            if side == "a":
+                rows, cols = a_dims[ia]
+                cost, p, ia = cost + rows * cols * q, rows, ia + 1
+            else:
+                rows, cols = b_dims[ib]
+                cost, q, ib = cost + rows * cols * p, rows, ib + 1
+        if best[0] < 0 or cost < best[0]:
+            best = (cost, order)
+    return best
 
 
 def kron_chain_flops(a_chain: Chain, b_chain: Chain) -> int:
-    """Multiply-adds per sample of :func:`kron_apply` with the cheaper ordering."""
-    a_in, b_in = a_chain[-1].shape[-1], b_chain[-1].shape[-1]
-    a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
-    a_first = _chain_cost(a_chain, b_in)[0] + _chain_cost(b_chain, a_out)[0]
-    b_first = _chain_cost(b_chain, a_in)[0] + _chain_cost(a_chain, b_out)[0]
-    return min(a_first, b_first)
+    """Multiply-adds per sample of :func:`kron_apply` (its cheapest ordering)."""
+    return _plan(a_chain, b_chain)[0]
 
 
 def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
@@ -49,40 +64,33 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     ``a_chain`` and ``b_chain`` are sequences of folded matrices whose products
     are the factors: A = a_chain[0] @ a_chain[1] @ ... (each (F, m, n)); a plain
     factor is a chain of length one. x: (F, N, a2*b2) -> (F, N, a1*b1).
-    The side that shrinks the intermediate most is applied first.
+    The matrices are applied in the cheapest interleaving (see :func:`_plan`).
     """
     f, n, _ = x.shape
     a_in, b_in = a_chain[-1].shape[-1], b_chain[-1].shape[-1]
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
     blocks = x.reshape(f, n, a_in, b_in)
-    a_first = _chain_cost(a_chain, b_in)[0] + _chain_cost(b_chain, a_out)[0]
-    b_first = _chain_cost(b_chain, a_in)[0] + _chain_cost(a_chain, b_out)[0]
-    if a_first <= b_first:
-        blocks = _left_chain(a_chain, blocks)
-        blocks = _right_chain(b_chain, blocks)
-    else:
-        blocks = _right_chain(b_chain, blocks)
-        blocks = _left_chain(a_chain, blocks)
+    a_next, b_next = len(a_chain) - 1, len(b_chain) - 1
+    for side in _plan(a_chain, b_chain)[1]:
+        if side == "a":
+            blocks, a_next = _left(a_chain[a_next], blocks), a_next - 1
+        else:
+            blocks, b_next = _right(b_chain[b_next], blocks), b_next - 1
     return blocks.reshape(f, n, a_out * b_out)
 
 
-def _left_chain(chain: Chain, blocks: torch.Tensor) -> torch.Tensor:
-    # blocks: (F, N, p, q) -> M @ blocks for each M from the right end of the chain.
-    for m in reversed(chain):
-        f, n, p, q = blocks.shape
-        # Fold the batch into the columns so each fold is one GEMM: (F, p, N*q).
-        cols = blocks.permute(0, 2, 1, 3).reshape(f, p, n * q)
-        blocks = torch.matmul(m, cols).reshape(f, m.shape[-2], n, q).permute(0, 2, 1, 3)
-    return blocks
+def _left(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """M @ block for every block: (F, N, p, q) -> (F, N, m, q)."""
+    f, n, p, q = blocks.shape
+    # Fold the batch into the columns so each fold is one GEMM: (F, p, N*q).
+    cols = blocks.permute(0, 2, 1, 3).reshape(f, p, n * q)
+    return torch.matmul(m, cols).reshape(f, m.shape[-2], n, q).permute(0, 2, 1, 3)
 
 
-def _right_chain(chain: Chain, blocks: torch.Tensor) -> torch.Tensor:
-    # blocks: (F, N, p, q) -> blocks @ M^T for each M from the right end of the chain.
-    for m in reversed(chain):
-        f, n, p, q = blocks.shape
-        rows = blocks.reshape(f, n * p, q)
-        blocks = torch.matmul(rows, m.transpose(-1, -2)).reshape(f, n, p, m.shape[-2])
-    return blocks
+def _right(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """block @ M^T for every block: (F, N, p, q) -> (F, N, p, m)."""
+    f, n, p, q = blocks.shape
+    return torch.matmul(blocks.reshape(f, n * p, q), m.transpose(-1, -2)).reshape(f, n, p, m.shape[-2])
 
 
 def kron_columns(a: torch.Tensor, b: torch.Tensor, cols_a: torch.Tensor, cols_b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,458 @@
+"""``sketched``: sums of sketched low-rank terms with fixed random sketches.
+
+Per fold the layer represents
+
+    W~ = 1/(2L) * sum_{i=1..L} ( U1_i^T S1_i + S2_i U2_i )
+
+with fixed random sketches U1_i (k x out) and U2_i (k x in), stored as buffers,
+and learnable S1_i (k x in) and S2_i (out x k). L is ``num_terms``, k is
+``low_rank``. Every sketch is scaled so that E[U^T U] = I; hence with
+S1_i = U1_i W and S2_i = W U2_i^T (``fit="unbiased"``, the default of
+``from_dense``) every term, and so the average, is an unbiased estimate of W.
+
+Storage (F folds): ``s1`` (F, L, k, in), ``s2`` (F, L, out, k) are parameters;
+``u1`` (F, L, k, out), ``u2`` (F, L, k, in) are buffers (part of ``state_dict``,
+counted by ``num_buffers``, not by ``num_params``). Sketches are real-valued and
+cast to the layer dtype, so U^T is also U^H for complex layers.
+
+Forward. The L terms are concatenated: with R = [S1_1; ..; S1_L; U2_1; ..; U2_L]
+(2Lk x in) and C = [U1_1; ..; U1_L; S2_1^T; ..; S2_L^T] (2Lk x out),
+W~ = C^T R / (2L), so the forward is two batched GEMMs through a 2Lk-wide
+bottleneck, x -> x R^T -> (x R^T) C / (2L), costing 2Lk(in + out) multiply-adds
+per sample (the 1/(2L) is the second GEMM's alpha). The products U1_i^T S1_i are
+never formed: they are dense out x in. Only the small R and C are assembled by
+``torch.cat`` per call (O(Lk(in + out)) copies, independent of the batch).
+
+Sketches (``sketch=``):
+
+``gaussian``    i.i.d. N(0, 1/k) entries.
+``sign``        i.i.d. +-1/sqrt(k) entries.
+``sparse``      CountSketch: each column has one +-1 in a uniformly random row.
+                Stored densely, so it has no speed advantage here; its variance
+                equals ``sign``'s.
+``orthogonal``  sqrt(max(n, k)/k) Q with Q k x n Haar-random with orthonormal rows
+                (k < n) or orthonormal columns (k >= n). For k >= n, U^T U = I
+                exactly, so every term is exact: with low_rank >= max(in, out)
+                the layer reproduces W to round-off (needs allow_larger=True).
+
+An SRHT is not offered: its point is a fast transform, which a dense stored
+sketch and GEMM forward would not use.
+
+Accuracy of ``fit="unbiased"``. For each half, E||U^T U W - W||^2 = c(n, k) ||W||^2
+with c = (n + 1)/k (gaussian), (n - 1)/k (sign, sparse), max(n - k, 0)/k
+(orthogonal), n being out for U1 and in for U2; the halves and terms are
+independent, so E||W~ - W||^2 / ||W||^2 = (c(out, k) + c(in, k)) / (4L), whatever
+W's spectrum. The sketches know nothing about W, so a layer smaller than dense
+(2Lk(in + out) <= in*out) has an expected relative error of at least about
+sqrt(2 in out / ((in + out) * 2Lk)) -- for a square layer more than 1: such a
+layer is a trainable parametrisation, not a compression of a given W.
+
+``fit="projection"`` (an extension) instead picks the S's that minimise
+||W - W~||_F for the drawn sketches: W~ = P W + (I - P) W Q, with P, Q the
+orthogonal projectors on the row spaces of the stacked U1 (in R^out) and U2
+(in R^in). Its error is ||(I - P) W (I - Q)||_F, in expectation
+sqrt((1 - Lk/out)_+ (1 - Lk/in)_+) ||W||_F (exact for gaussian and orthogonal
+sketches, whose row spaces are uniformly random; approximate for sign/sparse).
+It is biased but never worse than W~ = 0, and exact once Lk >= min(in, out).
+
+For gaussian and sign sketches the L terms of size k have the same distribution
+as one term of size Lk with S scaled by 1/sqrt(L): num_terms changes neither the
+cost, the parameter count nor the expected error at fixed L*k, only the
+parametrisation's scale. For orthogonal sketches larger k is strictly better.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._checks import (
+    as_folded_factors,
+    as_folded_weight,
+    check_budget,
+    check_choice,
+    check_positive_int,
+    make_generator,
+)
+from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..linalg.kron import kron_apply, kron_inner_lowrank, lowrank_frobenius_sq
+
+SKETCHES = ("gaussian", "sign", "sparse", "orthogonal")
+FITS = ("unbiased", "projection")
+# Per-term size used by from_dense / from_kronecker when num_terms is not given.
+DEFAULT_NUM_TERMS = 1
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ sketches
+def draw_sketches(folds: int, num_terms: int, low_rank: int, n: int, sketch: str,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Independent sketches U (k x n) with E[U^T U] = I, shape (F, L, k, n), float64 on the CPU."""
+    check_choice(sketch, SKETCHES, "sketch")
+    f, L, k = folds, num_terms, low_rank
+    if sketch == "gaussian":
+        return torch.randn(f, L, k, n, generator=generator, dtype=torch.float64) / math.sqrt(k)
+    if sketch == "sign":
+        signs = torch.randint(0, 2, (f, L, k, n), generator=generator).to(torch.float64) * 2 - 1
+        return signs / math.sqrt(k)
+    if sketch == "sparse":
+        rows = torch.randint(0, k, (f, L, 1, n), generator=generator)
+        signs = torch.randint(0, 2, (f, L, 1, n), generator=generator).to(torch.float64) * 2 - 1
+        return torch.zeros(f, L, k, n, dtype=torch.float64).scatter_(2, rows, signs)
+    # orthogonal: Haar-random orthonormal columns of a tall Gaussian, sign-fixed.
+    tall, short = max(k, n), min(k, n)
+    q, r = torch.linalg.qr(torch.randn(f, L, tall, short, generator=generator, dtype=torch.float64))
+    diag = torch.diagonal(r, dim1=-2, dim2=-1)
+    q = q * torch.where(diag < 0, -1.0, 1.0).unsqueeze(-2)
+    if k >= n:
+        return q  # (k, n), U^T U = I exactly
+    return q.transpose(-1, -2) * math.sqrt(n / k)  # (k, n) orthonormal rows, E[U^T U] = I
+
+
+def _half_variance(n: int, k: int, sketch: str) -> float:
+    """E||U^T U W - W||_F^2 / ||W||_F^2 for a k x n sketch U of the given type."""
+    if sketch == "gaussian":
+        return (n + 1) / k
+    if sketch in ("sign", "sparse"):
+        return (n - 1) / k
+    return max(n - k, 0) / k
+
+
+# ------------------------------------------------------------------ budgets
+def _learnable_per_fold(in_features: int, out_features: int, num_terms: int, low_rank: int) -> int:
+    return 2 * num_terms * low_rank * (in_features + out_features)
+
+
+def _check_size(in_features: int, out_features: int, num_terms: int, low_rank: int,
+                allow_larger: bool, context: str = "", stacklevel: int = 3) -> None:
+    """Raise (or, with allow_larger, warn) when the layer stores more than a dense one."""
+    if not isinstance(allow_larger, bool):
+        raise TypeError(f"allow_larger must be a bool, got {type(allow_larger).__name__}")
+    learnable = _learnable_per_fold(in_features, out_features, num_terms, low_rank)
+    dense = in_features * out_features
+    if learnable <= dense:
+        return
+    sizes = (f"2*L*k*(in+out) = 2*{num_terms}*{low_rank}*({in_features}+{out_features}) = "
+             f"{learnable} learnable numbers per fold")
+    if not allow_larger:
+        raise ValueError(
+            f"sketched layer with num_terms={num_terms}, low_rank={low_rank}{context} has {sizes}, "
+            f"more than the {dense} = {out_features}*{in_features} of a dense layer; lower num_terms "
+            f"or low_rank, or pass allow_larger=True to build it anyway")
+    warnings.warn(
+        f"sketched layer stores more than a dense layer: {sizes} (plus "
+        f"{learnable // 2} sketch buffer entries) versus {dense} for a dense "
+        f"{out_features}x{in_features} layer (allowed by allow_larger=True)",
+        UserWarning, stacklevel=stacklevel)
+
+
+def expected_relative_error(in_features: int, out_features: int, *, num_terms: int, low_rank: int,
+                            sketch: str = "gaussian", fit: str = "unbiased") -> float:
+    """RMS over sketch draws of ||W - W~||_F / ||W||_F for ``from_dense``; independent of W.
+
+    ``unbiased``: sqrt((c(out, k) + c(in, k)) / (4L)) (exact, see the module docstring).
+    ``projection``: sqrt((1 - Lk/out)_+ (1 - Lk/in)_+) (exact for gaussian and
+    orthogonal sketches, approximate for sign and sparse).
+    """
+    inp = check_positive_int(in_features, "in_features")
+    out = check_positive_int(out_features, "out_features")
+    L = check_positive_int(num_terms, "num_terms")
+    k = check_positive_int(low_rank, "low_rank")
+    check_choice(sketch, SKETCHES, "sketch")
+    check_choice(fit, FITS, "fit")
+    if fit == "unbiased":
+        return math.sqrt((_half_variance(out, k, sketch) + _half_variance(inp, k, sketch)) / (4 * L))
+    r = L * k
+    return math.sqrt(max(0.0, 1 - r / out) * max(0.0, 1 - r / inp))
+
+
+def _low_rank_for_tolerance(inp: int, out: int, L: int, tolerance: float, sketch: str, fit: str) -> int:
+    """Smallest k whose expected relative error (see :func:`expected_relative_error`) is <= tolerance."""
+    def err(k: int) -> float:
+        return expected_relative_error(inp, out, num_terms=L, low_rank=k, sketch=sketch, fit=fit)
+
+    if fit == "projection":
+        k_max = -(-min(inp, out) // L)  # Lk >= min(in, out): exact
+    elif sketch == "orthogonal":
+        k_max = max(inp, out)  # U^T U = I on both sides: exact
+    else:
+        numer = err(1) ** 2 * 4 * L  # c(out, 1) + c(in, 1) = (numerator of the variance)
+        if numer == 0:
+            return 1
+        if tolerance == 0:
+            raise ValueError(
+                f"tolerance=0 is unreachable with random {sketch!r} sketches and fit='unbiased' "
+                f"(expected error sqrt({numer:g} / (4*L*k)) > 0 for every k); use sketch='orthogonal' "
+                f"or fit='projection'")
+        k_max = math.ceil(numer / (4 * L * tolerance**2)) + 1
+    lo, hi = 0, k_max  # err(hi) <= tolerance; find the smallest such k by bisection (err falls with k)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if err(mid) <= tolerance * (1 + 1e-12):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _resolve_size(f: int, out: int, inp: int, *, num_terms, low_rank, rank, tolerance, params_share,
+                  sketch: str, fit: str) -> Tuple[int, int, str]:
+    """(L, k, context) from the size options of from_dense / from_kronecker."""
+    check_budget(rank, tolerance, params_share)
+    L = DEFAULT_NUM_TERMS if num_terms is None else check_positive_int(num_terms, "num_terms")
+    if low_rank is not None:
+        k = check_positive_int(low_rank, "low_rank")
+        if tolerance is not None or params_share is not None:
+            raise ValueError("give low_rank or one of tolerance / params_share, not both")
+        if rank is not None and rank != k:
+            raise ValueError(f"rank is an alias of low_rank for sketched layers; got rank={rank} "
+                             f"and low_rank={k}")
+        return L, k, ""
+    if rank is not None:
+        return L, rank, ""
+    if params_share is not None:
+        k = rank_for_params_share(params_share, f * out * inp,
+                                  lambda k: f * _learnable_per_fold(inp, out, L, k),
+                                  out * inp, f"sketched layer with num_terms={L}")
+        return L, k, ""
+    if tolerance is not None:
+        k = _low_rank_for_tolerance(inp, out, L, float(tolerance), sketch, fit)
+        err = expected_relative_error(inp, out, num_terms=L, low_rank=k, sketch=sketch, fit=fit)
+        return L, k, f" (chosen for tolerance={tolerance}: expected error {err:.3g} with fit={fit!r})"
+    raise ValueError("sketched needs low_rank (or rank, tolerance or params_share)")
+
+
+def _check_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    dtype = dtype or torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"dtype must be a floating-point or complex torch.dtype, got {dtype!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------------- layer
+class Sketched(StructuredSumLayer, kind="sketched"):
+    """Sum of L sketched terms, W~ = 1/(2L) sum_i (U1_i^T S1_i + S2_i U2_i); see the module docstring.
+
+    Random init: ``Sketched(in, out, F, num_terms=L, low_rank=k)``. The sketches
+    are drawn from ``seed`` / ``generator``; S1, S2 are i.i.d. normal with
+    variance 2L / (3 in), which gives E[W~_ij^2] = 1/(3 in), the variance of
+    ``nn.Linear``'s default init, so unit-variance inputs give outputs of
+    variance about 1/3.
+
+    Args:
+        num_terms: L >= 1.  low_rank: k >= 1 (may exceed in/out; see allow_larger).
+        sketch: one of ``gaussian``, ``sign``, ``sparse``, ``orthogonal``.
+        allow_larger: when 2Lk(in + out) > in*out the constructor raises a
+            ValueError unless this is True, in which case it warns instead.
+    """
+
+    sketches = SKETCHES
+    fits = FITS
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_folds: int = 1,
+        *,
+        num_terms: int,
+        low_rank: int,
+        sketch: str = "gaussian",
+        allow_larger: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, num_folds)
+        L = check_positive_int(num_terms, "num_terms")
+        k = check_positive_int(low_rank, "low_rank")
+        check_choice(sketch, SKETCHES, "sketch")
+        dtype = _check_dtype(dtype)
+        f, out, inp = self.num_folds, self.out_features, self.in_features
+        _check_size(inp, out, L, k, allow_larger)
+        gen = make_generator(seed, generator)
+        u1 = draw_sketches(f, L, k, out, sketch, gen)
+        u2 = draw_sketches(f, L, k, inp, sketch, gen)
+        std = math.sqrt(2 * L / (3 * inp))
+        s1 = random_normal((f, L, k, inp), std, dtype=dtype, device=device, generator=gen)
+        s2 = random_normal((f, L, out, k), std, dtype=dtype, device=device, generator=gen)
+        self._store(u1.to(device=device, dtype=dtype), u2.to(device=device, dtype=dtype), s1, s2,
+                    sketch, allow_larger)
+
+    def _store(self, u1, u2, s1, s2, sketch: str, allow_larger: bool) -> None:
+        self.sketch = sketch
+        self.allow_larger = allow_larger
+        self.register_buffer("u1", u1.contiguous())
+        self.register_buffer("u2", u2.contiguous())
+        self.s1 = nn.Parameter(s1.contiguous())
+        self.s2 = nn.Parameter(s2.contiguous())
+
+    # ------------------------------------------------------------ views
+    @property
+    def num_terms(self) -> int:
+        return self.u1.shape[1]
+
+    @property
+    def low_rank(self) -> int:
+        return self.u1.shape[2]
+
+    def _stacked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """R (F, 2Lk, in) = [S1_i..; U2_i..] and C (F, 2Lk, out) = [U1_i..; S2_i^T..]."""
+        f, width = self.num_folds, 2 * self.num_terms * self.low_rank
+        right = torch.cat([self.s1, self.u2], dim=1).reshape(f, width, self.in_features)
+        left = torch.cat([self.u1, self.s2.transpose(-1, -2)], dim=1).reshape(f, width, self.out_features)
+        return right, left
+
+    def _factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """W~ = left @ right with left (F, out, 2Lk) (scale folded in), right (F, 2Lk, in)."""
+        right, left = self._stacked()
+        return left.transpose(1, 2) / (2 * self.num_terms), right
+
+    def config(self) -> dict:
+        return {**super().config(), "num_terms": self.num_terms, "low_rank": self.low_rank,
+                "sketch": self.sketch, "allow_larger": self.allow_larger}
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_terms={self.num_terms}, low_rank={self.low_rank}, "
+                f"sketch={self.sketch}, buffers={self.num_buffers}")
+
+    # ---------------------------------------------------------- compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        right, left = self._stacked()
+        hidden = torch.matmul(x, right.transpose(1, 2))  # (F, B, 2Lk)
+        # beta=0: the first argument is ignored (only broadcast); alpha applies 1/(2L) inside the GEMM.
+        return torch.baddbmm(hidden.new_zeros(()), hidden, left, beta=0, alpha=1.0 / (2 * self.num_terms))
+
+    def to_dense(self) -> torch.Tensor:
+        left, right = self._factors()
+        return left @ right
+
+    def flops(self, batch_size: int) -> int:
+        batch = check_positive_int(batch_size, "batch_size") * self.num_folds
+        return batch * _learnable_per_fold(self.in_features, self.out_features, self.num_terms, self.low_rank)
+
+    def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return kron_inner_lowrank(a, b, *self._factors())
+
+    def _frobenius_sq(self) -> torch.Tensor:
+        return lowrank_frobenius_sq(*self._factors())
+
+    # ----------------------------------------------------------- constructors
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        *,
+        num_terms: Optional[int] = None,
+        low_rank: Optional[int] = None,
+        rank: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        params_share: Optional[float] = None,
+        sketch: str = "gaussian",
+        fit: str = "unbiased",
+        allow_larger: bool = False,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "Sketched":
+        """Sketch W (F, out, in) or (out, in).
+
+        Size: ``num_terms`` L (default 1) and exactly one of
+          ``low_rank`` k, or ``rank`` (an alias of low_rank: the per-term size k;
+          W~ itself has rank up to 2Lk),
+          ``params_share`` p (the largest k with 2Lk(in + out) <= p in out), or
+          ``tolerance`` t (the smallest k whose *expected* relative error, a
+          closed form independent of W, see :func:`expected_relative_error`, is
+          <= t; a single draw can exceed it). Tolerances below about 1 with
+          fit='unbiased' usually need a layer larger than dense, which raises
+          unless allow_larger=True.
+        fit: ``unbiased`` (S1_i = U1_i W, S2_i = W U2_i^T) or ``projection`` (the
+          least-squares S's for the drawn sketches).
+        """
+        w = as_folded_weight(weight).detach()
+        f, out, inp = w.shape
+        work = w.to(torch.float32) if w.dtype in _LOW_PRECISION else w
+        return cls._build(
+            f, out, inp, w.dtype, w.device,
+            apply_left=lambda m: torch.matmul(m, work),                   # M W
+            apply_right=lambda n: torch.matmul(n, work.transpose(1, 2)),  # N W^T
+            num_terms=num_terms, low_rank=low_rank, rank=rank, tolerance=tolerance,
+            params_share=params_share, sketch=sketch, fit=fit, allow_larger=allow_larger,
+            seed=seed, generator=generator)
+
+    @classmethod
+    def from_kronecker(
+        cls,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        num_terms: Optional[int] = None,
+        low_rank: Optional[int] = None,
+        rank: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        params_share: Optional[float] = None,
+        sketch: str = "gaussian",
+        fit: str = "unbiased",
+        allow_larger: bool = False,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> "Sketched":
+        """Like :meth:`from_dense` for W = A ⊗ B, never forming W.
+
+        U1 W and W U2^T are Kronecker applies: the rows of M W are
+        (A^T ⊗ B^T) applied to the rows of M, and (W N^T)^T = (A ⊗ B) applied to
+        the rows of N, each O(Lk (a1 a2 b2 + a1 b1 b2)) or the cheaper order.
+        The same seed gives the same sketches as ``from_dense`` on A ⊗ B.
+        """
+        a, b = as_folded_factors(a, b)
+        a, b = a.detach(), b.detach()
+        dtype = a.dtype
+        if dtype in _LOW_PRECISION:
+            a, b = a.to(torch.float32), b.to(torch.float32)
+        f, a1, a2 = a.shape
+        _, b1, b2 = b.shape
+        at, bt = a.transpose(1, 2), b.transpose(1, 2)
+        return cls._build(
+            f, a1 * b1, a2 * b2, dtype, a.device,
+            apply_left=lambda m: kron_apply([at], [bt], m),
+            apply_right=lambda n: kron_apply([a], [b], n),
+            num_terms=num_terms, low_rank=low_rank, rank=rank, tolerance=tolerance,
+            params_share=params_share, sketch=sketch, fit=fit, allow_larger=allow_larger,
+            seed=seed, generator=generator)
+
+    @classmethod
+    def _build(cls, f: int, out: int, inp: int, dtype: torch.dtype, device, *,
+               apply_left: Callable[[torch.Tensor], torch.Tensor],
+               apply_right: Callable[[torch.Tensor], torch.Tensor],
+               num_terms, low_rank, rank, tolerance, params_share, sketch, fit, allow_larger,
+               seed, generator) -> "Sketched":
+        """Shared body: apply_left(M) = M W for M (F, m, out); apply_right(N) = N W^T for N (F, m, in)."""
+        check_choice(sketch, SKETCHES, "sketch")
+        check_choice(fit, FITS, "fit")
+        L, k, context = _resolve_size(f, out, inp, num_terms=num_terms, low_rank=low_rank, rank=rank,
+                                      tolerance=tolerance, params_share=params_share, sketch=sketch, fit=fit)
+        _check_size(inp, out, L, k, allow_larger, context, stacklevel=4)
+        gen = make_generator(seed, generator)
+        work_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
+        u1 = draw_sketches(f, L, k, out, sketch, gen).to(device=device, dtype=work_dtype)
+        u2 = draw_sketches(f, L, k, inp, sketch, gen).to(device=device, dtype=work_dtype)
+        u1c, u2c = u1.reshape(f, L * k, out), u2.reshape(f, L * k, inp)
+        if fit == "unbiased":
+            s1 = apply_left(u1c)                                  # S1_i = U1_i W
+            s2t = apply_right(u2c)                                # rows: (W U2_i^T)^T
+        else:
+            # W~ = P W + (I - P) W Q with P = U1c^T pinv(U1c^T), Q = pinv(U2c) U2c.
+            p1 = torch.linalg.pinv(u1c.transpose(1, 2))           # (F, Lk, out)
+            s1 = apply_left(p1) * (2 * L)                         # U1c^T S1 / (2L) = P W
+            t = apply_right(torch.linalg.pinv(u2c).transpose(1, 2))  # (F, Lk, out) = (W pinv(U2c))^T
+            s2t = (t - (t @ p1.transpose(1, 2)) @ u1c) * (2 * L)  # ((I - P) W pinv(U2c))^T
+        layer = cls._bare(inp, out, f)
+        layer._store(u1.to(dtype), u2.to(dtype), s1.reshape(f, L, k, inp).to(dtype),
+                     s2t.reshape(f, L, k, out).transpose(-1, -2).to(dtype), sketch, allow_larger)
+        return layer

@@ -1,0 +1,573 @@
+"""``tt``: tensor-train / matrix-product-operator (MPO) weights, never formed in the forward.
+
+The feature counts are factored into ``d`` modes, ``out = m_1 ... m_d`` and
+``in = n_1 ... n_d`` (row-major multi-indices, the ``torch.kron`` convention), and
+
+    W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] @ G_2[:, i_2, j_2, :] @ ... @ G_d[:, i_d, j_d, :]
+
+with cores G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1. The r_k are the
+bond ranks (bond dimensions). Each core is stored folded as an ``nn.Parameter`` of
+shape (F, r_{k-1}, m_k, n_k, r_k), in ``layer.cores``.
+
+Forward. One sweep over the cores, each step a single batched GEMM of the running
+state with one core (reshaped to a matrix) followed by one transpose copy; the
+sweep runs right-to-left or left-to-right, whichever needs fewer multiply-adds:
+
+    right-to-left: B * sum_k r_{k-1} r_k * (m_k ... m_d) * (n_1 ... n_k)
+    left-to-right: B * sum_k r_{k-1} r_k * (m_1 ... m_k) * (n_k ... n_d)
+
+(per fold). ``flops`` reports exactly that count. With two cores and bond rank 1
+this is the Kronecker fast path; with two cores and bond rank r it is a sum of r
+Kronecker products.
+
+From a dense weight: TT-SVD (Oseledets 2011), sequential truncated SVDs of the
+weight with out and in mode indices interleaved, (m_1 n_1)(m_2 n_2)... The cores
+come out left-orthonormal, so the squared error is exactly the sum of the squared
+tails discarded at each step; a ``tolerance`` is split evenly, tol/sqrt(d-1) per
+step. From A ⊗ B: the two-core MPO [A, B] of bond dimension 1, exact; optionally
+each factor is itself split by TT-SVD (``factor_cores``).
+
+Automatic modes: each feature count is split into ``d`` factors as evenly as
+possible (the smallest largest factor), out modes ascending and in modes
+descending, which balances m_k n_k across cores and so maximises the bond ranks
+the layout can hold. Factors of 1 are used when a count has fewer than ``d``
+prime factors (e.g. out=7, in=11, d=2 gives modes (1, 7) and (11, 1), a
+rank-limited layout). Default ``d``: 3 when both counts have at least three prime
+factors (with multiplicity), else 2.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence as _SequenceABC
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._checks import (
+    as_folded_factors,
+    as_folded_weight,
+    check_budget,
+    check_positive_int,
+    check_rank_range,
+    make_generator,
+)
+from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..linalg.kron import frobenius_sq
+from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
+
+Modes = Tuple[int, ...]
+RankSpec = Union[int, Sequence[int], None]
+
+#: bond dimension used when ``tt_rank`` is not given (capped per bond, see :func:`bond_limits`).
+DEFAULT_TT_RANK = 8
+#: cores used when neither modes nor ``num_cores`` are given and both counts allow three.
+DEFAULT_MAX_CORES = 3
+
+
+# ------------------------------------------------------------- factorisation
+def prime_factor_count(n: int) -> int:
+    """Number of prime factors of n counted with multiplicity (Omega(n)); 0 for n = 1."""
+    count, p = 0, 2
+    while p * p <= n:
+        while n % p == 0:
+            n //= p
+            count += 1
+        p += 1
+    return count + (1 if n > 1 else 0)
+
+
+def balanced_modes(n: int, d: int) -> Modes:
+    """n as a product of d positive factors, ascending, with the largest factor as small as
+    possible (ties: the next largest, and so on). Factors of 1 appear only when n has
+    fewer than d prime factors."""
+    n, d = check_positive_int(n, "n"), check_positive_int(d, "d")
+    best: List[Optional[Modes]] = [None]
+
+    def key(modes: Modes) -> Modes:
+        return tuple(sorted(modes, reverse=True))
+
+    def search(rest: int, slots: int, smallest: int, prefix: Tuple[int, ...]) -> None:
+        if slots == 1:
+            if rest >= smallest:
+                cand = prefix + (rest,)
+                if best[0] is None or key(cand) < key(best[0]):
+                    best[0] = cand
+            return
+        # Non-decreasing factors: the next one is at most the geometric mean of the rest.
+        limit = int(round(rest ** (1.0 / slots))) + 1
+        for f in range(smallest, limit + 1):
+            if rest % f == 0 and f ** slots <= rest:
+                search(rest // f, slots - 1, f, prefix + (f,))
+
+    search(n, d, 1, ())
+    assert best[0] is not None
+    return best[0]
+
+
+def default_num_cores(out_features: int, in_features: int) -> int:
+    """3 when both counts have at least three prime factors, else 2."""
+    omega = min(prime_factor_count(out_features), prime_factor_count(in_features))
+    return DEFAULT_MAX_CORES if omega >= DEFAULT_MAX_CORES else 2
+
+
+def _check_modes(modes: object, features: int, name: str, features_name: str) -> Modes:
+    if isinstance(modes, (str, bytes)) or not isinstance(modes, _SequenceABC):
+        raise TypeError(f"{name} must be a list or tuple of positive ints, got {type(modes).__name__} {modes!r}")
+    if len(modes) == 0:
+        raise ValueError(f"{name} must have at least one entry (one per core)")
+    out = tuple(check_positive_int(m, f"{name}[{k}]") for k, m in enumerate(modes))
+    if math.prod(out) != features:
+        raise ValueError(f"{name} {out} multiply to {math.prod(out)}, but {features_name} is {features}")
+    return out
+
+
+def resolve_modes(
+    out_features: int,
+    in_features: int,
+    out_modes: Optional[Sequence[int]] = None,
+    in_modes: Optional[Sequence[int]] = None,
+    num_cores: Optional[int] = None,
+    *,
+    what: str = "",
+) -> Tuple[Modes, Modes]:
+    """Validate given modes and fill in missing ones (see the module docstring)."""
+    prefix = f"{what} " if what else ""
+    if num_cores is not None:
+        num_cores = check_positive_int(num_cores, f"{prefix}num_cores")
+    om = None if out_modes is None else _check_modes(out_modes, out_features, f"{prefix}out_modes", f"{prefix}out_features")
+    im = None if in_modes is None else _check_modes(in_modes, in_features, f"{prefix}in_modes", f"{prefix}in_features")
+    if om is not None and im is not None and len(om) != len(im):
+        raise ValueError(f"{prefix}out_modes and in_modes must have the same length (one pair per core), "
+                         f"got {len(om)} and {len(im)}: {om} and {im}")
+    given = om if om is not None else im
+    if given is not None:
+        if num_cores is not None and num_cores != len(given):
+            raise ValueError(f"{prefix}num_cores={num_cores} disagrees with the {len(given)} given modes {given}")
+        d = len(given)
+    else:
+        d = num_cores if num_cores is not None else default_num_cores(out_features, in_features)
+    if om is None:
+        om = balanced_modes(out_features, d)
+    if im is None:
+        im = tuple(reversed(balanced_modes(in_features, d)))
+    return om, im
+
+
+def bond_limits(out_modes: Modes, in_modes: Modes) -> Tuple[int, ...]:
+    """Largest useful rank of each of the d-1 bonds: min(prod_{i<=k} m_i n_i, prod_{i>k} m_i n_i).
+
+    A larger bond rank cannot represent anything more; TT-SVD at full rank reaches it.
+    """
+    sizes = [m * n for m, n in zip(out_modes, in_modes)]
+    total = math.prod(sizes)
+    limits, left = [], 1
+    for p in sizes[:-1]:
+        left *= p
+        limits.append(min(left, total // left))
+    return tuple(limits)
+
+
+def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
+    """(1, r_1, ..., r_{d-1}, 1) from ``tt_rank`` (see :class:`TT`), validated against ``limits``."""
+    d = len(limits) + 1
+    if tt_rank is None:
+        return (1,) + tuple(min(DEFAULT_TT_RANK, lim) for lim in limits) + (1,)
+    if isinstance(tt_rank, numbers.Integral) and not isinstance(tt_rank, bool):
+        r = check_positive_int(tt_rank, "tt_rank")
+        largest = max(limits, default=1)
+        if r > largest:
+            raise ValueError(
+                f"tt_rank {r} exceeds the largest useful bond rank {largest} of this mode layout "
+                f"(bond limits {tuple(limits)}); a larger rank adds only redundant parameters")
+        return (1,) + tuple(min(r, lim) for lim in limits) + (1,)
+    if isinstance(tt_rank, (str, bytes)) or not isinstance(tt_rank, (_SequenceABC, torch.Size)):
+        raise TypeError(f"tt_rank must be an int or a list of ints, got {type(tt_rank).__name__} {tt_rank!r}")
+    ranks = [check_positive_int(r, f"tt_rank[{k}]") for k, r in enumerate(tt_rank)]
+    if len(ranks) == d + 1:
+        if ranks[0] != 1 or ranks[-1] != 1:
+            raise ValueError(f"tt_rank with d+1 = {d + 1} entries must start and end with 1, got {tuple(ranks)}")
+        ranks = ranks[1:-1]
+    elif len(ranks) != d - 1:
+        raise ValueError(
+            f"tt_rank must be an int, {d - 1} bond ranks, or {d + 1} ranks with ones at the ends "
+            f"for {d} cores; got {len(ranks)} entries {tuple(tt_rank)}")
+    for k, (r, lim) in enumerate(zip(ranks, limits)):
+        if r > lim:
+            raise ValueError(
+                f"bond rank {r} of bond {k + 1} exceeds its largest useful rank {lim} "
+                f"(bond limits {tuple(limits)})")
+    return (1,) + tuple(ranks) + (1,)
+
+
+# ------------------------------------------------------------------- TT-SVD
+def interleave(w: torch.Tensor, out_modes: Modes, in_modes: Modes) -> torch.Tensor:
+    """(F, out, in) -> (F, m_1 n_1 m_2 n_2 ... m_d n_d) flattened, mode indices interleaved."""
+    f, d = w.shape[0], len(out_modes)
+    t = w.reshape(f, *out_modes, *in_modes)
+    order = [0] + [i for k in range(d) for i in (1 + k, 1 + d + k)]
+    return t.permute(order).reshape(f, -1)
+
+
+def tt_svd(
+    t: torch.Tensor,
+    dims: Sequence[int],
+    *,
+    rank: Optional[int] = None,
+    step_tolerance: Optional[float] = None,
+    total_sq: Optional[torch.Tensor] = None,
+    fold_weights: Optional[torch.Tensor] = None,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Folded TT-SVD of t (F, prod(dims)) with physical dimensions ``dims``.
+
+    Returns cores (F, r_{k-1}, dims[k], r_k) (all but the last left-orthonormal) and the
+    squared error discarded at each of the d-1 steps, per fold (each (F,)); the
+    squared error of the result is exactly their sum.
+
+    rank: bond ranks min(rank, available singular values) (= min(rank, bond limit)).
+    step_tolerance: at each step the smallest rank shared by all folds with
+        sum_f w_f tail_f(r)^2 <= step_tolerance^2 * sum_f total_sq_f, where w =
+        ``fold_weights`` (default ones) and ``total_sq`` (default ||t_f||^2).
+    Neither: full bond ranks, exact.
+    """
+    f = t.shape[0]
+    if total_sq is None:
+        total_sq = (t.abs() ** 2).sum(dim=1)
+    weights = None if fold_weights is None else fold_weights.double()[:, None]
+    cores, step_errors = [], []
+    c, r_prev = t, 1
+    for p in dims[:-1]:
+        u, s, vh = svd(c.reshape(f, r_prev * p, -1))
+        tails = tail_error_sq(s)  # (F, p_max + 1)
+        if rank is not None:
+            r = min(rank, s.shape[1])
+        elif step_tolerance is not None:
+            weighted = tails if weights is None else tails * weights
+            r = smallest_rank_for_tolerance(weighted, total_sq, step_tolerance) or s.shape[1]
+        else:
+            r = s.shape[1]
+        cores.append(u[:, :, :r].reshape(f, r_prev, p, r))
+        step_errors.append(tails[:, r])
+        c = s[:, :r, None].to(vh.dtype) * vh[:, :r, :]
+        r_prev = r
+    cores.append(c.reshape(f, r_prev, dims[-1], 1))
+    return cores, step_errors
+
+
+def chain_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract consecutive cores (F, r, m, n, r') into (F, r_left, M, N, r_right), with
+    M = prod m and N = prod n in row-major (torch.kron) order. Differentiable."""
+    t = cores[0]
+    for g in cores[1:]:
+        f, rl, big_m, big_n, _ = t.shape
+        _, _, m, n, rr = g.shape
+        t = torch.einsum("faMNr,frmns->faMmNns", t, g).reshape(f, rl, big_m * m, big_n * n, rr)
+    return t
+
+
+# -------------------------------------------------------------------- layer
+class TT(StructuredSumLayer, kind="tt"):
+    """Tensor-train (MPO) layer; see the module docstring for the format.
+
+    Args:
+        out_modes, in_modes: mode sizes per core (products must be out_features and
+            in_features; equal lengths). Missing ones are chosen by
+            :func:`balanced_modes`; ``num_cores`` fixes d when no modes are given.
+        tt_rank: an int = the maximal bond dimension (each bond gets
+            min(tt_rank, its limit), see :func:`bond_limits`; it must fit at least
+            one bond); or d-1 bond ranks; or d+1 ranks with ones at the ends.
+            Default: 8, capped per bond.
+        dtype, device, seed, generator: as for the other kinds.
+
+    Random init: core k has i.i.d. N(0, 3^(-1/d) / (n_k r_k)) entries, so every
+    contraction step is variance preserving and Var(W_ij) = 1 / (3 in) exactly,
+    the variance of ``nn.Linear``'s default init.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_folds: int = 1,
+        *,
+        out_modes: Optional[Sequence[int]] = None,
+        in_modes: Optional[Sequence[int]] = None,
+        tt_rank: RankSpec = None,
+        num_cores: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, num_folds)
+        om, im = resolve_modes(self.out_features, self.in_features, out_modes, in_modes, num_cores)
+        ranks = resolve_ranks(tt_rank, bond_limits(om, im))
+        gen = make_generator(seed, generator)
+        d = len(om)
+        cores = []
+        for k in range(d):
+            std = (3.0 ** (-1.0 / d) / (im[k] * ranks[k + 1])) ** 0.5
+            shape = (self.num_folds, ranks[k], om[k], im[k], ranks[k + 1])
+            cores.append(nn.Parameter(random_normal(shape, std, dtype=dtype, device=device, generator=gen)))
+        self.cores = nn.ParameterList(cores)
+
+    @classmethod
+    def _from_cores(cls, cores: Sequence[torch.Tensor]) -> "TT":
+        """From folded cores (F, r_{k-1}, m_k, n_k, r_k) with r_0 = r_d = 1 (copied, detached)."""
+        f = cores[0].shape[0]
+        assert cores[0].shape[1] == 1 and cores[-1].shape[-1] == 1
+        assert all(a.shape[-1] == b.shape[1] for a, b in zip(cores[:-1], cores[1:]))
+        out = math.prod(g.shape[2] for g in cores)
+        inp = math.prod(g.shape[3] for g in cores)
+        layer = cls._bare(inp, out, f)
+        layer.cores = nn.ParameterList([nn.Parameter(g.detach().clone().contiguous()) for g in cores])
+        return layer
+
+    # ------------------------------------------------------------ layout
+    @property
+    def num_cores(self) -> int:
+        return len(self.cores)
+
+    @property
+    def out_modes(self) -> Modes:
+        return tuple(int(g.shape[2]) for g in self.cores)
+
+    @property
+    def in_modes(self) -> Modes:
+        return tuple(int(g.shape[3]) for g in self.cores)
+
+    @property
+    def tt_ranks(self) -> Tuple[int, ...]:
+        """(1, r_1, ..., r_{d-1}, 1)."""
+        return (1,) + tuple(int(g.shape[-1]) for g in self.cores)
+
+    def config(self) -> dict:
+        return {**super().config(), "out_modes": self.out_modes, "in_modes": self.in_modes,
+                "tt_rank": self.tt_ranks}
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, out_modes={self.out_modes}, in_modes={self.in_modes}, "
+                f"tt_ranks={self.tt_ranks}")
+
+    # ----------------------------------------------------------- compute
+    def _sweep_costs(self) -> Tuple[int, int]:
+        """Multiply-adds per sample of the right-to-left and left-to-right sweeps."""
+        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
+        d = len(om)
+        rtl = sum(r[k] * r[k + 1] * math.prod(om[k:]) * math.prod(im[:k + 1]) for k in range(d))
+        ltr = sum(r[k] * r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k:]) for k in range(d))
+        return rtl, ltr
+
+    def flops(self, batch_size: int) -> int:
+        return check_positive_int(batch_size, "batch_size") * self.num_folds * min(self._sweep_costs())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        rtl, ltr = self._sweep_costs()
+        return self._right_to_left(x) if rtl <= ltr else self._left_to_right(x)
+
+    def _right_to_left(self, x: torch.Tensor) -> torch.Tensor:
+        # State before core k: (F, [m_{k+1}..m_d], B, [n_1..n_{k-1}], (n_k r_k)); one GEMM with the
+        # core as an (n_k r_k) x (r_{k-1} m_k) matrix, then m_k moves to the front.
+        f, b, _ = x.shape
+        s = x
+        for k in range(self.num_cores - 1, -1, -1):
+            g = self.cores[k]
+            _, rl, m, n, rr = g.shape
+            gmat = g.permute(0, 3, 4, 1, 2).reshape(f, n * rr, rl * m)
+            y = torch.matmul(s.reshape(f, -1, n * rr), gmat)  # (F, M_{>k} B N_{<k} rl, m)
+            if k > 0:
+                s = y.reshape(f, -1, m).transpose(1, 2)
+            else:  # rl = 1: (F, M_{>1}, B, m_1) -> (F, B, m_1, M_{>1})
+                return y.reshape(f, -1, b * m).transpose(1, 2).reshape(f, b, self.out_features)
+        raise AssertionError("unreachable")
+
+    def _left_to_right(self, x: torch.Tensor) -> torch.Tensor:
+        # State before core k: (F, (r_{k-1} n_k), [n_{k+1}..n_d], B, [m_1..m_{k-1}]); one GEMM with the
+        # core as an (r_k m_k) x (r_{k-1} n_k) matrix, then m_k moves to the back.
+        f, b, _ = x.shape
+        s = x.transpose(1, 2)
+        d = self.num_cores
+        for k in range(d):
+            g = self.cores[k]
+            _, rl, m, n, rr = g.shape
+            gmat = g.permute(0, 4, 2, 1, 3).reshape(f, rr * m, rl * n)
+            y = torch.matmul(gmat, s.reshape(f, rl * n, -1))  # (F, rr m, N_{>k} B M_{<k})
+            if k < d - 1:
+                s = y.reshape(f, rr, m, -1).transpose(2, 3)
+            else:  # rr = 1: (F, m_d, B M_{<d}) -> (F, B, M_{<d}, m_d)
+                return y.transpose(1, 2).reshape(f, b, self.out_features)
+        raise AssertionError("unreachable")
+
+    def to_dense(self) -> torch.Tensor:
+        """Core by core contraction, cost sum_k r_{k-1} r_k prod_{i<=k} m_i n_i per fold."""
+        return chain_dense(list(self.cores))[:, 0, :, :, 0]
+
+    def _frobenius_sq(self) -> torch.Tensor:
+        # Transfer matrices E_k = sum_{m,n} G_k^H E_{k-1} G_k, never forming W.
+        e = None
+        for g in self.cores:
+            t = g if e is None else torch.einsum("fxy,fymnb->fxmnb", e, g)
+            e = torch.einsum("fxmnc,fxmnb->fcb", g.conj(), t)
+        return e[:, 0, 0].real
+
+    def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """<A ⊗ B, W> without forming W when a bond splits the modes as A's and B's shapes."""
+        om, im = self.out_modes, self.in_modes
+        for k in range(1, self.num_cores):
+            if (math.prod(om[:k]), math.prod(im[:k])) == tuple(a.shape[1:]):
+                left = chain_dense(list(self.cores[:k]))[:, 0]  # (F, a1, a2, r)
+                right = chain_dense(list(self.cores[k:]))[..., 0]  # (F, r, b1, b2)
+                return torch.einsum("fij,fijr->fr", a.conj(), left).mul(
+                    torch.einsum("fkl,frkl->fr", b.conj(), right)).sum(dim=1)
+        return super()._inner_kronecker(a, b)
+
+    # ------------------------------------------------------ constructors
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        *,
+        rank: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        params_share: Optional[float] = None,
+        out_modes: Optional[Sequence[int]] = None,
+        in_modes: Optional[Sequence[int]] = None,
+        num_cores: Optional[int] = None,
+    ) -> "TT":
+        """TT-SVD of W (F, out, in) or (out, in).
+
+        rank: maximal bond dimension (bond k gets min(rank, bond limit k); rank must
+            fit at least one bond). tolerance: relative Frobenius error over all folds
+            <= tolerance, budget tol/sqrt(d-1) per SVD step, each bond the smallest rank
+            shared by the folds that meets its step budget. params_share: the largest
+            maximal bond dimension whose parameter count fits. No budget: full bond
+            ranks, exact up to rounding.
+        """
+        w = as_folded_weight(weight).detach()
+        check_budget(rank, tolerance, params_share)
+        f, out, inp = w.shape
+        om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
+        rank = _resolve_budget(rank, tolerance, params_share, [(om, im)], f * out * inp, f)
+        d = len(om)
+        step_tol = None if tolerance is None else tolerance / math.sqrt(d - 1)
+        flat, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
+                         rank=rank, step_tolerance=step_tol, total_sq=frobenius_sq(w))
+        return cls._from_cores(_unflatten_cores(flat, om, im))
+
+    @classmethod
+    def from_kronecker(
+        cls,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        factor_cores: Union[bool, int, Tuple[int, int], None] = None,
+        factor_modes: Optional[Tuple[Tuple[Sequence[int], Sequence[int]], Tuple[Sequence[int], Sequence[int]]]] = None,
+        rank: Optional[int] = None,
+        tolerance: Optional[float] = None,
+        params_share: Optional[float] = None,
+    ) -> "TT":
+        """W = A ⊗ B as an MPO, never forming W.
+
+        Default: the exact two-core MPO [A, B] with bond dimension 1, out_modes
+        (a1, b1) and in_modes (a2, b2).
+
+        factor_cores: split each factor further by its own TT-SVD; True uses the
+            default core count for each factor's shape, an int k that many cores per
+            factor, (kA, kB) one count per factor (1 keeps a factor whole).
+        factor_modes: ((A out_modes, A in_modes), (B out_modes, B in_modes)); either
+            side's pair may be None for automatic modes. Implies the split.
+        rank / tolerance / params_share: apply inside the factors (the bond between
+            A's and B's cores stays 1). The error of A~ ⊗ B~ is exactly
+            ||A - A~||^2 ||B||^2 + ||A~||^2 ||B - B~||^2, so a tolerance is split over
+            all SVD steps of both factors (tol/sqrt(steps) each), weighted accordingly.
+        """
+        a, b = as_folded_factors(a, b)
+        a, b = a.detach(), b.detach()
+        check_budget(rank, tolerance, params_share)
+        f, a1, a2 = a.shape
+        _, b1, b2 = b.shape
+        if factor_cores is False and factor_modes is not None:
+            raise ValueError("factor_modes splits the factors, but factor_cores=False asks not to")
+        split = factor_modes is not None or (factor_cores is not None and factor_cores is not False)
+        if not split:
+            if rank is not None or tolerance is not None or params_share is not None:
+                raise ValueError(
+                    "from_kronecker without factor_cores is exact at bond dimension 1; rank, tolerance "
+                    "and params_share apply only when the factors are split (factor_cores=...)")
+            return cls._from_cores([a.reshape(f, 1, a1, a2, 1), b.reshape(f, 1, b1, b2, 1)])
+
+        counts = _factor_core_counts(factor_cores)
+        if factor_modes is None:
+            pairs = ((None, None), (None, None))
+        else:
+            try:
+                (ao, ai), (bo, bi) = factor_modes
+            except (TypeError, ValueError) as exc:
+                raise ValueError("factor_modes must be ((A out_modes, A in_modes), (B out_modes, B in_modes)), "
+                                 f"got {factor_modes!r}") from exc
+            pairs = ((ao, ai), (bo, bi))
+        layouts = [resolve_modes(s1, s2, mo, mi, cnt, what=name)
+                   for (s1, s2), (mo, mi), cnt, name in
+                   zip(((a1, a2), (b1, b2)), pairs, counts, ("factor A", "factor B"))]
+        rank = _resolve_budget(rank, tolerance, params_share, layouts, f * a1 * b1 * a2 * b2, f)
+
+        na, nb = frobenius_sq(a), frobenius_sq(b)
+        total = na.double() * nb.double()
+        steps = sum(len(om) - 1 for om, _ in layouts)
+        step_tol = None if tolerance is None else tolerance / math.sqrt(steps)
+        (oa, ia), (ob, ib) = layouts
+        cores_a, _ = tt_svd(interleave(a, oa, ia), [m * n for m, n in zip(oa, ia)], rank=rank,
+                            step_tolerance=step_tol, total_sq=total, fold_weights=nb)
+        cores_a = _unflatten_cores(cores_a, oa, ia)
+        # A~'s cores are left-orthonormal up to the last: ||A~||^2 = ||last core||^2.
+        na_kept = (cores_a[-1].abs() ** 2).flatten(1).sum(dim=1)
+        cores_b, _ = tt_svd(interleave(b, ob, ib), [m * n for m, n in zip(ob, ib)], rank=rank,
+                            step_tolerance=step_tol, total_sq=total, fold_weights=na_kept)
+        return cls._from_cores(cores_a + _unflatten_cores(cores_b, ob, ib))
+
+
+def _unflatten_cores(cores: Sequence[torch.Tensor], om: Modes, im: Modes) -> List[torch.Tensor]:
+    return [g.reshape(g.shape[0], g.shape[1], m, n, g.shape[-1]) for g, m, n in zip(cores, om, im)]
+
+
+def _factor_core_counts(factor_cores) -> Tuple[Optional[int], Optional[int]]:
+    if factor_cores is None or factor_cores is True:
+        return None, None
+    if isinstance(factor_cores, numbers.Integral) and not isinstance(factor_cores, bool):
+        k = check_positive_int(factor_cores, "factor_cores")
+        return k, k
+    if isinstance(factor_cores, (tuple, list)) and len(factor_cores) == 2:
+        return tuple(check_positive_int(k, f"factor_cores[{i}]") for i, k in enumerate(factor_cores))  # type: ignore[return-value]
+    raise ValueError(f"factor_cores must be True, a positive int, or a pair of positive ints, got {factor_cores!r}")
+
+
+def _resolve_budget(rank, tolerance, params_share, layouts, dense_params: int, folds: int) -> Optional[int]:
+    """Validate a budget against the bonds of one or more TT layouts; return the rank cap
+    to use (None for tolerance or no budget)."""
+    limits = [lim for om, im in layouts for lim in bond_limits(om, im)]
+    if rank is None and tolerance is None and params_share is None:
+        return None
+    if not limits:
+        raise ValueError("a single-core TT has no bonds to truncate; give num_cores >= 2 "
+                         "(or factor cores >= 2) to use rank, tolerance or params_share")
+    largest = max(limits)
+    if rank is not None:
+        check_rank_range(rank, largest, f"this TT layout (bond limits {tuple(limits)})")
+        return rank
+    if params_share is not None:
+        def params_for(r: int) -> int:
+            total = 0
+            for om, im in layouts:
+                ranks = (1,) + tuple(min(r, lim) for lim in bond_limits(om, im)) + (1,)
+                total += sum(ranks[k] * om[k] * im[k] * ranks[k + 1] for k in range(len(om)))
+            return folds * total
+
+        return rank_for_params_share(params_share, dense_params, params_for, largest, "TT layout")
+    return None
+
+
+__all__ = ["TT", "balanced_modes", "bond_limits", "chain_dense", "default_num_cores", "interleave",
+           "resolve_modes", "resolve_ranks", "tt_svd"]
