@@ -477,8 +477,8 @@ class TT(StructuredSumLayer, kind="tt"):
         factor_cores: split each factor further by its own TT-SVD; True uses the
             default core count for each factor's shape, an int k that many cores per
             factor, (kA, kB) one count per factor (1 keeps a factor whole).
-        factor_modes: ((A out_modes, A in_modes), (B out_modes, B in_modes)); either
-            side's pair may be None for automatic modes. Implies the split.
+        factor_modes: ((A out_modes, A in_modes), (B out_modes, B in_modes)); any
+            entry, or a whole side, may be None for automatic modes. Implies the split.
         rank / tolerance / params_share: apply inside the factors (the bond between
             A's and B's cores stays 1). The error of A~ ⊗ B~ is exactly
             ||A - A~||^2 ||B||^2 + ||A~||^2 ||B - B~||^2, so a tolerance is split over
@@ -504,7 +504,8 @@ class TT(StructuredSumLayer, kind="tt"):
             pairs = ((None, None), (None, None))
         else:
             try:
-                (ao, ai), (bo, bi) = factor_modes
+                side_a, side_b = factor_modes
+                (ao, ai), (bo, bi) = (side_a or (None, None)), (side_b or (None, None))
             except (TypeError, ValueError) as exc:
                 raise ValueError("factor_modes must be ((A out_modes, A in_modes), (B out_modes, B in_modes)), "
                                  f"got {factor_modes!r}") from exc

@@ -100,7 +100,7 @@ def deim(basis: torch.Tensor) -> torch.Tensor:
 
 def qdeim(basis: torch.Tensor) -> torch.Tensor:
     """Q-DEIM indices: column-pivoted QR of basis^H, per fold."""
-    v = basis.detach().cpu().numpy()
+    v = basis.detach().cpu().resolve_conj().numpy()
     k = v.shape[2]
     out = np.empty((v.shape[0], k), dtype=np.int64)
     for fold in range(v.shape[0]):
