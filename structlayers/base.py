@@ -16,6 +16,7 @@ and is then reachable by name through :func:`structlayers.get` and friends.
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
@@ -148,7 +149,9 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         """||W - self||_F / ||W||_F over all folds (a float), or per fold (a tensor (F,))."""
         w = self._check_target(as_folded_weight(weight))
         with torch.no_grad():
-            err = frobenius_sq(w - self.to_dense().to(w.dtype))
+            work = self._in_double_precision()
+            w = w.to(work.dtype)
+            err = frobenius_sq(w - work.to_dense())
             return _ratio(err, frobenius_sq(w), per_fold)
 
     def relative_error_kronecker(self, a: torch.Tensor, b: torch.Tensor, per_fold: bool = False):
@@ -160,10 +163,19 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         a, b = as_folded_factors(a, b)
         self._check_target_shape(a.shape[0], a.shape[1] * b.shape[1], a.shape[2] * b.shape[2])
         with torch.no_grad():
-            a, b = a.to(self.dtype), b.to(self.dtype)
+            work = self._in_double_precision()
+            a, b = a.to(work.dtype), b.to(work.dtype)
             total = frobenius_sq(a) * frobenius_sq(b)
-            err = total - 2 * self._inner_kronecker(a, b).real + self._frobenius_sq()
+            err = total - 2 * work._inner_kronecker(a, b).real + work._frobenius_sq()
             return _ratio(err.clamp_min(0), total, per_fold)
+
+    def _in_double_precision(self) -> "StructuredSumLayer":
+        """This layer, or a float64 / complex128 copy of it: error reports sum many
+        products, and single precision would blur them at the 1e-4 level."""
+        target = torch.complex128 if self.dtype.is_complex else torch.float64
+        if self.dtype == target:
+            return self
+        return copy.deepcopy(self).to(target)
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """<A ⊗ B, W_self> per fold, (F,). Default materialises this layer (not A ⊗ B)."""
