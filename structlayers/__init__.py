@@ -9,6 +9,8 @@
 from .base import StructuredSumLayer, available, create, from_dense, from_kronecker, get
 from .kinds import Dense, Kronecker, LowRank, Nystrom
 from .linalg import PIVOT_STRATEGIES, optimal_relative_error, optimal_relative_error_kronecker
+from .nn import Linear, ReplacementReport, replace_linear
+from .choose import Choice, choose
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,11 @@ __all__ = [
     "LowRank",
     "Nystrom",
     "PIVOT_STRATEGIES",
+    "Linear",
+    "replace_linear",
+    "ReplacementReport",
+    "choose",
+    "Choice",
     "optimal_relative_error",
     "optimal_relative_error_kronecker",
 ]

@@ -1,0 +1,117 @@
+"""Choose a layer by error bound and parameter budget instead of by trial-and-error training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._checks import as_folded_factors, as_folded_weight, check_budget
+from .base import StructuredSumLayer, available, get
+
+Target = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+# Extra configurations tried for Kronecker input, on top of each kind's defaults.
+_KRONECKER_VARIANTS = {"lowrank": [{}, {"structure": "kronecker"}], "nystrom": [{}, {"structure": "flat"}]}
+
+
+@dataclass
+class Candidate:
+    kind: str
+    options: dict
+    rank: Optional[int] = None
+    error: float = math.nan
+    params: int = 0
+    flops: int = 0
+    meets: bool = False
+    note: str = ""
+
+
+@dataclass
+class Choice:
+    """The selected layer and every candidate considered."""
+
+    layer: StructuredSumLayer
+    chosen: Candidate
+    candidates: List[Candidate] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{'':2s}{'kind':10s} {'options':34s} {'rank':>5s} {'rel.err':>9s} {'params':>10s} {'MACs':>11s}  note"]
+        for c in self.candidates:
+            mark = "->" if c is self.chosen else ("ok" if c.meets else "  ")
+            lines.append(f"{mark:2s}{c.kind:10s} {str(c.options):34.34s} {str(c.rank or '-'):>5s} "
+                         f"{c.error:9.3e} {c.params:10d} {c.flops:11.3e}  {c.note}")
+        return "\n".join(lines)
+
+
+def choose(
+    target: Target,
+    *,
+    tolerance: Optional[float] = None,
+    params_share: Optional[float] = None,
+    kinds: Optional[Sequence[str]] = None,
+    batch_size: int = 256,
+) -> Choice:
+    """The cheapest layer meeting an error tolerance and/or a parameter budget.
+
+    target: a dense weight W (F, out, in) / (out, in), or a pair (A, B) for W = A ⊗ B
+    (never materialised).
+
+    With ``tolerance``: each kind builds its smallest configuration meeting it;
+    among those within the budget (if ``params_share`` is given too) the one with
+    the fewest multiply-adds for ``batch_size`` wins, ties broken by parameters.
+    With only ``params_share``: each kind builds its best configuration within the
+    budget and the most accurate wins (the cheapest layer with no error bound
+    would be a trivial one). A kind that cannot honour the request is listed with
+    the reason and skipped.
+    """
+    check_budget(None, tolerance, None)
+    check_budget(None, None, params_share)
+    if tolerance is None and params_share is None:
+        raise ValueError("choose needs a tolerance, a params_share, or both")
+    kronecker = isinstance(target, tuple)
+    if kronecker:
+        a, b = as_folded_factors(*target)
+        dense_params = a.shape[0] * a.shape[1] * b.shape[1] * a.shape[2] * b.shape[2]
+    else:
+        w = as_folded_weight(target)
+        dense_params = w.numel()
+    names = list(kinds) if kinds is not None else available()
+    for name in names:
+        get(name)  # unknown names fail here, before any work
+    budget = params_share * dense_params if params_share is not None else math.inf
+
+    candidates: List[Tuple[Candidate, Optional[StructuredSumLayer]]] = []
+    for name in names:
+        variants = _KRONECKER_VARIANTS.get(name, [{}]) if kronecker else [{}]
+        for variant in variants:
+            request = {"tolerance": tolerance} if tolerance is not None else {"params_share": params_share}
+            options = {**variant, **request}
+            if name == "dense" or (name == "kronecker" and kronecker):
+                options = {}  # exact: no budget options
+            cand = Candidate(kind=name, options=options)
+            try:
+                layer = (get(name).from_kronecker(a, b, **options) if kronecker
+                         else get(name).from_dense(w, **options))
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                cand.note = f"skipped: {exc}"
+                candidates.append((cand, None))
+                continue
+            cand.rank = getattr(layer, "rank", None) if isinstance(getattr(layer, "rank", None), int) else None
+            cand.error = layer.relative_error_kronecker(a, b) if kronecker else layer.relative_error(w)
+            cand.params, cand.flops = layer.num_params, layer.flops(batch_size)
+            within_tol = tolerance is None or cand.error <= tolerance * (1 + 1e-9)
+            cand.meets = within_tol and cand.params <= budget
+            if not cand.meets:
+                cand.note = "over tolerance" if not within_tol else "over parameter budget"
+            candidates.append((cand, layer))
+    ok = [(c, layer) for c, layer in candidates if c.meets]
+    if not ok:
+        raise ValueError("no candidate meets the request:\n" + str(Choice(None, None, [c for c, _ in candidates])))  # type: ignore[arg-type]
+    if tolerance is not None:
+        best = min(ok, key=lambda cl: (cl[0].flops, cl[0].params, cl[0].error))
+    else:
+        best = min(ok, key=lambda cl: (cl[0].error, cl[0].flops))
+    return Choice(layer=best[1], chosen=best[0], candidates=[c for c, _ in candidates])

@@ -1,0 +1,44 @@
+"""choose(): the cheapest layer meeting an error bound and/or a parameter budget."""
+
+import pytest
+
+import structlayers as sl
+from structlayers.linalg import kron_dense
+
+from .helpers import decaying_factors, decaying_matrix
+
+
+def test_tolerance_on_kronecker_input_picks_the_cheapest_qualifying_layer():
+    a, b = decaying_factors(2, 16, decay=0.6, seed=1)
+    choice = sl.choose((a, b), tolerance=0.05, kinds=["dense", "kronecker", "lowrank", "nystrom"])
+    ok = [c for c in choice.candidates if c.meets]
+    assert choice.chosen in ok and all(choice.chosen.flops <= c.flops for c in ok)
+    assert choice.layer.relative_error(kron_dense(a, b)) <= 0.05
+    assert choice.chosen.kind != "dense"  # the materialised layer is never the cheapest
+    assert "->" in str(choice)
+
+
+def test_budget_and_tolerance_together():
+    w = decaying_matrix(1, 64, 64, decay=0.9, seed=2)
+    choice = sl.choose(w, tolerance=0.2, params_share=0.5, kinds=["dense", "lowrank", "nystrom"])
+    assert choice.layer.num_params <= 0.5 * w.numel()
+    assert choice.layer.relative_error(w) <= 0.2
+    dense = next(c for c in choice.candidates if c.kind == "dense")
+    assert not dense.meets and dense.note == "over parameter budget"
+
+
+def test_budget_only_picks_the_most_accurate_within_budget():
+    w = decaying_matrix(1, 64, 48, decay=0.9, seed=3)
+    choice = sl.choose(w, params_share=0.25, kinds=["lowrank", "nystrom"])
+    assert choice.chosen.kind == "lowrank"  # the SVD optimum is never beaten at equal params
+    assert choice.layer.num_params <= 0.25 * w.numel()
+
+
+def test_bad_requests():
+    w = decaying_matrix(1, 8, 8, seed=4)
+    with pytest.raises(ValueError, match="choose needs a tolerance, a params_share, or both"):
+        sl.choose(w)
+    with pytest.raises(ValueError, match="unknown structured layer kind 'fft'"):
+        sl.choose(w, tolerance=0.1, kinds=["fft"])
+    with pytest.raises(ValueError, match="no candidate meets the request"):
+        sl.choose(w, tolerance=0.01, params_share=0.05, kinds=["lowrank"])
