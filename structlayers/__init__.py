@@ -2,12 +2,12 @@
 
 >>> import structlayers
 >>> structlayers.available()
-['dense', 'kronecker', 'lowrank', 'nystrom']
+['dense', 'kronecker', 'lowrank', 'monarch', 'nystrom', 'sketched', 'tt']
 >>> layer = structlayers.from_kronecker("lowrank", A, B, rank=16)   # doctest: +SKIP
 """
 
 from .base import StructuredSumLayer, available, create, from_dense, from_kronecker, get
-from .kinds import Dense, Kronecker, LowRank, Nystrom
+from .kinds import TT, Dense, Kronecker, LowRank, Monarch, Nystrom, Sketched
 from .linalg import PIVOT_STRATEGIES, optimal_relative_error, optimal_relative_error_kronecker
 from .nn import Linear, ReplacementReport, replace_linear
 from .choose import Choice, choose
@@ -25,6 +25,9 @@ __all__ = [
     "Kronecker",
     "LowRank",
     "Nystrom",
+    "TT",
+    "Sketched",
+    "Monarch",
     "PIVOT_STRATEGIES",
     "Linear",
     "replace_linear",

@@ -53,4 +53,35 @@ SPECS = {
         init=lambda i, o: {"rank": 3},
         budget=lambda r: {"rank": r},
     ),
+    "tt": dict(
+        full_dense=lambda w: [{}, {"num_cores": 3}, {"num_cores": 1}],
+        full_kron=lambda a, b: [{}, {"factor_cores": True}],
+        init=lambda i, o: {"tt_rank": 4},
+        # bond rank inside each factor; the suite's 5x4 / 4x5 factors allow at most 2
+        budget=lambda r: {"factor_cores": True, "rank": 1},
+    ),
+    "sketched": dict(
+        # sketch="orthogonal" with low_rank >= max(out, in): U^T U = I exactly, so each term is
+        # exact; fit="projection" is exact once num_terms * low_rank >= min(out, in).
+        full_dense=lambda w: [
+            {"sketch": "orthogonal", "low_rank": max(w.shape[-2:]), "allow_larger": True, "seed": 0},
+            {"fit": "projection", "low_rank": min(w.shape[-2:]), "allow_larger": True, "seed": 0},
+        ],
+        full_kron=lambda a, b: [
+            {"sketch": "orthogonal", "low_rank": max(a.shape[1] * b.shape[1], a.shape[2] * b.shape[2]),
+             "allow_larger": True, "seed": 0},
+            {"fit": "projection", "num_terms": 2, "allow_larger": True, "seed": 0,
+             "low_rank": -(-min(a.shape[1] * b.shape[1], a.shape[2] * b.shape[2]) // 2)},
+        ],
+        # The largest single term that is not larger than dense.
+        init=lambda i, o: {"num_terms": 1, "low_rank": max(1, i * o // (2 * (i + o)))},
+        budget=lambda r: {"rank": r, "seed": 0},
+    ),
+    "monarch": dict(
+        full_dense=lambda w: [{}, {"num_blocks": 1}],
+        full_kron=lambda a, b: [{}, {"num_blocks": 1}],
+        init=lambda i, o: {"block_rank": 2},
+        # block rank is not matrix rank: a (2, 2) grid fits the suite's (5,4)x(4,5) factors
+        budget=lambda r: {"num_blocks": 2, "block_rank": max(1, r // 2)},
+    ),
 }

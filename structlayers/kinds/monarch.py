@@ -273,10 +273,11 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         (lo, ki), (s, p), r = self.num_blocks, self.block_shape, self.block_rank
         # R: one GEMM per (fold, input block): (F, K, N, P) @ (F, K, P, Lb*r).
         z = torch.matmul(x.reshape(f, n, ki, p).transpose(1, 2), self.right.transpose(2, 3))
-        # P_mid: middle index (k, l, t) -> (l, k, t).
-        z = z.reshape(f, ki, n, lo, r).permute(0, 3, 2, 1, 4).reshape(f, lo, n, ki * r)
+        # P_mid: middle index (k, l, t) -> (l, k, t), stored sample-major (F, N, Lb, K*r); the
+        # one copy of the forward (fastest of the layouts tried; the GEMMs read strided views).
+        z = z.reshape(f, ki, n, lo, r).permute(0, 2, 3, 1, 4).contiguous().reshape(f, n, lo, ki * r)
         # L: one GEMM per (fold, output block): (F, Lb, N, K*r) @ (F, Lb, K*r, S).
-        y = torch.matmul(z, self.left.transpose(2, 3))
+        y = torch.matmul(z.transpose(1, 2), self.left.transpose(2, 3))
         # P_out: (l, s) -> output index s*Lb + l.
         return y.permute(0, 2, 3, 1).reshape(f, n, s * lo)
 
@@ -321,8 +322,9 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         f, lo, ki, s, r = u.shape
         p = vh.shape[-1]
         layer = cls._bare(ki * p, lo * s, f)
-        layer.left = nn.Parameter(u.permute(0, 1, 3, 2, 4).reshape(f, lo, s, ki * r).detach().clone())
-        layer.right = nn.Parameter(vh.transpose(1, 2).reshape(f, ki, lo * r, p).detach().clone())
+        own = dict(memory_format=torch.contiguous_format)  # contiguous: same rounding as a fresh layer
+        layer.left = nn.Parameter(u.permute(0, 1, 3, 2, 4).reshape(f, lo, s, ki * r).detach().clone(**own))
+        layer.right = nn.Parameter(vh.transpose(1, 2).reshape(f, ki, lo * r, p).detach().clone(**own))
         return layer
 
     @classmethod

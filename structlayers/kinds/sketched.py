@@ -42,10 +42,11 @@ Accuracy of ``fit="unbiased"``. For each half, E||U^T U W - W||^2 = c(n, k) ||W|
 with c = (n + 1)/k (gaussian), (n - 1)/k (sign, sparse), max(n - k, 0)/k
 (orthogonal), n being out for U1 and in for U2; the halves and terms are
 independent, so E||W~ - W||^2 / ||W||^2 = (c(out, k) + c(in, k)) / (4L), whatever
-W's spectrum. The sketches know nothing about W, so a layer smaller than dense
-(2Lk(in + out) <= in*out) has an expected relative error of at least about
-sqrt(2 in out / ((in + out) * 2Lk)) -- for a square layer more than 1: such a
-layer is a trainable parametrisation, not a compression of a given W.
+W's spectrum. The sketches know nothing about W, so a layer no larger than dense
+(2Lk(in + out) <= in*out) has an expected relative error of at least
+sqrt((in + out)^2 / (2 in out) - 1/(2L)) >= sqrt(1.5) (about sqrt(2) for gaussian,
+sign and sparse sketches), worse than W~ = 0: such a layer is a trainable
+parametrisation (train from scratch or fine-tune), not a compression of a given W.
 
 ``fit="projection"`` (an extension) instead picks the S's that minimise
 ||W - W~||_F for the drawn sketches: W~ = P W + (I - P) W Q, with P, Q the
@@ -54,6 +55,15 @@ orthogonal projectors on the row spaces of the stacked U1 (in R^out) and U2
 sqrt((1 - Lk/out)_+ (1 - Lk/in)_+) ||W||_F (exact for gaussian and orthogonal
 sketches, whose row spaces are uniformly random; approximate for sign/sparse).
 It is biased but never worse than W~ = 0, and exact once Lk >= min(in, out).
+
+Size. A layer holds Lk(in + out) learnable numbers (``num_params``) and as many
+fixed sketch entries (``num_buffers``): 2Lk(in + out) stored numbers per fold,
+which is also its forward cost per sample. Budgets count these stored numbers:
+when 2Lk(in + out) > in*out the layer is larger (and slower) than a dense one
+and construction raises a ValueError naming the numbers, unless
+``allow_larger=True`` (then a UserWarning). ``params_share=p`` in ``from_dense``
+picks the largest k with 2Lk(in + out) <= p * in * out, so num_params is at most
+p/2 of a dense layer's.
 
 For gaussian and sign sketches the L terms of size k have the same distribution
 as one term of size Lk with S scaled by 1/sqrt(L): num_terms changes neither the
@@ -78,7 +88,7 @@ from .._checks import (
     check_positive_int,
     make_generator,
 )
-from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..base import StructuredSumLayer, random_normal
 from ..linalg.kron import kron_apply, kron_inner_lowrank, lowrank_frobenius_sq
 
 SKETCHES = ("gaussian", "sign", "sparse", "orthogonal")
@@ -124,29 +134,32 @@ def _half_variance(n: int, k: int, sketch: str) -> float:
 
 
 # ------------------------------------------------------------------ budgets
-def _learnable_per_fold(in_features: int, out_features: int, num_terms: int, low_rank: int) -> int:
+def _stored_per_fold(in_features: int, out_features: int, num_terms: int, low_rank: int) -> int:
+    """2Lk(in + out): Lk(in + out) learnable S entries plus as many fixed sketch entries.
+
+    It is also the forward's multiply-adds per sample.
+    """
     return 2 * num_terms * low_rank * (in_features + out_features)
 
 
 def _check_size(in_features: int, out_features: int, num_terms: int, low_rank: int,
                 allow_larger: bool, context: str = "", stacklevel: int = 3) -> None:
-    """Raise (or, with allow_larger, warn) when the layer stores more than a dense one."""
+    """Raise (or, with allow_larger, warn) when the layer stores more numbers than a dense one."""
     if not isinstance(allow_larger, bool):
         raise TypeError(f"allow_larger must be a bool, got {type(allow_larger).__name__}")
-    learnable = _learnable_per_fold(in_features, out_features, num_terms, low_rank)
+    stored = _stored_per_fold(in_features, out_features, num_terms, low_rank)
     dense = in_features * out_features
-    if learnable <= dense:
+    if stored <= dense:
         return
-    sizes = (f"2*L*k*(in+out) = 2*{num_terms}*{low_rank}*({in_features}+{out_features}) = "
-             f"{learnable} learnable numbers per fold")
+    sizes = (f"2*L*k*(in+out) = 2*{num_terms}*{low_rank}*({in_features}+{out_features}) = {stored} "
+             f"numbers per fold ({stored // 2} learnable + {stored // 2} fixed sketch entries)")
     if not allow_larger:
         raise ValueError(
-            f"sketched layer with num_terms={num_terms}, low_rank={low_rank}{context} has {sizes}, "
+            f"sketched layer with num_terms={num_terms}, low_rank={low_rank}{context} stores {sizes}, "
             f"more than the {dense} = {out_features}*{in_features} of a dense layer; lower num_terms "
             f"or low_rank, or pass allow_larger=True to build it anyway")
     warnings.warn(
-        f"sketched layer stores more than a dense layer: {sizes} (plus "
-        f"{learnable // 2} sketch buffer entries) versus {dense} for a dense "
+        f"sketched layer stores more than a dense layer: {sizes} versus {dense} for a dense "
         f"{out_features}x{in_features} layer (allowed by allow_larger=True)",
         UserWarning, stacklevel=stacklevel)
 
@@ -200,7 +213,7 @@ def _low_rank_for_tolerance(inp: int, out: int, L: int, tolerance: float, sketch
     return hi
 
 
-def _resolve_size(f: int, out: int, inp: int, *, num_terms, low_rank, rank, tolerance, params_share,
+def _resolve_size(out: int, inp: int, *, num_terms, low_rank, rank, tolerance, params_share,
                   sketch: str, fit: str) -> Tuple[int, int, str]:
     """(L, k, context) from the size options of from_dense / from_kronecker."""
     check_budget(rank, tolerance, params_share)
@@ -216,9 +229,15 @@ def _resolve_size(f: int, out: int, inp: int, *, num_terms, low_rank, rank, tole
     if rank is not None:
         return L, rank, ""
     if params_share is not None:
-        k = rank_for_params_share(params_share, f * out * inp,
-                                  lambda k: f * _learnable_per_fold(inp, out, L, k),
-                                  out * inp, f"sketched layer with num_terms={L}")
+        # Largest k with 2Lk(in + out) <= p * in * out (stored numbers, learnable + sketches).
+        budget = float(params_share) * inp * out
+        k = int(budget // _stored_per_fold(inp, out, L, 1))
+        if k == 0:
+            raise ValueError(
+                f"params_share={params_share} allows {budget:g} stored numbers per fold "
+                f"(of a dense layer's {inp * out}), but the smallest sketched layer, num_terms={L} and "
+                f"low_rank=1, stores 2*L*(in+out) = {_stored_per_fold(inp, out, L, 1)} "
+                f"(half learnable, half fixed sketches)")
         return L, k, ""
     if tolerance is not None:
         k = _low_rank_for_tolerance(inp, out, L, float(tolerance), sketch, fit)
@@ -247,12 +266,14 @@ class Sketched(StructuredSumLayer, kind="sketched"):
     Args:
         num_terms: L >= 1.  low_rank: k >= 1 (may exceed in/out; see allow_larger).
         sketch: one of ``gaussian``, ``sign``, ``sparse``, ``orthogonal``.
-        allow_larger: when 2Lk(in + out) > in*out the constructor raises a
-            ValueError unless this is True, in which case it warns instead.
+        allow_larger: when the 2Lk(in + out) stored numbers (half learnable, half
+            sketches) exceed in*out the constructor raises a ValueError unless
+            this is True, in which case it warns instead.
     """
 
     sketches = SKETCHES
     fits = FITS
+    expected_relative_error = staticmethod(expected_relative_error)
 
     def __init__(
         self,
@@ -336,7 +357,8 @@ class Sketched(StructuredSumLayer, kind="sketched"):
 
     def flops(self, batch_size: int) -> int:
         batch = check_positive_int(batch_size, "batch_size") * self.num_folds
-        return batch * _learnable_per_fold(self.in_features, self.out_features, self.num_terms, self.low_rank)
+        # Two GEMMs through the 2Lk-wide bottleneck: 2Lk * in + 2Lk * out per sample.
+        return batch * _stored_per_fold(self.in_features, self.out_features, self.num_terms, self.low_rank)
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return kron_inner_lowrank(a, b, *self._factors())
@@ -366,7 +388,8 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         Size: ``num_terms`` L (default 1) and exactly one of
           ``low_rank`` k, or ``rank`` (an alias of low_rank: the per-term size k;
           W~ itself has rank up to 2Lk),
-          ``params_share`` p (the largest k with 2Lk(in + out) <= p in out), or
+          ``params_share`` p (the largest k with 2Lk(in + out) <= p in out: the
+          stored numbers, learnable plus sketches, see the module docstring), or
           ``tolerance`` t (the smallest k whose *expected* relative error, a
           closed form independent of W, see :func:`expected_relative_error`, is
           <= t; a single draw can exceed it). Tolerances below about 1 with
@@ -435,7 +458,7 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         """Shared body: apply_left(M) = M W for M (F, m, out); apply_right(N) = N W^T for N (F, m, in)."""
         check_choice(sketch, SKETCHES, "sketch")
         check_choice(fit, FITS, "fit")
-        L, k, context = _resolve_size(f, out, inp, num_terms=num_terms, low_rank=low_rank, rank=rank,
+        L, k, context = _resolve_size(out, inp, num_terms=num_terms, low_rank=low_rank, rank=rank,
                                       tolerance=tolerance, params_share=params_share, sketch=sketch, fit=fit)
         _check_size(inp, out, L, k, allow_larger, context, stacklevel=4)
         gen = make_generator(seed, generator)

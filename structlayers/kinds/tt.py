@@ -16,7 +16,9 @@ sweep runs right-to-left or left-to-right, whichever needs fewer multiply-adds:
     right-to-left: B * sum_k r_{k-1} r_k * (m_k ... m_d) * (n_1 ... n_k)
     left-to-right: B * sum_k r_{k-1} r_k * (m_1 ... m_k) * (n_k ... n_d)
 
-(per fold). ``flops`` reports exactly that count. With two cores and bond rank 1
+(per fold). ``flops`` reports exactly that count. The intermediates are up to about
+r times the size of x, so large batches are processed in chunks whose intermediates
+stay in cache (``CHUNK_ELEMENTS``); chunking changes no arithmetic. With two cores and bond rank 1
 this is the Kronecker fast path; with two cores and bond rank r it is a sum of r
 Kronecker products.
 
@@ -65,6 +67,9 @@ RankSpec = Union[int, Sequence[int], None]
 DEFAULT_TT_RANK = 8
 #: cores used when neither modes nor ``num_cores`` are given and both counts allow three.
 DEFAULT_MAX_CORES = 3
+#: forward processes the batch in chunks whose largest intermediate has about this many
+#: elements (1 MiB in float32, a per-core L2 cache here); 0 chunks one sample at a time.
+CHUNK_ELEMENTS = 1 << 18
 
 
 # ------------------------------------------------------------- factorisation
@@ -281,7 +286,7 @@ class TT(StructuredSumLayer, kind="tt"):
             Default: 8, capped per bond.
         dtype, device, seed, generator: as for the other kinds.
 
-    Random init: core k has i.i.d. N(0, 3^(-1/d) / (n_k r_k)) entries, so every
+    Random init: core k has i.i.d. normal entries of variance 3^(-1/d) / (n_k r_k), so every
     contraction step is variance preserving and Var(W_ij) = 1 / (3 in) exactly,
     the variance of ``nn.Linear``'s default init.
     """
@@ -339,6 +344,11 @@ class TT(StructuredSumLayer, kind="tt"):
         return tuple(int(g.shape[3]) for g in self.cores)
 
     @property
+    def rank(self) -> int:
+        """The largest bond rank (the maximal bond dimension)."""
+        return max(self.tt_ranks)
+
+    @property
     def tt_ranks(self) -> Tuple[int, ...]:
         """(1, r_1, ..., r_{d-1}, 1)."""
         return (1,) + tuple(int(g.shape[-1]) for g in self.cores)
@@ -363,10 +373,25 @@ class TT(StructuredSumLayer, kind="tt"):
     def flops(self, batch_size: int) -> int:
         return check_positive_int(batch_size, "batch_size") * self.num_folds * min(self._sweep_costs())
 
+    def _largest_intermediate(self, right_to_left: bool) -> int:
+        """Elements per sample and fold of the largest GEMM output of a sweep."""
+        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
+        d = len(om)
+        if right_to_left:
+            return max(r[k] * math.prod(om[k:]) * math.prod(im[:k]) for k in range(d))
+        return max(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         rtl, ltr = self._sweep_costs()
-        return self._right_to_left(x) if rtl <= ltr else self._left_to_right(x)
+        sweep = self._right_to_left if rtl <= ltr else self._left_to_right
+        # The intermediates are up to ~r times larger than x; in batch chunks they stay in
+        # cache, which is several times faster than streaming them through memory.
+        per_sample = self.num_folds * self._largest_intermediate(rtl <= ltr)
+        chunk = max(1, CHUNK_ELEMENTS // per_sample)
+        if x.shape[1] <= chunk:
+            return sweep(x)
+        return torch.cat([sweep(part) for part in torch.split(x, chunk, dim=1)], dim=1)
 
     def _right_to_left(self, x: torch.Tensor) -> torch.Tensor:
         # State before core k: (F, [m_{k+1}..m_d], B, [n_1..n_{k-1}], (n_k r_k)); one GEMM with the

@@ -65,32 +65,29 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     are the factors: A = a_chain[0] @ a_chain[1] @ ... (each (F, m, n)); a plain
     factor is a chain of length one. x: (F, N, a2*b2) -> (F, N, a1*b1).
     The matrices are applied in the cheapest interleaving (see :func:`_plan`).
+
+    Each sample is a (p, q) block. Rather than permuting blocks between steps, the
+    layout is tracked: a matrix acting on the last axis is one large GEMM over the
+    whole batch; one acting on the other axis multiplies the transposed view (no
+    copy) and leaves that axis last. A single transpose at the end restores order.
     """
     f, n, _ = x.shape
-    a_in, b_in = a_chain[-1].shape[-1], b_chain[-1].shape[-1]
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
-    blocks = x.reshape(f, n, a_in, b_in)
-    a_next, b_next = len(a_chain) - 1, len(b_chain) - 1
+    blocks = x.reshape(f, n, a_chain[-1].shape[-1], b_chain[-1].shape[-1])
+    swapped = False  # False: axes are (A side, B side); True: (B side, A side)
+    remaining = {"a": list(a_chain), "b": list(b_chain)}
     for side in _plan(a_chain, b_chain)[1]:
-        if side == "a":
-            blocks, a_next = _left(a_chain[a_next], blocks), a_next - 1
+        m = remaining[side].pop()
+        if (side == "b") != swapped:  # acting on the last axis
+            rows = blocks.shape[2]
+            blocks = torch.matmul(blocks.reshape(f, n * rows, blocks.shape[3]), m.transpose(-1, -2))
+            blocks = blocks.reshape(f, n, rows, m.shape[-2])
         else:
-            blocks, b_next = _right(b_chain[b_next], blocks), b_next - 1
+            blocks = torch.matmul(blocks.transpose(-1, -2), m.transpose(-1, -2).unsqueeze(1))
+            swapped = not swapped
+    if swapped:
+        blocks = blocks.transpose(-1, -2)
     return blocks.reshape(f, n, a_out * b_out)
-
-
-def _left(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """M @ block for every block: (F, N, p, q) -> (F, N, m, q)."""
-    f, n, p, q = blocks.shape
-    # Fold the batch into the columns so each fold is one GEMM: (F, p, N*q).
-    cols = blocks.permute(0, 2, 1, 3).reshape(f, p, n * q)
-    return torch.matmul(m, cols).reshape(f, m.shape[-2], n, q).permute(0, 2, 1, 3)
-
-
-def _right(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """block @ M^T for every block: (F, N, p, q) -> (F, N, p, m)."""
-    f, n, p, q = blocks.shape
-    return torch.matmul(blocks.reshape(f, n * p, q), m.transpose(-1, -2)).reshape(f, n, p, m.shape[-2])
 
 
 def kron_columns(a: torch.Tensor, b: torch.Tensor, cols_a: torch.Tensor, cols_b: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import structlayers.kinds.tt  # noqa: F401  (registers the kind)
+import structlayers.kinds.tt as tt_module  # registers the kind
 from structlayers import get
 from structlayers.kinds.tt import TT, balanced_modes, bond_limits, chain_dense, default_num_cores
 from structlayers.linalg import kron_dense
@@ -52,7 +52,7 @@ def test_registered_and_default_layouts():
     assert default_num_cores(64, 48) == 3 and default_num_cores(12, 10) == 2 and default_num_cores(7, 11) == 2
     layer = TT(64, 48, seed=0)
     assert layer.out_modes == (3, 4, 4) and layer.in_modes == (4, 4, 4)  # out ascending, in descending
-    assert layer.tt_ranks == (1, 8, 8, 1) and layer.num_cores == 3
+    assert layer.tt_ranks == (1, 8, 8, 1) and layer.num_cores == 3 and layer.rank == 8
     assert bond_limits((3, 4, 4), (4, 4, 4)) == (12, 16)
     # Primes: out (1, 7), in (11, 1) is a rank-limited layout, not a scalar times a matrix.
     prime = TT(11, 7, seed=0)
@@ -276,6 +276,23 @@ def test_params_and_flops_hand_counts():
     assert ltr < rtl and flipped.flops(bsz) == bsz * f * ltr  # the cheaper direction is used
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         two.flops(0)
+
+
+def test_chunked_forward_matches_one_pass(monkeypatch):
+    w = torch.randn(2, 24, 18, generator=generator(16), dtype=F64)
+    layer = TT.from_dense(w, num_cores=3)
+    x = _x(2, 37, 18).requires_grad_(True)
+    rtl, ltr = layer._sweep_costs()
+    one_pass = layer._right_to_left(x) if rtl <= ltr else layer._left_to_right(x)
+    (grad_one,) = torch.autograd.grad(one_pass.sum(), x)
+    per_sample = 2 * layer._largest_intermediate(rtl <= ltr)
+    monkeypatch.setattr(tt_module, "CHUNK_ELEMENTS", 5 * per_sample)  # chunks of 5 samples
+    with FlopCounterMode(display=False) as counter:
+        chunked = layer(x)
+    assert counter.get_total_flops() == 2 * layer.flops(37)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), x)
+    assert rel(chunked, one_pass) < 1e-14 and rel(grad_chunked, grad_one) < 1e-14
+    assert rel(chunked, x @ w.transpose(1, 2)) < EXACT
 
 
 class _Method(torch.nn.Module):
