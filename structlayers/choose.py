@@ -14,7 +14,11 @@ from .base import StructuredSumLayer, available, get
 Target = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 # Extra configurations tried for Kronecker input, on top of each kind's defaults.
-_KRONECKER_VARIANTS = {"lowrank": [{}, {"structure": "kronecker"}], "nystrom": [{}, {"structure": "flat"}]}
+_KRONECKER_VARIANTS = {
+    "lowrank": [{}, {"structure": "kronecker"}],
+    "nystrom": [{}, {"structure": "flat"}],
+    "tt": [{"factor_cores": True}],  # unsplit, A ⊗ B is already exact: budgets act inside the factors
+}
 
 
 @dataclass
@@ -38,10 +42,10 @@ class Choice:
     candidates: List[Candidate] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"{'':2s}{'kind':10s} {'options':34s} {'rank':>5s} {'rel.err':>9s} {'params':>10s} {'MACs':>11s}  note"]
+        lines = [f"{'':3s}{'kind':10s} {'options':34s} {'rank':>5s} {'rel.err':>9s} {'params':>10s} {'MACs':>11s}  note"]
         for c in self.candidates:
             mark = "->" if c is self.chosen else ("ok" if c.meets else "  ")
-            lines.append(f"{mark:2s}{c.kind:10s} {str(c.options):34.34s} {str(c.rank or '-'):>5s} "
+            lines.append(f"{mark:2s} {c.kind:10s} {str(c.options):34.34s} {str(c.rank or '-'):>5s} "
                          f"{c.error:9.3e} {c.params:10d} {c.flops:11.3e}  {c.note}")
         return "\n".join(lines)
 

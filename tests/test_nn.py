@@ -104,26 +104,38 @@ def trained_mlp(digits):
     return model
 
 
-# Roughly a third of the dense parameters in each converted layer.
+# Each kind gets about 30 % of the dense parameters of the two converted layers.
+# (options, max accuracy drop right after conversion or None, fine-tune epochs, lr, max drop after it)
+# Measured drops (torch 2.13, 1 thread): lowrank -0.005/+0.005, nystrom 0.05/0.007,
+# kronecker 0.15/0.017, tt 0.37/0.025, monarch 0.43/0.037, sketched (projection fit) 0.78/0.020.
 CONVERSIONS = {
-    "lowrank": {"params_share": 0.3},
-    "nystrom": {"params_share": 0.3},
-    "kronecker": {"params_share": 0.3},
+    "lowrank": ({}, 0.02, 3, 1e-3, 0.03),
+    "nystrom": ({}, 0.08, 3, 1e-3, 0.03),
+    "kronecker": ({}, None, 3, 1e-3, 0.04),
+    "tt": ({}, None, 3, 1e-3, 0.05),
+    "monarch": ({}, None, 3, 1e-3, 0.06),
+    # The sketched layer is meant to be trained: its conversion is far off, so it gets 10 epochs.
+    "sketched": ({"fit": "projection", "seed": 0}, None, 10, 3e-3, 0.05),
 }
+
+
+def test_every_kind_has_a_digits_conversion():
+    assert set(CONVERSIONS) == set(sl.available()) - {"dense"}
 
 
 @pytest.mark.parametrize("kind", sorted(CONVERSIONS))
 def test_digits_mlp_conversion_and_fine_tune(digits, trained_mlp, kind):
-    """Bounds: the dense MLP reaches >= 0.95 test accuracy; after conversion (no training)
-    lowrank/nystrom lose <= 0.08 (measured: 0.00 and 0.05) and every kind recovers to within 0.03 after 3 fine-tune epochs."""
+    """The dense MLP reaches >= 0.95 test accuracy; each kind's accuracy after conversion
+    and after a short fine-tune stays within the drop stated in CONVERSIONS."""
+    options, max_drop, epochs, lr, max_drop_tuned = CONVERSIONS[kind]
     base = _accuracy(trained_mlp, digits)
     assert base >= 0.95
-    converted, report = sl.replace_linear(trained_mlp, kind, **CONVERSIONS[kind])
+    converted, report = sl.replace_linear(trained_mlp, kind, params_share=0.3, **options)
     assert [r.name for r in report.replaced] == ["0", "2"]
     assert report.params_after <= 0.31 * report.params_before
     after = _accuracy(converted, digits)
-    if kind in ("lowrank", "nystrom"):
-        assert after >= base - 0.08, (kind, base, after)
-    tuned = _accuracy(_train(converted, digits, epochs=3, lr=1e-3), digits)
-    assert tuned >= base - 0.03, (kind, base, after, tuned)
+    if max_drop is not None:
+        assert after >= base - max_drop, (kind, base, after)
+    tuned = _accuracy(_train(converted, digits, epochs=epochs, lr=lr), digits)
+    assert tuned >= base - max_drop_tuned, (kind, base, after, tuned)
     assert _accuracy(trained_mlp, digits) == base  # the original is untouched by all of this
