@@ -51,6 +51,25 @@ def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
     return statistics.median(samples)
 
 
+def interleaved_medians(fns: Dict[str, Callable[[], object]], *, repeats: int = 7,
+                        warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call for several functions timed round-robin.
+
+    Interleaving spreads slow drifts of a shared machine (other processes, thermal
+    state) evenly over the candidates, so their ratios stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def environment() -> Dict[str, object]:
     """What a timing depends on: machine, threads, library versions."""
     return {
