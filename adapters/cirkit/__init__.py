@@ -1,0 +1,34 @@
+"""structlayers for cirkit: structured sum layers inside compiled (squared) circuits.
+
+Depends on ``structlayers`` and on cirkit (the PyPI distribution ``libcirkit``);
+``structlayers`` itself never imports this package.
+
+>>> report = swap_kronecker_sum_layers(compiled_squared_circuit, rank_policy("nystrom", 16))  # doctest: +SKIP
+>>> ctx = use_structured_layers(PipelineContext(backend="torch", semiring="complex-lse-sum"))  # doctest: +SKIP
+"""
+
+from .compile import kronecker_sum_rule, use_structured_layers
+from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, kronecker_factors, semiring_linear
+from .likelihood import bits_per_dimension, log_likelihood, log_value
+from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, unclamped
+from .swap import LayerInfo, SwapReport, kronecker_sum_layers, rank_policy, swap_kronecker_sum_layers
+
+__all__ = [
+    "swap_kronecker_sum_layers",
+    "rank_policy",
+    "kronecker_sum_layers",
+    "LayerInfo",
+    "SwapReport",
+    "use_structured_layers",
+    "kronecker_sum_rule",
+    "TorchKroneckerSumLayer",
+    "TorchStructuredSumLayer",
+    "kronecker_factors",
+    "semiring_linear",
+    "log_likelihood",
+    "log_value",
+    "bits_per_dimension",
+    "unclamped",
+    "ExactLSESumSemiring",
+    "ExactComplexLSESumSemiring",
+]

@@ -1,0 +1,154 @@
+"""cirkit inner layers whose sum weight is structured.
+
+Both classes subclass ``TorchInnerLayer``, not ``TorchSumLayer``: cirkit's
+optimizer matches sum layers by ``isinstance``, and would otherwise fold these
+layers back into dense products when a circuit is re-optimised.
+
+Semiring outside, algebra inside: the wrapped maps are plain linear maps, and
+:func:`semiring_linear` lifts one into the circuit's semiring once, with the
+log-sum-exp stabilisation (a max over the whole contracted axis) that cirkit's
+own sum layers use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from cirkit.backend.torch.layers import TorchInnerLayer
+from cirkit.backend.torch.parameters.nodes import TorchKroneckerParameter
+from cirkit.backend.torch.parameters.parameter import TorchParameter
+from cirkit.backend.torch.semiring import Semiring
+
+from structlayers import StructuredSumLayer
+from structlayers.linalg import kron_apply, kron_chain_flops
+
+
+def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Evaluate a linear map y = W z on semiring-encoded inputs, like a cirkit sum layer.
+
+    x: (F, H, B, Ki) in the semiring's encoding (probabilities, or complex/real logs);
+    the H inputs are concatenated unit-wise as ``TorchSumLayer`` does, giving z of
+    shape (F, B, H*Ki). Returns (F, B, Ko) in the same encoding.
+    """
+    x = x.permute(0, 2, 1, 3).flatten(start_dim=2)
+    return semiring.apply_reduce(linear, x, dim=-1, keepdim=True)
+
+
+def _apply_real_or_complex(fn: Callable[[Tensor], Tensor], dtype: torch.dtype, z: Tensor) -> Tensor:
+    """Apply a layer with ``dtype`` weights to z; a real layer acts on complex z part by part."""
+    if z.is_complex() and not dtype.is_complex:
+        return torch.complex(fn(z.real.to(dtype)), fn(z.imag.to(dtype)))
+    return fn(z.to(dtype) if z.dtype != dtype else z)
+
+
+def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
+    """(A, B) with W = A ⊗ B per fold for a weight graph ending in a Kronecker node, else None.
+
+    The graph is evaluated up to the Kronecker node, whose inputs are captured; the
+    product itself is never computed. A: (F, Ko1, Ki1), B: (F, Ko2, Ki2). Gradients
+    flow to the circuit's parameters.
+    """
+    if not weight.outputs or not isinstance(weight.outputs[0], TorchKroneckerParameter):
+        return None
+    out = weight.outputs[0]
+    captured: dict = {}
+
+    def fn(node, *inputs):
+        if node is out:
+            captured["ab"] = inputs
+            return inputs[0]  # placeholder: the graph's output is not used
+        return node(*inputs)
+
+    weight.evaluate(module_fn=fn)
+    a, b = captured["ab"]
+    return a, b
+
+
+class TorchKroneckerSumLayer(TorchInnerLayer):
+    """Exact sum layer whose weight graph ends in a Kronecker node, applied factor-wise.
+
+    ``weight`` is the layer's usual cirkit parameter graph (W = A ⊗ B); the factors
+    are read from it at every forward (so they are always the live parameters) and
+    applied as two small products instead of a (Ko1 Ko2) x (Ki1 Ki2) matrix.
+    ``config`` and ``params`` mirror ``__init__``, so cirkit can fold this layer:
+    it is what the compile-time rule emits.
+    """
+
+    def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
+                 weight: TorchParameter, semiring: Optional[Semiring] = None, num_folds: int = 1) -> None:
+        super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
+        if not weight.outputs or not isinstance(weight.outputs[0], TorchKroneckerParameter):
+            raise ValueError("TorchKroneckerSumLayer needs a weight graph whose output is a Kronecker node")
+        if tuple(weight.shape) != (num_output_units, num_input_units * arity):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected "
+                             f"{(num_output_units, num_input_units * arity)}")
+        self.weight = weight
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
+                "arity": self.arity}
+
+    @property
+    def params(self) -> Mapping[str, TorchParameter]:
+        return {"weight": self.weight}
+
+    def factors(self) -> Tuple[Tensor, Tensor]:
+        """The live factors A (F, Ko1, Ki1) and B (F, Ko2, Ki2)."""
+        return kronecker_factors(self.weight)  # type: ignore[return-value]
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.factors()
+
+        def linear(z: Tensor) -> Tensor:
+            return _apply_real_or_complex(lambda t: kron_apply([a], [b], t), a.dtype, z)
+
+        return semiring_linear(self.semiring, linear, x)
+
+    def flops(self, batch_size: int) -> int:
+        """Multiply-adds of one forward (the linear map only)."""
+        a, b = self.factors()
+        return batch_size * self.num_folds * kron_chain_flops([a], [b])
+
+
+class TorchStructuredSumLayer(TorchInnerLayer):
+    """A cirkit inner layer computing a :class:`structlayers.StructuredSumLayer`.
+
+    ``structured`` holds F folds of an (Ko, H*Ki) map. It is a submodule, so its
+    parameters train with the circuit (``frozen`` mode: a fixed factorisation that
+    fine-tunes on its own). Built after compilation and folding, so cirkit never
+    needs to fold it.
+    """
+
+    def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
+                 structured: StructuredSumLayer, semiring: Optional[Semiring] = None,
+                 num_folds: int = 1) -> None:
+        super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
+        expected = (num_folds, num_output_units, num_input_units * arity)
+        got = (structured.num_folds, structured.out_features, structured.in_features)
+        if got != expected:
+            raise ValueError(f"structured layer has (folds, out, in) = {got}, expected {expected}")
+        self.structured = structured
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
+                "arity": self.arity}
+
+    @property
+    def params(self) -> Mapping[str, TorchParameter]:
+        return {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.structured
+        return semiring_linear(self.semiring, lambda z: _apply_real_or_complex(layer, layer.dtype, z), x)
+
+    def flops(self, batch_size: int) -> int:
+        return self.structured.flops(batch_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.structured.kind}"

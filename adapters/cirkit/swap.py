@@ -1,0 +1,228 @@
+"""Swap the Kronecker-weighted sum layers of a compiled cirkit circuit for structured ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from cirkit.backend.torch.circuits import TorchCircuit
+from cirkit.backend.torch.layers import TorchLayer, TorchSumLayer
+from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring, SumProductSemiring
+
+import structlayers
+
+from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, kronecker_factors
+
+SUPPORTED_SEMIRINGS = (SumProductSemiring, LSESumSemiring, ComplexLSESumSemiring)
+MODES = ("frozen", "live")
+# Kinds that are exact for A ⊗ B and can be recomputed from the live factors at every forward.
+LIVE_KINDS = ("kronecker",)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a policy sees of one Kronecker sum layer."""
+
+    index: int  # position in circuit.layers
+    num_folds: int
+    out_features: int  # Ko = Ko1 * Ko2
+    in_features: int  # arity * Ki = Ki1 * Ki2
+    factor_a: Tuple[int, int]  # (Ko1, Ki1)
+    factor_b: Tuple[int, int]  # (Ko2, Ki2)
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"layer {self.index} ({self.num_folds} folds, {self.out_features}x{self.in_features})"
+
+
+Policy = Union[str, Callable[[LayerInfo], Optional[Union[str, Tuple[str, dict]]]]]
+
+
+@dataclass
+class SwapRow:
+    info: LayerInfo
+    kind: str
+    mode: str
+    rank: Optional[int]
+    params: int
+    flops_per_sample: int
+    relative_error: float
+
+
+@dataclass
+class SwapReport:
+    rows: List[SwapRow] = field(default_factory=list)
+    kept: List[LayerInfo] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':>5s} {'folds':>5s} {'shape':>11s} {'A':>9s} {'B':>9s} {'kind':10s} {'mode':6s} "
+                 f"{'rank':>5s} {'params':>9s} {'MACs/sample':>12s} {'rel.err':>9s}"]
+        for r in self.rows:
+            i = r.info
+            lines.append(
+                f"{i.index:5d} {i.num_folds:5d} {f'{i.out_features}x{i.in_features}':>11s} "
+                f"{'x'.join(map(str, i.factor_a)):>9s} {'x'.join(map(str, i.factor_b)):>9s} {r.kind:10s} "
+                f"{r.mode:6s} {str(r.rank if r.rank is not None else '-'):>5s} {r.params:9d} "
+                f"{r.flops_per_sample:12d} {r.relative_error:9.2e}")
+        lines += [f"{i.index:5d} kept by the policy: {i.name}" for i in self.kept]
+        return "\n".join(lines)
+
+
+def rank_policy(kind: str, rank: int, **options) -> Callable[[LayerInfo], Tuple[str, dict]]:
+    """Policy: ``kind`` at ``rank`` wherever A ⊗ B has a larger rank; elsewhere exact ``kronecker``.
+
+    Layers too small for the rank (e.g. a circuit's root, 1 x K^2, of rank 1) keep
+    the exact factor-wise layer, which is also the cheapest there. The report
+    shows which kind each layer got.
+    """
+    structlayers.get(kind)
+
+    def policy(info: LayerInfo) -> Tuple[str, dict]:
+        max_rank = min(info.factor_a) * min(info.factor_b)
+        if rank >= max_rank:
+            return "kronecker", {}
+        return kind, {"rank": rank, **options}
+
+    return policy
+
+
+def kronecker_sum_layers(circuit: TorchCircuit) -> List[Tuple[int, TorchLayer]]:
+    """(index, layer) of every sum layer whose weight is a Kronecker product."""
+    found = []
+    for index, layer in enumerate(circuit.layers):
+        if isinstance(layer, TorchKroneckerSumLayer):
+            found.append((index, layer))
+        elif isinstance(layer, TorchSumLayer) and kronecker_factors_available(layer):
+            found.append((index, layer))
+    return found
+
+
+def kronecker_factors_available(layer: TorchSumLayer) -> bool:
+    from cirkit.backend.torch.parameters.nodes import TorchKroneckerParameter
+
+    outputs = layer.weight.outputs
+    return bool(outputs) and isinstance(outputs[0], TorchKroneckerParameter)
+
+
+def _check_circuit(circuit: object) -> TorchCircuit:
+    if not isinstance(circuit, TorchCircuit):
+        raise TypeError(f"expected a compiled cirkit TorchCircuit, got {type(circuit).__name__}")
+    return circuit
+
+
+def _check_semiring(index: int, layer: TorchLayer) -> None:
+    if layer.semiring not in SUPPORTED_SEMIRINGS:
+        raise ValueError(
+            f"layer {index} ({type(layer).__name__}) uses semiring {layer.semiring.__name__}; supported: "
+            "sum-product, lse-sum, complex-lse-sum")
+
+
+def swap_kronecker_sum_layers(
+    circuit: TorchCircuit,
+    kind: Policy,
+    *,
+    mode: str = "frozen",
+    **options,
+) -> SwapReport:
+    """Replace every Kronecker-weighted sum layer of ``circuit`` (in place) and report.
+
+    Args:
+        circuit: a compiled ``TorchCircuit`` (fold=True or False, optimize=False, or
+            compiled with :func:`use_structured_layers`).
+        kind: a structlayers kind name, or a policy ``f(LayerInfo)`` returning a kind
+            name, a ``(kind, options)`` pair, or None to keep that layer.
+        mode: ``frozen`` — the factors' structured approximation is computed once from
+            the current weights and becomes the layer's own trainable parameters
+            (post-training compression, fine-tunable); ``live`` — recomputed from the
+            circuit's parameters at every forward, so training the original circuit
+            still works (exact kinds only: ``kronecker``).
+        options: passed to ``from_kronecker`` of each layer's kind (under a policy's own).
+
+    Every replacement is built before any is installed: on an error (unsupported
+    semiring, a rank the layer cannot have, ...) the circuit is left untouched and
+    the error names the layer.
+    """
+    circuit = _check_circuit(circuit)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose 'frozen' or 'live'")
+    targets = kronecker_sum_layers(circuit)
+    if not targets:
+        names = sorted({type(layer).__name__ for layer in circuit.layers})
+        raise ValueError(
+            "the circuit has no Kronecker-weighted sum layer to swap (its layers: " + ", ".join(names)
+            + "); compile the squared circuit with optimize=False, or use use_structured_layers() "
+            "to keep them with optimize=True")
+    report = SwapReport()
+    replacements: Dict[int, TorchLayer] = {}
+    for index, layer in targets:
+        _check_semiring(index, layer)
+        with torch.no_grad():
+            a, b = kronecker_factors(layer.weight)  # type: ignore[misc]
+        info = LayerInfo(index=index, num_folds=layer.num_folds, out_features=layer.num_output_units,
+                         in_features=layer.num_input_units * layer.arity, factor_a=tuple(a.shape[1:]),
+                         factor_b=tuple(b.shape[1:]), dtype=a.dtype)
+        choice = kind(info) if callable(kind) else kind
+        if choice is None:
+            report.kept.append(info)
+            continue
+        layer_kind, layer_options = (choice, {}) if isinstance(choice, str) else choice
+        layer_options = {**options, **layer_options}
+        try:
+            new, row = _build(layer, info, a, b, layer_kind, mode, layer_options)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"cannot swap {info.name}: {exc}") from exc
+        replacements[index] = new
+        report.rows.append(row)
+    replace_layers(circuit, {circuit.layers[i]: new for i, new in replacements.items()})
+    return report
+
+
+def _build(layer, info: LayerInfo, a, b, kind: str, mode: str, options: dict):
+    structlayers.get(kind)  # unknown kinds fail with the registry's message
+    if mode == "live":
+        if kind not in LIVE_KINDS:
+            raise ValueError(f"mode='live' recomputes the layer from the circuit's parameters at every "
+                             f"forward; supported kinds: {', '.join(LIVE_KINDS)} (got {kind!r}); use "
+                             "mode='frozen' for approximations")
+        if options:
+            raise ValueError(f"the live kronecker layer is exact and takes no options, got {sorted(options)}")
+        new = TorchKroneckerSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
+                                     weight=layer.weight, semiring=layer.semiring, num_folds=layer.num_folds)
+        flops = structlayers.Kronecker.from_kronecker(a, b).flops(1) // max(layer.num_folds, 1)
+        return new, SwapRow(info, kind, mode, 1, 0, flops, 0.0)
+    structured = structlayers.from_kronecker(kind, a.detach().clone(), b.detach().clone(), **options)
+    new = TorchStructuredSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
+                                  structured=structured, semiring=layer.semiring, num_folds=layer.num_folds)
+    rank = getattr(structured, "rank", None)
+    error = 0.0 if kind in ("dense", "kronecker") else structured.relative_error_kronecker(a, b)
+    row = SwapRow(info, kind, mode, rank if isinstance(rank, int) else None, structured.num_params,
+                  structured.flops(1) // structured.num_folds, error)
+    return new, row
+
+
+def replace_layers(circuit: TorchCircuit, mapping: Dict[TorchLayer, TorchLayer]) -> None:
+    """Install ``new`` for ``old`` everywhere a compiled circuit refers to a layer.
+
+    A compiled circuit refers to a layer from its module list (which registers the
+    parameters), its in/out adjacency maps, its outputs and its address book (which
+    drives evaluation). Fold indices are untouched: each new layer has the old one's
+    folds, units and unit order.
+    """
+    if not mapping:
+        return
+    sub = (lambda m: mapping.get(m, m))
+    for old, new in mapping.items():
+        if (new.num_folds, new.num_output_units) != (old.num_folds, old.num_output_units):
+            raise ValueError(f"replacement for {type(old).__name__} has a different fold/unit layout")
+    nodes = circuit._nodes
+    for i, module in enumerate(list(nodes)):
+        if module in mapping:
+            nodes[i] = mapping[module]
+    circuit._in_nodes = {sub(k): [sub(m) for m in v] for k, v in circuit._in_nodes.items()}
+    circuit._out_nodes = {sub(k): [sub(m) for m in v] for k, v in circuit._out_nodes.items()}
+    circuit._outputs = [sub(m) for m in circuit._outputs]
+    book = circuit._address_book
+    book._entry_modules = [sub(m) if m is not None else None for m in book._entry_modules]

@@ -1,0 +1,183 @@
+"""Swapped squared circuits reproduce cirkit's own outputs, partition functions and gradients.
+
+Grid: semiring × fold × sum-product layer (cp, cp-t, tucker) × region graph (quad-tree,
+random binary tree, linear tree), float64 throughout. References: cirkit's
+materialised path (optimize=False) and its optimised path (optimize=True) compiled
+from the same symbolic circuit with the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from cirkit.backend.torch.layers import TorchSumLayer
+from cirkit.pipeline import PipelineContext
+import cirkit.symbolic.functional as SF
+from cirkit.symbolic.layers import CategoricalLayer
+from cirkit.templates.region_graph import LinearTree, QuadTree, RandomBinaryTree
+from cirkit.templates.utils import Parameterization, parameterization_to_factory
+
+from adapters.cirkit.layers import TorchKroneckerSumLayer, TorchStructuredSumLayer
+from adapters.cirkit.swap import rank_policy, swap_kronecker_sum_layers
+
+CATEGORIES = 3
+REGION_GRAPHS = {
+    "quad-tree": lambda: QuadTree((1, 4, 4), num_patch_splits=2),
+    "random-binary-tree": lambda: RandomBinaryTree(8, num_repetitions=1, seed=3),
+    "linear-tree": lambda: LinearTree(6, num_repetitions=1),
+}
+NUM_VARIABLES = {"quad-tree": 16, "random-binary-tree": 8, "linear-tree": 6}
+
+
+def full_rank(kind):
+    """Policy: ``kind`` at the full rank of every layer's A ⊗ B (exact)."""
+    return lambda info: (kind, {"rank": min(info.factor_a) * min(info.factor_b)})
+
+
+@functools.lru_cache(maxsize=None)
+def symbolic(region_graph: str, layer: str, semiring: str, units: int = 2):
+    """(c², ∫c²): signed weights for complex-lse-sum, softmax-normalised otherwise."""
+    if semiring == "complex-lse-sum":
+        param = Parameterization(activation="none", initialization="normal")
+    else:
+        param = Parameterization(activation="softmax", initialization="normal")
+    circuit = REGION_GRAPHS[region_graph]().build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
+        sum_product=layer, sum_weight_factory=parameterization_to_factory(param),
+        num_input_units=units, num_sum_units=units)
+    squared = SF.multiply(circuit, circuit)
+    return squared, SF.integrate(squared)
+
+
+def compile_pair(region_graph, layer, semiring, fold, optimize):
+    squared, partition = symbolic(region_graph, layer, semiring)
+    torch.manual_seed(0)  # same initial parameters for every compilation
+    ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize)
+    return ctx.compile(squared), ctx.compile(partition)
+
+
+def evaluate(circuit, partition, x):
+    y = circuit(x)
+    z = partition()
+    return y, z
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+GRID = [(rg, layer, sr, fold)
+        for rg in REGION_GRAPHS for layer in ("cp", "cp-t", "tucker")
+        for sr in ("sum-product", "lse-sum", "complex-lse-sum") for fold in (False, True)]
+
+
+@pytest.mark.parametrize("region_graph,layer,semiring,fold", GRID)
+def test_exact_swaps_reproduce_cirkit(region_graph, layer, semiring, fold):
+    x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES[region_graph]), generator=torch.Generator().manual_seed(1))
+    ref_c, ref_z = compile_pair(region_graph, layer, semiring, fold, optimize=False)
+    opt_c, opt_z = compile_pair(region_graph, layer, semiring, fold, optimize=True)
+    with torch.no_grad():
+        y_ref, z_ref = evaluate(ref_c, ref_z, x)
+        y_opt, z_opt = evaluate(opt_c, opt_z, x)
+    assert torch.allclose(y_opt, y_ref, rtol=1e-9, atol=1e-12)  # both cirkit paths agree first
+    assert torch.allclose(z_opt, z_ref, rtol=1e-9, atol=1e-12)
+    for kind, mode in [("kronecker", "live"), ("kronecker", "frozen"), ("lowrank", "frozen"), ("nystrom", "frozen")]:
+        circuit, partition = copy.deepcopy((ref_c, ref_z))  # one copy keeps their shared parameters
+        policy = kind if kind == "kronecker" else full_rank(kind)
+        report = swap_kronecker_sum_layers(circuit, policy, mode=mode)
+        swap_kronecker_sum_layers(partition, policy, mode=mode)
+        assert report.rows and all(r.relative_error < 1e-7 for r in report.rows)
+        assert not any(isinstance(m, TorchSumLayer) and m.weight.outputs and
+                       type(m.weight.outputs[0]).__name__ == "TorchKroneckerParameter" for m in circuit.layers)
+        with torch.no_grad():
+            y, z = evaluate(circuit, partition, x)
+        assert torch.allclose(y, y_ref, rtol=1e-9, atol=1e-12), (kind, mode)
+        assert torch.allclose(z, z_ref, rtol=1e-9, atol=1e-12), (kind, mode)
+
+
+@pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_gradients_match(semiring, fold):
+    """Live mode: identical gradients for every circuit parameter. Frozen mode: identical
+    gradients for the (shared) input layers, and the structured factors receive gradients."""
+    x = torch.randint(0, CATEGORIES, (6, 16), generator=torch.Generator().manual_seed(2))
+    ref_c, ref_z = compile_pair("quad-tree", "cp", semiring, fold, optimize=False)
+
+    def loss(c, z):
+        return -(c(x).real[:, 0, 0] - z().real[0, 0]).sum()
+
+    loss(ref_c, ref_z).backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref_c.named_parameters()}
+    for mode, kind in [("live", "kronecker"), ("frozen", "kronecker")]:
+        circuit, partition = copy.deepcopy((ref_c, ref_z))  # one copy keeps their shared parameters
+        for p in list(circuit.parameters()) + list(partition.parameters()):
+            p.grad = None
+        swap_kronecker_sum_layers(circuit, kind, mode=mode)
+        swap_kronecker_sum_layers(partition, kind, mode=mode)
+        loss(circuit, partition).backward()
+        grads = {n: p.grad for n, p in circuit.named_parameters()}
+        shared = [n for n in ref_grads if n in grads]
+        assert shared
+        for n in shared:
+            assert grads[n] is not None and torch.allclose(grads[n], ref_grads[n], rtol=1e-9, atol=1e-12), (mode, n)
+        if mode == "live":
+            assert set(shared) == set(ref_grads)  # every parameter still trains
+        else:
+            structured = [m for m in circuit.layers if isinstance(m, TorchStructuredSumLayer)]
+            assert structured and all(p.grad is not None for m in structured for p in m.parameters())
+
+
+def test_approximations_and_report():
+    ref_c, ref_z = compile_pair("quad-tree", "cp", "complex-lse-sum", True, optimize=False)
+    circuit = copy.deepcopy(ref_c)
+    report = swap_kronecker_sum_layers(circuit, rank_policy("lowrank", 2))
+    kinds = {r.kind for r in report.rows}
+    assert kinds == {"lowrank", "kronecker"}  # the 1 x K^2 root keeps the exact layer
+    for row in report.rows:
+        if row.kind == "lowrank":
+            assert row.rank == 2 and 0 < row.relative_error < 1
+            assert row.flops_per_sample == 2 * (row.info.out_features + row.info.in_features)
+    text = str(report)
+    assert "lowrank" in text and "rel.err" in text
+    x = torch.randint(0, CATEGORIES, (4, 16))
+    with torch.no_grad():
+        assert torch.isfinite(circuit(x).real).all()
+
+
+def test_policy_can_keep_layers_and_live_rejects_approximations():
+    ref_c, _ = compile_pair("quad-tree", "cp", "lse-sum", False, optimize=False)
+    circuit = copy.deepcopy(ref_c)
+    report = swap_kronecker_sum_layers(circuit, lambda info: None if info.out_features == 1 else "kronecker",
+                                       mode="live")
+    assert len(report.kept) == 1 and report.kept[0].out_features == 1
+    assert sum(isinstance(m, TorchKroneckerSumLayer) for m in circuit.layers) == len(report.rows)
+    before = list(ref_c.layers)
+    with pytest.raises(ValueError, match=r"cannot swap layer \d+ .*mode='live' .* supported kinds: kronecker"):
+        swap_kronecker_sum_layers(ref_c, "lowrank", mode="live", rank=2)
+    assert list(ref_c.layers) == before
+
+
+def test_errors_leave_the_circuit_untouched():
+    ref_c, _ = compile_pair("quad-tree", "cp", "lse-sum", True, optimize=False)
+    before = list(ref_c.layers)
+    with pytest.raises(ValueError, match=r"cannot swap layer \d+ \(1 folds, 1x4\): rank 3 exceeds"):
+        swap_kronecker_sum_layers(ref_c, "lowrank", rank=3)  # the root layer has rank 1
+    assert list(ref_c.layers) == before and list(ref_c._address_book._entry_modules)[: len(before)] is not None
+    with pytest.raises(ValueError, match="unknown structured layer kind 'fft'"):
+        swap_kronecker_sum_layers(ref_c, "fft")
+    with pytest.raises(ValueError, match="unknown mode 'lazy'"):
+        swap_kronecker_sum_layers(ref_c, "kronecker", mode="lazy")
+    opt_c, _ = compile_pair("quad-tree", "cp", "lse-sum", True, optimize=True)
+    with pytest.raises(ValueError, match="the circuit has no Kronecker-weighted sum layer to swap"):
+        swap_kronecker_sum_layers(opt_c, "kronecker")
+    with pytest.raises(TypeError, match="expected a compiled cirkit TorchCircuit, got Linear"):
+        swap_kronecker_sum_layers(torch.nn.Linear(2, 2), "kronecker")
+    assert list(ref_c.layers) == before
