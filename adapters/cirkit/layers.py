@@ -27,22 +27,23 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops
 
 
-def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
+                    dtype: torch.dtype) -> Tensor:
     """Evaluate a linear map y = W z on semiring-encoded inputs, like a cirkit sum layer.
 
     x: (F, H, B, Ki) in the semiring's encoding (probabilities, or complex/real logs);
     the H inputs are concatenated unit-wise as ``TorchSumLayer`` does, giving z of
-    shape (F, B, H*Ki). Returns (F, B, Ko) in the same encoding.
+    shape (F, B, H*Ki). ``linear`` has weights of ``dtype``; a real map acts on
+    complex z part by part. Returns (F, B, Ko) in the same encoding.
     """
     x = x.permute(0, 2, 1, 3).flatten(start_dim=2)
-    return semiring.apply_reduce(linear, x, dim=-1, keepdim=True)
 
+    def in_linear_space(z: Tensor) -> Tensor:
+        if z.is_complex() and not dtype.is_complex:
+            return torch.complex(linear(z.real.to(dtype)), linear(z.imag.to(dtype)))
+        return linear(z.to(dtype) if z.dtype != dtype else z)
 
-def _apply_real_or_complex(fn: Callable[[Tensor], Tensor], dtype: torch.dtype, z: Tensor) -> Tensor:
-    """Apply a layer with ``dtype`` weights to z; a real layer acts on complex z part by part."""
-    if z.is_complex() and not dtype.is_complex:
-        return torch.complex(fn(z.real.to(dtype)), fn(z.imag.to(dtype)))
-    return fn(z.to(dtype) if z.dtype != dtype else z)
+    return semiring.apply_reduce(in_linear_space, x, dim=-1, keepdim=True)
 
 
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
@@ -103,11 +104,7 @@ class TorchKroneckerSumLayer(TorchInnerLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.factors()
-
-        def linear(z: Tensor) -> Tensor:
-            return _apply_real_or_complex(lambda t: kron_apply([a], [b], t), a.dtype, z)
-
-        return semiring_linear(self.semiring, linear, x)
+        return semiring_linear(self.semiring, lambda t: kron_apply([a], [b], t), x, a.dtype)
 
     def flops(self, batch_size: int) -> int:
         """Multiply-adds of one forward (the linear map only)."""
@@ -144,8 +141,7 @@ class TorchStructuredSumLayer(TorchInnerLayer):
         return {}
 
     def forward(self, x: Tensor) -> Tensor:
-        layer = self.structured
-        return semiring_linear(self.semiring, lambda z: _apply_real_or_complex(layer, layer.dtype, z), x)
+        return semiring_linear(self.semiring, self.structured, x, self.structured.dtype)
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)

@@ -59,60 +59,48 @@ def _apply_reduce(func, xs, dim: int, keepdim: bool, complex_values: bool) -> Te
     return log(out) + shift
 
 
-class ExactLSESumSemiring(SemiringImpl):
+class _ExactLogSemiring(SemiringImpl):
+    """Shared body of the two clamp-free log semirings (values are logs, real or complex)."""
+
+    complex_values = False
+
+    @classmethod
+    def sum(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
+        return x.logsumexp(dim=dim, keepdim=keepdim)
+
+    @classmethod
+    def add(cls, *xs: Tensor) -> Tensor:
+        return functools.reduce(torch.logaddexp, xs)
+
+    @classmethod
+    def prod(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
+        return x.sum(dim=dim, keepdim=keepdim)
+
+    @classmethod
+    def mul(cls, *xs: Tensor) -> Tensor:
+        return functools.reduce(torch.add, xs)
+
+    @classmethod
+    def apply_reduce(cls, func, *xs: Tensor, dim: int, keepdim: bool) -> Tensor:
+        return _apply_reduce(func, xs, dim, keepdim, complex_values=cls.complex_values)
+
+
+class ExactLSESumSemiring(_ExactLogSemiring):
     """``lse-sum`` without clamping."""
 
     @classmethod
     def cast(cls, x: Tensor) -> Tensor:
         return LSESumSemiring.cast(x)
 
-    @classmethod
-    def sum(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
-        return x.logsumexp(dim=dim, keepdim=keepdim)
 
-    @classmethod
-    def add(cls, *xs: Tensor) -> Tensor:
-        return functools.reduce(torch.logaddexp, xs)
-
-    @classmethod
-    def prod(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
-        return x.sum(dim=dim, keepdim=keepdim)
-
-    @classmethod
-    def mul(cls, *xs: Tensor) -> Tensor:
-        return functools.reduce(torch.add, xs)
-
-    @classmethod
-    def apply_reduce(cls, func, *xs: Tensor, dim: int, keepdim: bool) -> Tensor:
-        return _apply_reduce(func, xs, dim, keepdim, complex_values=False)
-
-
-class ExactComplexLSESumSemiring(SemiringImpl):
+class ExactComplexLSESumSemiring(_ExactLogSemiring):
     """``complex-lse-sum`` without clamping (real or imaginary part)."""
+
+    complex_values = True
 
     @classmethod
     def cast(cls, x: Tensor) -> Tensor:
         return ComplexLSESumSemiring.cast(x)
-
-    @classmethod
-    def sum(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
-        return x.logsumexp(dim=dim, keepdim=keepdim)
-
-    @classmethod
-    def add(cls, *xs: Tensor) -> Tensor:
-        return functools.reduce(torch.logaddexp, xs)
-
-    @classmethod
-    def prod(cls, x: Tensor, dim: int, *, keepdim: bool = False) -> Tensor:
-        return x.sum(dim=dim, keepdim=keepdim)
-
-    @classmethod
-    def mul(cls, *xs: Tensor) -> Tensor:
-        return functools.reduce(torch.add, xs)
-
-    @classmethod
-    def apply_reduce(cls, func, *xs: Tensor, dim: int, keepdim: bool) -> Tensor:
-        return _apply_reduce(func, xs, dim, keepdim, complex_values=True)
 
 
 # Input layers map their values from the semiring they were written for.
