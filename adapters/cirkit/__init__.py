@@ -11,11 +11,12 @@ from .compile import kronecker_sum_rule, use_structured_layers
 from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, kronecker_factors, semiring_linear
 from .likelihood import bits_per_dimension, log_likelihood, log_value
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, unclamped
-from .swap import LayerInfo, SwapReport, kronecker_sum_layers, rank_policy, swap_kronecker_sum_layers
+from .swap import LayerInfo, SwapReport, kronecker_sum_layers, rank_policy, square_policy, swap_kronecker_sum_layers
 
 __all__ = [
     "swap_kronecker_sum_layers",
     "rank_policy",
+    "square_policy",
     "kronecker_sum_layers",
     "LayerInfo",
     "SwapReport",

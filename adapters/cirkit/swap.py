@@ -32,6 +32,7 @@ class LayerInfo:
     factor_a: Tuple[int, int]  # (Ko1, Ki1)
     factor_b: Tuple[int, int]  # (Ko2, Ki2)
     dtype: torch.dtype
+    conjugate_pair: bool = False  # B == conj(A): the layer of a squared circuit c² or |c|²
 
     @property
     def name(self) -> str:
@@ -77,6 +78,10 @@ def rank_policy(kind: str, rank: int, **options) -> Callable[[LayerInfo], Tuple[
     Layers too small for the rank (e.g. a circuit's root, 1 x K^2, of rank 1) keep
     the exact factor-wise layer, which is also the cheapest there. The report
     shows which kind each layer got.
+
+    In a squared circuit, an approximation that is not itself a square (the flat
+    structures) can make c²(x) negative, so the result is no longer a density;
+    :func:`square_policy` keeps every layer a square.
     """
     structlayers.get(kind)
 
@@ -85,6 +90,25 @@ def rank_policy(kind: str, rank: int, **options) -> Callable[[LayerInfo], Tuple[
         if rank >= max_rank:
             return "kronecker", {}
         return kind, {"rank": rank, **options}
+
+    return policy
+
+
+def square_policy(kind: str, factor_rank: int, **options) -> Callable[[LayerInfo], Tuple[str, dict]]:
+    """Policy for squared circuits: A ⊗ conj(A) becomes Ã ⊗ conj(Ã) with rank(Ã) = ``factor_rank``.
+
+    The swapped circuit stays a square of a circuit, so c²(x) >= 0 and Z normalises
+    it exactly. ``kind`` is ``lowrank`` (Ã the truncated SVD of A) or ``nystrom``
+    (Ã = CUR(A)). Layers whose factors are not a conjugate pair, or whose factors
+    have rank <= ``factor_rank``, keep the exact ``kronecker`` layer.
+    """
+    if kind not in ("lowrank", "nystrom"):
+        raise ValueError(f"square_policy supports 'lowrank' and 'nystrom', got {kind!r}")
+
+    def policy(info: LayerInfo) -> Tuple[str, dict]:
+        if not info.conjugate_pair or factor_rank >= min(info.factor_a):
+            return "kronecker", {}
+        return kind, {"factor_ranks": (factor_rank, factor_rank), "square": True, **options}
 
     return policy
 
@@ -163,7 +187,8 @@ def swap_kronecker_sum_layers(
             a, b = kronecker_factors(layer.weight)  # type: ignore[misc]
         info = LayerInfo(index=index, num_folds=layer.num_folds, out_features=layer.num_output_units,
                          in_features=layer.num_input_units * layer.arity, factor_a=tuple(a.shape[1:]),
-                         factor_b=tuple(b.shape[1:]), dtype=a.dtype)
+                         factor_b=tuple(b.shape[1:]), dtype=a.dtype,
+                         conjugate_pair=a.shape == b.shape and bool(torch.equal(b, a.conj())))
         choice = kind(info) if callable(kind) else kind
         if choice is None:
             report.kept.append(info)

@@ -135,5 +135,8 @@ def top_kronecker_pairs(sa: torch.Tensor, sb: torch.Tensor, rank: int) -> Tuple[
     f = sa.shape[0]
     ka, kb = min(rank, sa.shape[1]), min(rank, sb.shape[1])
     prods = (sa[:, :ka, None] * sb[:, None, :kb]).reshape(f, ka * kb)
-    values, flat = torch.topk(prods, rank, dim=1)
+    # A stable sort breaks exact ties (e.g. s_i s_j = s_j s_i when A = B) by index, so the
+    # same factors always give the same pairs, whatever else is in the batch.
+    values, flat = torch.sort(prods, dim=1, descending=True, stable=True)
+    values, flat = values[:, :rank], flat[:, :rank]
     return flat // kb, flat % kb, values
