@@ -13,8 +13,9 @@ strongest baseline: each Kronecker sum layer shattered into two tensor-dot
 layers), the exact ``kronecker`` layers (compile-time rule, live parameters),
 square-preserving approximations (``square_policy``: Ã ⊗ Ã with rank(Ã) = K/4,
 K/2) and flat rank-K/4 approximations (``rank_policy``; cheaper, but not a density
-any more: c̃² can go negative). Peak memory is the growth of the process's peak
-RSS during one call (VmHWM after resetting it through /proc/self/clear_refs), MiB.
+any more: c̃² can go negative). Peak memory (structlayers.benchmarking.peak_rss_mib:
+growth of the resident high-water mark during one call, MiB) is measured in a
+second pass after every timing, because it fixes glibc's allocator thresholds.
 
 With --train-epochs N the exact circuit is first trained and the test bpd of it
 and of every approximation derived from it is reported (cirkit's own paths
@@ -29,7 +30,7 @@ import argparse
 import copy
 import json
 import math
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 
@@ -37,23 +38,7 @@ from cirkit.pipeline import PipelineContext
 
 from adapters.cirkit import rank_policy, square_policy, swap_kronecker_sum_layers, use_structured_layers
 from adapters.cirkit.models import digits_data, digits_squared_circuit, evaluate_nll, train_squared_circuit
-from structlayers.benchmarking import environment, interleaved_medians, pinned_threads
-
-
-def peak_rss_mib(fn: Callable[[], object]) -> float:
-    """Growth of peak RSS (MiB) over one call of fn, measured from the current RSS."""
-    def read(field: str) -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1])
-        raise RuntimeError(field)
-
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current RSS
-    start = read("VmRSS:")
-    fn()
-    return (read("VmHWM:") - start) / 1024
+from structlayers.benchmarking import environment, interleaved_medians, peak_rss_mib, pinned_threads
 
 
 def swapped(model, policy):
@@ -96,34 +81,39 @@ def main() -> None:
     data = digits_data(seed=0)
     x = data.x_test[: args.batch]
     results = []
+    rows: Dict[tuple, dict] = {}
     with pinned_threads(args.threads):
         env = environment()
-        for k in args.units:
+
+        def z_fwd_bwd(model):
+            return lambda: model.log_partition().sum().backward()
+
+        def c2_fwd(model):
+            def run():
+                with torch.no_grad():
+                    model.log_density(x)
+            return run
+
+        for k in args.units:  # pass 1: times and bpd
             variants = variants_for(k, args.max_materialised_units, args.train_epochs, data)
-
-            def z_fwd_bwd(model):
-                return lambda: model.log_partition().sum().backward()
-
-            def c2_fwd(model):
-                def run():
-                    with torch.no_grad():
-                        model.log_density(x)
-                return run
-
             z_times = interleaved_medians({n: z_fwd_bwd(m) for n, m in variants.items()}, repeats=args.repeats, warmup=1)
             c_times = interleaved_medians({n: c2_fwd(m) for n, m in variants.items()}, repeats=args.repeats, warmup=1)
             for name, model in variants.items():
-                row = dict(units=k, variant=name, z_fwd_bwd_ms=z_times[name] * 1e3, c2_fwd_ms=c_times[name] * 1e3,
-                           z_peak_mib=peak_rss_mib(z_fwd_bwd(model)), c2_peak_mib=peak_rss_mib(c2_fwd(model)),
-                           test_bpd=(evaluate_nll(model, data.x_test) / (64 * math.log(2))
-                                     if args.train_epochs and not name.startswith("cirkit") else float("nan")))
-                row["z_speedup_vs_opt"] = z_times["cirkit optimize=True"] / z_times[name]
-                row["c2_speedup_vs_opt"] = c_times["cirkit optimize=True"] / c_times[name]
-                results.append(row)
+                rows[k, name] = dict(
+                    units=k, variant=name, z_fwd_bwd_ms=z_times[name] * 1e3, c2_fwd_ms=c_times[name] * 1e3,
+                    z_speedup_vs_opt=z_times["cirkit optimize=True"] / z_times[name],
+                    c2_speedup_vs_opt=c_times["cirkit optimize=True"] / c_times[name],
+                    test_bpd=(evaluate_nll(model, data.x_test) / (64 * math.log(2))
+                              if args.train_epochs and not name.startswith("cirkit") else float("nan")))
+        for k in args.units:  # pass 2: peak memory, after all timings
+            for name, model in variants_for(k, args.max_materialised_units, 0, data).items():
+                row = rows[k, name]
+                row.update(z_peak_mib=peak_rss_mib(z_fwd_bwd(model)), c2_peak_mib=peak_rss_mib(c2_fwd(model)))
                 print(f"K={k:3d} {name:30s} Z f+b {row['z_fwd_bwd_ms']:9.2f} ms ({row['z_speedup_vs_opt']:5.2f}x) "
                       f"{row['z_peak_mib']:7.1f} MiB | c²(x) {row['c2_fwd_ms']:9.2f} ms "
                       f"({row['c2_speedup_vs_opt']:5.2f}x) {row['c2_peak_mib']:7.1f} MiB | bpd {row['test_bpd']:.4f}",
                       flush=True)
+    results = list(rows.values())
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"environment": env, "args": vars(args), "rows": results}, fh, indent=2)

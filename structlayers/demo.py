@@ -78,7 +78,6 @@ def run(size: int = 64, folds: int = 2, batch: int = 256, ranks: Sequence[int] =
             seconds = median_time(lambda: layer(x), repeats=repeats, warmup=2)
             rows.append(dict(kind=kind, config=label, rank=rank, rel_error=err, optimal_error=optimum,
                              params=layer.num_params, flops=layer.flops(batch), seconds=seconds))
-            del layer
     base = {r["kind"]: r for r in rows if r["config"] == "exact"}
     header = (f"{'kind':10s} {'config':18s} {'rank':>5s} {'rel.err':>9s} {'optimum':>9s} {'params':>10s} "
               f"{'MACs':>12s} {'time ms':>9s} {'vs dense':>9s} {'vs kron':>8s}")

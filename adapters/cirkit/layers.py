@@ -46,6 +46,11 @@ def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: T
     return semiring.apply_reduce(in_linear_space, x, dim=-1, keepdim=True)
 
 
+def is_kronecker_weight(weight: TorchParameter) -> bool:
+    """Whether a cirkit weight graph ends in a Kronecker node (W = A ⊗ B)."""
+    return bool(weight.outputs) and isinstance(weight.outputs[0], TorchKroneckerParameter)
+
+
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
     """(A, B) with W = A ⊗ B per fold for a weight graph ending in a Kronecker node, else None.
 
@@ -53,7 +58,7 @@ def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]
     product itself is never computed. A: (F, Ko1, Ki1), B: (F, Ko2, Ki2). Gradients
     flow to the circuit's parameters.
     """
-    if not weight.outputs or not isinstance(weight.outputs[0], TorchKroneckerParameter):
+    if not is_kronecker_weight(weight):
         return None
     out = weight.outputs[0]
     captured: dict = {}
@@ -82,7 +87,7 @@ class TorchKroneckerSumLayer(TorchInnerLayer):
     def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
                  weight: TorchParameter, semiring: Optional[Semiring] = None, num_folds: int = 1) -> None:
         super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
-        if not weight.outputs or not isinstance(weight.outputs[0], TorchKroneckerParameter):
+        if not is_kronecker_weight(weight):
             raise ValueError("TorchKroneckerSumLayer needs a weight graph whose output is a Kronecker node")
         if tuple(weight.shape) != (num_output_units, num_input_units * arity):
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected "

@@ -13,7 +13,9 @@ from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring,
 
 import structlayers
 
-from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, kronecker_factors
+from structlayers.linalg import kron_chain_flops
+
+from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, is_kronecker_weight, kronecker_factors
 
 SUPPORTED_SEMIRINGS = (SumProductSemiring, LSESumSemiring, ComplexLSESumSemiring)
 MODES = ("frozen", "live")
@@ -119,16 +121,9 @@ def kronecker_sum_layers(circuit: TorchCircuit) -> List[Tuple[int, TorchLayer]]:
     for index, layer in enumerate(circuit.layers):
         if isinstance(layer, TorchKroneckerSumLayer):
             found.append((index, layer))
-        elif isinstance(layer, TorchSumLayer) and kronecker_factors_available(layer):
+        elif isinstance(layer, TorchSumLayer) and is_kronecker_weight(layer.weight):
             found.append((index, layer))
     return found
-
-
-def kronecker_factors_available(layer: TorchSumLayer) -> bool:
-    from cirkit.backend.torch.parameters.nodes import TorchKroneckerParameter
-
-    outputs = layer.weight.outputs
-    return bool(outputs) and isinstance(outputs[0], TorchKroneckerParameter)
 
 
 def _check_circuit(circuit: object) -> TorchCircuit:
@@ -216,8 +211,7 @@ def _build(layer, info: LayerInfo, a, b, kind: str, mode: str, options: dict):
             raise ValueError(f"the live kronecker layer is exact and takes no options, got {sorted(options)}")
         new = TorchKroneckerSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
                                      weight=layer.weight, semiring=layer.semiring, num_folds=layer.num_folds)
-        flops = structlayers.Kronecker.from_kronecker(a, b).flops(1) // max(layer.num_folds, 1)
-        return new, SwapRow(info, kind, mode, 1, 0, flops, 0.0)
+        return new, SwapRow(info, kind, mode, 1, 0, kron_chain_flops([a], [b]), 0.0)
     structured = structlayers.from_kronecker(kind, a.detach().clone(), b.detach().clone(), **options)
     new = TorchStructuredSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
                                   structured=structured, semiring=layer.semiring, num_folds=layer.num_folds)

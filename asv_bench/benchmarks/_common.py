@@ -26,9 +26,6 @@ asv details the suites rely on (asv 0.6 / asv_runner 0.3):
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -245,85 +242,5 @@ def forward_backward(layer: torch.nn.Module, x: torch.Tensor, inputs) -> tuple:
 
 
 # --------------------------------------------------------------------- memory
-def _read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    # Linux >= 4.0: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS.
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim, libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return None, None
-
-
-_MALLOC_TRIM, _MALLOPT = _load_libc()
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-_MAP_FROM = 64 * 1024  # bytes: blocks from this size on get their own mapping
-
-
-def _map_large_blocks() -> None:
-    """glibc: give every block >= 64 KiB its own mapping, returned to the OS on free,
-    and trim the heap beyond 64 KiB. Fixing the thresholds also switches off glibc's
-    dynamic threshold (which rises after large frees and then serves big blocks from
-    the heap, where fragmentation made peaks depend on earlier allocations): peaks
-    then follow the bytes live during the call, page-accurate and repeatable.
-    Only the memory benchmarks call this (their own processes); timings run with
-    the default allocator settings."""
-    _MALLOPT(_M_MMAP_THRESHOLD, _MAP_FROM)
-    _MALLOPT(_M_TRIM_THRESHOLD, _MAP_FROM)
-
-
-def _peak_rss_problem() -> Optional[str]:
-    """None if peak-RSS measurement works in this process, else why not."""
-    try:
-        before = _read_status_kib("VmHWM")
-        _reset_peak_rss()
-        _read_status_kib("VmRSS")
-    except OSError as exc:
-        return f"peak RSS not measurable here (needs Linux /proc/self/clear_refs): {exc}"
-    if _MALLOC_TRIM is None or _MALLOPT is None:
-        return "peak RSS not measurable here: needs glibc (malloc_trim, mallopt)"
-    del before
-    return None
-
-
-PEAK_RSS_PROBLEM = _peak_rss_problem()
-
-
-def peak_rss_mib(fn: Callable[[], object], warmup: int = 1) -> float:
-    """Peak resident memory that one call of ``fn`` adds, in MiB.
-
-    Large blocks get their own mappings (:func:`_map_large_blocks`), warm-up
-    calls run first (one-time allocations: thread pools, library workspaces),
-    free memory goes back to the OS (``malloc_trim``, so that the call cannot
-    reuse pages freed earlier without them counting), the kernel's high-water
-    mark is reset to the current RSS (``5`` into ``/proc/self/clear_refs``), and
-    the result is ``VmHWM`` after the call minus ``VmRSS`` before it. Covers
-    every allocation of the process (torch's CPU allocator, BLAS, Python) and
-    nothing outside the call (``import torch`` etc., unlike asv's ``peakmem_``).
-    tracemalloc would not do: it sees only Python's allocator, not torch's.
-    """
-    if PEAK_RSS_PROBLEM is not None:
-        raise NotImplementedError(PEAK_RSS_PROBLEM)
-    _map_large_blocks()
-    for _ in range(warmup):
-        fn()
-    gc.collect()
-    _MALLOC_TRIM(0)
-    _reset_peak_rss()
-    before = _read_status_kib("VmRSS")
-    result = fn()
-    peak = _read_status_kib("VmHWM")
-    del result
-    return (peak - before) / 1024.0
+# One implementation, shared with benchmarks/circuits.py (see its docstring there).
+from structlayers.benchmarking import PEAK_RSS_PROBLEM, peak_rss_mib  # noqa: E402,F401

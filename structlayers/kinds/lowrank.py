@@ -179,7 +179,7 @@ class LowRank(FactoredLayer, kind="lowrank"):
             return cls._from_flat(left, right)
 
         # Energy kept by / left out of the top-k truncation of each factor, k = 1..p.
-        kept_a, kept_b = torch.cumsum(sa.double() ** 2, 1), torch.cumsum(sb.double() ** 2, 1)
+        kept_a = torch.cumsum(sa.double() ** 2, 1)
         tail_a, tail_b = tail_error_sq(sa)[:, 1:], tail_error_sq(sb)[:, 1:]
 
         def errors_for(kas, kbs):

@@ -9,6 +9,7 @@ folded operands: a leading fold axis F on each factor.
 
 from __future__ import annotations
 
+import functools
 from itertools import permutations
 from typing import Sequence, Tuple
 
@@ -33,12 +34,18 @@ def _plan(a_chain: Chain, b_chain: Chain) -> Tuple[int, Tuple[str, ...]]:
     Each chain is applied right to left; the A side acts on the first axis of the
     (p, q) block and the B side on the second. Shrinking both axes before
     expanding either matters for factored factors (e.g. low-rank A~ and B~).
-    Chains are short (1 or 2 matrices), so all interleavings are tried.
     """
-    a_dims = [m.shape[-2:] for m in reversed(a_chain)]
-    b_dims = [m.shape[-2:] for m in reversed(b_chain)]
+    return _plan_for_shapes(tuple(tuple(m.shape[-2:]) for m in a_chain),
+                            tuple(tuple(m.shape[-2:]) for m in b_chain))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for_shapes(a_shapes: Tuple[Tuple[int, int], ...],
+                     b_shapes: Tuple[Tuple[int, int], ...]) -> Tuple[int, Tuple[str, ...]]:
+    # Chains are short (1 or 2 matrices): every interleaving is tried, once per shape.
+    a_dims, b_dims = a_shapes[::-1], b_shapes[::-1]
     best: Tuple[int, Tuple[str, ...]] = (-1, ())
-    for order in set(permutations("a" * len(a_dims) + "b" * len(b_dims))):
+    for order in sorted(set(permutations("a" * len(a_dims) + "b" * len(b_dims)))):
         p, q = a_dims[0][1], b_dims[0][1]
         ia = ib = cost = 0
         for side in order:

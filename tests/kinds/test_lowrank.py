@@ -8,7 +8,7 @@ import torch
 import structlayers as sl
 from structlayers.linalg import kron_dense
 
-from ..helpers import decaying_factors, decaying_matrix, random_factors, rel, svd_optimal_error
+from ..helpers import decaying_factors, decaying_matrix, random_factors, svd_optimal_error
 
 
 @pytest.mark.parametrize("rank", [1, 3, 7, 15])
