@@ -10,6 +10,7 @@ Depends on ``structlayers`` and on cirkit (the PyPI distribution ``libcirkit``);
 from .compile import kronecker_sum_rule, use_structured_layers
 from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, kronecker_factors, semiring_linear
 from .likelihood import bits_per_dimension, log_likelihood, log_value
+from .linear_space import evaluate_linear_space
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, unclamped
 from .swap import LayerInfo, SwapReport, kronecker_sum_layers, rank_policy, square_policy, swap_kronecker_sum_layers
 
@@ -27,6 +28,7 @@ __all__ = [
     "kronecker_factors",
     "semiring_linear",
     "log_likelihood",
+    "evaluate_linear_space",
     "log_value",
     "bits_per_dimension",
     "unclamped",

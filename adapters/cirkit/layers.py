@@ -37,13 +37,21 @@ def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: T
     complex z part by part. Returns (F, B, Ko) in the same encoding.
     """
     x = x.permute(0, 2, 1, 3).flatten(start_dim=2)
+    return semiring.apply_reduce(lambda z: apply_linear(linear, z, dtype), x, dim=-1, keepdim=True)
 
-    def in_linear_space(z: Tensor) -> Tensor:
-        if z.is_complex() and not dtype.is_complex:
-            return torch.complex(linear(z.real.to(dtype)), linear(z.imag.to(dtype)))
-        return linear(z.to(dtype) if z.dtype != dtype else z)
 
-    return semiring.apply_reduce(in_linear_space, x, dim=-1, keepdim=True)
+def apply_linear(linear: Callable[[Tensor], Tensor], z: Tensor, dtype: torch.dtype) -> Tensor:
+    """``linear(z)`` for a map with weights of ``dtype``; z: (..., N, in) -> (..., N, out).
+
+    A real map acts on complex z part by part: two real products instead of one
+    complex product costing four.
+    """
+    if z.is_complex() and not dtype.is_complex:
+        # real and imaginary parts stacked along the batch: one contiguous call
+        n = z.shape[-2]
+        y = linear(torch.cat([z.real, z.imag], dim=-2).to(dtype))
+        return torch.complex(y[..., :n, :], y[..., n:, :])
+    return linear(z.to(dtype) if z.dtype != dtype else z)
 
 
 def is_kronecker_weight(weight: TorchParameter) -> bool:
@@ -111,6 +119,11 @@ class TorchKroneckerSumLayer(TorchInnerLayer):
         a, b = self.factors()
         return semiring_linear(self.semiring, lambda t: kron_apply([a], [b], t), x, a.dtype)
 
+    def linear(self, z: Tensor) -> Tensor:
+        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
+        a, b = self.factors()
+        return apply_linear(lambda t: kron_apply([a], [b], t), z, a.dtype)
+
     def flops(self, batch_size: int) -> int:
         """Multiply-adds of one forward (the linear map only)."""
         a, b = self.factors()
@@ -147,6 +160,10 @@ class TorchStructuredSumLayer(TorchInnerLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         return semiring_linear(self.semiring, self.structured, x, self.structured.dtype)
+
+    def linear(self, z: Tensor) -> Tensor:
+        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
+        return apply_linear(self.structured, z, self.structured.dtype)
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)

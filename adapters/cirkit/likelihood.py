@@ -10,14 +10,20 @@ from torch import Tensor
 
 from cirkit.backend.torch.circuits import TorchCircuit
 
+from .linear_space import evaluate_linear_space
 from .semiring import unclamped
 
 
-def log_value(circuit: TorchCircuit, x: Optional[Tensor] = None) -> Tensor:
+def log_value(circuit: TorchCircuit, x: Optional[Tensor] = None, *, linear_space: bool = False) -> Tensor:
     """Real part of the circuit's log-output, unclamped: (B, O, K) for data x, (O, K) without.
 
     Works for lse-sum and complex-lse-sum circuits; sum-product circuits return their log.
+    ``linear_space=True`` evaluates with :func:`evaluate_linear_space` (same values,
+    faster; log semirings only).
     """
+    if linear_space:
+        y = evaluate_linear_space(circuit, x)
+        return y.real if y.is_complex() else y
     with unclamped(circuit):
         y = circuit(x) if x is not None else circuit()
     if circuit.layers[0].semiring.__name__ == "SumProductSemiring":
@@ -26,21 +32,21 @@ def log_value(circuit: TorchCircuit, x: Optional[Tensor] = None) -> Tensor:
 
 
 def log_likelihood(squared: TorchCircuit, x: Tensor, partition: Union[TorchCircuit, Tensor],
-                   *, base: Optional[TorchCircuit] = None) -> Tensor:
+                   *, base: Optional[TorchCircuit] = None, linear_space: bool = False) -> Tensor:
     """log p(x) = log c²(x) − log Z per sample, (B,), correct below -708.
 
     squared: the compiled c² (or |c|²) circuit; partition: the compiled ∫c² circuit
     or an already computed log Z. With ``base`` (the compiled c itself, sharing
     parameters), log c²(x) is computed as 2 Re log c(x), which is cheaper (K
     instead of K² units per layer) and valid for complete evidence; marginal
-    queries must go through ``squared``.
+    queries must go through ``squared``. ``linear_space``: see :func:`log_value`.
     """
-    log_z = partition if isinstance(partition, Tensor) else log_value(partition)
+    log_z = partition if isinstance(partition, Tensor) else log_value(partition, linear_space=linear_space)
     log_z = log_z.reshape(-1)[0]
     if base is not None:
-        values = 2 * log_value(base, x)
+        values = 2 * log_value(base, x, linear_space=linear_space)
     else:
-        values = log_value(squared, x)
+        values = log_value(squared, x, linear_space=linear_space)
     return values[:, 0, 0] - log_z
 
 

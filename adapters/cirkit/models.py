@@ -78,6 +78,8 @@ from cirkit.templates.region_graph import (
 from cirkit.templates.utils import Parameterization, parameterization_to_factory
 from cirkit.utils.scope import Scope
 
+from .linear_space import evaluate_linear_space
+
 __all__ = [
     "CircuitModel",
     "CompiledCircuitModel",
@@ -113,6 +115,7 @@ REGION_GRAPHS = SQUARABLE_REGION_GRAPHS + ("quad-graph", "poon-domingos")
 SUM_PRODUCT_LAYERS = ("cp", "cp-t", "tucker")
 WEIGHT_ACTIVATIONS = ("none", "softmax", "softplus", "positive-clamp", "sigmoid")
 SEMIRINGS = ("complex-lse-sum", "lse-sum", "sum-product")
+EVALUATIONS = ("semiring", "linear")
 
 #: Refuse to square circuits for which cirkit would materialise more dense weight
 #: entries than this in total (see :func:`squared_weight_entries`; read at call time, so
@@ -278,6 +281,7 @@ class CircuitModel:
         dtype: torch.dtype = torch.float32,
         seed: int | None = None,
         context: PipelineContext | None = None,
+        evaluation: str = "semiring",
     ) -> "CompiledCircuitModel":
         """Compile ``f`` then ``Z`` in one pipeline context, so they share parameters.
 
@@ -297,6 +301,7 @@ class CircuitModel:
             context: an existing :class:`PipelineContext` to compile in (e.g. one with
                 extra compilation rules); then ``semiring``, ``fold`` and ``optimize``
                 must be left at their defaults and the context's own settings apply.
+            evaluation: see :attr:`CompiledCircuitModel.evaluation`.
 
         Returns:
             A :class:`CompiledCircuitModel`. Its ``base`` (compiled ``c``), ``density``
@@ -325,7 +330,8 @@ class CircuitModel:
             base = ctx.compile(self.circuit)
             density = ctx.compile(self.density)
             partition = ctx.compile(self.partition)
-        return CompiledCircuitModel(self, base, density, partition, semiring=semiring, dtype=dtype)
+        return CompiledCircuitModel(self, base, density, partition, semiring=semiring, dtype=dtype,
+                                    evaluation=evaluation)
 
     def _check_semiring(self, semiring: str) -> None:
         if semiring == "complex-lse-sum":
@@ -722,6 +728,12 @@ class CompiledCircuitModel(nn.Module):
       in 'complex-lse-sum', whose real part is ``log |c_o(x)|``; linear values in
       'sum-product' are turned into ``log |c|`` + ``iπ`` for negative values);
     * :meth:`predict` ``(B,)``: ``argmax_o log p_o(x) + log prior_o``.
+
+    :attr:`evaluation` chooses how the circuits are evaluated: ``'semiring'`` (cirkit's
+    own forward, log values layer by layer) or ``'linear'``
+    (:func:`adapters.cirkit.linear_space.evaluate_linear_space`: linear-space values
+    with one log-scale per sample, the same outputs without per-layer exp/log, and
+    without cirkit's -708 clamp; log semirings only).
     """
 
     def __init__(
@@ -733,6 +745,7 @@ class CompiledCircuitModel(nn.Module):
         *,
         semiring: str,
         dtype: torch.dtype,
+        evaluation: str = "semiring",
     ) -> None:
         super().__init__()
         self.base = base
@@ -742,6 +755,25 @@ class CompiledCircuitModel(nn.Module):
         self.semiring = semiring
         self.dtype = dtype
         self.register_buffer("_index", torch.tensor(model.density_index), persistent=False)
+        self.evaluation = evaluation
+
+    @property
+    def evaluation(self) -> str:
+        """'semiring' (cirkit's forward) or 'linear' (linear space with per-sample scales)."""
+        return self._evaluation
+
+    @evaluation.setter
+    def evaluation(self, value: str) -> None:
+        _check_choice("evaluation", value, EVALUATIONS)
+        if value == "linear" and self.semiring == "sum-product":
+            raise ValueError("evaluation='linear' is for the log semirings: a 'sum-product' "
+                             "circuit already evaluates in linear space")
+        self._evaluation = value
+
+    def _run(self, circuit: nn.Module, x: Tensor | None = None) -> Tensor:
+        if self._evaluation == "linear":
+            return evaluate_linear_space(circuit, x)
+        return circuit(x) if x is not None else circuit()
 
     @property
     def num_outputs(self) -> int:
@@ -762,7 +794,7 @@ class CompiledCircuitModel(nn.Module):
         """``log c(x)``, ``(B, O)`` (complex in 'complex-lse-sum')."""
         x = self._check_x(x)
         with _default_dtype(self.dtype):
-            y = self.base(x).flatten(1)  # (B, L, K) -> (B, L·K) = (B, O)
+            y = self._run(self.base, x).flatten(1)  # (B, L, K) -> (B, L·K) = (B, O)
         if self.semiring == "sum-product":
             return torch.log(y.to(self.dtype.to_complex()))
         return y
@@ -771,14 +803,14 @@ class CompiledCircuitModel(nn.Module):
         """``log f(x)``, ``(B, O)``: the diagonal ``log |c_o(x)|²`` for squared models."""
         x = self._check_x(x)
         with _default_dtype(self.dtype):
-            y = self.density(x).flatten(1)
+            y = self._run(self.density, x).flatten(1)
         y = y.index_select(-1, self._index)
         return self._real_log(y)
 
     def log_partition(self) -> Tensor:
         """``log Z``, ``(O,)``."""
         with _default_dtype(self.dtype):
-            z = self.partition().flatten()  # (L, K) -> (L·K,)
+            z = self._run(self.partition).flatten()  # (L, K) -> (L·K,)
         return self._real_log(z.index_select(-1, self._index))
 
     def _real_log(self, y: Tensor) -> Tensor:

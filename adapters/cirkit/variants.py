@@ -7,13 +7,20 @@ bench`` time and score the same things:
   builds ``A ⊗ B`` (the slow baseline earlier work compared against);
 * ``cirkit optimize=True`` -- cirkit shatters each Kronecker sum layer into two
   tensor-dot layers (an exact O(K³) path): the strongest baseline;
-* ``kronecker`` -- this project's exact factor-wise layers, live parameters;
+* ``cirkit optimize=True + linear`` -- cirkit's optimised layers evaluated by this
+  package's linear-space evaluator: separates what the evaluator gains from what the
+  layers gain;
+* ``kronecker (semiring)`` -- this project's exact factor-wise layers (live parameters)
+  inside cirkit's own log-space evaluation;
+* ``kronecker`` -- the same layers, linear-space evaluation (the adapter's fast path);
 * ``<kind> square r`` -- ``Ã ⊗ conj(Ã)`` with ``rank(Ã) = r`` (:func:`square_policy`):
   an approximation that keeps ``c̃²`` a valid density;
 * ``<kind> flat r`` -- the best rank-``r`` map of ``A ⊗ B`` itself
   (:func:`rank_policy`): cheaper, but ``c̃²`` is no longer a square and can go negative.
 
-Every variant of one call shares the parameter values of ``model`` (cirkit's own
+Structured variants use ``evaluation`` (default ``'linear'``; ``'semiring'`` keeps
+cirkit's log-space evaluation); linear evaluation needs a log semiring. Every variant
+of one call shares the parameter values of ``model`` (cirkit's own
 paths get them through ``load_state_dict`` when their layout matches, else they keep
 a seeded initialisation: timings do not depend on the values, and ``Variant.same_values``
 says which is which).
@@ -30,6 +37,8 @@ from .swap import SwapReport, rank_policy, square_policy, swap_kronecker_sum_lay
 
 CIRKIT_MATERIALISED = "cirkit optimize=False"
 CIRKIT_OPTIMIZED = "cirkit optimize=True"
+CIRKIT_OPTIMIZED_LINEAR = "cirkit optimize=True + linear"
+EXACT_SEMIRING = "kronecker (semiring)"
 EXACT = "kronecker"
 
 
@@ -52,7 +61,13 @@ class Variant:
     same_values: bool
 
     @property
+    def evaluation(self) -> str:
+        """'semiring' (cirkit's log-space forward) or 'linear' (linear space, per-sample scales)."""
+        return self.model.evaluation
+
+    @property
     def is_baseline(self) -> bool:
+        """cirkit's own layers (in either evaluation)."""
         return self.kind is None
 
 
@@ -83,6 +98,7 @@ def circuit_variants(
     ranks: Iterable[int] = (),
     structures: Sequence[str] = ("square",),
     materialised: bool = True,
+    evaluation: str = "linear",
     seed: int = 0,
 ) -> List[Variant]:
     """cirkit's paths, exact ``kronecker`` and approximations of ``model`` (compiled from ``spec``).
@@ -97,6 +113,9 @@ def circuit_variants(
         structures: any of 'square' and 'flat'.
         materialised: include cirkit's ``optimize=False`` path (its ``Z`` builds
             ``K⁴`` weights per fold: skip it for large ``K``).
+        evaluation: of the structured variants ('linear' or 'semiring'); with
+            'linear', ``cirkit optimize=True + linear`` and ``kronecker (semiring)`` are
+            added so the evaluator's and the layers' shares of a speed-up can be told apart.
         seed: initialisation of cirkit's paths when ``model``'s values cannot be loaded.
     """
     for s in structures:
@@ -111,12 +130,21 @@ def circuit_variants(
         if same:  # else a different layout (optimize=True fuses layers): keep the seeded values
             compiled.load_state_dict(model.state_dict())
         out.append(Variant(name, compiled, None, None, None, None, same))
+        if optimize and evaluation == "linear":
+            fast = copy.deepcopy(compiled)
+            fast.evaluation = "linear"
+            out.append(Variant(CIRKIT_OPTIMIZED_LINEAR, fast, None, None, None, None, same))
     exact, report = swapped(model, "kronecker", mode="live")
+    if evaluation == "linear":
+        out.append(Variant(EXACT_SEMIRING, exact, "kronecker", None, "exact", report, True))
+        exact = copy.deepcopy(exact)
+        exact.evaluation = "linear"
     out.append(Variant(EXACT, exact, "kronecker", None, "exact", report, True))
     policies = {"square": square_policy, "flat": rank_policy}
     for structure in structures:
         for kind in kinds:
             for rank in ranks:
                 approx, report = swapped(model, policies[structure](kind, rank))
+                approx.evaluation = evaluation
                 out.append(Variant(f"{kind} {structure} {rank}", approx, kind, rank, structure, report, False))
     return out

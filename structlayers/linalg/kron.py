@@ -43,21 +43,26 @@ def _plan(a_chain: Chain, b_chain: Chain) -> Tuple[int, Tuple[str, ...]]:
 def _plan_for_shapes(a_shapes: Tuple[Tuple[int, int], ...],
                      b_shapes: Tuple[Tuple[int, int], ...]) -> Tuple[int, Tuple[str, ...]]:
     # Chains are short (1 or 2 matrices): every interleaving is tried, once per shape.
+    # Among equally cheap orders, the one with fewest steps on the non-last axis wins:
+    # those run as one small matmul per sample, the others as one GEMM over the batch.
     a_dims, b_dims = a_shapes[::-1], b_shapes[::-1]
-    best: Tuple[int, Tuple[str, ...]] = (-1, ())
+    best: Tuple[Tuple[int, int], Tuple[str, ...]] = ((-1, 0), ())
     for order in sorted(set(permutations("a" * len(a_dims) + "b" * len(b_dims)))):
         p, q = a_dims[0][1], b_dims[0][1]
-        ia = ib = cost = 0
+        ia = ib = cost = strided = 0
+        swapped = False
         for side in order:
+            if (side == "b") == swapped:
+                strided, swapped = strided + 1, not swapped
             if side == "a":
                 rows, cols = a_dims[ia]
                 cost, p, ia = cost + rows * cols * q, rows, ia + 1
             else:
                 rows, cols = b_dims[ib]
                 cost, q, ib = cost + rows * cols * p, rows, ib + 1
-        if best[0] < 0 or cost < best[0]:
-            best = (cost, order)
-    return best
+        if best[0][0] < 0 or (cost, strided) < best[0]:
+            best = ((cost, strided), order)
+    return best[0][0], best[1]
 
 
 def kron_chain_flops(a_chain: Chain, b_chain: Chain) -> int:
@@ -80,6 +85,9 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     """
     f, n, _ = x.shape
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
+    # a strided view (e.g. the real part of a complex tensor) would send matmul down a
+    # per-sample loop: one copy is far cheaper
+    x = x.contiguous()
     blocks = x.reshape(f, n, a_chain[-1].shape[-1], b_chain[-1].shape[-1])
     swapped = False  # False: axes are (A side, B side); True: (B side, A side)
     remaining = {"a": list(a_chain), "b": list(b_chain)}

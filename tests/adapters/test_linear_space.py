@@ -1,0 +1,173 @@
+"""Linear-space evaluation gives cirkit's outputs and gradients, below -708 too.
+
+float64 throughout. Tolerance: relative 1e-10 on log-values. Squared circuits with
+signed weights cancel: cirkit's own two paths (optimize=False and True) differ by up
+to ~1e-11 relative on these circuits, so 1e-10 is tight but not at rounding level.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cirkit.backend.torch.layers import TorchInputLayer
+
+from adapters.cirkit import evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
+from adapters.cirkit.models import digits_squared_circuit, one_sum_circuit
+from adapters.cirkit.semiring import unclamped
+from adapters.cirkit.variants import (
+    CIRKIT_MATERIALISED,
+    CIRKIT_OPTIMIZED,
+    CIRKIT_OPTIMIZED_LINEAR,
+    EXACT,
+    EXACT_SEMIRING,
+    circuit_variants,
+)
+
+from .test_likelihood import image_circuits, shifted_reference
+from .test_swap import CATEGORIES, NUM_VARIABLES, REGION_GRAPHS, compile_pair, full_rank
+
+RTOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def semiring_values(circuit, x=None):
+    with torch.no_grad(), unclamped(circuit):
+        return circuit(x) if x is not None else circuit()
+
+
+def raw_tensor(parameter):
+    """The one leaf tensor of a cirkit parameter graph."""
+    (leaf,) = [n for n in parameter.nodes if hasattr(n, "_ptensor")]
+    return leaf._ptensor  # noqa: SLF001
+
+
+def assert_same_logs(got, ref):
+    """Real parts within RTOL; imaginary parts (signs, phases) equal modulo 2π."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    torch.testing.assert_close(got.real, ref.real, rtol=RTOL, atol=1e-12)
+    if ref.is_complex():
+        phase = torch.remainder(got.imag - ref.imag + torch.pi, 2 * torch.pi) - torch.pi
+        assert float(phase.abs().max()) < 1e-8
+
+
+GRID = [(rg, layer, sr, fold, opt)
+        for rg in REGION_GRAPHS for layer in ("cp", "cp-t", "tucker")
+        for sr in ("lse-sum", "complex-lse-sum") for fold in (False, True) for opt in (False, True)]
+
+
+@pytest.mark.parametrize("region_graph,layer,semiring,fold,optimize", GRID)
+def test_matches_cirkit_on_every_layer_type_and_region_graph(region_graph, layer, semiring, fold, optimize):
+    x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES[region_graph]), generator=torch.Generator().manual_seed(1))
+    circuit, partition = compile_pair(region_graph, layer, semiring, fold, optimize)
+    variants = [(circuit, partition)]
+    if not optimize:  # cirkit's materialised layers swapped for exact and full-rank structured ones
+        for policy in ("kronecker", full_rank("lowrank")):
+            c, z = copy.deepcopy((circuit, partition))
+            swap_kronecker_sum_layers(c, policy)
+            swap_kronecker_sum_layers(z, policy)
+            variants.append((c, z))
+    for c, z in variants:
+        with torch.no_grad():
+            assert_same_logs(evaluate_linear_space(c, x), semiring_values(c, x))
+            assert_same_logs(evaluate_linear_space(z), semiring_values(z))
+
+
+@pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
+@pytest.mark.parametrize("swap", [None, "kronecker", "lowrank"])
+def test_gradients_match(semiring, swap):
+    x = torch.randint(0, CATEGORIES, (6, 16), generator=torch.Generator().manual_seed(2))
+    circuit, partition = compile_pair("quad-tree", "cp", semiring, True, False)
+    if swap is not None:
+        policy = swap if swap == "kronecker" else full_rank(swap)
+        swap_kronecker_sum_layers(circuit, policy)
+        swap_kronecker_sum_layers(partition, policy)
+    grads = []
+    for linear in (False, True):
+        c, z = copy.deepcopy((circuit, partition))  # one copy keeps their shared parameters
+        loss = -log_likelihood(c, x, z, linear_space=linear).sum()
+        loss.backward()
+        named = dict(c.named_parameters())
+        named.update({f"z.{n}": p for n, p in z.named_parameters()})
+        grads.append({n: p.grad for n, p in named.items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_values_far_below_the_clamp_are_correct():
+    circuit, partition, _ = image_circuits(16, "complex-lse-sum")
+    x = torch.randint(0, 17, (6, 256), generator=torch.Generator().manual_seed(1))
+    reference = shifted_reference(circuit, x, 256)
+    assert float(reference.max()) < -750
+    with torch.no_grad():
+        got = log_value(circuit, x, linear_space=True)[:, 0, 0]
+    torch.testing.assert_close(got, reference, rtol=RTOL, atol=1e-8)
+
+
+def test_tiny_products_are_recomputed_on_logs():
+    """Six inputs, two units, whose large entries alternate between the units: each
+    entry of their product is e^-120, which float32 flushes to zero in linear space (the
+    circuit would give log 0 = -inf). The product is below sqrt(tiny), so that layer is
+    computed on logs and the value is right."""
+    torch.set_default_dtype(torch.float32)
+    model = one_sum_circuit(2, num_variables=6, num_categories=2, squared=False,
+                            weight_activation="softmax").compile("lse-sum", dtype=torch.float32, seed=0)
+    (inputs,) = [m for m in model.base.layers if isinstance(m, TorchInputLayer)]
+    # raw scores, softmax-ed over the two categories: log p(x=0) is 0 or -40 per unit
+    likely, unlikely = [0.0, -300.0], [-40.0, 0.0]
+    scores = torch.tensor([[likely, unlikely] if i % 2 else [unlikely, likely] for i in range(6)])  # (F, K, V)
+    with torch.no_grad():
+        raw_tensor(inputs.probs).copy_(scores)
+    x = torch.zeros(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        ref = semiring_values(model.base, x)
+        got = evaluate_linear_space(model.base, x)
+    assert -125 < float(ref.max()) < -115  # the regime the test is about
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-4)
+
+
+def test_models_and_variants_use_it():
+    spec = digits_squared_circuit(4)
+    model = spec.compile(seed=0, dtype=torch.float64)
+    x = torch.randint(0, 17, (7, 64), generator=torch.Generator().manual_seed(3))
+    reference = model.log_likelihood(x).detach()
+    variants = {v.name: v for v in circuit_variants(spec, model, kinds=("lowrank",), ranks=(2,))}
+    assert {CIRKIT_MATERIALISED, CIRKIT_OPTIMIZED, CIRKIT_OPTIMIZED_LINEAR, EXACT_SEMIRING, EXACT,
+            "lowrank square 2"} == set(variants)
+    assert variants[EXACT].evaluation == "linear" and variants[EXACT_SEMIRING].evaluation == "semiring"
+    assert variants[CIRKIT_OPTIMIZED_LINEAR].evaluation == "linear"
+    assert variants[CIRKIT_MATERIALISED].same_values
+    for name in (CIRKIT_MATERIALISED, CIRKIT_OPTIMIZED, CIRKIT_OPTIMIZED_LINEAR, EXACT_SEMIRING, EXACT):
+        # same seed: cirkit's optimised layout is initialised with the same values
+        torch.testing.assert_close(variants[name].model.log_likelihood(x).detach(), reference, rtol=RTOL, atol=0)
+    approx = variants["lowrank square 2"].model.log_likelihood(x).detach()
+    assert float((approx - reference).abs().max()) > 1e-3  # an approximation, not a copy
+    assert model.evaluation == "semiring"  # the input model is left as it was
+
+
+def test_bad_input():
+    spec = digits_squared_circuit(2)
+    with pytest.raises(ValueError, match="sum-product"):
+        spec.compile("sum-product", evaluation="linear")
+    model = spec.compile(seed=0)
+    with pytest.raises(ValueError, match="evaluation"):
+        model.evaluation = "fast"
+    with pytest.raises(TypeError, match="TorchCircuit"):
+        evaluate_linear_space(torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match=r"x of shape \(B, D\)"):
+        evaluate_linear_space(model.density)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_linear_space(model.density, torch.zeros(64, dtype=torch.long))
+    positive = one_sum_circuit(2, squared=False, weight_activation="softmax").compile("sum-product", seed=0)
+    with pytest.raises(ValueError, match="sum-product"):
+        evaluate_linear_space(positive.base, torch.zeros(1, 2, dtype=torch.long))
