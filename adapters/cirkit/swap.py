@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from cirkit.backend.torch.circuits import TorchCircuit
 from cirkit.backend.torch.layers import TorchLayer, TorchSumLayer
@@ -140,7 +141,7 @@ def _check_semiring(index: int, layer: TorchLayer) -> None:
 
 
 def swap_kronecker_sum_layers(
-    circuit: TorchCircuit,
+    circuit: Union[TorchCircuit, Sequence[TorchCircuit]],  # a list or tuple for several
     kind: Policy,
     *,
     mode: str = "frozen",
@@ -150,7 +151,12 @@ def swap_kronecker_sum_layers(
 
     Args:
         circuit: a compiled ``TorchCircuit`` (fold=True or False, optimize=False, or
-            compiled with :func:`use_structured_layers`).
+            compiled with :func:`use_structured_layers`), or several circuits that
+            share parameters, such as ``c²`` and its partition function ``∫c²``: a
+            layer whose factors equal those of a layer already swapped (same fold
+            layout, same values) gets the *same* structured module, so ``c̃²`` and
+            ``Z̃`` stay one model while frozen factors fine-tune (and randomised
+            approximations are drawn once). The report lists each structure once.
         kind: a structlayers kind name, or a policy ``f(LayerInfo)`` returning a kind
             name, a ``(kind, options)`` pair, or None to keep that layer.
         mode: ``frozen`` — the factors' structured approximation is computed once from
@@ -161,25 +167,45 @@ def swap_kronecker_sum_layers(
         options: passed to ``from_kronecker`` of each layer's kind (under a policy's own).
 
     Every replacement is built before any is installed: on an error (unsupported
-    semiring, a rank the layer cannot have, ...) the circuit is left untouched and
+    semiring, a rank the layer cannot have, ...) every circuit is left untouched and
     the error names the layer.
     """
-    circuit = _check_circuit(circuit)
+    circuits = list(circuit) if isinstance(circuit, (list, tuple)) else [circuit]
+    if not circuits:
+        raise ValueError("no circuit to swap")
+    circuits = [_check_circuit(c) for c in circuits]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'frozen' or 'live'")
-    targets = kronecker_sum_layers(circuit)
-    if not targets:
-        names = sorted({type(layer).__name__ for layer in circuit.layers})
-        raise ValueError(
-            "the circuit has no Kronecker-weighted sum layer to swap (its layers: " + ", ".join(names)
-            + "); compile the squared circuit with optimize=False, or use use_structured_layers() "
-            "to keep them with optimize=True")
+    for c in circuits:
+        if not kronecker_sum_layers(c):
+            names = sorted({type(layer).__name__ for layer in c.layers})
+            raise ValueError(
+                "the circuit has no Kronecker-weighted sum layer to swap (its layers: " + ", ".join(names)
+                + "); compile the squared circuit with optimize=False, or use use_structured_layers() "
+                "to keep them with optimize=True")
     report = SwapReport()
-    replacements: Dict[int, TorchLayer] = {}
-    for index, layer in targets:
+    built: List[Tuple[Tensor, Tensor, TorchLayer]] = []  # (A, B, replacement), to share equal layers
+    replacements = [{} for _ in circuits]  # type: List[Dict[int, TorchLayer]]
+    for c, replaced in zip(circuits, replacements):
+        _plan_swaps(c, kind, mode, options, report, built, replaced)
+    for c, replaced in zip(circuits, replacements):
+        replace_layers(c, {c.layers[i]: new for i, new in replaced.items()})
+    return report
+
+
+def _plan_swaps(circuit: TorchCircuit, kind: Policy, mode: str, options: dict, report: SwapReport,
+                built: List[Tuple[Tensor, Tensor, TorchLayer]], replacements: Dict[int, TorchLayer]) -> None:
+    """Build (without installing) the replacements of one circuit's Kronecker sum layers."""
+    for index, layer in kronecker_sum_layers(circuit):
         _check_semiring(index, layer)
         with torch.no_grad():
             a, b = kronecker_factors(layer.weight)  # type: ignore[misc]
+        twin = next((new for a0, b0, new in built
+                     if a0.shape == a.shape and b0.shape == b.shape and torch.equal(a0, a) and torch.equal(b0, b)
+                     and new.semiring is layer.semiring and new.arity == layer.arity), None)
+        if twin is not None:
+            replacements[index] = twin
+            continue
         info = LayerInfo(index=index, num_folds=layer.num_folds, out_features=layer.num_output_units,
                          in_features=layer.num_input_units * layer.arity, factor_a=tuple(a.shape[1:]),
                          factor_b=tuple(b.shape[1:]), dtype=a.dtype,
@@ -195,9 +221,8 @@ def swap_kronecker_sum_layers(
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"cannot swap {info.name}: {exc}") from exc
         replacements[index] = new
+        built.append((a, b, new))
         report.rows.append(row)
-    replace_layers(circuit, {circuit.layers[i]: new for i, new in replacements.items()})
-    return report
 
 
 def _build(layer, info: LayerInfo, a, b, kind: str, mode: str, options: dict):

@@ -72,10 +72,11 @@ class Variant:
 
 
 def swapped(model: CompiledCircuitModel, policy, *, mode: str = "frozen") -> tuple[CompiledCircuitModel, SwapReport]:
-    """A deep copy of ``model`` with the Kronecker sum layers of ``f`` and ``Z`` swapped by ``policy``."""
+    """A deep copy of ``model`` with the Kronecker sum layers of ``f`` and ``Z`` swapped by ``policy``
+    (shared between the two); the report lists each structure once."""
     model = copy.deepcopy(model)
-    report = swap_kronecker_sum_layers(model.density, policy, mode=mode)
-    swap_kronecker_sum_layers(model.partition, policy, mode=mode)
+    # one call: Z's layers share the structured modules of f's (one model, fine-tunable)
+    report = swap_kronecker_sum_layers([model.density, model.partition], policy, mode=mode)
     return model, report
 
 
