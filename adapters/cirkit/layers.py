@@ -25,6 +25,7 @@ from cirkit.backend.torch.semiring import Semiring
 
 from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops
+from structlayers.linalg.cur import cur_dense
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -170,3 +171,70 @@ class TorchStructuredSumLayer(TorchInnerLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.structured.kind}"
+
+
+class TorchLiveSquareSumLayer(TorchInnerLayer):
+    """``Ã ⊗ conj(Ã)`` recomputed from the circuit's live ``A ⊗ conj(A)`` at every forward.
+
+    ``live`` mode for the square approximations: training the original circuit's
+    parameters goes on while every evaluation uses the approximation of the current
+    weights. ``kind`` is ``lowrank`` (Ã = U_r U_r^H A, the truncated SVD) or ``nystrom``
+    (Ã the CUR of A with a projection core, pivots by ``strategy``, drawn with a fixed
+    ``seed`` so equal weights give equal pivots). The structure -- singular subspace or
+    pivots -- is chosen without gradient; the values are differentiable, so gradients
+    reach the circuit's parameters as the derivative of the approximation with that
+    structure held fixed. At build time the output equals the ``frozen`` layer's.
+    """
+
+    KINDS = ("lowrank", "nystrom")
+
+    def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
+                 weight: TorchParameter, kind: str, factor_rank: int, strategy: str = "qr",
+                 oversampling: float = 2.0, seed: int = 0, semiring: Optional[Semiring] = None,
+                 num_folds: int = 1) -> None:
+        super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
+        if not is_kronecker_weight(weight):
+            raise ValueError("TorchLiveSquareSumLayer needs a weight graph whose output is a Kronecker node")
+        if kind not in self.KINDS:
+            raise ValueError(f"live square approximations support {', '.join(self.KINDS)}, got {kind!r}")
+        self.weight = weight
+        self.kind, self.factor_rank = kind, factor_rank
+        self.strategy, self.oversampling, self.seed = strategy, oversampling, seed
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
+                "arity": self.arity, "kind": self.kind, "factor_rank": self.factor_rank,
+                "strategy": self.strategy, "oversampling": self.oversampling, "seed": self.seed}
+
+    @property
+    def params(self) -> Mapping[str, TorchParameter]:
+        return {"weight": self.weight}
+
+    def factor_chain(self) -> Tuple[Tensor, Tensor]:
+        """``left`` (F, Ko1, r), ``right`` (F, r, Ki1) with Ã = left @ right, from the live A."""
+        a, _ = kronecker_factors(self.weight)  # type: ignore[misc]
+        if self.kind == "lowrank":
+            with torch.no_grad():
+                u = torch.linalg.svd(a, full_matrices=False)[0][:, :, : self.factor_rank]
+            return u, u.conj().transpose(1, 2) @ a
+        gen = torch.Generator().manual_seed(self.seed)
+        factors = cur_dense(a, self.factor_rank, self.strategy, gen, self.oversampling)
+        return factors.left, factors.right
+
+    def _map(self) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
+        left, right = self.factor_chain()
+        chain_a, chain_b = [left, right], [left.conj(), right.conj()]
+        return (lambda t: kron_apply(chain_a, chain_b, t)), left.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        linear, dtype = self._map()
+        return semiring_linear(self.semiring, linear, x, dtype)
+
+    def linear(self, z: Tensor) -> Tensor:
+        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
+        linear, dtype = self._map()
+        return apply_linear(linear, z, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"

@@ -51,7 +51,7 @@ from cirkit.backend.torch.layers import (
 from cirkit.backend.torch.layers.optimized import TorchCPTLayer, TorchTensorDotLayer, TorchTuckerLayer
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
-from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, apply_linear
+from .layers import TorchKroneckerSumLayer, TorchLiveSquareSumLayer, TorchStructuredSumLayer, apply_linear
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
 
 LOG_SEMIRINGS = (LSESumSemiring, ComplexLSESumSemiring, ExactLSESumSemiring, ExactComplexLSESumSemiring)
@@ -230,6 +230,7 @@ RULES: Dict[Type[TorchLayer], LayerRule] = {
     TorchTuckerLayer: _tucker,
     TorchKroneckerSumLayer: _structured,
     TorchStructuredSumLayer: _structured,
+    TorchLiveSquareSumLayer: _structured,
 }
 
 

@@ -16,7 +16,13 @@ import structlayers
 
 from structlayers.linalg import kron_chain_flops
 
-from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, is_kronecker_weight, kronecker_factors
+from .layers import (
+    TorchKroneckerSumLayer,
+    TorchLiveSquareSumLayer,
+    TorchStructuredSumLayer,
+    is_kronecker_weight,
+    kronecker_factors,
+)
 
 SUPPORTED_SEMIRINGS = (SumProductSemiring, LSESumSemiring, ComplexLSESumSemiring)
 MODES = ("frozen", "live")
@@ -120,7 +126,7 @@ def kronecker_sum_layers(circuit: TorchCircuit) -> List[Tuple[int, TorchLayer]]:
     """(index, layer) of every sum layer whose weight is a Kronecker product."""
     found = []
     for index, layer in enumerate(circuit.layers):
-        if isinstance(layer, TorchKroneckerSumLayer):
+        if isinstance(layer, (TorchKroneckerSumLayer, TorchLiveSquareSumLayer)):  # live: swappable again
             found.append((index, layer))
         elif isinstance(layer, TorchSumLayer) and is_kronecker_weight(layer.weight):
             found.append((index, layer))
@@ -163,7 +169,8 @@ def swap_kronecker_sum_layers(
             the current weights and becomes the layer's own trainable parameters
             (post-training compression, fine-tunable); ``live`` — recomputed from the
             circuit's parameters at every forward, so training the original circuit
-            still works (exact kinds only: ``kronecker``).
+            still works: ``kronecker`` (exact), and ``lowrank``/``nystrom`` as square
+            approximations (:func:`square_policy`; structure chosen without gradient).
         options: passed to ``from_kronecker`` of each layer's kind (under a policy's own).
 
     Every replacement is built before any is installed: on an error (unsupported
@@ -227,11 +234,14 @@ def _plan_swaps(circuit: TorchCircuit, kind: Policy, mode: str, options: dict, r
 
 def _build(layer, info: LayerInfo, a, b, kind: str, mode: str, options: dict):
     structlayers.get(kind)  # unknown kinds fail with the registry's message
+    if mode == "live" and kind in TorchLiveSquareSumLayer.KINDS:
+        return _build_live_square(layer, info, a, b, kind, options)
     if mode == "live":
         if kind not in LIVE_KINDS:
             raise ValueError(f"mode='live' recomputes the layer from the circuit's parameters at every "
-                             f"forward; supported kinds: {', '.join(LIVE_KINDS)} (got {kind!r}); use "
-                             "mode='frozen' for approximations")
+                             f"forward; supported kinds: {', '.join(LIVE_KINDS)} and, as square "
+                             f"approximations (square_policy), {', '.join(TorchLiveSquareSumLayer.KINDS)} "
+                             f"(got {kind!r}); use mode='frozen' for other approximations")
         if options:
             raise ValueError(f"the live kronecker layer is exact and takes no options, got {sorted(options)}")
         new = TorchKroneckerSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
@@ -245,6 +255,27 @@ def _build(layer, info: LayerInfo, a, b, kind: str, mode: str, options: dict):
     row = SwapRow(info, kind, mode, rank if isinstance(rank, int) else None, structured.num_params,
                   structured.flops(1) // structured.num_folds, error)
     return new, row
+
+
+def _build_live_square(layer, info: LayerInfo, a, b, kind: str, options: dict):
+    """A :class:`TorchLiveSquareSumLayer`; the options are those :func:`square_policy` gives."""
+    if not options.get("square") or "factor_ranks" not in options:
+        raise ValueError(f"mode='live' with {kind!r} keeps the layer a square Ã ⊗ conj(Ã): use "
+                         f"square_policy({kind!r}, rank) (got options {sorted(options)})")
+    allowed = {"square", "factor_ranks", "strategy", "oversampling", "seed"} if kind == "nystrom" \
+        else {"square", "factor_ranks"}
+    if set(options) - allowed:
+        raise ValueError(f"live {kind} takes options {sorted(allowed)}, got {sorted(options)}")
+    rank = options["factor_ranks"][0]
+    # the frozen layer validates the options and gives the error at build time
+    frozen = structlayers.from_kronecker(kind, a, b, **{"seed": 0, **options} if kind == "nystrom" else options)
+    extra = {k: options[k] for k in ("strategy", "oversampling") if k in options}
+    new = TorchLiveSquareSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
+                                  weight=layer.weight, kind=kind, factor_rank=rank, seed=options.get("seed", 0),
+                                  semiring=layer.semiring, num_folds=layer.num_folds, **extra)
+    left, right = a[:, :, :rank], a[:, :rank, :]  # shapes only, for the multiply-add count
+    flops = kron_chain_flops([left, right], [left, right])
+    return new, SwapRow(info, kind, "live", rank * rank, 0, flops, frozen.relative_error_kronecker(a, b))
 
 
 def replace_layers(circuit: TorchCircuit, mapping: Dict[TorchLayer, TorchLayer]) -> None:

@@ -160,6 +160,8 @@ def test_policy_can_keep_layers_and_live_rejects_approximations():
     assert sum(isinstance(m, TorchKroneckerSumLayer) for m in circuit.layers) == len(report.rows)
     before = list(ref_c.layers)
     with pytest.raises(ValueError, match=r"cannot swap layer \d+ .*mode='live' .* supported kinds: kronecker"):
+        swap_kronecker_sum_layers(ref_c, "tt", mode="live", rank=2)
+    with pytest.raises(ValueError, match=r"cannot swap layer \d+ .*mode='live' with 'lowrank' .* square_policy"):
         swap_kronecker_sum_layers(ref_c, "lowrank", mode="live", rank=2)
     assert list(ref_c.layers) == before
 
@@ -235,3 +237,40 @@ def test_frozen_fine_tuning_keeps_the_model_normalised(evaluation):
             assert abs(float(total)) < 1e-10
         else:
             assert abs(float(total)) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "nystrom"])
+def test_live_square_approximations_follow_the_circuit(kind):
+    """Live Ã ⊗ conj(Ã): equal to the frozen layer at build time; after the circuit's own
+    parameters take a gradient step, equal to a frozen layer rebuilt from the new weights."""
+    from adapters.cirkit.layers import TorchLiveSquareSumLayer
+    from adapters.cirkit.models import digits_squared_circuit
+    from adapters.cirkit.swap import square_policy
+
+    spec = digits_squared_circuit(4)
+    model = spec.compile(seed=0, dtype=torch.float64)
+    x = torch.randint(0, 17, (6, 64), generator=torch.Generator().manual_seed(4))
+
+    def approx(mode, source):
+        m = copy.deepcopy(source)
+        report = swap_kronecker_sum_layers([m.density, m.partition], square_policy(kind, 2), mode=mode)
+        return m, report
+
+    live, report = approx("live", model)
+    assert any(isinstance(layer, TorchLiveSquareSumLayer) for layer in live.density.layers)
+    assert all(r.mode == "live" and r.params == 0 for r in report.rows if r.kind == kind)
+    frozen, frozen_report = approx("frozen", model)
+    assert [r.relative_error for r in report.rows] == pytest.approx([r.relative_error for r in frozen_report.rows])
+    torch.testing.assert_close(live.log_likelihood(x), frozen.log_likelihood(x), rtol=1e-10, atol=1e-10)
+    live.evaluation = "linear"
+    torch.testing.assert_close(live.log_likelihood(x), frozen.log_likelihood(x), rtol=1e-10, atol=1e-10)
+    before = live.log_likelihood(x).detach()
+    optimizer = torch.optim.SGD(live.parameters(), lr=0.1)  # the circuit's own parameters
+    (-live.log_likelihood(x).mean()).backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in live.parameters())
+    optimizer.step()
+    after = live.log_likelihood(x).detach()
+    assert float((after - before).abs().max()) > 1e-3 and float(after.mean()) > float(before.mean())
+    rebuilt, _ = approx("frozen", live)  # live's circuit holds the updated parameters
+    assert not any(isinstance(layer, TorchLiveSquareSumLayer) for layer in rebuilt.density.layers)
+    torch.testing.assert_close(after, rebuilt.log_likelihood(x).detach(), rtol=1e-10, atol=1e-10)
