@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m structlayers.demo
+	$(BIN)/structlayers bench --circuit digits --units 8,16 --epochs 2 --batch 64 --repeats 5 --out bench-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
