@@ -1356,6 +1356,7 @@ def trained_digits_model(
     lr: float = 0.05,
     test_fraction: float = 0.2,
     data_seed: int = 0,
+    evaluation: str = "linear",
     progress: bool = False,
     retrain: bool = False,
 ) -> TrainedModel:
@@ -1375,6 +1376,9 @@ def trained_digits_model(
         cache_dir: default :func:`default_cache_dir` (``$STRUCTLAYERS_CACHE`` or
             ``~/.cache/structlayers``).
         dtype: 'float32' or 'float64' (a string, so the config stays JSON).
+        evaluation: how the model is evaluated while training and afterwards
+            (:attr:`CompiledCircuitModel.evaluation`); 'linear' (the default) is several
+            times faster than cirkit's log-space forward for the same values.
         Others: see :func:`digits_squared_circuit`, :meth:`CircuitModel.compile` and
             :func:`train_squared_circuit`.
     """
@@ -1384,11 +1388,12 @@ def trained_digits_model(
         region_graph=region_graph, layer=layer, complex=complex,
         weight_activation=weight_activation, semiring=semiring, dtype=dtype, fold=fold,
         optimize=optimize, batch_size=batch_size, lr=lr, test_fraction=test_fraction,
-        data_seed=data_seed,
+        data_seed=data_seed, evaluation=evaluation,
     )
     sym = digits_squared_circuit(num_units, region_graph, layer, complex,
                                  weight_activation=weight_activation)
-    model = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed)
+    model = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed,
+                        evaluation=evaluation)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / "cirkit" / f"digits-{cache_key(config)}.pt"
     if path.is_file() and not retrain:
@@ -1400,7 +1405,8 @@ def trained_digits_model(
             return TrainedModel(model, TrainingHistory.from_dict(blob["history"]), config, path, True)
         except Exception as e:  # noqa: BLE001 -- any unreadable cache entry is replaced
             warnings.warn(f"ignoring unreadable cache file {path}: {e}; retraining", stacklevel=2)
-            model = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed)
+            model = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed,
+                                evaluation=evaluation)
     data = digits_data(seed=data_seed, test_fraction=test_fraction)
     history = train_squared_circuit(model, data, epochs=epochs, batch_size=batch_size, lr=lr,
                                     seed=seed, progress=progress)

@@ -136,6 +136,7 @@ def circuit_variants(
             fast.evaluation = "linear"
             out.append(Variant(CIRKIT_OPTIMIZED_LINEAR, fast, None, None, None, None, same))
     exact, report = swapped(model, "kronecker", mode="live")
+    exact.evaluation = "semiring"
     if evaluation == "linear":
         out.append(Variant(EXACT_SEMIRING, exact, "kronecker", None, "exact", report, True))
         exact = copy.deepcopy(exact)
