@@ -783,7 +783,7 @@ def _fmt(value: Any, spec: str, width: int) -> str:
 def format_table(result: SweepResult) -> str:
     """The summary table: times, ratios vs both cirkit paths, peak memory, quality."""
     head = (f"{'K':>4s} {'variant':29s} | {'Z f+b ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'Z fwd ms':>9s} "
-            f"{'/opt':>6s} {'/mat':>6s} | {'c² ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'peak MiB':>8s} | "
+            f"{'/opt':>6s} {'/mat':>6s} | {'c² ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'Z MiB':>7s} {'c² MiB':>7s} | "
             f"{'bpd':>7s} {'Δbpd':>7s} {'w.err':>7s}")
     classifier = any(not math.isnan(r.get("error_rate", NAN)) for r in result.rows)
     if classifier:
@@ -795,8 +795,8 @@ def format_table(result: SweepResult) -> str:
         for m, _ in MEASUREMENTS:
             cells.append(f"{_fmt(r[f'{m}_ms'], '.2f', 9)} {_fmt(r[f'{m}_speedup_vs_opt'], '.2f', 5)}x "
                          f"{_fmt(r[f'{m}_speedup_vs_materialised'], '.2f', 5)}x")
-        peak = r.get("z_fwd_bwd_peak_mib", NAN)
-        line = " | ".join(cells) + f" | {_fmt(peak, '.1f', 8)} | {_fmt(r['bpd'], '.4f', 7)} " \
+        peaks = f"{_fmt(r.get('z_fwd_bwd_peak_mib', NAN), '.1f', 7)} {_fmt(r.get('logc2_fwd_peak_mib', NAN), '.1f', 7)}"
+        line = " | ".join(cells) + f" | {peaks} | {_fmt(r['bpd'], '.4f', 7)} " \
                f"{_fmt(r['bpd_diff_vs_exact'], '+.4f', 7)} {_fmt(r.get('rel_weight_error_max'), '.3f', 7)}"
         if classifier:
             line += f" {_fmt(r['error_rate'] * 100 if not math.isnan(r['error_rate']) else NAN, '.2f', 6)}"
@@ -804,7 +804,8 @@ def format_table(result: SweepResult) -> str:
         lines.append(line)
     lines.append("")
     lines.append("/opt, /mat: speedup over cirkit optimize=True and over cirkit's materialised path "
-                 "(optimize=False); >1 is faster. c²: batched log c²(x) forward. peak MiB: Z f+b.")
+                 "(optimize=False); >1 is faster. c²: batched log c²(x) forward. MiB: peak memory growth of "
+                 "one Z f+b call and of one c² call.")
     lines.append("w.err: largest relative weight error of a swapped layer; Δbpd vs the exact model; "
                  "* on the Pareto front (c² speedup vs optimize=True, error).")
     for note in dict.fromkeys(result.notes):
