@@ -28,16 +28,9 @@ from adapters.cirkit.variants import (
 
 from .test_likelihood import image_circuits, shifted_reference
 from .test_swap import CATEGORIES, NUM_VARIABLES, REGION_GRAPHS, compile_pair, full_rank
+from .test_swap import float64  # noqa: F401 -- the autouse float64 fixture, for this module too
 
 RTOL = 1e-10
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def semiring_values(circuit, x=None):
