@@ -79,6 +79,7 @@ from cirkit.templates.utils import Parameterization, parameterization_to_factory
 from cirkit.utils.scope import Scope
 
 from .linear_space import evaluate_linear_space
+from .swap import swap_kronecker_sum_layers
 
 __all__ = [
     "CircuitModel",
@@ -1379,6 +1380,10 @@ def trained_digits_model(
         evaluation: how the model is evaluated while training and afterwards
             (:attr:`CompiledCircuitModel.evaluation`); 'linear' (the default) is several
             times faster than cirkit's log-space forward for the same values.
+
+    The Kronecker-weighted sum layers of ``f`` and ``Z`` are the exact factor-wise
+    ``kronecker`` layers in ``live`` mode (the same function and parameters as cirkit's,
+    without building ``A ⊗ B``); ``state_dict`` keys are those of cirkit's layers.
         Others: see :func:`digits_squared_circuit`, :meth:`CircuitModel.compile` and
             :func:`train_squared_circuit`.
     """
@@ -1388,12 +1393,18 @@ def trained_digits_model(
         region_graph=region_graph, layer=layer, complex=complex,
         weight_activation=weight_activation, semiring=semiring, dtype=dtype, fold=fold,
         optimize=optimize, batch_size=batch_size, lr=lr, test_fraction=test_fraction,
-        data_seed=data_seed, evaluation=evaluation,
+        data_seed=data_seed, evaluation=evaluation, layers="kronecker live",
     )
     sym = digits_squared_circuit(num_units, region_graph, layer, complex,
                                  weight_activation=weight_activation)
-    model = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed,
-                        evaluation=evaluation)
+    def build() -> CompiledCircuitModel:
+        compiled = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed,
+                               evaluation=evaluation)
+        if not optimize:  # optimize=True already shattered them into cirkit's exact O(K³) layers
+            swap_kronecker_sum_layers([compiled.density, compiled.partition], "kronecker", mode="live")
+        return compiled
+
+    model = build()
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / "cirkit" / f"digits-{cache_key(config)}.pt"
     if path.is_file() and not retrain:
@@ -1405,8 +1416,7 @@ def trained_digits_model(
             return TrainedModel(model, TrainingHistory.from_dict(blob["history"]), config, path, True)
         except Exception as e:  # noqa: BLE001 -- any unreadable cache entry is replaced
             warnings.warn(f"ignoring unreadable cache file {path}: {e}; retraining", stacklevel=2)
-            model = sym.compile(semiring, fold=fold, optimize=optimize, dtype=_DTYPES[dtype], seed=seed,
-                                evaluation=evaluation)
+            model = build()
     data = digits_data(seed=data_seed, test_fraction=test_fraction)
     history = train_squared_circuit(model, data, epochs=epochs, batch_size=batch_size, lr=lr,
                                     seed=seed, progress=progress)
