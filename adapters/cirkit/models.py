@@ -118,11 +118,13 @@ WEIGHT_ACTIVATIONS = ("none", "softmax", "softplus", "positive-clamp", "sigmoid"
 SEMIRINGS = ("complex-lse-sum", "lse-sum", "sum-product")
 EVALUATIONS = ("semiring", "linear")
 
-#: Refuse to square circuits for which cirkit would materialise more dense weight
-#: entries than this in total (see :func:`squared_weight_entries`; read at call time, so
-#: it can be raised). 2**28 entries are 2 GiB as complex64. A CP quad-tree at K=32 needs
-#: 1.3e8; a Tucker quad-tree-2 at K=8 1.1e9 (its 63 squared Kronecker product layers each
-#: add a 4096 x 4096 constant permutation); Tucker on quad-tree-4 needs 9e8 already at K=3.
+#: Refuse to square circuits for which cirkit would build more constant permutation
+#: weight entries than this when squaring (see :func:`squared_weight_entries`; read at
+#: call time, so it can be raised). 2**28 entries are 2 GiB as complex64. A Tucker
+#: quad-tree-2 at K=8 needs 1.1e9 (its 63 squared Kronecker product layers each add a
+#: 4096 x 4096 constant permutation); Tucker on quad-tree-4 needs 9e8 already at K=3. CP
+#: and CP-T circuits need none (their Kronecker sum weights, 2.1e9 entries for the digits
+#: circuit at K=64, are formed only by cirkit's optimize=False forward).
 MAX_SQUARED_WEIGHT_ENTRIES = 2**28
 
 DIGITS_SHAPE = (8, 8)
@@ -182,17 +184,19 @@ def _image_region_graph(name: str, image_shape: tuple[int, int], rg_seed: int) -
     return PoonDomingos(shape, delta=delta)
 
 
-def squared_weight_entries(c: Circuit) -> int:
+def squared_weight_entries(c: Circuit, *, sum_layers: bool = True) -> int:
     """Total entries of the dense weights cirkit 0.3.1 materialises for ``c²``.
 
     Each sum layer of ``c`` (weight ``Ko x arity·Ki``) becomes one with the Kronecker
-    weight ``Ko² x (arity·Ki)²``. Each Kronecker product layer (Tucker) of arity ``a`` over
+    weight ``Ko² x (arity·Ki)²`` (formed by cirkit's ``optimize=False`` forward; left out
+    with ``sum_layers=False``). Each Kronecker product layer (Tucker) of arity ``a`` over
     ``Ki`` units becomes a Kronecker layer over ``Ki²`` units *followed by a constant
-    permutation sum layer* of ``(Ki**(2a))²`` entries (``multiply_kronecker_layers``).
+    permutation sum layer* of ``(Ki**(2a))²`` entries (``multiply_kronecker_layers``),
+    built when the circuit is squared.
     """
     total = 0
     for sl in c.layers:
-        if isinstance(sl, SumLayer):
+        if isinstance(sl, SumLayer) and sum_layers:
             total += (sl.num_output_units**2) * (sl.arity * sl.num_input_units) ** 2
         elif isinstance(sl, KroneckerLayer):
             total += (sl.num_input_units ** (2 * sl.arity)) ** 2
@@ -215,7 +219,9 @@ def _check_squarable(c: Circuit, what: str) -> None:
                 f"{what} cannot be squared: it has an n-ary (mixing) sum layer with arity "
                 f"{sl.arity} over {sl.num_input_units} units, which cirkit 0.3.1 squares wrongly"
             )
-    entries = squared_weight_entries(c)
+    # Only the permutation layers are built when cirkit squares the circuit; Kronecker sum
+    # weights are formed only by cirkit's optimize=False forward, never by this package.
+    entries = squared_weight_entries(c, sum_layers=False)
     if entries > MAX_SQUARED_WEIGHT_ENTRIES:
         raise ValueError(
             f"{what} is too large to square: cirkit would materialise {entries:,} weight "
