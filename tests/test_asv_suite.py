@@ -44,7 +44,12 @@ def asv(tmp_path_factory):
     env["HOME"] = str(tmp)  # asv's machine file (~/.asv-machine.json) goes to tmp, not the real home
     # One thread: nothing is timed here, and one thread is fastest on a busy 2-core machine.
     env["STRUCTLAYERS_BENCH_THREADS"] = "1"
+    # The circuit suites: same grid, tiny work (quality models of a few digits), and the
+    # models they train cached in tmp rather than in the user's cache.
+    env["STRUCTLAYERS_BENCH_SMOKE"] = "1"
+    env["STRUCTLAYERS_CACHE"] = str(tmp / "cache")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["COLUMNS"] = "200"  # asv shortens benchmark names to the terminal width
 
     def run(*args, timeout=600):
         proc = subprocess.run([sys.executable, "-m", "asv", *args, "--config", str(config)],
@@ -62,15 +67,60 @@ def test_asv_check(asv):
     assert "No problems found" in out, out
 
 
+#: Which benchmarks the smoke run starts (asv matches the regex against each benchmark's
+#: name and against ``name(param, ...)``): every benchmark of every suite, with fewer
+#: parameter sets in three of them. The memory suites measure the calls of the timing suites
+#: after the same setup, and their own code does not depend on the parameters, so they run
+#: a few sets (memory: every kind at rank 8 and the smaller size; circuits_memory: two
+#: variants); the circuit suites build only K=8 in a smoke run (see _circuits.py: the other
+#: K would be n/a). Not starting those ~200 benchmark processes keeps this test fast.
+SMOKE_BENCHMARKS = "|".join([
+    r"^(?!(memory|circuits|circuits_memory)\.)",  # any other suite, whole (new suites too)
+    r"^memory\.\w+\.\w+\('\w+', 8, (32|256)\)$",
+    r"^circuits\.SquaredDigits\.\w+\(.*, 8\)$",
+    r"^circuits_memory\.SquaredDigits\.\w+\('(cirkit optimize=False|lowrank square 2)', 8\)$",
+])
+
+
 def test_every_benchmark_runs_once(asv):
     code, out = asv("run", "--python=same", "--quick", "--dry-run", "--show-stderr",
-                    "--machine", MACHINE)
+                    "--machine", MACHINE, "--bench", SMOKE_BENCHMARKS)
     assert code == 0, f"asv run failed (exit {code}); a benchmark, setup_cache or suite import failed:\n{out}"
     for name in ("layers.KroneckerInput.time_forward", "layers.DenseInput.time_forward_backward",
                  "memory.KroneckerInput.track_forward_backward", "memory.DenseInput.track_forward",
-                 "quality.KroneckerInput.track_relative_error", "quality.DenseInput.track_num_params"):
+                 "quality.KroneckerInput.track_relative_error", "quality.DenseInput.track_num_params",
+                 "circuits.SquaredDigits.time_log_density", "circuits.SquaredDigits.time_log_partition_backward",
+                 "circuits_memory.SquaredDigits.track_log_partition",
+                 "circuits_quality.SquaredDigitsDensity.track_bpd_increase",
+                 "circuits_quality.SquaredDigitsWeights.track_relative_weight_error",
+                 "circuits_quality.SquaredDigitsClassifier.track_error_rate"):
         assert name in out, f"{name} did not run:\n{out}"
     assert " failed" not in out, out
+
+
+def test_circuit_grid_matches_circuit_variants():
+    """Every name of the circuit suites' grid is a variant ``circuit_variants`` returns for
+    their configuration, and every variant survives the trip from ``setup_cache`` to a
+    benchmark process (either failure would only show as n/a in the suites)."""
+    pytest.importorskip("cirkit")
+    script = (
+        "import torch\n"
+        "from benchmarks import _circuits as c\n"
+        "from adapters.cirkit.models import digits_squared_circuit\n"
+        "spec = digits_squared_circuit(2, image_shape=(2, 2), num_categories=3)\n"
+        "found = c.build_variants(spec, spec.compile(seed=0))\n"
+        "x = torch.randint(0, 3, (5, 4), generator=torch.Generator().manual_seed(0))\n"
+        "for name, v in found.items():\n"
+        "    copy = c.loads(c.dumps(v.model))\n"
+        "    same = torch.equal(c.log_density(copy, x), c.log_density(v.model, x))\n"
+        "    assert same and torch.equal(c.log_partition(copy), c.log_partition(v.model)), name\n"
+        "print('\\n'.join(sorted(set(c.VARIANTS) - set(found))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ASV_DIR, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                                                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "", f"not returned by circuit_variants: {proc.stdout}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via /proc is Linux-only")
