@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from .report import MEASUREMENTS, pareto_front, tradeoff_error
+from .variants import EXACT
 
 Row = Mapping[str, Any]
 MARKERS = "osD^v<>ph*"
@@ -78,7 +79,9 @@ def _colors(n: int) -> List[Any]:
 
 
 def _exact(rows: Sequence[Row], k: int) -> Row | None:
-    return next((r for r in rows if r["units"] == k and not r.get("is_baseline") and r.get("rank") is None), None)
+    """The exact layers in the same evaluation as the approximations (``kronecker``), else any exact row."""
+    exact = [r for r in rows if r["units"] == k and not r.get("is_baseline") and r.get("rank") is None]
+    return next((r for r in exact if r.get("variant") == EXACT), exact[0] if exact else None)
 
 
 def _rank_ticks(ax, rows: Sequence[Row], k: int | None = None) -> None:
