@@ -24,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from .report import MEASUREMENTS, pareto_front, tradeoff_error
+from .report import MEASUREMENTS, is_density, pareto_front, pareto_points, tradeoff_error
 from .variants import EXACT
 
 Row = Mapping[str, Any]
@@ -152,16 +152,18 @@ def tradeoff(rows: Sequence[Row], path: Path) -> Path:
     for ax, k in zip(axes[0], sizes):
         group = [r for r in rows if r["units"] == k]
         points = [(r["logc2_fwd_speedup_vs_opt"], tradeoff_error(r)) for r in group]
-        front = pareto_front(points)
+        eligible = pareto_points(group)
+        front = pareto_front(eligible)
         use_bpd = any(_finite(r.get("bpd_diff_vs_exact")) for r in group)
         shown = set()
         for r, (x, y) in zip(group, points):
             if not (_finite(x) and _finite(y)):
                 continue
             ranked = isinstance(r.get("rank"), int)
-            tag = "approximation" if ranked else "exact (cirkit's paths, kronecker)"
-            ax.scatter([x], [y], s=25, color="tab:blue" if ranked else "tab:gray",
-                       label=None if tag in shown else tag)
+            tag = ("approximation" if is_density(r) else "flat (not a density)") if ranked \
+                else "exact (cirkit's paths, kronecker)"
+            color = {"approximation": "tab:blue", "flat (not a density)": "tab:orange"}.get(tag, "tab:gray")
+            ax.scatter([x], [y], s=25, color=color, label=None if tag in shown else tag)
             shown.add(tag)
             if ranked:
                 ax.annotate(str(r["variant"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")

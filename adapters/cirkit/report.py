@@ -707,12 +707,24 @@ def tradeoff_error(row: Mapping[str, Any]) -> float:
     return value if not math.isnan(value) else row.get("rel_weight_error_max", NAN)
 
 
+def is_density(row: Mapping[str, Any]) -> bool:
+    """False for flat approximations: ``c̃²`` is no longer a square, can go negative, and
+    ``Z̃`` does not normalise it, so its bpd is not a likelihood (it can even beat exact)."""
+    return row.get("structure") != "flat"
+
+
+def pareto_points(group: Sequence[Mapping[str, Any]]) -> List[Tuple[float, float]]:
+    """(log c²(x) speedup vs optimize=True, error) per row; NaN for rows not eligible for the
+    front (flat approximations, whose bpd is not a likelihood)."""
+    return [(r["logc2_fwd_speedup_vs_opt"], tradeoff_error(r)) if is_density(r) else (NAN, NAN) for r in group]
+
+
 def _mark_pareto(rows: List[Dict[str, Any]]) -> None:
-    """``pareto``: on the (log c²(x) speedup vs optimize=True, error) front of its K."""
+    """``pareto``: on the (log c²(x) speedup vs optimize=True, error) front of its K,
+    among the rows that are densities."""
     for k in sorted({r["units"] for r in rows}):
         group = [r for r in rows if r["units"] == k]
-        points = [(r["logc2_fwd_speedup_vs_opt"], tradeoff_error(r)) for r in group]
-        front = set(pareto_front(points))
+        front = set(pareto_front(pareto_points(group)))
         for i, r in enumerate(group):
             r["pareto"] = i in front
 
@@ -808,6 +820,9 @@ def format_table(result: SweepResult) -> str:
                  "one Z f+b call and of one c² call.")
     lines.append("w.err: largest relative weight error of a swapped layer; Δbpd vs the exact model; "
                  "* on the Pareto front (c² speedup vs optimize=True, error).")
+    if any(not is_density(r) for r in result.rows):
+        lines.append("flat rows: c̃² is not a square any more (it can go negative) and Z̃ does not normalise "
+                     "it, so their bpd is not a likelihood; they are never on the Pareto front.")
     for note in dict.fromkeys(result.notes):
         lines.append("note: " + note)
     return "\n".join(lines)
