@@ -102,7 +102,6 @@ def test_circuit_grid_matches_circuit_variants():
     """Every name of the circuit suites' grid is a variant ``circuit_variants`` returns for
     their configuration, and every variant survives the trip from ``setup_cache`` to a
     benchmark process (either failure would only show as n/a in the suites)."""
-    pytest.importorskip("cirkit")
     script = (
         "import torch\n"
         "from benchmarks import _circuits as c\n"

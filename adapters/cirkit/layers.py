@@ -83,7 +83,16 @@ def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]
     return a, b
 
 
-class TorchKroneckerSumLayer(TorchInnerLayer):
+class _SumLayerConfig(TorchInnerLayer):
+    """``config`` mirrors ``__init__``'s unit arguments, as cirkit needs to fold a layer."""
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
+                "arity": self.arity}
+
+
+class TorchKroneckerSumLayer(_SumLayerConfig):
     """Exact sum layer whose weight graph ends in a Kronecker node, applied factor-wise.
 
     ``weight`` is the layer's usual cirkit parameter graph (W = A ⊗ B); the factors
@@ -103,10 +112,6 @@ class TorchKroneckerSumLayer(TorchInnerLayer):
                              f"{(num_output_units, num_input_units * arity)}")
         self.weight = weight
 
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
-                "arity": self.arity}
 
     @property
     def params(self) -> Mapping[str, TorchParameter]:
@@ -131,7 +136,7 @@ class TorchKroneckerSumLayer(TorchInnerLayer):
         return batch_size * self.num_folds * kron_chain_flops([a], [b])
 
 
-class TorchStructuredSumLayer(TorchInnerLayer):
+class TorchStructuredSumLayer(_SumLayerConfig):
     """A cirkit inner layer computing a :class:`structlayers.StructuredSumLayer`.
 
     ``structured`` holds F folds of an (Ko, H*Ki) map. It is a submodule, so its
@@ -150,10 +155,6 @@ class TorchStructuredSumLayer(TorchInnerLayer):
             raise ValueError(f"structured layer has (folds, out, in) = {got}, expected {expected}")
         self.structured = structured
 
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
-                "arity": self.arity}
 
     @property
     def params(self) -> Mapping[str, TorchParameter]:
@@ -173,7 +174,7 @@ class TorchStructuredSumLayer(TorchInnerLayer):
         return f"{super().extra_repr()}, kind={self.structured.kind}"
 
 
-class TorchLiveSquareSumLayer(TorchInnerLayer):
+class TorchLiveSquareSumLayer(_SumLayerConfig):
     """``Ã ⊗ conj(Ã)`` recomputed from the circuit's live ``A ⊗ conj(A)`` at every forward.
 
     ``live`` mode for the square approximations: training the original circuit's
@@ -203,8 +204,7 @@ class TorchLiveSquareSumLayer(TorchInnerLayer):
 
     @property
     def config(self) -> Mapping[str, Any]:
-        return {"num_input_units": self.num_input_units, "num_output_units": self.num_output_units,
-                "arity": self.arity, "kind": self.kind, "factor_rank": self.factor_rank,
+        return {**super().config, "kind": self.kind, "factor_rank": self.factor_rank,
                 "strategy": self.strategy, "oversampling": self.oversampling, "seed": self.seed}
 
     @property
