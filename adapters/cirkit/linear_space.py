@@ -34,6 +34,7 @@ tensor-dot, CP-T and Tucker layers, and this package's structured sum layers.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -48,7 +49,9 @@ from cirkit.backend.torch.layers import (
     TorchLayer,
     TorchSumLayer,
 )
+from cirkit.backend.torch.layers.input import TorchConstantValueLayer
 from cirkit.backend.torch.layers.optimized import TorchCPTLayer, TorchTensorDotLayer, TorchTuckerLayer
+from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchReduceLSEParameter
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
 from .layers import TorchKroneckerSumLayer, TorchLiveSquareSumLayer, TorchStructuredSumLayer, apply_linear
@@ -203,6 +206,59 @@ def _tucker(layer: TorchTuckerLayer, v: Tensor, s: Tensor) -> Scaled:
     return normalise(linear(v), s.sum(dim=1))
 
 
+def _outer_lse_operands(value) -> Optional[Tuple[Tensor, Tensor]]:
+    """(a, b) when a value graph ends in ``logsumexp_v (a[i, v] + b[j, v])``, else None.
+
+    That is the graph cirkit builds for the integral of a product of two categorical
+    (or other finite-support) layers: an outer sum of their log-probabilities over the
+    units, reduced by log-sum-exp over the categories. a: (F, Ki, V), b: (F, Kj, V).
+    """
+    if len(value.outputs) != 1 or not isinstance(value.outputs[0], TorchReduceLSEParameter):
+        return None
+    reduce = value.outputs[0]
+    (outer,) = value.node_inputs(reduce)
+    if not isinstance(outer, TorchOuterSumParameter) or len(outer.in_shape1) != 2:
+        return None
+    if outer.dim != 0 or reduce.dim != 1:
+        return None
+    captured: dict = {}
+
+    def fn(node, *inputs):
+        if node is outer:
+            captured["ab"] = inputs
+            return inputs[0]  # placeholder: the K_i·K_j·V outer sum is never built
+        if node is reduce:
+            return inputs[0]
+        return node(*inputs)
+
+    value.evaluate(module_fn=fn)
+    return captured["ab"]
+
+
+def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
+    """``logsumexp_v (a[i, v] + b[j, v])`` as linear values: ``exp(a) @ exp(b)^T``.
+
+    Each row is exponentiated relative to its own largest real part and the row scales
+    come back relative to the fold's largest, so entries underflow only where a sum
+    layer evaluating cirkit's logs would also underflow them. Returns v (F, 1, Ki·Kj)
+    and s (F, 1).
+    """
+    def stable_exp(t: Tensor) -> Tuple[Tensor, Tensor]:
+        top = (t.real if t.is_complex() else t).detach().amax(dim=-1)  # (F, K)
+        top = torch.where(torch.isfinite(top), top, torch.full_like(top, -torch.inf))
+        fold_top = top.amax(dim=-1, keepdim=True)  # (F, 1)
+        fold_top = torch.where(torch.isfinite(fold_top), fold_top, torch.zeros_like(fold_top))
+        row = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        return torch.exp(t - row.unsqueeze(-1)), torch.exp(top - fold_top), fold_top
+
+    ea, ra, sa = stable_exp(a)
+    eb, rb, sb = stable_exp(b)
+    if ea.is_complex() != eb.is_complex():
+        ea, eb = ea.to(torch.promote_types(ea.dtype, eb.dtype)), eb.to(torch.promote_types(ea.dtype, eb.dtype))
+    v = (ea @ eb.transpose(-1, -2)) * ra.unsqueeze(-1) * rb.unsqueeze(-2)  # (F, Ki, Kj)
+    return normalise(v.flatten(start_dim=1).unsqueeze(1), sa + sb)
+
+
 def _input(layer: TorchInputLayer, inputs: tuple) -> Scaled:
     if isinstance(layer, TorchCategoricalLayer) and layer.logits is not None and inputs:
         # exp of the logits table once, normalised per category over the units, then a
@@ -217,6 +273,12 @@ def _input(layer: TorchInputLayer, inputs: tuple) -> Scaled:
         idx = x.squeeze(dim=2).long()  # (F, B)
         v = table[folds, :, idx]  # (F, B, K)
         return v, top[:, 0][folds, idx]
+    if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
+        operands = _outer_lse_operands(layer.value)
+        if operands is not None:  # e.g. the integral of a squared categorical layer
+            v, s = _outer_lse(*operands)
+            (batch,) = inputs
+            return v.expand(-1, batch, -1), s.expand(-1, batch)
     return from_logs(layer(*inputs))
 
 
@@ -258,9 +320,34 @@ def check_log_semiring(circuit: TorchCircuit) -> bool:
     return kinds.pop() if kinds else False
 
 
-def _gather(outputs: List[Tensor], ids: List[int], idx) -> Tensor:
+# fold-index tensor -> (weak reference, whether a reshape gathers the same inputs); the
+# address book's index tensors live as long as the circuit, so this stays small
+_GATHER_PLANS: Dict[Tuple[int, int, bool], Tuple[weakref.ref, bool]] = {}
+
+
+def _gathers_by_view(idx: Tensor, num_rows: int, commutative: bool) -> bool:
+    """Whether ``t[idx]`` is ``t.view(idx.shape + ...)``, up to the order of the H inputs
+    of a fold when the layer is ``commutative`` in them (a Hadamard product)."""
+    key = (id(idx), num_rows, commutative)
+    hit = _GATHER_PLANS.get(key)
+    if hit is not None and hit[0]() is idx:
+        return hit[1]
+    rows = torch.sort(idx, dim=-1).values if commutative and idx.dim() > 1 else idx
+    plan = idx.numel() == num_rows and torch.equal(rows.flatten().cpu(), torch.arange(num_rows))
+    _GATHER_PLANS[key] = (weakref.ref(idx), plan)
+    return plan
+
+
+def _gather(outputs: List[Tensor], ids: List[int], idx, commutative: bool = False) -> Tensor:
+    """cirkit's input gathering ``cat(outputs[ids])[idx]``, without advanced indexing when
+    it can: a reshape where the fold index is the identity, else ``index_select`` (whose
+    backward is a scatter-add, not the sort-based ``index_put`` of ``t[idx]``)."""
     t = outputs[ids[0]] if len(ids) == 1 else torch.cat([outputs[i] for i in ids], dim=0)
-    return t[idx]
+    if not isinstance(idx, Tensor):  # cirkit's slice/None fast path
+        return t[idx]
+    if _gathers_by_view(idx, t.shape[0], commutative):
+        return t.view(*idx.shape, *t.shape[1:])
+    return t.index_select(0, idx.flatten()).view(*idx.shape, *t.shape[1:])
 
 
 def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None) -> Tensor:
@@ -285,7 +372,9 @@ def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None) -> 
     for entry in circuit._address_book:  # noqa: SLF001 -- cirkit's fold bookkeeping, reused as is
         layer, ids, fold_idx = entry.module, entry.in_module_ids, entry.in_fold_idx
         if ids:
-            v, s = _gather(values, ids[0], fold_idx[0]), _gather(scales, ids[0], fold_idx[0])
+            commutative = isinstance(layer, TorchHadamardLayer)
+            v = _gather(values, ids[0], fold_idx[0], commutative)
+            s = _gather(scales, ids[0], fold_idx[0], commutative)
             if layer is None:  # the output entry: (O, B, K)
                 y = to_logs(v, s, complex_values).transpose(0, 1)
                 return y if circuit.scope else y.squeeze(dim=0)

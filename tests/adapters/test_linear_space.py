@@ -8,11 +8,17 @@ to ~1e-11 relative on these circuits, so 1e-10 is tight but not at rounding leve
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
+import cirkit.symbolic.functional as SF
 from cirkit.backend.torch.layers import TorchInputLayer
+from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter
+from cirkit.pipeline import PipelineContext
+from cirkit.symbolic.layers import CategoricalLayer
+from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
 from adapters.cirkit import evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
 from adapters.cirkit.models import digits_squared_circuit, one_sum_circuit
@@ -95,6 +101,35 @@ def test_gradients_match(semiring, swap):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def product_partition(region_graph: str, semiring: str, fold: bool):
+    """∫ c1·c2 of two different circuits on one region graph: the integral of each input
+    product is ``logsumexp_v (log p1[i, v] + log p2[j, v])`` with p1 ≠ p2."""
+    param = Parameterization(activation="softmax", initialization="normal")
+    c1, c2 = (REGION_GRAPHS[region_graph]().build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
+        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
+        num_input_units=units, num_sum_units=units) for units in (2, 3))
+    torch.manual_seed(0)
+    ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=False)
+    return ctx.compile(SF.integrate(SF.multiply(c1, c2)))
+
+
+@pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_integrated_input_products_never_build_the_outer_sum(semiring, fold, monkeypatch):
+    """Different factors (2 and 3 units, different probabilities): the integral of each
+    input product is one matrix product, equal to cirkit's K1·K2·V log-sum-exp."""
+    partition = product_partition("quad-tree", semiring, fold)
+    reference = semiring_values(partition)
+
+    def refuse(*_):
+        raise AssertionError("the K1·K2·V outer sum was built")
+
+    monkeypatch.setattr(TorchOuterSumParameter, "forward", refuse)
+    with torch.no_grad():
+        assert_same_logs(evaluate_linear_space(partition), reference)
 
 
 def test_values_far_below_the_clamp_are_correct():
