@@ -53,7 +53,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -1309,16 +1309,29 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "structlayers"
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, Optional[str]]:
+    """Installed versions of torch, cirkit (distribution ``libcirkit``) and structlayers;
+    None for a distribution that is not installed (e.g. a source checkout)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        cirkit_version = version("libcirkit")
-    except PackageNotFoundError:  # pragma: no cover - e.g. a source checkout
+    out: dict[str, Optional[str]] = {"torch": str(torch.__version__)}
+    for dist, key in (("libcirkit", "cirkit"), ("structlayers", "structlayers")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover - e.g. a source checkout
+            out[key] = None
+    return out
+
+
+def _versions() -> dict[str, str]:
+    """What a cached model depends on besides its config: cirkit, torch, the cache format."""
+    found = package_versions()
+    cirkit_version = found["cirkit"]
+    if cirkit_version is None:  # pragma: no cover - a source checkout of cirkit
         import cirkit
 
         cirkit_version = getattr(cirkit, "__version__", "unknown")
-    return {"cirkit": str(cirkit_version), "torch": str(torch.__version__), "format": str(_CACHE_FORMAT)}
+    return {"cirkit": str(cirkit_version), "torch": str(found["torch"]), "format": str(_CACHE_FORMAT)}
 
 
 def cache_key(config: Mapping[str, Any]) -> str:

@@ -512,18 +512,6 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
-def _versions() -> Dict[str, Optional[str]]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: Dict[str, Optional[str]] = {"torch": torch.__version__}
-    for dist, key in (("libcirkit", "cirkit"), ("structlayers", "structlayers")):
-        try:
-            out[key] = version(dist)
-        except PackageNotFoundError:
-            out[key] = None
-    return out
-
-
 def run_sweep(config: BenchConfig, *, progress: bool = True, arguments: Optional[Mapping[str, Any]] = None) -> SweepResult:
     """Time, score and measure every variant of every ``K`` in ``config.units``."""
     validate(config)
@@ -584,7 +572,7 @@ def run_sweep(config: BenchConfig, *, progress: bool = True, arguments: Optional
     bar.close()
     if PEAK_RSS_PROBLEM:
         notes.append(PEAK_RSS_PROBLEM)
-    env = dict(env, threads=config.threads, **_versions(), git_commit=git_commit(),
+    env = dict(env, threads=config.threads, **M.package_versions(), git_commit=git_commit(),
                timing=f"median of {config.repeats} round-robin repeats after {config.warmup} warm-up call(s), "
                       "torch threads pinned",
                peak_memory="growth of the resident high-water mark during one call "
