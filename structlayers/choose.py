@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -97,12 +98,16 @@ def choose(
                 options = {}  # exact: no budget options
             cand = Candidate(kind=name, options=options)
             try:
-                layer = (get(name).from_kronecker(a, b, **options) if kronecker
-                         else get(name).from_dense(w, **options))
+                # a kind's warnings (e.g. tt costing more than dense) go into the candidate's note
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    layer = (get(name).from_kronecker(a, b, **options) if kronecker
+                             else get(name).from_dense(w, **options))
             except (ValueError, TypeError, NotImplementedError) as exc:
                 cand.note = f"skipped: {exc}"
                 candidates.append((cand, None))
                 continue
+            warned = "; ".join(str(c.message) for c in caught)
             cand.rank = getattr(layer, "rank", None) if isinstance(getattr(layer, "rank", None), int) else None
             cand.error = layer.relative_error_kronecker(a, b) if kronecker else layer.relative_error(w)
             cand.params, cand.flops = layer.num_params, layer.flops(batch_size)
@@ -110,6 +115,8 @@ def choose(
             cand.meets = within_tol and cand.params <= budget
             if not cand.meets:
                 cand.note = "over tolerance" if not within_tol else "over parameter budget"
+            if warned:
+                cand.note = f"{cand.note}; {warned}" if cand.note else warned
             candidates.append((cand, layer))
     ok = [(c, layer) for c, layer in candidates if c.meets]
     if not ok:

@@ -1,5 +1,7 @@
 """choose(): the cheapest layer meeting an error bound and/or a parameter budget."""
 
+import warnings
+
 import pytest
 
 import structlayers as sl
@@ -32,6 +34,18 @@ def test_budget_only_picks_the_most_accurate_within_budget():
     choice = sl.choose(w, params_share=0.25, kinds=["lowrank", "nystrom"])
     assert choice.chosen.kind == "lowrank"  # the SVD optimum is never beaten at equal params
     assert choice.layer.num_params <= 0.25 * w.numel()
+
+
+def test_kind_warnings_become_candidate_notes():
+    """A tt at 60 % of the numbers costs more multiply-adds than dense: choose() says so in
+    that candidate's note and lets no warning escape."""
+    w = decaying_matrix(1, 32, 48, decay=0.9, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choice = sl.choose(w, params_share=0.6, kinds=["lowrank", "tt"])
+    tt = next(c for c in choice.candidates if c.kind == "tt")
+    assert "multiply-adds" in tt.note and tt.flops > 32 * 48 * 256
+    assert "multiply-adds" in str(choice)
 
 
 def test_bad_requests():

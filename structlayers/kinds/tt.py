@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence as _SequenceABC
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -272,6 +273,18 @@ def chain_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return t
 
 
+def sweep_costs(out_modes: Modes, in_modes: Modes, ranks: Sequence[int]) -> Tuple[int, int]:
+    """Multiply-adds per sample (and fold) of the right-to-left and left-to-right sweeps of
+    an MPO with these modes and bond ranks ``(1, r_1, ..., r_{d-1}, 1)``."""
+    om, im, r, d = out_modes, in_modes, ranks, len(out_modes)
+    rtl = sum(r[k] * r[k + 1] * math.prod(om[k:]) * math.prod(im[:k + 1]) for k in range(d))
+    ltr = sum(r[k] * r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k:]) for k in range(d))
+    return rtl, ltr
+
+
+_LOWER_RANKS = "a lower rank, tolerance or params_share (or more cores) makes it cheaper"
+
+
 # -------------------------------------------------------------------- layer
 class TT(StructuredSumLayer, kind="tt"):
     """Tensor-train (MPO) layer; see the module docstring for the format.
@@ -364,11 +377,18 @@ class TT(StructuredSumLayer, kind="tt"):
     # ----------------------------------------------------------- compute
     def _sweep_costs(self) -> Tuple[int, int]:
         """Multiply-adds per sample of the right-to-left and left-to-right sweeps."""
-        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
-        d = len(om)
-        rtl = sum(r[k] * r[k + 1] * math.prod(om[k:]) * math.prod(im[:k + 1]) for k in range(d))
-        ltr = sum(r[k] * r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k:]) for k in range(d))
-        return rtl, ltr
+        return sweep_costs(self.out_modes, self.in_modes, self.tt_ranks)
+
+    def _warn_if_costlier(self, reference: int, what: str, advice: str) -> "TT":
+        """A UserWarning when one sample costs more multiply-adds than ``reference`` (per
+        fold): the layout is valid, but slower than the layer it stands in for."""
+        cost = min(self._sweep_costs())
+        if cost > reference:
+            warnings.warn(
+                f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks} "
+                f"costs {cost} multiply-adds per sample and fold, {cost / reference:.1f}x the {reference} "
+                f"of {what}; {advice}", UserWarning, stacklevel=3)
+        return self
 
     def flops(self, batch_size: int) -> int:
         return check_positive_int(batch_size, "batch_size") * self.num_folds * min(self._sweep_costs())
@@ -480,7 +500,8 @@ class TT(StructuredSumLayer, kind="tt"):
         step_tol = None if tolerance is None else tolerance / math.sqrt(d - 1)
         flat, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
                          rank=rank, step_tolerance=step_tol, total_sq=frobenius_sq(w))
-        return cls._from_cores(_unflatten_cores(flat, om, im))
+        layer = cls._from_cores(_unflatten_cores(flat, om, im))
+        return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
 
     @classmethod
     def from_kronecker(
@@ -552,7 +573,10 @@ class TT(StructuredSumLayer, kind="tt"):
         na_kept = (cores_a[-1].abs() ** 2).flatten(1).sum(dim=1)
         cores_b, _ = tt_svd(interleave(b, ob, ib), [m * n for m, n in zip(ob, ib)], rank=rank,
                             step_tolerance=step_tol, total_sq=total, fold_weights=na_kept)
-        return cls._from_cores(cores_a + _unflatten_cores(cores_b, ob, ib))
+        layer = cls._from_cores(cores_a + _unflatten_cores(cores_b, ob, ib))
+        exact = min(sweep_costs((a1, b1), (a2, b2), (1, 1, 1)))
+        return layer._warn_if_costlier(exact, "the exact two-core MPO [A, B] (factor_cores=None)",
+                                       "splitting the factors only pays at lower ranks")
 
 
 def _unflatten_cores(cores: Sequence[torch.Tensor], om: Modes, im: Modes) -> List[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -251,6 +252,33 @@ def test_params_share_picks_the_largest_fitting_rank():
 
 
 # ------------------------------------------------------------------- costs
+def _built_quietly(build):
+    """``build()``, failing on any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return build()
+
+
+def test_compression_costlier_than_dense_warns_with_the_numbers():
+    w = torch.randn(2, 32, 48, generator=generator(13), dtype=F64)
+    kw = {"out_modes": (2, 4, 4), "in_modes": (4, 3, 4)}
+    dense = 32 * 48
+    with pytest.warns(UserWarning, match=rf"multiply-adds per sample and fold, [0-9.]+x the {dense} of a dense layer"):
+        costly = TT.from_dense(w, params_share=0.6, **kw)  # the largest ranks that fit 60 % of the numbers
+    assert min(costly._sweep_costs()) > dense  # noqa: SLF001 -- the count the warning quotes
+    cheap = _built_quietly(lambda: TT.from_dense(w, rank=2, **kw))
+    assert min(cheap._sweep_costs()) <= dense  # noqa: SLF001
+
+
+def test_split_factors_costlier_than_the_exact_mpo_warn():
+    a, b = random_factors(2, (8, 8), (8, 8), seed=5)
+    exact = min(tt_module.sweep_costs((8, 8), (8, 8), (1, 1, 1)))
+    with pytest.warns(UserWarning, match=rf"x the {exact} of the exact two-core MPO"):
+        TT.from_kronecker(a, b, factor_cores=True)  # full ranks inside the factors
+    layer = _built_quietly(lambda: TT.from_kronecker(a, b, factor_cores=True, rank=1))
+    assert min(layer._sweep_costs()) <= exact  # noqa: SLF001
+
+
 def test_params_and_flops_hand_counts():
     f, bsz = 3, 5
     two = TT(10, 12, f, out_modes=(3, 4), in_modes=(2, 5), tt_rank=4, seed=0)
