@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers as sl
 from structlayers.linalg import kron_dense
@@ -60,3 +61,20 @@ def test_rectangular_factors_forward_ordering_is_exact():
         x = torch.randn(1, 6, shape_a[1] * shape_b[1], generator=generator(6), dtype=torch.float64)
         layer = sl.Kronecker.from_kronecker(a, b)
         assert rel(layer(x), x @ kron_dense(a, b).transpose(1, 2)) < 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("shape_a,shape_b", [((3, 3), (3, 3)), ((2, 3), (4, 5)), ((7, 2), (2, 7)), ((1, 6), (7, 2))])
+def test_several_terms_match_the_materialised_sum_in_either_order(shape_a, shape_b, dtype):
+    """r terms in two GEMMs (B side first for the square and (7, 2) ⊗ (2, 7) shapes, A side
+    first for the others): equal to x @ (Σ_t A_t ⊗ B_t)ᵀ, with the multiply-adds flops() states."""
+    f, r, n = 2, 4, 5
+    layer = sl.Kronecker(shape_a[1] * shape_b[1], shape_a[0] * shape_b[0], f, factor_shapes=(shape_a, shape_b),
+                         rank=r, seed=7, dtype=dtype)
+    x = torch.randn(f, n, layer.in_features, generator=generator(8), dtype=torch.float64).to(dtype)
+    w = sum(kron_dense(layer.a[:, t], layer.b[:, t]) for t in range(r))
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            y = layer(x)
+    assert rel(y, x @ w.transpose(1, 2)) < 1e-13
+    assert counter.get_total_flops() == 2 * layer.flops(n)  # torch counts 2 flops per multiply-add, any dtype
