@@ -27,6 +27,8 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops
 from structlayers.linalg.cur import cur_dense
 
+from .folds import evaluate_node, evaluate_parameter
+
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
                     dtype: torch.dtype) -> Tensor:
@@ -76,9 +78,9 @@ def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]
         if node is out:
             captured["ab"] = inputs
             return inputs[0]  # placeholder: the graph's output is not used
-        return node(*inputs)
+        return evaluate_node(node, *inputs)
 
-    weight.evaluate(module_fn=fn)
+    evaluate_parameter(weight, fn)
     a, b = captured["ab"]
     return a, b
 

@@ -34,7 +34,6 @@ tensor-dot, CP-T and Tucker layers, and this package's structured sum layers.
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -54,6 +53,7 @@ from cirkit.backend.torch.layers.optimized import TorchCPTLayer, TorchTensorDotL
 from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchReduceLSEParameter
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
+from .folds import evaluate_node, evaluate_parameter, gather_folds
 from .layers import TorchKroneckerSumLayer, TorchLiveSquareSumLayer, TorchStructuredSumLayer, apply_linear
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
 
@@ -164,7 +164,7 @@ def _weighted(v: Tensor, s: Tensor, linear: Callable[[Tensor], Tensor]) -> Scale
 
 
 def _sum(layer: TorchSumLayer, v: Tensor, s: Tensor) -> Scaled:
-    w = layer.weight()  # (F, Ko, H*Ki)
+    w = evaluate_parameter(layer.weight)  # (F, Ko, H*Ki)
     return _weighted(v, s, lambda z: apply_linear(lambda t: torch.einsum("fbi,foi->fbo", t, w), z, w.dtype))
 
 
@@ -173,7 +173,7 @@ def _structured(layer, v: Tensor, s: Tensor) -> Scaled:
 
 
 def _tensor_dot(layer: TorchTensorDotLayer, v: Tensor, s: Tensor) -> Scaled:
-    w = layer.weight()  # (F, Kk, Kj)
+    w = evaluate_parameter(layer.weight)  # (F, Kk, Kj)
     kj, kq = layer._num_contract_units, layer._num_batch_units  # noqa: SLF001 -- cirkit 0.3.1's names
 
     def linear(z: Tensor) -> Tensor:  # (F, B, Kj*Kq) -> (F, B, Kq*Kk), as cirkit orders it
@@ -185,13 +185,13 @@ def _tensor_dot(layer: TorchTensorDotLayer, v: Tensor, s: Tensor) -> Scaled:
 
 def _cpt(layer: TorchCPTLayer, v: Tensor, s: Tensor) -> Scaled:
     v, s = _hadamard(layer, v, s)  # type: ignore[arg-type]
-    w = layer.weight()  # (F, Ko, Ki)
+    w = evaluate_parameter(layer.weight)  # (F, Ko, Ki)
     return normalise(apply_linear(lambda t: torch.einsum("fbi,foi->fbo", t, w), v, w.dtype), s)
 
 
 def _tucker(layer: TorchTuckerLayer, v: Tensor, s: Tensor) -> Scaled:
     arity, ki, ko = layer.arity, layer.num_input_units, layer.num_output_units
-    w = layer.weight().view(-1, ko, *([ki] * arity))
+    w = evaluate_parameter(layer.weight).view(-1, ko, *([ki] * arity))
     # cirkit 0.3.1's contraction in interleaved form: input subscripts, weight's, output's
     *in_subs, w_sub, out_sub = layer._einsum  # noqa: SLF001
 
@@ -229,9 +229,9 @@ def _outer_lse_operands(value) -> Optional[Tuple[Tensor, Tensor]]:
             return inputs[0]  # placeholder: the K_i·K_j·V outer sum is never built
         if node is reduce:
             return inputs[0]
-        return node(*inputs)
+        return evaluate_node(node, *inputs)
 
-    value.evaluate(module_fn=fn)
+    evaluate_parameter(value, fn)
     return captured["ab"]
 
 
@@ -265,7 +265,7 @@ def _input(layer: TorchInputLayer, inputs: tuple) -> Scaled:
         # lookup: the scale of a sample is the largest logit of its category, exactly
         # what normalising the looked-up logits would give
         (x,) = inputs  # (F, B, 1)
-        logits = layer.logits()  # (F, K, N)
+        logits = evaluate_parameter(layer.logits)  # (F, K, N)
         top = logits.detach().amax(dim=1, keepdim=True)  # (F, 1, N)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         table = torch.exp(logits - top)
@@ -320,36 +320,6 @@ def check_log_semiring(circuit: TorchCircuit) -> bool:
     return kinds.pop() if kinds else False
 
 
-# fold-index tensor -> (weak reference, whether a reshape gathers the same inputs); the
-# address book's index tensors live as long as the circuit, so this stays small
-_GATHER_PLANS: Dict[Tuple[int, int, bool], Tuple[weakref.ref, bool]] = {}
-
-
-def _gathers_by_view(idx: Tensor, num_rows: int, commutative: bool) -> bool:
-    """Whether ``t[idx]`` is ``t.view(idx.shape + ...)``, up to the order of the H inputs
-    of a fold when the layer is ``commutative`` in them (a Hadamard product)."""
-    key = (id(idx), num_rows, commutative)
-    hit = _GATHER_PLANS.get(key)
-    if hit is not None and hit[0]() is idx:
-        return hit[1]
-    rows = torch.sort(idx, dim=-1).values if commutative and idx.dim() > 1 else idx
-    plan = idx.numel() == num_rows and torch.equal(rows.flatten().cpu(), torch.arange(num_rows))
-    _GATHER_PLANS[key] = (weakref.ref(idx), plan)
-    return plan
-
-
-def _gather(outputs: List[Tensor], ids: List[int], idx, commutative: bool = False) -> Tensor:
-    """cirkit's input gathering ``cat(outputs[ids])[idx]``, without advanced indexing when
-    it can: a reshape where the fold index is the identity, else ``index_select`` (whose
-    backward is a scatter-add, not the sort-based ``index_put`` of ``t[idx]``)."""
-    t = outputs[ids[0]] if len(ids) == 1 else torch.cat([outputs[i] for i in ids], dim=0)
-    if not isinstance(idx, Tensor):  # cirkit's slice/None fast path
-        return t[idx]
-    if _gathers_by_view(idx, t.shape[0], commutative):
-        return t.view(*idx.shape, *t.shape[1:])
-    return t.index_select(0, idx.flatten()).view(*idx.shape, *t.shape[1:])
-
-
 def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None) -> Tensor:
     """``circuit(x)`` of an lse-sum / complex-lse-sum circuit, evaluated in linear space.
 
@@ -373,8 +343,8 @@ def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None) -> 
         layer, ids, fold_idx = entry.module, entry.in_module_ids, entry.in_fold_idx
         if ids:
             commutative = isinstance(layer, TorchHadamardLayer)
-            v = _gather(values, ids[0], fold_idx[0], commutative)
-            s = _gather(scales, ids[0], fold_idx[0], commutative)
+            v = gather_folds(values, ids[0], fold_idx[0], commutative)
+            s = gather_folds(scales, ids[0], fold_idx[0], commutative)
             if layer is None:  # the output entry: (O, B, K)
                 y = to_logs(v, s, complex_values).transpose(0, 1)
                 return y if circuit.scope else y.squeeze(dim=0)
