@@ -107,7 +107,10 @@ def choose(
                 cand.note = f"skipped: {exc}"
                 candidates.append((cand, None))
                 continue
-            warned = "; ".join(str(c.message) for c in caught)
+            for c in caught:  # only a kind's own remarks (UserWarning) become notes
+                if not issubclass(c.category, UserWarning):
+                    warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
+            warned = "; ".join(str(c.message) for c in caught if issubclass(c.category, UserWarning))
             cand.rank = getattr(layer, "rank", None) if isinstance(getattr(layer, "rank", None), int) else None
             cand.error = layer.relative_error_kronecker(a, b) if kronecker else layer.relative_error(w)
             cand.params, cand.flops = layer.num_params, layer.flops(batch_size)

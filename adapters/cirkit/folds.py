@@ -22,8 +22,8 @@ from torch import Tensor
 from cirkit.backend.torch.parameters.nodes import TorchParameterNode, TorchPointerParameter
 from cirkit.backend.torch.parameters.parameter import TorchParameter
 
-# fold-index tensor -> (weak reference, whether a reshape gathers the same inputs); the
-# address books' index tensors live as long as their graphs, so this stays small
+# fold-index tensor -> (weak reference, whether a reshape gathers the same inputs); an
+# entry is dropped when its index tensor is freed
 _VIEW_PLANS: Dict[Tuple[int, int, bool], Tuple[weakref.ref, bool]] = {}
 
 
@@ -37,6 +37,7 @@ def _gathers_by_view(idx: Tensor, num_rows: int, commutative: bool) -> bool:
     rows = torch.sort(idx, dim=-1).values if commutative and idx.dim() > 1 else idx
     plan = idx.numel() == num_rows and torch.equal(rows.flatten().cpu(), torch.arange(num_rows))
     _VIEW_PLANS[key] = (weakref.ref(idx), plan)
+    weakref.finalize(idx, _VIEW_PLANS.pop, key, None)  # the entry goes with its index tensor
     return plan
 
 

@@ -206,57 +206,73 @@ def _tucker(layer: TorchTuckerLayer, v: Tensor, s: Tensor) -> Scaled:
     return normalise(linear(v), s.sum(dim=1))
 
 
-def _outer_lse_operands(value) -> Optional[Tuple[Tensor, Tensor]]:
-    """(a, b) when a value graph ends in ``logsumexp_v (a[i, v] + b[j, v])``, else None.
+def _integrated_products(value) -> Optional[Scaled]:
+    """``(v, s)`` of a value graph ``logsumexp_v (a[i, v] + b[j, v])``, else None.
 
     That is the graph cirkit builds for the integral of a product of two categorical
-    (or other finite-support) layers: an outer sum of their log-probabilities over the
-    units, reduced by log-sum-exp over the categories. a: (F, Ki, V), b: (F, Kj, V).
+    (or other finite-support) layers: outer sums of their log-probabilities over the
+    units (a: (F, Ki, V), b: (F, Kj, V), one node per pair of unit counts), folded into
+    one log-sum-exp over the categories. Each outer sum is replaced by the matrix
+    product of :func:`_outer_lse`; the outer sums' folds are tracked through the graph's
+    gathers by a placeholder carrying fold numbers. Any other graph gives None.
+    Returns v (F, 1, Ki·Kj) and s (F, 1).
     """
     if len(value.outputs) != 1 or not isinstance(value.outputs[0], TorchReduceLSEParameter):
         return None
     reduce = value.outputs[0]
-    (outer,) = value.node_inputs(reduce)
-    if not isinstance(outer, TorchOuterSumParameter) or len(outer.in_shape1) != 2:
+    outers = list(value.node_inputs(reduce))
+    for outer in outers:
+        if (not isinstance(outer, TorchOuterSumParameter) or len(outer.in_shape1) != 2 or outer.dim != 0
+                or list(value.node_outputs(outer)) != [reduce]):
+            return None
+    if reduce.dim != 1 or not outers:
         return None
-    if outer.dim != 0 or reduce.dim != 1:
-        return None
-    captured: dict = {}
+    pieces: List[Scaled] = []
 
     def fn(node, *inputs):
-        if node is outer:
-            captured["ab"] = inputs
-            return inputs[0]  # placeholder: the K_i·K_j·V outer sum is never built
         if node is reduce:
-            return inputs[0]
+            return inputs[0]  # the fold numbers, gathered as the outer sums would be
+        if any(node is outer for outer in outers):
+            v, s = _outer_lse(*inputs)
+            start = sum(p[0].shape[0] for p in pieces)
+            pieces.append((v, s))
+            # placeholder: fold numbers, never the K_i·K_j·V outer sum
+            return torch.arange(start, start + v.shape[0], dtype=torch.float64).unsqueeze(-1)
         return evaluate_node(node, *inputs)
 
-    evaluate_parameter(value, fn)
-    return captured["ab"]
+    folds = evaluate_parameter(value, fn).flatten().long()  # (F,) into the pieces' folds
+    v = torch.cat([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
+    s = torch.cat([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
+    return v.index_select(0, folds), s.index_select(0, folds)
 
 
 def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
-    """``logsumexp_v (a[i, v] + b[j, v])`` as linear values: ``exp(a) @ exp(b)^T``.
+    """``logsumexp_v (a[i, v] + b[j, v])`` as linear values: a matrix product over v.
 
-    Each row is exponentiated relative to its own largest real part and the row scales
-    come back relative to the fold's largest, so entries underflow only where a sum
-    layer evaluating cirkit's logs would also underflow them. Returns v (F, 1, Ki·Kj)
-    and s (F, 1).
+    With ``ma_v``, ``mb_v`` the largest (real parts of) a and b in category v and
+    ``s = max_v (ma_v + mb_v)``, the entry is ``Σ_v e^(a_iv - ma_v) e^(ma_v + mb_v - s)
+    e^(b_jv - mb_v)`` times ``e^s``: three factors at most 1, each at least the term, so
+    a term underflows only when it is below ``tiny`` relative to ``e^s``, which is within
+    a factor V of the fold's largest entry -- where a sum layer exponentiating cirkit's
+    logs relative to their maximum would flush it too. Returns v (F, 1, Ki·Kj) and
+    s (F, 1).
     """
-    def stable_exp(t: Tensor) -> Tuple[Tensor, Tensor]:
-        top = (t.real if t.is_complex() else t).detach().amax(dim=-1)  # (F, K)
-        top = torch.where(torch.isfinite(top), top, torch.full_like(top, -torch.inf))
-        fold_top = top.amax(dim=-1, keepdim=True)  # (F, 1)
-        fold_top = torch.where(torch.isfinite(fold_top), fold_top, torch.zeros_like(fold_top))
-        row = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        return torch.exp(t - row.unsqueeze(-1)), torch.exp(top - fold_top), fold_top
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
 
-    ea, ra, sa = stable_exp(a)
-    eb, rb, sb = stable_exp(b)
-    if ea.is_complex() != eb.is_complex():
-        ea, eb = ea.to(torch.promote_types(ea.dtype, eb.dtype)), eb.to(torch.promote_types(ea.dtype, eb.dtype))
-    v = (ea @ eb.transpose(-1, -2)) * ra.unsqueeze(-1) * rb.unsqueeze(-2)  # (F, Ki, Kj)
-    return normalise(v.flatten(start_dim=1).unsqueeze(1), sa + sb)
+    def column_top(t: Tensor) -> Tensor:  # (F, V); -inf for a category no unit can take
+        return (t.real if t.is_complex() else t).detach().amax(dim=1)
+
+    def finite(t: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+    ma, mb = column_top(a), column_top(b)
+    top = ma + mb
+    s = finite(top.amax(dim=-1, keepdim=True))  # (F, 1)
+    weight = torch.exp(top - s)  # (F, V), 0 for impossible categories
+    left = torch.exp(a - finite(ma).unsqueeze(1)) * weight.unsqueeze(1)
+    v = left @ torch.exp(b - finite(mb).unsqueeze(1)).transpose(-1, -2)  # (F, Ki, Kj)
+    return normalise(v.flatten(start_dim=1).unsqueeze(1), s)
 
 
 def _input(layer: TorchInputLayer, inputs: tuple) -> Scaled:
@@ -274,9 +290,9 @@ def _input(layer: TorchInputLayer, inputs: tuple) -> Scaled:
         v = table[folds, :, idx]  # (F, B, K)
         return v, top[:, 0][folds, idx]
     if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
-        operands = _outer_lse_operands(layer.value)
-        if operands is not None:  # e.g. the integral of a squared categorical layer
-            v, s = _outer_lse(*operands)
+        integrated = _integrated_products(layer.value)
+        if integrated is not None:  # e.g. the integral of a squared categorical layer
+            v, s = integrated
             (batch,) = inputs
             return v.expand(-1, batch, -1), s.expand(-1, batch)
     return from_logs(layer(*inputs))

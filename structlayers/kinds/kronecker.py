@@ -128,8 +128,7 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        f, r = self.num_folds, self.rank
-        if r == 1:
+        if self.rank == 1:
             return kron_apply([self.a[:, 0]], [self.b[:, 0]], x)
         return _kronecker_sum_apply(self.a, self.b, x)
 

@@ -282,7 +282,7 @@ def sweep_costs(out_modes: Modes, in_modes: Modes, ranks: Sequence[int]) -> Tupl
     return rtl, ltr
 
 
-_LOWER_RANKS = "a lower rank, tolerance or params_share (or more cores) makes it cheaper"
+_LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 
 # -------------------------------------------------------------------- layer

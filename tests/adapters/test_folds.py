@@ -73,3 +73,14 @@ def test_parameter_graphs_equal_cirkits_evaluation(fold):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_plans_go_with_their_index_tensors():
+    """The reshape-or-select decision is cached per index tensor, and dropped with it."""
+    from adapters.cirkit import folds
+
+    before = len(folds._VIEW_PLANS)  # noqa: SLF001
+    t = torch.randn(6, 2)
+    for _ in range(50):  # throwaway indices, as from circuits compiled and discarded
+        gather_folds([t], [0], torch.arange(6).view(3, 2))
+    assert len(folds._VIEW_PLANS) <= before + 1  # noqa: SLF001

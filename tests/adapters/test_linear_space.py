@@ -15,9 +15,12 @@ import torch
 
 import cirkit.symbolic.functional as SF
 from cirkit.backend.torch.layers import TorchInputLayer
-from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter
+from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchPointerParameter
 from cirkit.pipeline import PipelineContext
+from cirkit.symbolic.initializers import NormalInitializer
 from cirkit.symbolic.layers import CategoricalLayer
+from cirkit.symbolic.parameters import LogSoftmaxParameter, Parameter, TensorParameter
+from cirkit.templates.region_graph import LinearTree
 from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
 from adapters.cirkit import evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
@@ -130,6 +133,58 @@ def test_integrated_input_products_never_build_the_outer_sum(semiring, fold, mon
     monkeypatch.setattr(TorchOuterSumParameter, "forward", refuse)
     with torch.no_grad():
         assert_same_logs(evaluate_linear_space(partition), reference)
+
+
+def test_integrated_products_of_several_unit_splits_fold_together():
+    """∫ [c1·c2, c2·c1] with 2- and 3-unit circuits: outer sums of (2, V)×(3, V) and
+    (3, V)×(2, V) inputs are two nodes feeding one folded log-sum-exp."""
+    param = Parameterization(activation="softmax", initialization="normal")
+    c1, c2 = (LinearTree(3, num_repetitions=1).build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
+        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
+        num_input_units=units, num_sum_units=units) for units in (2, 3))
+    symbolic = SF.integrate(SF.concatenate([SF.multiply(c1, c2), SF.multiply(c2, c1)]))
+    for semiring in ("lse-sum", "complex-lse-sum"):
+        torch.manual_seed(0)
+        partition = PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=False).compile(symbolic)
+        with torch.no_grad():
+            assert_same_logs(evaluate_linear_space(partition), semiring_values(partition))
+
+
+def log_softmax_logits(shape):
+    """Categorical logits normalised by log-softmax: log-probabilities far below -745 stay
+    finite (a softmax would flush them to 0 first)."""
+    return Parameter.from_unary(LogSoftmaxParameter(shape, axis=1),
+                                TensorParameter(*shape, initializer=NormalInitializer()))
+
+
+@pytest.mark.parametrize("dtype,gap", [(torch.float64, 800.0), (torch.float32, 110.0)])
+def test_integrated_products_whose_factors_peak_apart_do_not_underflow(dtype, gap):
+    """∫ c1·c2 where c1's inputs put their mass on category 0 and c2's on category 1
+    (log-probability -gap elsewhere): every input integral is about 2·e^-gap, which
+    rescaling each unit by its own largest log-probability would flush to zero (-inf).
+    It must equal cirkit's value."""
+    torch.set_default_dtype(dtype)
+    param = Parameterization(activation="softmax", initialization="normal")
+    c1, c2 = (LinearTree(3, num_repetitions=1).build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, logits_factory=log_softmax_logits),
+        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
+        num_input_units=units, num_sum_units=units) for units in (2, 3))
+    torch.manual_seed(0)
+    partition = PipelineContext(backend="torch", semiring="lse-sum", fold=True, optimize=False).compile(
+        SF.integrate(SF.multiply(c1, c2)))
+    pointers = [n for layer in partition.layers if isinstance(layer, TorchInputLayer)
+                for n in layer.value.nodes if isinstance(n, TorchPointerParameter)]
+    logits = list({id(n.deref()): n.deref() for n in pointers}.values())
+    assert len(logits) == 2  # the folded input logits of c1 and of c2
+    with torch.no_grad():
+        for i, leaf in enumerate(logits):
+            t = torch.full_like(leaf._ptensor, -gap)  # noqa: SLF001
+            t[..., i] = 0.0
+            leaf._ptensor.copy_(t)  # noqa: SLF001
+        ref, got = semiring_values(partition), evaluate_linear_space(partition)
+    assert bool(torch.isfinite(ref).all()) and float(ref.max()) < -gap  # the regime of the test
+    torch.testing.assert_close(got, ref, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
 
 
 def test_values_far_below_the_clamp_are_correct():
