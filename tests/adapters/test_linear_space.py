@@ -20,7 +20,6 @@ from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.initializers import NormalInitializer
 from cirkit.symbolic.layers import CategoricalLayer
 from cirkit.symbolic.parameters import LogSoftmaxParameter, Parameter, TensorParameter
-from cirkit.templates.region_graph import LinearTree
 from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
 from adapters.cirkit import evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
@@ -106,17 +105,26 @@ def test_gradients_match(semiring, swap):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-8, atol=1e-10, msg=name)
 
 
+def two_circuits(region_graph: str, **categorical_options):
+    """Two different categorical circuits on one region graph, with 2 and 3 units."""
+    param = Parameterization(activation="softmax", initialization="normal")
+    return tuple(REGION_GRAPHS[region_graph]().build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **categorical_options),
+        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
+        num_input_units=units, num_sum_units=units) for units in (2, 3))
+
+
+def compile_partition(symbolic, semiring: str, fold: bool):
+    torch.manual_seed(0)
+    ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=False)
+    return ctx.compile(SF.integrate(symbolic))
+
+
 def product_partition(region_graph: str, semiring: str, fold: bool):
     """∫ c1·c2 of two different circuits on one region graph: the integral of each input
     product is ``logsumexp_v (log p1[i, v] + log p2[j, v])`` with p1 ≠ p2."""
-    param = Parameterization(activation="softmax", initialization="normal")
-    c1, c2 = (REGION_GRAPHS[region_graph]().build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
-        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
-        num_input_units=units, num_sum_units=units) for units in (2, 3))
-    torch.manual_seed(0)
-    ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=False)
-    return ctx.compile(SF.integrate(SF.multiply(c1, c2)))
+    c1, c2 = two_circuits(region_graph)
+    return compile_partition(SF.multiply(c1, c2), semiring, fold)
 
 
 @pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
@@ -138,15 +146,9 @@ def test_integrated_input_products_never_build_the_outer_sum(semiring, fold, mon
 def test_integrated_products_of_several_unit_splits_fold_together():
     """∫ [c1·c2, c2·c1] with 2- and 3-unit circuits: outer sums of (2, V)×(3, V) and
     (3, V)×(2, V) inputs are two nodes feeding one folded log-sum-exp."""
-    param = Parameterization(activation="softmax", initialization="normal")
-    c1, c2 = (LinearTree(3, num_repetitions=1).build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
-        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
-        num_input_units=units, num_sum_units=units) for units in (2, 3))
-    symbolic = SF.integrate(SF.concatenate([SF.multiply(c1, c2), SF.multiply(c2, c1)]))
+    c1, c2 = two_circuits("linear-tree")
     for semiring in ("lse-sum", "complex-lse-sum"):
-        torch.manual_seed(0)
-        partition = PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=False).compile(symbolic)
+        partition = compile_partition(SF.concatenate([SF.multiply(c1, c2), SF.multiply(c2, c1)]), semiring, True)
         with torch.no_grad():
             assert_same_logs(evaluate_linear_space(partition), semiring_values(partition))
 
@@ -165,14 +167,8 @@ def test_integrated_products_whose_factors_peak_apart_do_not_underflow(dtype, ga
     rescaling each unit by its own largest log-probability would flush to zero (-inf).
     It must equal cirkit's value."""
     torch.set_default_dtype(dtype)
-    param = Parameterization(activation="softmax", initialization="normal")
-    c1, c2 = (LinearTree(3, num_repetitions=1).build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, logits_factory=log_softmax_logits),
-        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
-        num_input_units=units, num_sum_units=units) for units in (2, 3))
-    torch.manual_seed(0)
-    partition = PipelineContext(backend="torch", semiring="lse-sum", fold=True, optimize=False).compile(
-        SF.integrate(SF.multiply(c1, c2)))
+    c1, c2 = two_circuits("linear-tree", logits_factory=log_softmax_logits)
+    partition = compile_partition(SF.multiply(c1, c2), "lse-sum", True)
     pointers = [n for layer in partition.layers if isinstance(layer, TorchInputLayer)
                 for n in layer.value.nodes if isinstance(n, TorchPointerParameter)]
     logits = list({id(n.deref()): n.deref() for n in pointers}.values())
