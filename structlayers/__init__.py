@@ -6,7 +6,8 @@
 >>> layer = structlayers.from_kronecker("lowrank", A, B, rank=16)   # doctest: +SKIP
 """
 
-from .base import StructuredSumLayer, available, create, from_dense, from_kronecker, get
+from .base import StructuredSumLayer
+from .registry import available, create, from_dense, from_kronecker, get
 from .kinds import TT, Dense, Kronecker, LowRank, Monarch, Nystrom, Sketched
 from .linalg import PIVOT_STRATEGIES, optimal_relative_error, optimal_relative_error_kronecker
 from .nn import Linear, ReplacementReport, replace_linear

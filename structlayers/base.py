@@ -1,4 +1,4 @@
-"""The one interface every structured sum layer implements, and the kind registry.
+"""The one interface every structured sum layer implements.
 
 A structured sum layer holds F independent linear maps ("folds") of shape
 (out_features, in_features) and applies them to folded inputs:
@@ -10,7 +10,9 @@ A subclass declares its registry name in the class statement::
     class LowRank(StructuredSumLayer, kind="lowrank"):
         ...
 
-and is then reachable by name through :func:`structlayers.get` and friends.
+and is then reachable by name through :func:`structlayers.get` and friends
+(the registry lives in :mod:`structlayers.registry`; its functions are re-exported
+here for code that imported them from this module).
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ from __future__ import annotations
 import abc
 import copy
 import math
-from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import Callable, ClassVar, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._checks import as_folded_factors, as_folded_weight, check_positive_int
 from .linalg.kron import frobenius_sq
-
-_REGISTRY: Dict[str, Type["StructuredSumLayer"]] = {}
+from .registry import _REGISTRY, available, create, from_dense, from_kronecker, get, register  # noqa: F401
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):
@@ -43,11 +44,8 @@ class StructuredSumLayer(nn.Module, abc.ABC):
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if kind is not None:
-            if kind in _REGISTRY and _REGISTRY[kind] is not cls:
-                raise ValueError(f"a structured layer kind named {kind!r} is already registered "
-                                 f"({_REGISTRY[kind].__qualname__})")
+            register(kind, cls)
             cls.kind = kind
-            _REGISTRY[kind] = cls
 
     def __init__(self, in_features: int, out_features: int, num_folds: int = 1) -> None:
         super().__init__()
@@ -205,37 +203,6 @@ def _ratio(err_sq: torch.Tensor, total_sq: torch.Tensor, per_fold: bool):
     if per_fold:
         return (err_sq / total_sq).sqrt()
     return float((err_sq.sum() / total_sq.sum()).sqrt())
-
-
-# ---------------------------------------------------------------- registry
-def available() -> List[str]:
-    """Names of the registered kinds, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> Type[StructuredSumLayer]:
-    """The class registered under ``name``."""
-    if not isinstance(name, str):
-        raise TypeError(f"kind name must be a str, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown structured layer kind {name!r}; available: {', '.join(available())}") from None
-
-
-def create(name: str, in_features: int, out_features: int, num_folds: int = 1, **options) -> StructuredSumLayer:
-    """A randomly initialised layer of kind ``name`` (trainable from scratch)."""
-    return get(name)(in_features, out_features, num_folds, **options)
-
-
-def from_dense(name: str, weight: torch.Tensor, **options) -> StructuredSumLayer:
-    """``get(name).from_dense(weight, **options)``."""
-    return get(name).from_dense(weight, **options)
-
-
-def from_kronecker(name: str, a: torch.Tensor, b: torch.Tensor, **options) -> StructuredSumLayer:
-    """``get(name).from_kronecker(a, b, **options)``."""
-    return get(name).from_kronecker(a, b, **options)
 
 
 # ------------------------------------------------------ helpers for kinds

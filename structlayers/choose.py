@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._checks import as_folded_factors, as_folded_weight, check_budget
-from .base import StructuredSumLayer, available, get
+from .base import StructuredSumLayer
+from .registry import available, get
 
 Target = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 

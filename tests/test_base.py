@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -175,33 +171,3 @@ def test_flops_and_params_hand_counts():
     assert square.num_params == f * 2 * (4 + 4) and square.num_buffers == 0
     sum_of_two = sl.Kronecker.from_dense(kron_dense(a, b), factor_shapes=((4, 6), (5, 3)), rank=2)
     assert sum_of_two.flops(bsz) == 2 * bsz * f * 132
-
-
-def test_registry_dispatch_and_custom_kind():
-    assert sl.get("lowrank") is sl.LowRank
-    layer = sl.from_dense("lowrank", torch.randn(6, 5, dtype=torch.float64), rank=2)
-    assert isinstance(layer, sl.LowRank) and layer.rank == 2
-    # A new kind is one class plus its registration (run in a fresh interpreter).
-    code = textwrap.dedent(
-        """
-        import torch, structlayers as sl
-        class Scaled(sl.StructuredSumLayer, kind="scaled-identity"):
-            def __init__(self, in_features, out_features, num_folds=1):
-                super().__init__(in_features, out_features, num_folds)
-                self.scale = torch.nn.Parameter(torch.ones(num_folds, 1, 1))
-            def forward(self, x):
-                return self.scale * x
-            def flops(self, batch_size):
-                return batch_size * self.num_folds * self.in_features
-            @classmethod
-            def from_dense(cls, w): raise NotImplementedError
-            @classmethod
-            def from_kronecker(cls, a, b): raise NotImplementedError
-        assert "scaled-identity" in sl.available() and sl.get("scaled-identity") is Scaled
-        layer = sl.create("scaled-identity", 4, 4, 2)
-        assert torch.equal(layer.to_dense(), torch.eye(4).expand(2, 4, 4))
-        print("ok")
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ok"

@@ -69,9 +69,3 @@ def test_forward_rejects_wrong_shapes(kind):
         layer(torch.randn(4, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"target weight has shape \(F=2, out=5, in=6\)"):
         layer.relative_error(torch.randn(2, 5, 6, dtype=torch.float64))
-
-
-def test_duplicate_kind_name_is_refused():
-    with pytest.raises(ValueError, match="a structured layer kind named 'lowrank' is already registered"):
-        class Again(sl.StructuredSumLayer, kind="lowrank"):  # noqa: F841
-            pass
