@@ -22,6 +22,8 @@ from torch import nn
 from .._checks import check_positive_int, check_rank_range, make_generator
 from ..base import StructuredSumLayer, random_normal
 from ..linalg.kron import (
+    FactorShapes,
+    check_factor_shapes,
     inner,
     kron_apply,
     kron_chain_flops,
@@ -29,7 +31,6 @@ from ..linalg.kron import (
     kron_inner_lowrank,
     lowrank_frobenius_sq,
 )
-from .kronecker import FactorShapes, check_factor_shapes
 
 STRUCTURES = ("flat", "kronecker")
 

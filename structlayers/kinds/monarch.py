@@ -36,7 +36,6 @@ of the factors, so the blockwise SVD comes from the factors' small SVDs.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -50,58 +49,18 @@ from .._checks import (
     make_generator,
 )
 from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..linalg.blocks import (
+    Blocks,
+    block_view,
+    check_block_rank,
+    check_num_blocks,
+    kron_block_sets,
+    kron_block_svd,
+    per_block,
+    svd_dtype,
+)
 from ..linalg.kron import frobenius_sq
 from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
-
-Blocks = Tuple[int, int]
-
-_SVD_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
-
-
-# ------------------------------------------------------------------ block shapes
-def balanced_num_blocks(out_features: int, in_features: int) -> Blocks:
-    """Default (blocks_out, blocks_in): for each side the largest divisor <= sqrt(features)."""
-    def split(n: int) -> int:
-        return max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-
-    return split(out_features), split(in_features)
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def check_num_blocks(num_blocks: object, out_features: int, in_features: int) -> Blocks:
-    """Validate ``num_blocks`` (int: both sides; or (blocks_out, blocks_in)); None gives the default."""
-    if num_blocks is None:
-        return balanced_num_blocks(out_features, in_features)
-    if isinstance(num_blocks, numbers.Integral) and not isinstance(num_blocks, bool):
-        lo = ki = check_positive_int(num_blocks, "num_blocks")
-    elif isinstance(num_blocks, (tuple, list)):
-        if len(num_blocks) != 2:
-            raise ValueError(f"num_blocks must be an int or a pair (blocks_out, blocks_in), got {num_blocks!r}")
-        lo = check_positive_int(num_blocks[0], "num_blocks[0] (blocks_out)")
-        ki = check_positive_int(num_blocks[1], "num_blocks[1] (blocks_in)")
-    else:
-        raise TypeError(f"num_blocks must be a positive int or a pair (blocks_out, blocks_in) of positive "
-                        f"ints, got {type(num_blocks).__name__} {num_blocks!r}")
-    if out_features % lo:
-        raise ValueError(f"out_features={out_features} is not divisible by the number of output blocks {lo} "
-                         f"(num_blocks={num_blocks!r}); divisors of {out_features}: {_divisors(out_features)}")
-    if in_features % ki:
-        raise ValueError(f"in_features={in_features} is not divisible by the number of input blocks {ki} "
-                         f"(num_blocks={num_blocks!r}); divisors of {in_features}: {_divisors(in_features)}")
-    return lo, ki
-
-
-def _check_block_rank(block_rank: object, out_block: int, in_block: int, blocks: Blocks) -> int:
-    r = check_positive_int(block_rank, "block_rank")
-    if r > min(out_block, in_block):
-        raise ValueError(
-            f"block_rank {r} exceeds min(output block size {out_block}, input block size {in_block}) = "
-            f"{min(out_block, in_block)} for num_blocks={blocks}: a {out_block} x {in_block} block has "
-            f"no higher rank (at that block rank the layer already represents every matrix)")
-    return r
 
 
 def _check_budget(block_rank, tolerance, params_share) -> None:
@@ -112,10 +71,6 @@ def _check_budget(block_rank, tolerance, params_share) -> None:
     if block_rank is not None:
         check_positive_int(block_rank, "block_rank")
     check_budget(None, tolerance, params_share)
-
-
-def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in _SVD_DTYPES else torch.float32
 
 
 def _params_for(num_folds: int, out: int, inp: int, blocks: Blocks):
@@ -129,7 +84,7 @@ def _choose_rank(spectrum: torch.Tensor, total_sq: torch.Tensor, max_rank: int, 
     """The block rank for a budget. ``spectrum``: (F, Lb, K, p) blockwise singular values, each
     block's sorted descending and complete (p = the rank beyond which errors stay 0)."""
     if block_rank is not None:
-        return _check_block_rank(block_rank, out_block, in_block, blocks)
+        return check_block_rank(block_rank, out_block, in_block, blocks)
     if tolerance is not None:
         f, lo, ki, p = spectrum.shape
         errors = tail_error_sq(spectrum.reshape(f * lo * ki, p)).reshape(f, lo * ki, p + 1).sum(dim=1)
@@ -138,58 +93,6 @@ def _choose_rank(spectrum: torch.Tensor, total_sq: torch.Tensor, max_rank: int, 
         return rank_for_params_share(float(params_share), dense_params, params_for, max_rank,
                                      f"Monarch layer with num_blocks={blocks}")
     return default
-
-
-# ------------------------------------------------------------- Kronecker blocks
-def _kron_block_sets(a: torch.Tensor, b: torch.Tensor, blocks: Blocks):
-    """Every Monarch block of A ⊗ B as A_set ⊗ B_set, or None when the block grid does not allow it.
-
-    Needs (Lb divides b1 or b1 divides Lb) and (P divides b2 or b2 divides P).
-    Returns ``a_sets`` (F, nar, nac, ar, ac), ``b_sets`` (F, nbr, nbc, br, bc) and index
-    vectors so that block (l, k) is kron(a_sets[:, ra[l], ca[k]], b_sets[:, rb[l], cb[k]]),
-    with ar*br = S and ac*bc = P; the distinct sub-matrices are views of A and B.
-    """
-    f, a1, a2 = a.shape
-    _, b1, b2 = b.shape
-    lo, ki = blocks
-    p = a2 * b2 // ki
-
-    def ar(n):
-        return torch.arange(n, device=a.device)
-
-    # Output row s*Lb + l = i*b1 + kb.
-    if b1 % lo == 0:  # l = kb mod Lb; the block's rows are (i, kb // Lb), i-major
-        a_rows = a.unsqueeze(1)  # (F, 1, a1, a2)
-        b_rows = b.reshape(f, b1 // lo, lo, b2).transpose(1, 2)  # (F, Lb, b1/Lb, b2)
-        ra, rb = torch.zeros(lo, dtype=torch.long, device=a.device), ar(lo)
-    elif lo % b1 == 0:  # kb = l mod b1, i = s*q + l // b1
-        q = lo // b1
-        a_rows = a.reshape(f, a1 // q, q, a2).transpose(1, 2)  # (F, q, a1/q, a2)
-        b_rows = b.unsqueeze(2)  # (F, b1, 1, b2)
-        ra, rb = ar(lo) // b1, ar(lo) % b1
-    else:
-        return None
-    nar, nr_a = a_rows.shape[1:3]
-    nbr, nr_b = b_rows.shape[1:3]
-    # Input column k*P + p = j*b2 + lb.
-    if b2 % p == 0:  # j = k // q, lb = (k mod q)*P + p
-        q = b2 // p
-        a_sets = a_rows.transpose(2, 3).unsqueeze(-1)  # (F, nar, a2, ar, 1)
-        b_sets = b_rows.reshape(f, nbr, nr_b, q, p).transpose(2, 3)  # (F, nbr, q, br, P)
-        ca, cb = ar(ki) // q, ar(ki) % q
-    elif p % b2 == 0:  # j = k*q + p // b2, lb = p mod b2
-        q = p // b2
-        a_sets = a_rows.reshape(f, nar, nr_a, ki, q).transpose(2, 3)  # (F, nar, K, ar, q)
-        b_sets = b_rows.unsqueeze(2)  # (F, nbr, 1, br, b2)
-        ca, cb = ar(ki), torch.zeros(ki, dtype=torch.long, device=a.device)
-    else:
-        return None
-    return a_sets, b_sets, (ra, ca), (rb, cb)
-
-
-def _per_block(sets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(F, nr, nc, ...) -> (F, Lb, K, ...) by the block's set indices."""
-    return sets[:, rows[:, None], cols[None, :]]
 
 
 # ------------------------------------------------------------------------ layer
@@ -227,7 +130,7 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         f, out, inp = self.num_folds, self.out_features, self.in_features
         lo, ki = check_num_blocks(num_blocks, out, inp)
         s, p = out // lo, inp // ki
-        r = _check_block_rank(block_rank, s, p, (lo, ki))
+        r = check_block_rank(block_rank, s, p, (lo, ki))
         gen = make_generator(seed, generator)
         self.right = nn.Parameter(random_normal((f, ki, lo * r, p), 1.0 / math.sqrt(p),
                                                 dtype=dtype, device=device, generator=gen))
@@ -300,11 +203,11 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         return (gram_left * gram_right).sum(dim=(1, 2, 3, 4)).real
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        sets = _kron_block_sets(a, b, self.num_blocks)
+        sets = kron_block_sets(a, b, self.num_blocks)
         if sets is None:
             return super()._inner_kronecker(a, b)
         a_sets, b_sets, (ra, ca), (rb, cb) = sets
-        a_blk, b_blk = _per_block(a_sets, ra, ca), _per_block(b_sets, rb, cb)  # (F, Lb, K, ., .)
+        a_blk, b_blk = per_block(a_sets, ra, ca), per_block(b_sets, rb, cb)  # (F, Lb, K, ., .)
         f, lo, ki, nra, nca = a_blk.shape
         nrb, ncb = b_blk.shape[3:]
         left, right = self._views()
@@ -349,8 +252,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         f, out, inp = w.shape
         blocks = check_num_blocks(num_blocks, out, inp)
         (lo, ki), s, p = blocks, out // blocks[0], inp // blocks[1]
-        work = w.to(_svd_dtype(w.dtype))
-        u, sv, vh = svd(work.reshape(f, s, lo, ki, p).permute(0, 2, 3, 1, 4))  # blocks (F, Lb, K, S, P)
+        work = w.to(svd_dtype(w.dtype))
+        u, sv, vh = svd(block_view(work, blocks))  # blocks (F, Lb, K, S, P)
         max_rank = min(s, p)
         r = _choose_rank(sv, frobenius_sq(work), max_rank, block_rank=block_rank, tolerance=tolerance,
                          params_share=params_share, params_for=_params_for(f, out, inp, blocks),
@@ -405,34 +308,18 @@ class Monarch(StructuredSumLayer, kind="monarch"):
             layer.left = nn.Parameter(left.reshape(f, b1, a1, a2 * r))
             layer.right = nn.Parameter(right.reshape(f, a2, b1 * r, b2))
             return layer
-        sets = _kron_block_sets(a, b, blocks)
-        if sets is None:
+        blockwise = kron_block_svd(a, b, blocks)
+        if blockwise is None:
             raise ValueError(
                 f"from_kronecker with num_blocks={blocks} for factors A {(a1, a2)} and B {(b1, b2)}: the "
                 f"blocks of A ⊗ B are only Kronecker products of factor sub-matrices when blocks_out "
                 f"({lo}) and b1 ({b1}) divide one another and the input block size in/blocks_in ({p}) and "
                 f"b2 ({b2}) divide one another; choose such num_blocks (default ({b1}, {a2}) is exact), "
                 f"or call from_dense on the materialised product explicitly")
-        a_sets, b_sets, (ra, ca), (rb, cb) = sets
-        wd = _svd_dtype(a.dtype)
-        ua, sa, vha = svd(a_sets.to(wd))
-        ub, sb, vhb = svd(b_sets.to(wd))
-        pa, pb = sa.shape[-1], sb.shape[-1]
-        prods = (_per_block(sa, ra, ca)[..., :, None] * _per_block(sb, rb, cb)[..., None, :]).flatten(-2)
-        spectrum, order = torch.sort(prods, dim=-1, descending=True)  # (F, Lb, K, pa*pb)
-        total = frobenius_sq(a.to(wd)) * frobenius_sq(b.to(wd))
-        r = _choose_rank(spectrum, total, pa * pb, default=pa * pb, **choose)
-        k = min(r, pa * pb)
-        ia, ib = order[..., :k] // pb, order[..., :k] % pb  # (F, Lb, K, k)
-        fi = torch.arange(f, device=a.device)[:, None, None, None]
-        la, ka_ = ra[None, :, None, None], ca[None, None, :, None]
-        lb_, kb_ = rb[None, :, None, None], cb[None, None, :, None]
-        # Selected singular vectors of every block, (F, Lb, K, k, .), then their Kronecker products.
-        u_a, u_b = ua.transpose(-1, -2)[fi, la, ka_, ia], ub.transpose(-1, -2)[fi, lb_, kb_, ib]
-        v_a, v_b = vha[fi, la, ka_, ia], vhb[fi, lb_, kb_, ib]
-        root = spectrum[..., :k].sqrt().to(wd)[..., None]
-        u = (u_a[..., :, None] * u_b[..., None, :]).reshape(f, lo, ki, k, s) * root
-        vh = (v_a[..., :, None] * v_b[..., None, :]).reshape(f, lo, ki, k, p) * root
+        exact_rank = blockwise.spectrum.shape[-1]
+        r = _choose_rank(blockwise.spectrum, blockwise.total_sq, exact_rank, default=exact_rank, **choose)
+        k = min(r, exact_rank)
+        u, vh = blockwise.factors(k)
         if r > k:  # explicit block_rank beyond the exact one: zero padding
             u = torch.cat([u, u.new_zeros(f, lo, ki, r - k, s)], dim=3)
             vh = torch.cat([vh, vh.new_zeros(f, lo, ki, r - k, p)], dim=3)

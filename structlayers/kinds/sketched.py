@@ -6,9 +6,15 @@ Per fold the layer represents
 
 with fixed random sketches U1_i (k x out) and U2_i (k x in), stored as buffers,
 and learnable S1_i (k x in) and S2_i (out x k). L is ``num_terms``, k is
-``low_rank``. Every sketch is scaled so that E[U^T U] = I; hence with
-S1_i = U1_i W and S2_i = W U2_i^T (``fit="unbiased"``, the default of
-``from_dense``) every term, and so the average, is an unbiased estimate of W.
+``low_rank``. The sketch types, the two fits of ``from_dense`` (``unbiased``, the
+default, and ``projection``) and their expected errors in closed form are in
+:mod:`structlayers.linalg.sketch`. In short: sketches know nothing about W, so a
+layer no larger than dense fitted with ``fit="unbiased"`` is a trainable
+parametrisation (train from scratch or fine-tune), not a compression of a given W;
+``fit="projection"`` is never worse than W~ = 0 and exact once Lk >= min(in, out).
+With ``sketch="orthogonal"`` and low_rank >= max(in, out) the layer reproduces W to
+round-off (needs ``allow_larger=True``). ``sparse`` sketches are stored densely like
+the others, so they bring no speed advantage here.
 
 Storage (F folds): ``s1`` (F, L, k, in), ``s2`` (F, L, out, k) are parameters;
 ``u1`` (F, L, k, out), ``u2`` (F, L, k, in) are buffers (part of ``state_dict``,
@@ -23,39 +29,6 @@ per sample (the 1/(2L) is the second GEMM's alpha). The products U1_i^T S1_i are
 never formed: they are dense out x in. Only the small R and C are assembled by
 ``torch.cat`` per call (O(Lk(in + out)) copies, independent of the batch).
 
-Sketches (``sketch=``):
-
-``gaussian``    i.i.d. N(0, 1/k) entries.
-``sign``        i.i.d. +-1/sqrt(k) entries.
-``sparse``      CountSketch: each column has one +-1 in a uniformly random row.
-                Stored densely, so it has no speed advantage here; its variance
-                equals ``sign``'s.
-``orthogonal``  sqrt(max(n, k)/k) Q with Q k x n Haar-random with orthonormal rows
-                (k < n) or orthonormal columns (k >= n). For k >= n, U^T U = I
-                exactly, so every term is exact: with low_rank >= max(in, out)
-                the layer reproduces W to round-off (needs allow_larger=True).
-
-An SRHT is not offered: its point is a fast transform, which a dense stored
-sketch and GEMM forward would not use.
-
-Accuracy of ``fit="unbiased"``. For each half, E||U^T U W - W||^2 = c(n, k) ||W||^2
-with c = (n + 1)/k (gaussian), (n - 1)/k (sign, sparse), max(n - k, 0)/k
-(orthogonal), n being out for U1 and in for U2; the halves and terms are
-independent, so E||W~ - W||^2 / ||W||^2 = (c(out, k) + c(in, k)) / (4L), whatever
-W's spectrum. The sketches know nothing about W, so a layer no larger than dense
-(2Lk(in + out) <= in*out) has an expected relative error of at least
-sqrt((in + out)^2 / (2 in out) - 1/(2L)) >= sqrt(1.5) (about sqrt(2) for gaussian,
-sign and sparse sketches), worse than W~ = 0: such a layer is a trainable
-parametrisation (train from scratch or fine-tune), not a compression of a given W.
-
-``fit="projection"`` (an extension) instead picks the S's that minimise
-||W - W~||_F for the drawn sketches: W~ = P W + (I - P) W Q, with P, Q the
-orthogonal projectors on the row spaces of the stacked U1 (in R^out) and U2
-(in R^in). Its error is ||(I - P) W (I - Q)||_F, in expectation
-sqrt((1 - Lk/out)_+ (1 - Lk/in)_+) ||W||_F (exact for gaussian and orthogonal
-sketches, whose row spaces are uniformly random; approximate for sign/sparse).
-It is biased but never worse than W~ = 0, and exact once Lk >= min(in, out).
-
 Size. A layer holds Lk(in + out) learnable numbers (``num_params``) and as many
 fixed sketch entries (``num_buffers``): 2Lk(in + out) stored numbers per fold,
 which is also its forward cost per sample. Budgets count these stored numbers:
@@ -64,11 +37,6 @@ and construction raises a ValueError naming the numbers, unless
 ``allow_larger=True`` (then a UserWarning). ``params_share=p`` in ``from_dense``
 picks the largest k with 2Lk(in + out) <= p * in * out, so num_params is at most
 p/2 of a dense layer's.
-
-For gaussian and sign sketches the L terms of size k have the same distribution
-as one term of size Lk with S scaled by 1/sqrt(L): num_terms changes neither the
-cost, the parameter count nor the expected error at fixed L*k, only the
-parametrisation's scale. For orthogonal sketches larger k is strictly better.
 """
 
 from __future__ import annotations
@@ -90,47 +58,19 @@ from .._checks import (
 )
 from ..base import StructuredSumLayer, random_normal
 from ..linalg.kron import kron_apply, kron_inner_lowrank, lowrank_frobenius_sq
+from ..linalg.sketch import (
+    FITS,
+    SKETCHES,
+    draw_sketches,
+    expected_relative_error,
+    fit_sketches,
+    low_rank_for_tolerance,
+)
 
-SKETCHES = ("gaussian", "sign", "sparse", "orthogonal")
-FITS = ("unbiased", "projection")
 # Per-term size used by from_dense / from_kronecker when num_terms is not given.
 DEFAULT_NUM_TERMS = 1
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-# ------------------------------------------------------------------ sketches
-def draw_sketches(folds: int, num_terms: int, low_rank: int, n: int, sketch: str,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Independent sketches U (k x n) with E[U^T U] = I, shape (F, L, k, n), float64 on the CPU."""
-    check_choice(sketch, SKETCHES, "sketch")
-    f, L, k = folds, num_terms, low_rank
-    if sketch == "gaussian":
-        return torch.randn(f, L, k, n, generator=generator, dtype=torch.float64) / math.sqrt(k)
-    if sketch == "sign":
-        signs = torch.randint(0, 2, (f, L, k, n), generator=generator).to(torch.float64) * 2 - 1
-        return signs / math.sqrt(k)
-    if sketch == "sparse":
-        rows = torch.randint(0, k, (f, L, 1, n), generator=generator)
-        signs = torch.randint(0, 2, (f, L, 1, n), generator=generator).to(torch.float64) * 2 - 1
-        return torch.zeros(f, L, k, n, dtype=torch.float64).scatter_(2, rows, signs)
-    # orthogonal: Haar-random orthonormal columns of a tall Gaussian, sign-fixed.
-    tall, short = max(k, n), min(k, n)
-    q, r = torch.linalg.qr(torch.randn(f, L, tall, short, generator=generator, dtype=torch.float64))
-    diag = torch.diagonal(r, dim1=-2, dim2=-1)
-    q = q * torch.where(diag < 0, -1.0, 1.0).unsqueeze(-2)
-    if k >= n:
-        return q  # (k, n), U^T U = I exactly
-    return q.transpose(-1, -2) * math.sqrt(n / k)  # (k, n) orthonormal rows, E[U^T U] = I
-
-
-def _half_variance(n: int, k: int, sketch: str) -> float:
-    """E||U^T U W - W||_F^2 / ||W||_F^2 for a k x n sketch U of the given type."""
-    if sketch == "gaussian":
-        return (n + 1) / k
-    if sketch in ("sign", "sparse"):
-        return (n - 1) / k
-    return max(n - k, 0) / k
 
 
 # ------------------------------------------------------------------ budgets
@@ -164,55 +104,6 @@ def _check_size(in_features: int, out_features: int, num_terms: int, low_rank: i
         UserWarning, stacklevel=stacklevel)
 
 
-def expected_relative_error(in_features: int, out_features: int, *, num_terms: int, low_rank: int,
-                            sketch: str = "gaussian", fit: str = "unbiased") -> float:
-    """RMS over sketch draws of ||W - W~||_F / ||W||_F for ``from_dense``; independent of W.
-
-    ``unbiased``: sqrt((c(out, k) + c(in, k)) / (4L)) (exact, see the module docstring).
-    ``projection``: sqrt((1 - Lk/out)_+ (1 - Lk/in)_+) (exact for gaussian and
-    orthogonal sketches, approximate for sign and sparse).
-    """
-    inp = check_positive_int(in_features, "in_features")
-    out = check_positive_int(out_features, "out_features")
-    L = check_positive_int(num_terms, "num_terms")
-    k = check_positive_int(low_rank, "low_rank")
-    check_choice(sketch, SKETCHES, "sketch")
-    check_choice(fit, FITS, "fit")
-    if fit == "unbiased":
-        return math.sqrt((_half_variance(out, k, sketch) + _half_variance(inp, k, sketch)) / (4 * L))
-    r = L * k
-    return math.sqrt(max(0.0, 1 - r / out) * max(0.0, 1 - r / inp))
-
-
-def _low_rank_for_tolerance(inp: int, out: int, L: int, tolerance: float, sketch: str, fit: str) -> int:
-    """Smallest k whose expected relative error (see :func:`expected_relative_error`) is <= tolerance."""
-    def err(k: int) -> float:
-        return expected_relative_error(inp, out, num_terms=L, low_rank=k, sketch=sketch, fit=fit)
-
-    if fit == "projection":
-        k_max = -(-min(inp, out) // L)  # Lk >= min(in, out): exact
-    elif sketch == "orthogonal":
-        k_max = max(inp, out)  # U^T U = I on both sides: exact
-    else:
-        numer = err(1) ** 2 * 4 * L  # c(out, 1) + c(in, 1) = (numerator of the variance)
-        if numer == 0:
-            return 1
-        if tolerance == 0:
-            raise ValueError(
-                f"tolerance=0 is unreachable with random {sketch!r} sketches and fit='unbiased' "
-                f"(expected error sqrt({numer:g} / (4*L*k)) > 0 for every k); use sketch='orthogonal' "
-                f"or fit='projection'")
-        k_max = math.ceil(numer / (4 * L * tolerance**2)) + 1
-    lo, hi = 0, k_max  # err(hi) <= tolerance; find the smallest such k by bisection (err falls with k)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if err(mid) <= tolerance * (1 + 1e-12):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def _resolve_size(out: int, inp: int, *, num_terms, low_rank, rank, tolerance, params_share,
                   sketch: str, fit: str) -> Tuple[int, int, str]:
     """(L, k, context) from the size options of from_dense / from_kronecker."""
@@ -240,7 +131,7 @@ def _resolve_size(out: int, inp: int, *, num_terms, low_rank, rank, tolerance, p
                 f"(half learnable, half fixed sketches)")
         return L, k, ""
     if tolerance is not None:
-        k = _low_rank_for_tolerance(inp, out, L, float(tolerance), sketch, fit)
+        k = low_rank_for_tolerance(inp, out, L, float(tolerance), sketch, fit)
         err = expected_relative_error(inp, out, num_terms=L, low_rank=k, sketch=sketch, fit=fit)
         return L, k, f" (chosen for tolerance={tolerance}: expected error {err:.3g} with fit={fit!r})"
     raise ValueError("sketched needs low_rank (or rank, tolerance or params_share)")
@@ -466,15 +357,7 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         u1 = draw_sketches(f, L, k, out, sketch, gen).to(device=device, dtype=work_dtype)
         u2 = draw_sketches(f, L, k, inp, sketch, gen).to(device=device, dtype=work_dtype)
         u1c, u2c = u1.reshape(f, L * k, out), u2.reshape(f, L * k, inp)
-        if fit == "unbiased":
-            s1 = apply_left(u1c)                                  # S1_i = U1_i W
-            s2t = apply_right(u2c)                                # rows: (W U2_i^T)^T
-        else:
-            # W~ = P W + (I - P) W Q with P = U1c^T pinv(U1c^T), Q = pinv(U2c) U2c.
-            p1 = torch.linalg.pinv(u1c.transpose(1, 2))           # (F, Lk, out)
-            s1 = apply_left(p1) * (2 * L)                         # U1c^T S1 / (2L) = P W
-            t = apply_right(torch.linalg.pinv(u2c).transpose(1, 2))  # (F, Lk, out) = (W pinv(U2c))^T
-            s2t = (t - (t @ p1.transpose(1, 2)) @ u1c) * (2 * L)  # ((I - P) W pinv(U2c))^T
+        s1, s2t = fit_sketches(apply_left, apply_right, u1c, u2c, L, fit)
         layer = cls._bare(inp, out, f)
         layer._store(u1.to(dtype), u2.to(dtype), s1.reshape(f, L, k, inp).to(dtype),
                      s2t.reshape(f, L, k, out).transpose(-1, -2).to(dtype), sketch, allow_larger)

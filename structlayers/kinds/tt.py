@@ -1,41 +1,21 @@
 """``tt``: tensor-train / matrix-product-operator (MPO) weights, never formed in the forward.
 
-The feature counts are factored into ``d`` modes, ``out = m_1 ... m_d`` and
-``in = n_1 ... n_d`` (row-major multi-indices, the ``torch.kron`` convention), and
-
-    W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] @ G_2[:, i_2, j_2, :] @ ... @ G_d[:, i_d, j_d, :]
-
-with cores G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1. The r_k are the
-bond ranks (bond dimensions). Each core is stored folded as an ``nn.Parameter`` of
+The format, the automatic mode layouts, TT-SVD and the sweep costs are in
+:mod:`structlayers.linalg.tt`. Each core is stored folded as an ``nn.Parameter`` of
 shape (F, r_{k-1}, m_k, n_k, r_k), in ``layer.cores``.
 
 Forward. One sweep over the cores, each step a single batched GEMM of the running
 state with one core (reshaped to a matrix) followed by one transpose copy; the
-sweep runs right-to-left or left-to-right, whichever needs fewer multiply-adds:
+sweep runs right-to-left or left-to-right, whichever needs fewer multiply-adds
+(:func:`~structlayers.linalg.tt.sweep_costs`); ``flops`` reports exactly that count.
+The intermediates are up to about r times the size of x, so large batches are
+processed in chunks whose intermediates stay in cache (``CHUNK_ELEMENTS``); chunking
+changes no arithmetic. With two cores and bond rank 1 this is the Kronecker fast
+path; with two cores and bond rank r it is a sum of r Kronecker products.
 
-    right-to-left: B * sum_k r_{k-1} r_k * (m_k ... m_d) * (n_1 ... n_k)
-    left-to-right: B * sum_k r_{k-1} r_k * (m_1 ... m_k) * (n_k ... n_d)
-
-(per fold). ``flops`` reports exactly that count. The intermediates are up to about
-r times the size of x, so large batches are processed in chunks whose intermediates
-stay in cache (``CHUNK_ELEMENTS``); chunking changes no arithmetic. With two cores and bond rank 1
-this is the Kronecker fast path; with two cores and bond rank r it is a sum of r
-Kronecker products.
-
-From a dense weight: TT-SVD (Oseledets 2011), sequential truncated SVDs of the
-weight with out and in mode indices interleaved, (m_1 n_1)(m_2 n_2)... The cores
-come out left-orthonormal, so the squared error is exactly the sum of the squared
-tails discarded at each step; a ``tolerance`` is split evenly, tol/sqrt(d-1) per
+From a dense weight: TT-SVD; a ``tolerance`` is split evenly, tol/sqrt(d-1) per
 step. From A ⊗ B: the two-core MPO [A, B] of bond dimension 1, exact; optionally
 each factor is itself split by TT-SVD (``factor_cores``).
-
-Automatic modes: each feature count is split into ``d`` factors as evenly as
-possible (the smallest largest factor), out modes ascending and in modes
-descending, which balances m_k n_k across cores and so maximises the bond ranks
-the layout can hold. Factors of 1 are used when a count has fewer than ``d``
-prime factors (e.g. out=7, in=11, d=2 gives modes (1, 7) and (11, 1), a
-rank-limited layout). Default ``d``: 3 when both counts have at least three prime
-factors (with multiplicity), else 2.
 """
 
 from __future__ import annotations
@@ -44,7 +24,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence as _SequenceABC
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -59,121 +39,27 @@ from .._checks import (
 )
 from ..base import StructuredSumLayer, random_normal, rank_for_params_share
 from ..linalg.kron import frobenius_sq
-from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
+from ..linalg.tt import (
+    Modes,
+    bond_limits,
+    chain_dense,
+    interleave,
+    mpo_frobenius_sq,
+    resolve_modes,
+    sweep_costs,
+    tt_svd,
+    unflatten_cores,
+)
 
-Modes = Tuple[int, ...]
 RankSpec = Union[int, Sequence[int], None]
 
-#: bond dimension used when ``tt_rank`` is not given (capped per bond, see :func:`bond_limits`).
+#: bond dimension used when ``tt_rank`` is not given (capped per bond, see
+#: :func:`~structlayers.linalg.tt.bond_limits`).
 DEFAULT_TT_RANK = 8
-#: cores used when neither modes nor ``num_cores`` are given and both counts allow three.
-DEFAULT_MAX_CORES = 3
 #: forward processes the batch in chunks whose largest intermediate has about this many
-#: elements (1 MiB in float32, a per-core L2 cache here); 0 chunks one sample at a time.
+#: elements (1 MiB in float32, the size of a common per-core L2 cache); 0 chunks one
+#: sample at a time.
 CHUNK_ELEMENTS = 1 << 18
-
-
-# ------------------------------------------------------------- factorisation
-def prime_factor_count(n: int) -> int:
-    """Number of prime factors of n counted with multiplicity (Omega(n)); 0 for n = 1."""
-    count, p = 0, 2
-    while p * p <= n:
-        while n % p == 0:
-            n //= p
-            count += 1
-        p += 1
-    return count + (1 if n > 1 else 0)
-
-
-def balanced_modes(n: int, d: int) -> Modes:
-    """n as a product of d positive factors, ascending, with the largest factor as small as
-    possible (ties: the next largest, and so on). Factors of 1 appear only when n has
-    fewer than d prime factors."""
-    n, d = check_positive_int(n, "n"), check_positive_int(d, "d")
-    best: List[Optional[Modes]] = [None]
-
-    def key(modes: Modes) -> Modes:
-        return tuple(sorted(modes, reverse=True))
-
-    def search(rest: int, slots: int, smallest: int, prefix: Tuple[int, ...]) -> None:
-        if slots == 1:
-            if rest >= smallest:
-                cand = prefix + (rest,)
-                if best[0] is None or key(cand) < key(best[0]):
-                    best[0] = cand
-            return
-        # Non-decreasing factors: the next one is at most the geometric mean of the rest.
-        limit = int(round(rest ** (1.0 / slots))) + 1
-        for f in range(smallest, limit + 1):
-            if rest % f == 0 and f ** slots <= rest:
-                search(rest // f, slots - 1, f, prefix + (f,))
-
-    search(n, d, 1, ())
-    assert best[0] is not None
-    return best[0]
-
-
-def default_num_cores(out_features: int, in_features: int) -> int:
-    """3 when both counts have at least three prime factors, else 2."""
-    omega = min(prime_factor_count(out_features), prime_factor_count(in_features))
-    return DEFAULT_MAX_CORES if omega >= DEFAULT_MAX_CORES else 2
-
-
-def _check_modes(modes: object, features: int, name: str, features_name: str) -> Modes:
-    if isinstance(modes, (str, bytes)) or not isinstance(modes, _SequenceABC):
-        raise TypeError(f"{name} must be a list or tuple of positive ints, got {type(modes).__name__} {modes!r}")
-    if len(modes) == 0:
-        raise ValueError(f"{name} must have at least one entry (one per core)")
-    out = tuple(check_positive_int(m, f"{name}[{k}]") for k, m in enumerate(modes))
-    if math.prod(out) != features:
-        raise ValueError(f"{name} {out} multiply to {math.prod(out)}, but {features_name} is {features}")
-    return out
-
-
-def resolve_modes(
-    out_features: int,
-    in_features: int,
-    out_modes: Optional[Sequence[int]] = None,
-    in_modes: Optional[Sequence[int]] = None,
-    num_cores: Optional[int] = None,
-    *,
-    what: str = "",
-) -> Tuple[Modes, Modes]:
-    """Validate given modes and fill in missing ones (see the module docstring)."""
-    prefix = f"{what} " if what else ""
-    if num_cores is not None:
-        num_cores = check_positive_int(num_cores, f"{prefix}num_cores")
-    om = None if out_modes is None else _check_modes(out_modes, out_features, f"{prefix}out_modes", f"{prefix}out_features")
-    im = None if in_modes is None else _check_modes(in_modes, in_features, f"{prefix}in_modes", f"{prefix}in_features")
-    if om is not None and im is not None and len(om) != len(im):
-        raise ValueError(f"{prefix}out_modes and in_modes must have the same length (one pair per core), "
-                         f"got {len(om)} and {len(im)}: {om} and {im}")
-    given = om if om is not None else im
-    if given is not None:
-        if num_cores is not None and num_cores != len(given):
-            raise ValueError(f"{prefix}num_cores={num_cores} disagrees with the {len(given)} given modes {given}")
-        d = len(given)
-    else:
-        d = num_cores if num_cores is not None else default_num_cores(out_features, in_features)
-    if om is None:
-        om = balanced_modes(out_features, d)
-    if im is None:
-        im = tuple(reversed(balanced_modes(in_features, d)))
-    return om, im
-
-
-def bond_limits(out_modes: Modes, in_modes: Modes) -> Tuple[int, ...]:
-    """Largest useful rank of each of the d-1 bonds: min(prod_{i<=k} m_i n_i, prod_{i>k} m_i n_i).
-
-    A larger bond rank cannot represent anything more; TT-SVD at full rank reaches it.
-    """
-    sizes = [m * n for m, n in zip(out_modes, in_modes)]
-    total = math.prod(sizes)
-    limits, left = [], 1
-    for p in sizes[:-1]:
-        left *= p
-        limits.append(min(left, total // left))
-    return tuple(limits)
 
 
 def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
@@ -208,80 +94,6 @@ def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
     return (1,) + tuple(ranks) + (1,)
 
 
-# ------------------------------------------------------------------- TT-SVD
-def interleave(w: torch.Tensor, out_modes: Modes, in_modes: Modes) -> torch.Tensor:
-    """(F, out, in) -> (F, m_1 n_1 m_2 n_2 ... m_d n_d) flattened, mode indices interleaved."""
-    f, d = w.shape[0], len(out_modes)
-    t = w.reshape(f, *out_modes, *in_modes)
-    order = [0] + [i for k in range(d) for i in (1 + k, 1 + d + k)]
-    return t.permute(order).reshape(f, -1)
-
-
-def tt_svd(
-    t: torch.Tensor,
-    dims: Sequence[int],
-    *,
-    rank: Optional[int] = None,
-    step_tolerance: Optional[float] = None,
-    total_sq: Optional[torch.Tensor] = None,
-    fold_weights: Optional[torch.Tensor] = None,
-) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Folded TT-SVD of t (F, prod(dims)) with physical dimensions ``dims``.
-
-    Returns cores (F, r_{k-1}, dims[k], r_k) (all but the last left-orthonormal) and the
-    squared error discarded at each of the d-1 steps, per fold (each (F,)); the
-    squared error of the result is exactly their sum.
-
-    rank: bond ranks min(rank, available singular values) (= min(rank, bond limit)).
-    step_tolerance: at each step the smallest rank shared by all folds with
-        sum_f w_f tail_f(r)^2 <= step_tolerance^2 * sum_f total_sq_f, where w =
-        ``fold_weights`` (default ones) and ``total_sq`` (default ||t_f||^2).
-    Neither: full bond ranks, exact.
-    """
-    f = t.shape[0]
-    if total_sq is None:
-        total_sq = (t.abs() ** 2).sum(dim=1)
-    weights = None if fold_weights is None else fold_weights.double()[:, None]
-    cores, step_errors = [], []
-    c, r_prev = t, 1
-    for p in dims[:-1]:
-        u, s, vh = svd(c.reshape(f, r_prev * p, -1))
-        tails = tail_error_sq(s)  # (F, p_max + 1)
-        if rank is not None:
-            r = min(rank, s.shape[1])
-        elif step_tolerance is not None:
-            weighted = tails if weights is None else tails * weights
-            r = smallest_rank_for_tolerance(weighted, total_sq, step_tolerance) or s.shape[1]
-        else:
-            r = s.shape[1]
-        cores.append(u[:, :, :r].reshape(f, r_prev, p, r))
-        step_errors.append(tails[:, r])
-        c = s[:, :r, None].to(vh.dtype) * vh[:, :r, :]
-        r_prev = r
-    cores.append(c.reshape(f, r_prev, dims[-1], 1))
-    return cores, step_errors
-
-
-def chain_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Contract consecutive cores (F, r, m, n, r') into (F, r_left, M, N, r_right), with
-    M = prod m and N = prod n in row-major (torch.kron) order. Differentiable."""
-    t = cores[0]
-    for g in cores[1:]:
-        f, rl, big_m, big_n, _ = t.shape
-        _, _, m, n, rr = g.shape
-        t = torch.einsum("faMNr,frmns->faMmNns", t, g).reshape(f, rl, big_m * m, big_n * n, rr)
-    return t
-
-
-def sweep_costs(out_modes: Modes, in_modes: Modes, ranks: Sequence[int]) -> Tuple[int, int]:
-    """Multiply-adds per sample (and fold) of the right-to-left and left-to-right sweeps of
-    an MPO with these modes and bond ranks ``(1, r_1, ..., r_{d-1}, 1)``."""
-    om, im, r, d = out_modes, in_modes, ranks, len(out_modes)
-    rtl = sum(r[k] * r[k + 1] * math.prod(om[k:]) * math.prod(im[:k + 1]) for k in range(d))
-    ltr = sum(r[k] * r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k:]) for k in range(d))
-    return rtl, ltr
-
-
 _LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 
@@ -292,10 +104,11 @@ class TT(StructuredSumLayer, kind="tt"):
     Args:
         out_modes, in_modes: mode sizes per core (products must be out_features and
             in_features; equal lengths). Missing ones are chosen by
-            :func:`balanced_modes`; ``num_cores`` fixes d when no modes are given.
-        tt_rank: an int = the maximal bond dimension (each bond gets
-            min(tt_rank, its limit), see :func:`bond_limits`; it must fit at least
-            one bond); or d-1 bond ranks; or d+1 ranks with ones at the ends.
+            :func:`~structlayers.linalg.tt.balanced_modes`; ``num_cores`` fixes d when
+            no modes are given.
+        tt_rank: an int = the maximal bond dimension (each bond gets min(tt_rank,
+            its limit), see :func:`~structlayers.linalg.tt.bond_limits`; it must fit
+            at least one bond); or d-1 bond ranks; or d+1 ranks with ones at the ends.
             Default: 8, capped per bond.
         dtype, device, seed, generator: as for the other kinds.
 
@@ -451,12 +264,7 @@ class TT(StructuredSumLayer, kind="tt"):
         return chain_dense(list(self.cores))[:, 0, :, :, 0]
 
     def _frobenius_sq(self) -> torch.Tensor:
-        # Transfer matrices E_k = sum_{m,n} G_k^H E_{k-1} G_k, never forming W.
-        e = None
-        for g in self.cores:
-            t = g if e is None else torch.einsum("fxy,fymnb->fxmnb", e, g)
-            e = torch.einsum("fxmnc,fxmnb->fcb", g.conj(), t)
-        return e[:, 0, 0].real
+        return mpo_frobenius_sq(list(self.cores))
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """<A ⊗ B, W> without forming W when a bond splits the modes as A's and B's shapes."""
@@ -500,7 +308,7 @@ class TT(StructuredSumLayer, kind="tt"):
         step_tol = None if tolerance is None else tolerance / math.sqrt(d - 1)
         flat, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
                          rank=rank, step_tolerance=step_tol, total_sq=frobenius_sq(w))
-        layer = cls._from_cores(_unflatten_cores(flat, om, im))
+        layer = cls._from_cores(unflatten_cores(flat, om, im))
         return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
 
     @classmethod
@@ -568,19 +376,15 @@ class TT(StructuredSumLayer, kind="tt"):
         (oa, ia), (ob, ib) = layouts
         cores_a, _ = tt_svd(interleave(a, oa, ia), [m * n for m, n in zip(oa, ia)], rank=rank,
                             step_tolerance=step_tol, total_sq=total, fold_weights=nb)
-        cores_a = _unflatten_cores(cores_a, oa, ia)
+        cores_a = unflatten_cores(cores_a, oa, ia)
         # A~'s cores are left-orthonormal up to the last: ||A~||^2 = ||last core||^2.
         na_kept = (cores_a[-1].abs() ** 2).flatten(1).sum(dim=1)
         cores_b, _ = tt_svd(interleave(b, ob, ib), [m * n for m, n in zip(ob, ib)], rank=rank,
                             step_tolerance=step_tol, total_sq=total, fold_weights=na_kept)
-        layer = cls._from_cores(cores_a + _unflatten_cores(cores_b, ob, ib))
+        layer = cls._from_cores(cores_a + unflatten_cores(cores_b, ob, ib))
         exact = min(sweep_costs((a1, b1), (a2, b2), (1, 1, 1)))
         return layer._warn_if_costlier(exact, "the exact two-core MPO [A, B] (factor_cores=None)",
                                        "splitting the factors only pays at lower ranks")
-
-
-def _unflatten_cores(cores: Sequence[torch.Tensor], om: Modes, im: Modes) -> List[torch.Tensor]:
-    return [g.reshape(g.shape[0], g.shape[1], m, n, g.shape[-1]) for g, m, n in zip(cores, om, im)]
 
 
 def _factor_core_counts(factor_cores) -> Tuple[Optional[int], Optional[int]]:
@@ -619,5 +423,4 @@ def _resolve_budget(rank, tolerance, params_share, layouts, dense_params: int, f
     return None
 
 
-__all__ = ["TT", "balanced_modes", "bond_limits", "chain_dense", "default_num_cores", "interleave",
-           "resolve_modes", "resolve_ranks", "tt_svd"]
+__all__ = ["TT"]

@@ -10,10 +10,13 @@ folded operands: a leading fold axis F on each factor.
 from __future__ import annotations
 
 import functools
+import math
 from itertools import permutations
 from typing import Sequence, Tuple
 
 import torch
+
+from .._checks import check_positive_int
 
 Chain = Sequence[torch.Tensor]
 
@@ -105,6 +108,32 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(f, n, a_out * b_out)
 
 
+def kron_sum_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_t (A_t ⊗ B_t) x in two GEMMs, the sum over t inside the second one.
+
+    a: (F, r, a1, a2), b: (F, r, b1, b2), x: (F, N, a2*b2) -> (F, N, a1*b1). Each sample
+    is an (a2, b2) block X and the result sum_t A_t X B_t^T. The first GEMM applies all
+    r factors of one side at once (stacked as r*rows x cols, x is never copied per term);
+    the second contracts the term and inner axes together. The side applied first is the
+    cheaper one: r*N*a2*b1*(b2 + a1) multiply-adds (B first) or r*N*a1*b2*(a2 + b1)
+    (A first), the same count as r separate Kronecker applies.
+    """
+    f, r, a1, a2 = a.shape
+    _, _, b1, b2 = b.shape
+    n = x.shape[1]
+    x = x.contiguous()
+    if a2 * b1 * (b2 + a1) <= a1 * b2 * (a2 + b1):  # B first, on the last axis of X
+        z = torch.matmul(x.reshape(f, n * a2, b2), b.reshape(f, r * b1, b2).transpose(-1, -2))
+        z = z.reshape(f, n, a2, r, b1).permute(0, 1, 4, 3, 2).reshape(f, n * b1, r * a2)  # [n, j, (t, k)]
+        y = torch.matmul(z, a.permute(0, 2, 1, 3).reshape(f, a1, r * a2).transpose(-1, -2))  # [n, j, i]
+        return y.reshape(f, n, b1, a1).transpose(-1, -2).reshape(f, n, a1 * b1)
+    xt = x.reshape(f, n, a2, b2).transpose(-1, -2).reshape(f, n * b2, a2)  # A acts on X's first axis
+    z = torch.matmul(xt, a.reshape(f, r * a1, a2).transpose(-1, -2))
+    z = z.reshape(f, n, b2, r, a1).permute(0, 1, 4, 3, 2).reshape(f, n * a1, r * b2)  # [n, i, (t, l)]
+    y = torch.matmul(z, b.permute(0, 2, 1, 3).reshape(f, b1, r * b2).transpose(-1, -2))  # [n, i, j]
+    return y.reshape(f, n, a1 * b1)
+
+
 def kron_columns(a: torch.Tensor, b: torch.Tensor, cols_a: torch.Tensor, cols_b: torch.Tensor) -> torch.Tensor:
     """Columns (j, l) of A ⊗ B, i.e. A[:, j] ⊗ B[:, l], for index tensors of shape (F, c).
 
@@ -153,3 +182,34 @@ def lowrank_frobenius_sq(left: torch.Tensor, right: torch.Tensor) -> torch.Tenso
     gram_left = left.conj().transpose(1, 2) @ left  # (F, r, r)
     gram_right = right @ right.conj().transpose(1, 2)  # (F, r, r)
     return (gram_left * gram_right.transpose(1, 2)).sum(dim=(-2, -1)).real
+
+
+# ------------------------------------------------------------ factor shapes
+FactorShapes = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def sqrt_divisor(n: int) -> int:
+    """The largest divisor of n that is at most sqrt(n) (1 for a prime)."""
+    return max(k for k in range(1, math.isqrt(n) + 1) if n % k == 0)
+
+
+def balanced_factor_shapes(out_features: int, in_features: int) -> FactorShapes:
+    """((a1, a2), (b1, b2)) with a1*b1 = out, a2*b2 = in and each a the largest divisor <= sqrt."""
+    a1, a2 = sqrt_divisor(out_features), sqrt_divisor(in_features)
+    return (a1, a2), (out_features // a1, in_features // a2)
+
+
+def check_factor_shapes(shapes: object, out_features: int, in_features: int) -> FactorShapes:
+    """Validate ``((a1, a2), (b1, b2))`` against the layer shape (a1*b1 = out, a2*b2 = in)."""
+    try:
+        (a1, a2), (b1, b2) = shapes  # type: ignore[misc]
+        dims = [check_positive_int(d, "factor_shapes entry") for d in (a1, a2, b1, b2)]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"factor_shapes must be ((a1, a2), (b1, b2)) of positive ints, got {shapes!r}") from exc
+    a1, a2, b1, b2 = dims
+    if a1 * b1 != out_features or a2 * b2 != in_features:
+        raise ValueError(
+            f"factor_shapes {shapes!r} give a {a1 * b1} x {a2 * b2} product, but the layer "
+            f"is {out_features} x {in_features} (need a1*b1 = out and a2*b2 = in)"
+        )
+    return (a1, a2), (b1, b2)

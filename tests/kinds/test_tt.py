@@ -12,8 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers.kinds.tt as tt_module  # registers the kind
 from structlayers import get
-from structlayers.kinds.tt import TT, balanced_modes, bond_limits, chain_dense, default_num_cores
+from structlayers.kinds.tt import TT
 from structlayers.linalg import kron_dense
+from structlayers.linalg.tt import bond_limits, chain_dense, sweep_costs
 
 from ..helpers import decaying_matrix, generator, random_factors, rel
 
@@ -45,16 +46,9 @@ def _interleaved_np(w, out_modes, in_modes):
 # ------------------------------------------------------------------ layouts
 def test_registered_and_default_layouts():
     assert get("tt") is TT
-    assert balanced_modes(1024, 3) == (8, 8, 16)
-    assert balanced_modes(48, 3) == (3, 4, 4)
-    assert balanced_modes(12, 2) == (3, 4)
-    assert balanced_modes(10, 3) == (1, 2, 5)  # fewer prime factors than cores: ones
-    assert balanced_modes(7, 1) == (7,)
-    assert default_num_cores(64, 48) == 3 and default_num_cores(12, 10) == 2 and default_num_cores(7, 11) == 2
     layer = TT(64, 48, seed=0)
     assert layer.out_modes == (3, 4, 4) and layer.in_modes == (4, 4, 4)  # out ascending, in descending
     assert layer.tt_ranks == (1, 8, 8, 1) and layer.num_cores == 3 and layer.rank == 8
-    assert bond_limits((3, 4, 4), (4, 4, 4)) == (12, 16)
     # Primes: out (1, 7), in (11, 1) is a rank-limited layout, not a scalar times a matrix.
     prime = TT(11, 7, seed=0)
     assert prime.out_modes == (1, 7) and prime.in_modes == (11, 1) and prime.tt_ranks == (1, 7, 1)
@@ -272,7 +266,7 @@ def test_compression_costlier_than_dense_warns_with_the_numbers():
 
 def test_split_factors_costlier_than_the_exact_mpo_warn():
     a, b = random_factors(2, (8, 8), (8, 8), seed=5)
-    exact = min(tt_module.sweep_costs((8, 8), (8, 8), (1, 1, 1)))
+    exact = min(sweep_costs((8, 8), (8, 8), (1, 1, 1)))
     with pytest.warns(UserWarning, match=rf"x the {exact} of the exact two-core MPO"):
         TT.from_kronecker(a, b, factor_cores=True)  # full ranks inside the factors
     layer = _built_quietly(lambda: TT.from_kronecker(a, b, factor_cores=True, rank=1))

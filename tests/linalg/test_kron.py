@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from structlayers.linalg import (
+    balanced_factor_shapes,
+    check_factor_shapes,
     kron_apply,
     kron_chain_flops,
     kron_columns,
     kron_dense,
     kron_inner_lowrank,
     kron_rows,
+    kron_sum_apply,
     lowrank_frobenius_sq,
 )
 
@@ -55,3 +58,27 @@ def test_columns_rows_and_inner_products():
     expected = (w * (left @ right)).sum(dim=(1, 2))
     assert torch.allclose(kron_inner_lowrank(a, b, left, right), expected, rtol=1e-12)
     assert torch.allclose(lowrank_frobenius_sq(left, right), ((left @ right) ** 2).sum(dim=(1, 2)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape_a,shape_b", [((3, 4), (5, 2)), ((6, 2), (2, 7)), ((4, 4), (4, 4))])
+def test_kron_sum_apply_is_the_sum_of_the_products(shape_a, shape_b):
+    """Both orders (A first, B first: whichever is cheaper for the shapes) against the sum of
+    the materialised products."""
+    g = generator(5)
+    r = 3
+    a = torch.randn(2, r, *shape_a, generator=g, dtype=torch.float64)
+    b = torch.randn(2, r, *shape_b, generator=g, dtype=torch.float64)
+    w = sum(kron_dense(a[:, t], b[:, t]) for t in range(r))
+    x = torch.randn(2, 6, shape_a[1] * shape_b[1], generator=g, dtype=torch.float64)
+    assert rel(kron_sum_apply(a, b, x), x @ w.transpose(1, 2)) < 1e-13
+
+
+def test_factor_shapes():
+    assert balanced_factor_shapes(12, 10) == ((3, 2), (4, 5))
+    assert balanced_factor_shapes(4096, 4096) == ((64, 64), (64, 64))
+    assert balanced_factor_shapes(7, 13) == ((1, 1), (7, 13))
+    assert check_factor_shapes([(3, 2), (4, 5)], 12, 10) == ((3, 2), (4, 5))
+    with pytest.raises(ValueError, match=r"give a 6 x 6 product, but the layer is 6 x 5"):
+        check_factor_shapes(((2, 2), (3, 3)), 6, 5)
+    with pytest.raises(ValueError, match=r"factor_shapes must be \(\(a1, a2\), \(b1, b2\)\) of positive ints"):
+        check_factor_shapes(((2, 0), (3, 3)), 6, 0)
