@@ -8,7 +8,7 @@ or dtype, and what was expected. Nothing here clips or repairs input.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -72,14 +72,29 @@ def as_folded_factors(a: object, b: object) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def check_budget(
-    rank: Optional[int], tolerance: Optional[float], params_share: Optional[float]
+    rank: Optional[int] = None,
+    tolerance: Optional[float] = None,
+    params_share: Optional[float] = None,
+    *,
+    rank_name: str = "rank",
+    required: Optional[str] = None,
 ) -> None:
-    """At most one of rank / tolerance / params_share, each in its valid range."""
-    given = [n for n, v in (("rank", rank), ("tolerance", tolerance), ("params_share", params_share)) if v is not None]
+    """The one validation of a budget: at most one of rank / tolerance / params_share, each in
+    its valid range (rank a positive int, tolerance in [0, 1), params_share in (0, 1]).
+
+    rank_name: the kind's own name for its rank option (e.g. monarch's ``block_rank``),
+        used in the messages.
+    required: the kind's name when the kind needs a budget: then giving none raises
+        "<required> needs one of <rank_name>, tolerance or params_share".
+    """
+    given = [n for n, v in ((rank_name, rank), ("tolerance", tolerance), ("params_share", params_share))
+             if v is not None]
     if len(given) > 1:
-        raise ValueError(f"give at most one of rank, tolerance, params_share; got {', '.join(given)}")
+        raise ValueError(f"give at most one of {rank_name}, tolerance, params_share; got {', '.join(given)}")
+    if not given and required is not None:
+        raise ValueError(f"{required} needs one of {rank_name}, tolerance or params_share")
     if rank is not None:
-        check_positive_int(rank, "rank")
+        check_positive_int(rank, rank_name)
     if tolerance is not None:
         if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
             raise TypeError(f"tolerance must be a float, got {type(tolerance).__name__}")
@@ -90,6 +105,25 @@ def check_budget(
             raise TypeError(f"params_share must be a float, got {type(params_share).__name__}")
         if not 0.0 < float(params_share) <= 1.0:
             raise ValueError(f"params_share must be in (0, 1], got {params_share}")
+
+
+def rank_for_params_share(
+    share: float, dense_params: int, params_for_rank: Callable[[int], int], max_rank: int, what: str
+) -> int:
+    """Largest rank r <= max_rank whose parameter count fits in share * dense_params."""
+    budget = share * dense_params
+    best = 0
+    for r in range(1, max_rank + 1):
+        if params_for_rank(r) <= budget:
+            best = r
+        else:
+            break
+    if best == 0:
+        raise ValueError(
+            f"params_share={share} allows {int(budget)} parameters, but the smallest "
+            f"{what} (rank 1) needs {params_for_rank(1)}"
+        )
+    return best
 
 
 def check_rank_range(rank: int, max_rank: int, what: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
-from typing import Callable, ClassVar, Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 from torch import nn
@@ -224,23 +224,3 @@ def random_normal(
     else:
         out = torch.randn(tuple(shape), generator=generator, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * std
     return out.to(device=device, dtype=dtype)
-
-
-def rank_for_params_share(
-    share: float, dense_params: int, params_for_rank: Callable[[int], int], max_rank: int, what: str
-) -> int:
-    """Largest rank r <= max_rank whose parameter count fits in share * dense_params."""
-    budget = share * dense_params
-    best = 0
-    for r in range(1, max_rank + 1):
-        if params_for_rank(r) <= budget:
-            best = r
-        else:
-            break
-    if best == 0:
-        raise ValueError(
-            f"params_share={share} allows {int(budget)} parameters, but the smallest "
-            f"{what} (rank 1) needs {params_for_rank(1)}"
-        )
-    return best
-

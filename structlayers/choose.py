@@ -73,8 +73,8 @@ def choose(
     would be a trivial one). A kind that cannot honour the request is listed with
     the reason and skipped.
     """
-    check_budget(None, tolerance, None)
-    check_budget(None, None, params_share)
+    check_budget(tolerance=tolerance)  # both may be given: each is checked on its own
+    check_budget(params_share=params_share)
     if tolerance is None and params_share is None:
         raise ValueError("choose needs a tolerance, a params_share, or both")
     kronecker = isinstance(target, tuple)

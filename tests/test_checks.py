@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import structlayers as sl
+from structlayers._checks import check_budget, rank_for_params_share
 
 from .helpers import random_factors
 
@@ -69,3 +70,34 @@ def test_forward_rejects_wrong_shapes(kind):
         layer(torch.randn(4, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"target weight has shape \(F=2, out=5, in=6\)"):
         layer.relative_error(torch.randn(2, 5, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(rank=2, tolerance=0.1), ValueError, "give at most one of rank, tolerance, params_share; got rank, tolerance"),
+        (dict(rank=2, params_share=0.5, rank_name="block_rank"), ValueError,
+         "give at most one of block_rank, tolerance, params_share; got block_rank, params_share"),
+        (dict(rank=0, rank_name="block_rank"), ValueError, "block_rank must be a positive int, got 0"),
+        (dict(rank=1.5), TypeError, "rank must be a positive int, got float"),
+        (dict(required="lowrank"), ValueError, "lowrank needs one of rank, tolerance or params_share"),
+        (dict(required="monarch", rank_name="block_rank"), ValueError, "monarch needs one of block_rank, tolerance"),
+        (dict(tolerance=1.0), ValueError, r"tolerance must be in \[0, 1\), got 1.0"),
+        (dict(tolerance="0.1"), TypeError, "tolerance must be a float, got str"),
+        (dict(params_share=True), TypeError, "params_share must be a float, got bool"),
+        (dict(params_share=1.01), ValueError, r"params_share must be in \(0, 1\], got 1.01"),
+    ],
+)
+def test_one_budget_check_for_every_kind(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        check_budget(**kwargs)
+
+
+def test_valid_budgets_pass_and_params_share_picks_the_largest_fitting_rank():
+    for kwargs in (dict(), dict(rank=3), dict(tolerance=0.0), dict(params_share=1.0), dict(rank=1, required="lowrank")):
+        check_budget(**kwargs)
+    # 10 parameters per unit of rank against a budget of 0.5 * 100: rank 5 fits, 6 does not
+    assert rank_for_params_share(0.5, 100, lambda r: 10 * r, max_rank=8, what="layer") == 5
+    assert rank_for_params_share(1.0, 100, lambda r: 10 * r, max_rank=8, what="layer") == 8
+    with pytest.raises(ValueError, match="params_share=0.05 allows 5 parameters, but the smallest layer"):
+        rank_for_params_share(0.05, 100, lambda r: 10 * r, max_rank=8, what="layer")

@@ -22,8 +22,9 @@ from .._checks import (
     check_positive_int,
     check_rank_range,
     make_generator,
+    rank_for_params_share,
 )
-from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..base import StructuredSumLayer, random_normal
 from ..linalg.kron import (
     FactorShapes,
     balanced_factor_shapes,

@@ -22,8 +22,8 @@ from .._checks import (
     check_positive_int,
     check_rank_range,
     make_generator,
+    rank_for_params_share,
 )
-from ..base import rank_for_params_share
 from ..linalg.kron import frobenius_sq, kron_columns, kron_rows
 from ..linalg.svd import (
     randomized_svd,
@@ -43,12 +43,6 @@ from ._factored import (
 METHODS = ("auto", "exact", "randomized")
 # "auto" switches to the randomized SVD above this size when the rank is small.
 RANDOMIZED_MIN_SIZE = 1024
-
-
-def _need_budget(rank, tolerance, params_share, kind: str) -> None:
-    check_budget(rank, tolerance, params_share)
-    if rank is None and tolerance is None and params_share is None:
-        raise ValueError(f"{kind} needs one of rank, tolerance or params_share")
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +76,7 @@ class LowRank(FactoredLayer, kind="lowrank"):
         1024 and the rank is below a quarter of it).
         """
         w = as_folded_weight(weight).detach()
-        _need_budget(rank, tolerance, params_share, "lowrank")
+        check_budget(rank, tolerance, params_share, required=cls.kind)
         check_choice(method, METHODS, "method")
         f, out, inp = w.shape
         max_rank = min(out, inp)
@@ -142,10 +136,8 @@ class LowRank(FactoredLayer, kind="lowrank"):
         """
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
-        if factor_ranks is None:
-            _need_budget(rank, tolerance, params_share, "lowrank")
-        else:
-            check_budget(rank, tolerance, params_share)
+        # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
+        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
         structure = check_choice(structure or ("kronecker" if square or factor_ranks else "flat"),
                                  STRUCTURES, "structure")
         if square:

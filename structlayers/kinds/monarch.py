@@ -47,8 +47,9 @@ from .._checks import (
     check_budget,
     check_positive_int,
     make_generator,
+    rank_for_params_share,
 )
-from ..base import StructuredSumLayer, random_normal, rank_for_params_share
+from ..base import StructuredSumLayer, random_normal
 from ..linalg.blocks import (
     Blocks,
     block_view,
@@ -61,16 +62,6 @@ from ..linalg.blocks import (
 )
 from ..linalg.kron import frobenius_sq
 from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
-
-
-def _check_budget(block_rank, tolerance, params_share) -> None:
-    given = [n for n, v in (("block_rank", block_rank), ("tolerance", tolerance),
-                            ("params_share", params_share)) if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"give at most one of block_rank, tolerance, params_share; got {', '.join(given)}")
-    if block_rank is not None:
-        check_positive_int(block_rank, "block_rank")
-    check_budget(None, tolerance, params_share)
 
 
 def _params_for(num_folds: int, out: int, inp: int, blocks: Blocks):
@@ -248,7 +239,7 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         which reproduces W exactly.
         """
         w = as_folded_weight(weight).detach()
-        _check_budget(block_rank, tolerance, params_share)
+        check_budget(block_rank, tolerance, params_share, rank_name="block_rank")
         f, out, inp = w.shape
         blocks = check_num_blocks(num_blocks, out, inp)
         (lo, ki), s, p = blocks, out // blocks[0], inp // blocks[1]
@@ -287,7 +278,7 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         """
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
-        _check_budget(block_rank, tolerance, params_share)
+        check_budget(block_rank, tolerance, params_share, rank_name="block_rank")
         f, a1, a2 = a.shape
         _, b1, b2 = b.shape
         out, inp = a1 * b1, a2 * b2

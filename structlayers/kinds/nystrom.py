@@ -27,8 +27,8 @@ from .._checks import (
     check_positive_int,
     check_rank_range,
     make_generator,
+    rank_for_params_share,
 )
-from ..base import rank_for_params_share
 from ..linalg.cur import CURFactors, cur_dense, cur_error_sq, cur_kronecker_joint, num_pivots
 from ..linalg.kron import frobenius_sq, inner, kron_inner_lowrank, lowrank_frobenius_sq
 from ..linalg.pivots import PIVOT_STRATEGIES
@@ -40,7 +40,6 @@ from ._factored import (
     choose_split,
     kronecker_split_params,
 )
-from .lowrank import _need_budget
 
 
 def _search_rank(error_sq_at: Callable[[int], float], start: int, max_rank: int, target_sq: float) -> int:
@@ -90,7 +89,7 @@ class Nystrom(FactoredLayer, kind="nystrom"):
     ) -> "Nystrom":
         """Rank-k CUR of W (F, out, in) from ceil(oversampling * k) columns and rows."""
         w = as_folded_weight(weight).detach()
-        _need_budget(rank, tolerance, params_share, "nystrom")
+        check_budget(rank, tolerance, params_share, required=cls.kind)
         check_choice(strategy, PIVOT_STRATEGIES, "pivot strategy")
         num_pivots(1, oversampling, 1)  # validates oversampling
         gen = make_generator(seed, generator)
@@ -143,10 +142,8 @@ class Nystrom(FactoredLayer, kind="nystrom"):
         """
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
-        if factor_ranks is None:
-            _need_budget(rank, tolerance, params_share, "nystrom")
-        else:
-            check_budget(rank, tolerance, params_share)
+        # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
+        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
         check_choice(strategy, PIVOT_STRATEGIES, "pivot strategy")
         check_choice(structure, STRUCTURES, "structure")
         num_pivots(1, oversampling, 1)  # validates oversampling
