@@ -53,8 +53,9 @@ def main() -> None:
           f"{env['torch_threads']} threads, torch {env['torch']}, median of {args.repeats} round-robin")
     print(f"{'layer':40s} {'ms':>8s} {'vs dense':>9s} {'rel.err':>9s} {'optimum':>9s} {'params':>9s} {'MACs':>10s}")
     for name, layer in layers.items():
-        err = 0.0 if name in ("dense", "kronecker") else layer.relative_error_kronecker(a, b)
-        opt = float("nan") if name in ("dense", "kronecker") else optimum
+        exact = layer.exact_from_kronecker
+        err = 0.0 if exact else layer.relative_error_kronecker(a, b)
+        opt = optimum if layer.rank_is_matrix_rank else float("nan")
         row = dict(layer=name, ms=times[name] * 1e3, speedup_vs_dense=times["dense"] / times[name],
                    rel_error=err, optimal_error=opt, params=layer.num_params, flops=layer.flops(args.batch))
         rows.append(row)

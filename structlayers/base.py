@@ -37,9 +37,36 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         num_folds: F, the number of independent weight matrices.
         in_features, out_features: the shape of each W[f] is (out_features, in_features).
         kind: the registry name of the concrete class.
+
+    Capabilities. Each kind declares what it can do as class attributes, and every
+    consumer (``choose``, the demo, the benchmarks, adapters) reads them instead of
+    keeping lists of kind names, so a new kind is one file plus its test spec entry:
+
+        exact_from_kronecker: ``from_kronecker(A, B)`` with no options represents
+            A ⊗ B exactly and takes no budget options (rank, tolerance, params_share).
+        exact_from_dense: the same for ``from_dense(W)``.
+        rank_is_matrix_rank: the ``rank`` option (and the ``rank`` property) bounds
+            the matrix rank of W, so the Eckart–Young optimum at that rank is the
+            reference for its error.
+        square_form: ``from_kronecker(A, conj(A), square=True, factor_ranks=(r, r))``
+            keeps the result in the form Ã ⊗ conj(Ã) with one stored factor (the
+            weights of squared circuits stay squares).
+        kronecker_choose_options: the option sets :func:`structlayers.choose` tries
+            on Kronecker input, each combined with the requested budget.
+        budget_options: options that make a budget (rank, tolerance, params_share)
+            meaningful on Kronecker input; consumers add them to a budget request.
+            Read-only: copy before changing.
+        rank_meaning: one line saying what "rank" means for the kind.
     """
 
     kind: ClassVar[str] = ""
+    exact_from_kronecker: ClassVar[bool] = False
+    exact_from_dense: ClassVar[bool] = False
+    rank_is_matrix_rank: ClassVar[bool] = False
+    square_form: ClassVar[bool] = False
+    kronecker_choose_options: ClassVar[Tuple[dict, ...]] = ({},)
+    budget_options: ClassVar[dict] = {}
+    rank_meaning: ClassVar[str] = ""
 
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

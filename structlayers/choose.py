@@ -15,13 +15,6 @@ from .registry import available, get
 
 Target = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
-# Extra configurations tried for Kronecker input, on top of each kind's defaults.
-_KRONECKER_VARIANTS = {
-    "lowrank": [{}, {"structure": "kronecker"}],
-    "nystrom": [{}, {"structure": "flat"}],
-    "tt": [{"factor_cores": True}],  # unsplit, A ⊗ B is already exact: budgets act inside the factors
-}
-
 
 @dataclass
 class Candidate:
@@ -72,6 +65,10 @@ def choose(
     budget and the most accurate wins (the cheapest layer with no error bound
     would be a trivial one). A kind that cannot honour the request is listed with
     the reason and skipped.
+
+    Each kind is tried in the configurations it declares (``kronecker_choose_options``
+    on Kronecker input); a kind that is exact from the input with no options
+    (``exact_from_kronecker`` / ``exact_from_dense``) is built without the request.
     """
     check_budget(tolerance=tolerance)  # both may be given: each is checked on its own
     check_budget(params_share=params_share)
@@ -91,19 +88,18 @@ def choose(
 
     candidates: List[Tuple[Candidate, Optional[StructuredSumLayer]]] = []
     for name in names:
-        variants = _KRONECKER_VARIANTS.get(name, [{}]) if kronecker else [{}]
+        cls = get(name)
+        variants = cls.kronecker_choose_options if kronecker else ({},)
+        exact = cls.exact_from_kronecker if kronecker else cls.exact_from_dense
         for variant in variants:
             request = {"tolerance": tolerance} if tolerance is not None else {"params_share": params_share}
-            options = {**variant, **request}
-            if name == "dense" or (name == "kronecker" and kronecker):
-                options = {}  # exact: no budget options
+            options = {} if exact else {**variant, **request}  # exact kinds take no budget options
             cand = Candidate(kind=name, options=options)
             try:
                 # a kind's warnings (e.g. tt costing more than dense) go into the candidate's note
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    layer = (get(name).from_kronecker(a, b, **options) if kronecker
-                             else get(name).from_dense(w, **options))
+                    layer = cls.from_kronecker(a, b, **options) if kronecker else cls.from_dense(w, **options)
             except (ValueError, TypeError, NotImplementedError) as exc:
                 cand.note = f"skipped: {exc}"
                 candidates.append((cand, None))

@@ -21,10 +21,6 @@ import torch
 import structlayers as sl
 from structlayers.benchmarking import environment, median_time, pinned_threads
 
-EXACT_KINDS = ("dense", "kronecker")
-RANKED_KINDS = ("lowrank", "nystrom")
-# Options that make a kind's budget meaningful on Kronecker input.
-EXTRA_OPTIONS = {"tt": {"factor_cores": True}, "sketched": {"fit": "projection", "seed": 0}}
 
 
 def decaying_factor(folds: int, size: int, decay: float, gen: torch.Generator, dtype) -> torch.Tensor:
@@ -36,18 +32,24 @@ def decaying_factor(folds: int, size: int, decay: float, gen: torch.Generator, d
 
 
 def _configs(ranks: Sequence[int], size: int) -> List[tuple]:
-    """(kind, label, options) for every registered kind."""
-    configs: List[tuple] = [(k, "exact", {}) for k in EXACT_KINDS]
+    """(kind, label, options) for every registered kind, by its capabilities: kinds exact from
+    A ⊗ B once, kinds whose rank is the matrix rank at every rank, the others at the
+    parameter budget of a flat layer of that rank (with their ``budget_options``)."""
+    kinds = sl.available()
+    exact = [k for k in kinds if sl.get(k).exact_from_kronecker]
+    ranked = [k for k in kinds if k not in exact and sl.get(k).rank_is_matrix_rank]
+    others = [k for k in kinds if k not in exact and k not in ranked]
+    configs: List[tuple] = [(k, "exact", {}) for k in exact]
     for rank in ranks:
-        for kind in RANKED_KINDS:
+        for kind in ranked:
             configs.append((kind, f"rank={rank}", {"rank": rank}))
+        # the optimum's kronecker structure, Ã ⊗ B̃: the cheaper low-rank form on this input
         configs.append(("lowrank", f"rank={rank} kron", {"rank": rank, "structure": "kronecker"}))
-    others = [k for k in sl.available() if k not in EXACT_KINDS + RANKED_KINDS]
     for rank in ranks:
         # Other kinds get the parameter budget of a flat rank-`rank` layer.
         share = rank * 2 * size * size / float(size**4)
         for kind in others:
-            configs.append((kind, f"share={share:.4f}", {"params_share": share, **EXTRA_OPTIONS.get(kind, {})}))
+            configs.append((kind, f"share={share:.4f}", {"params_share": share, **sl.get(kind).budget_options}))
     return configs
 
 
@@ -71,10 +73,11 @@ def run(size: int = 64, folds: int = 2, batch: int = 256, ranks: Sequence[int] =
             except (ValueError, TypeError) as exc:
                 print(f"  {kind:10s} {label:18s} skipped: {exc}", file=out)
                 continue
-            err = 0.0 if kind in EXACT_KINDS else layer.relative_error_kronecker(a, b)
-            rank = getattr(layer, "rank", None) if kind not in EXACT_KINDS else None
+            exact = layer.exact_from_kronecker
+            err = 0.0 if exact else layer.relative_error_kronecker(a, b)
+            rank = None if exact else getattr(layer, "rank", None)
             # The Eckart–Young optimum applies where `rank` is the matrix rank (not tt's bond rank).
-            optimum = sl.optimal_relative_error_kronecker(a, b, rank) if kind in RANKED_KINDS else math.nan
+            optimum = sl.optimal_relative_error_kronecker(a, b, rank) if layer.rank_is_matrix_rank else math.nan
             seconds = median_time(lambda: layer(x), repeats=repeats, warmup=2)
             rows.append(dict(kind=kind, config=label, rank=rank, rel_error=err, optimal_error=optimum,
                              params=layer.num_params, flops=layer.flops(batch), seconds=seconds))

@@ -171,3 +171,77 @@ def test_flops_and_params_hand_counts():
     assert square.num_params == f * 2 * (4 + 4) and square.num_buffers == 0
     sum_of_two = sl.Kronecker.from_dense(kron_dense(a, b), factor_shapes=((4, 6), (5, 3)), rank=2)
     assert sum_of_two.flops(bsz) == 2 * bsz * f * 132
+
+
+# ------------------------------------------------------------------ capabilities
+def test_every_kind_says_what_its_rank_means():
+    for kind in KINDS:
+        cls = sl.get(kind)
+        assert isinstance(cls.rank_meaning, str) and cls.rank_meaning.strip(), kind
+        assert isinstance(cls.kronecker_choose_options, tuple) and cls.kronecker_choose_options, kind
+        assert isinstance(cls.budget_options, dict), kind
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if sl.get(k).exact_from_kronecker])
+def test_exact_from_kronecker_means_exact_and_no_budget_options(kind):
+    a, b = random_factors(2, (4, 3), (2, 5), seed=20)
+    layer = sl.from_kronecker(kind, a, b)
+    assert rel(layer.to_dense(), kron_dense(a, b)) < EXACT
+    for option in ({"rank": 1}, {"tolerance": 0.1}, {"params_share": 0.5}):
+        with pytest.raises(TypeError):
+            sl.from_kronecker(kind, a, b, **option)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if sl.get(k).exact_from_dense])
+def test_exact_from_dense_means_exact_and_no_budget_options(kind):
+    w = torch.randn(2, 6, 5, generator=generator(21), dtype=torch.float64)
+    assert rel(sl.from_dense(kind, w).to_dense(), w) < EXACT
+    with pytest.raises(TypeError):
+        sl.from_dense(kind, w, tolerance=0.1)
+
+
+def test_kinds_that_are_not_exact_take_budgets():
+    a, b = random_factors(1, (4, 4), (4, 4), seed=22)
+    for kind in KINDS:
+        cls = sl.get(kind)
+        if not cls.exact_from_kronecker:
+            layer = cls.from_kronecker(a, b, params_share=0.5, **cls.budget_options)
+            assert layer.num_params <= 0.5 * 256, kind
+        if not cls.exact_from_dense:
+            assert cls.from_dense(a[0], params_share=1.0).num_params <= 16, kind
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if sl.get(k).rank_is_matrix_rank])
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_rank_is_matrix_rank_bounds_the_rank_of_w(kind, rank):
+    a, b = random_factors(2, (4, 3), (3, 4), seed=23)
+    w = kron_dense(a, b)
+    for options in sl.get(kind).kronecker_choose_options:
+        layer = sl.from_kronecker(kind, a, b, rank=rank, **options)
+        assert layer.rank == rank
+        assert int(torch.linalg.matrix_rank(layer.to_dense().detach()).max()) <= rank
+        # and the Eckart–Young optimum at that rank is a lower bound of its error
+        assert layer.relative_error(w) >= sl.optimal_relative_error_kronecker(a, b, rank) - 1e-12
+    layer = sl.from_dense(kind, w, rank=rank)
+    assert int(torch.linalg.matrix_rank(layer.to_dense().detach()).max()) <= rank
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if sl.get(k).square_form])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_square_form_keeps_a_times_its_conjugate(kind, dtype):
+    a, _ = random_factors(2, (4, 4), (4, 4), seed=24, dtype=dtype)
+    layer = sl.from_kronecker(kind, a, a.conj(), square=True, factor_ranks=(2, 2))
+    fa, fb = layer.factors()
+    assert torch.equal(fb, fa.conj())
+    assert rel(layer.to_dense(), kron_dense(fa, fa.conj())) < EXACT
+    assert layer.num_params == 2 * 2 * (4 + 4)  # one stored factor: left_a (4 x 2), right_a (2 x 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_choose_option_builds_on_kronecker_input(kind):
+    a, b = random_factors(1, (4, 4), (4, 4), seed=25)
+    cls = sl.get(kind)
+    for options in cls.kronecker_choose_options:
+        request = {} if cls.exact_from_kronecker else {"params_share": 0.5, **cls.budget_options}
+        layer = cls.from_kronecker(a, b, **{**options, **request})
+        assert layer.relative_error_kronecker(a, b) < 1.0

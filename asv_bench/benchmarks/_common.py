@@ -26,6 +26,7 @@ asv details the suites rely on (asv 0.6 / asv_runner 0.3):
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -62,16 +63,29 @@ KRONECKER_DECAY = 0.9   # singular values of A and B: 0.9^i
 DENSE_DECAY = 0.99      # singular values of W: 0.99^i
 
 
+def _exact(kind: str, constructor: str, capability: str) -> bool:
+    """The kind's capability attribute ``exact_from_kronecker`` / ``exact_from_dense`` (see
+    ``structlayers.StructuredSumLayer``). Commits from before those attributes: the
+    constructor takes no options besides its inputs (no keyword-only parameters)."""
+    cls = sl.get(kind)
+    if hasattr(cls, capability):
+        return bool(getattr(cls, capability))
+    parameters = inspect.signature(getattr(cls, constructor)).parameters.values()
+    return not any(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in parameters)
+
+
 def kronecker_options(kind: str, rank: int) -> Optional[dict]:
     """Options of ``sl.from_kronecker(kind, A, B, **options)`` at ``rank``.
 
-    None: the kind is exact from A ⊗ B and takes no rank (dense materialises W,
-    kronecker stores A and B, monarch is exact at block rank 1); such kinds are
-    measured at ``RANKS[0]`` only.
+    None: the kind is exact from A ⊗ B and takes no rank (``exact_from_kronecker``:
+    dense materialises W, kronecker stores A and B), or is measured exact (monarch,
+    exact at block rank 1 on its default grid, where a block rank would only add
+    zeros); such kinds are measured at ``RANKS[0]`` only. The rank options are fixed
+    per kind, like ``KINDS``: asv's history is keyed by them.
     """
+    if _exact(kind, "from_kronecker", "exact_from_kronecker"):
+        return None
     return {
-        "dense": None,
-        "kronecker": None,
         "monarch": None,
         "lowrank": {"rank": rank},                          # Eckart–Young optimum, flat
         "nystrom": {"rank": rank},                          # CUR(A) ⊗ CUR(B), rank = ka * kb
@@ -81,9 +95,11 @@ def kronecker_options(kind: str, rank: int) -> Optional[dict]:
 
 
 def dense_options(kind: str, rank: int) -> Optional[dict]:
-    """Options of ``sl.from_dense(kind, W, **options)`` at ``rank``; None: exact, no rank."""
+    """Options of ``sl.from_dense(kind, W, **options)`` at ``rank``; None: exact, no rank
+    (``exact_from_dense``)."""
+    if _exact(kind, "from_dense", "exact_from_dense"):
+        return None
     return {
-        "dense": None,
         "kronecker": {"rank": rank},        # nearest sum of `rank` Kronecker products
         "lowrank": {"rank": rank},
         "nystrom": {"rank": rank},

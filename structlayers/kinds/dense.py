@@ -20,6 +20,10 @@ class Dense(StructuredSumLayer, kind="dense"):
     ``from_kronecker`` materialises A ⊗ B: this kind *is* the materialised baseline.
     """
 
+    exact_from_kronecker = True
+    exact_from_dense = True
+    rank_meaning = "none: W is stored as is (no rank option)"
+
     def __init__(
         self,
         in_features: int,

@@ -41,8 +41,11 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     """Sum of ``rank`` Kronecker products per fold.
 
     Parameters ``a`` (F, rank, a1, a2) and ``b`` (F, rank, b1, b2); out = a1*b1,
-    in = a2*b2. ``factor_shapes`` defaults to :func:`balanced_factor_shapes`.
+    in = a2*b2. ``factor_shapes`` defaults to :func:`~structlayers.linalg.kron.balanced_factor_shapes`.
     """
+
+    exact_from_kronecker = True
+    rank_meaning = "the number of Kronecker terms A_t ⊗ B_t (Kronecker rank)"
 
     def __init__(
         self,

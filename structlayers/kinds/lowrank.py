@@ -54,6 +54,11 @@ def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype) -> Tupl
 class LowRank(FactoredLayer, kind="lowrank"):
     """Optimal low-rank layer. Random init: ``LowRank(in, out, F, rank=r)``."""
 
+    rank_is_matrix_rank = True
+    square_form = True
+    kronecker_choose_options = ({}, {"structure": "kronecker"})
+    rank_meaning = "the matrix rank of W (kronecker structure: ka·kb)"
+
     @classmethod
     def from_dense(
         cls,

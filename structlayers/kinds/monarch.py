@@ -104,6 +104,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
     Var(W_ij) = r * Var(left) * Var(right) = 1/(3 in), like ``nn.Linear``.
     """
 
+    rank_meaning = "the block rank (block_rank): the rank of every block of W"
+
     def __init__(
         self,
         in_features: int,

@@ -73,6 +73,10 @@ class Nystrom(FactoredLayer, kind="nystrom"):
     """CUR / Nyström layer. Random init: ``Nystrom(in, out, F, rank=r)`` (same storage as lowrank)."""
 
     pivot_strategies = PIVOT_STRATEGIES
+    rank_is_matrix_rank = True
+    square_form = True
+    kronecker_choose_options = ({}, {"structure": "flat"})
+    rank_meaning = "the matrix rank of W, the CUR's kept rank (product grid: ka·kb)"
 
     @classmethod
     def from_dense(

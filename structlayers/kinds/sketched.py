@@ -164,6 +164,10 @@ class Sketched(StructuredSumLayer, kind="sketched"):
 
     sketches = SKETCHES
     fits = FITS
+    # the unbiased fit of a layer within a budget is worse than W~ = 0 (see linalg.sketch);
+    # the seed makes the sketches, and so the result, reproducible
+    budget_options = {"fit": "projection", "seed": 0}
+    rank_meaning = "the per-term sketch size low_rank (rank is its alias); W~ has rank up to 2·num_terms·low_rank"
     expected_relative_error = staticmethod(expected_relative_error)
 
     def __init__(

@@ -118,6 +118,11 @@ class TT(StructuredSumLayer, kind="tt"):
     the variance of ``nn.Linear``'s default init.
     """
 
+    # unsplit, A ⊗ B is already exact at bond dimension 1: budgets act inside the factors
+    kronecker_choose_options = ({"factor_cores": True},)
+    budget_options = {"factor_cores": True}
+    rank_meaning = "the largest TT bond rank (maximal bond dimension)"
+
     def __init__(
         self,
         in_features: int,
