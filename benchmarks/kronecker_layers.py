@@ -18,7 +18,7 @@ import torch
 
 import structlayers as sl
 from structlayers.benchmarking import environment, interleaved_medians, pinned_threads
-from structlayers.demo import decaying_factor
+from structlayers.testing import decaying_factors
 
 
 def main() -> None:
@@ -32,8 +32,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
-    a = decaying_factor(1, args.size, args.decay, gen, torch.float32)
-    b = decaying_factor(1, args.size, args.decay, gen, torch.float32)
+    a, b = decaying_factors(1, args.size, decay=args.decay, dtype=torch.float32, generator=gen)
     x = torch.randn(1, args.batch, args.size**2, generator=gen)
     r = args.rank
     layers = {

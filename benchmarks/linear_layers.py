@@ -19,12 +19,7 @@ from torch import nn
 
 import structlayers as sl
 from structlayers.benchmarking import environment, interleaved_medians, pinned_threads
-
-
-def decaying_weight(n: int, decay: float, gen: torch.Generator) -> torch.Tensor:
-    u, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
-    return (u * decay ** torch.arange(n, dtype=torch.float32)) @ v.T
+from structlayers.testing import decaying_matrix
 
 
 def main() -> None:
@@ -40,7 +35,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     n = args.features
     with pinned_threads(args.threads):
-        w = decaying_weight(n, args.decay, gen)
+        w = decaying_matrix(1, n, n, decay=args.decay, dtype=torch.float32, generator=gen)[0]
         linear = nn.Linear(n, n)
         with torch.no_grad():
             linear.weight.copy_(w)

@@ -20,15 +20,15 @@ import torch
 
 import structlayers as sl
 from structlayers.benchmarking import environment, median_time, pinned_threads
+from structlayers.testing import decaying_factors, decaying_matrix
 
 
 
 def decaying_factor(folds: int, size: int, decay: float, gen: torch.Generator, dtype) -> torch.Tensor:
-    """(F, size, size) with random singular vectors and singular values decay^i."""
-    u, _ = torch.linalg.qr(torch.randn(folds, size, size, generator=gen, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(folds, size, size, generator=gen, dtype=torch.float64))
-    s = decay ** torch.arange(size, dtype=torch.float64)
-    return ((u * s) @ v.transpose(1, 2)).to(dtype)
+    """(F, size, size) with random singular vectors and singular values decay^i, drawn from
+    ``gen``: :func:`structlayers.testing.decaying_matrix`, kept under this name for
+    benchmark files written against it."""
+    return decaying_matrix(folds, size, size, decay=decay, dtype=dtype, generator=gen)
 
 
 def _configs(ranks: Sequence[int], size: int) -> List[tuple]:
@@ -57,8 +57,7 @@ def run(size: int = 64, folds: int = 2, batch: int = 256, ranks: Sequence[int] =
         threads: int = 2, dtype: torch.dtype = torch.float32, repeats: int = 5, decay: float = 0.9,
         seed: int = 0, out=sys.stdout) -> List[dict]:
     gen = torch.Generator().manual_seed(seed)
-    a = decaying_factor(folds, size, decay, gen, dtype)
-    b = decaying_factor(folds, size, decay, gen, dtype)
+    a, b = decaying_factors(folds, size, decay=decay, dtype=dtype, generator=gen)
     x = torch.randn(folds, batch, size * size, generator=gen, dtype=dtype)
     rows: List[dict] = []
     with pinned_threads(threads), torch.no_grad():

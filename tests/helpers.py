@@ -1,10 +1,15 @@
-"""Test inputs shared across the suite: matrices with known spectra and Kronecker factors."""
+"""Test inputs shared across the suite: matrices with known spectra and Kronecker factors.
+
+The decaying-spectrum generators are :mod:`structlayers.testing`'s (re-exported here).
+"""
 
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
+
+from structlayers.testing import decaying_factors, decaying_matrix  # noqa: F401  (re-exported)
 
 
 def generator(seed: int) -> torch.Generator:
@@ -20,24 +25,6 @@ def random_factors(folds: int, shape_a: Tuple[int, int], shape_b: Tuple[int, int
         a = torch.complex(a, torch.randn(folds, *shape_a, generator=g, dtype=torch.float64))
         b = torch.complex(b, torch.randn(folds, *shape_b, generator=g, dtype=torch.float64))
     return a.to(dtype), b.to(dtype)
-
-
-def decaying_matrix(folds: int, m: int, n: int, *, decay: float = 0.8, polynomial: bool = False,
-                    dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """W = U diag(s) V^T with random orthonormal U, V and s_i = decay^i (or (i+1)^-decay)."""
-    g = generator(seed)
-    u, _ = torch.linalg.qr(torch.randn(folds, m, m, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(folds, n, n, generator=g, dtype=torch.float64))
-    p = min(m, n)
-    idx = torch.arange(p, dtype=torch.float64)
-    s = (idx + 1) ** (-decay) if polynomial else decay**idx
-    return ((u[:, :, :p] * s) @ v[:, :, :p].transpose(1, 2)).to(dtype)
-
-
-def decaying_factors(folds: int, k: int, *, decay: float = 0.8, dtype=torch.float64, seed: int = 0):
-    """Square K x K factors A, B with geometrically decaying spectra."""
-    return (decaying_matrix(folds, k, k, decay=decay, dtype=dtype, seed=seed),
-            decaying_matrix(folds, k, k, decay=decay, dtype=dtype, seed=seed + 1))
 
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -7,20 +7,15 @@ import pytest
 import torch
 
 import structlayers as sl
+from structlayers.testing import decaying_factors
 
 K = 1024
 
 
 @pytest.fixture(scope="module")
 def big_factors():
-    g = torch.Generator().manual_seed(0)
     # Decaying spectra so low ranks are meaningful.
-    s = 0.9 ** torch.arange(K, dtype=torch.float32)
-    def factor():
-        u, _ = torch.linalg.qr(torch.randn(K, K, generator=g))
-        v, _ = torch.linalg.qr(torch.randn(K, K, generator=g))
-        return ((u * s) @ v.T)[None]
-    return factor(), factor()
+    return decaying_factors(1, K, decay=0.9, dtype=torch.float32, seed=0)
 
 
 def peak_rss_gib() -> float:

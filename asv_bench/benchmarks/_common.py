@@ -33,7 +33,14 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 import structlayers as sl
-from structlayers.demo import decaying_factor
+
+try:
+    from structlayers.testing import decaying_matrix
+except ImportError:  # commits before structlayers.testing: the demo's function, the same draws
+    from structlayers.demo import decaying_factor
+
+    def decaying_matrix(folds, rows, cols, *, decay, dtype, generator):
+        return decaying_factor(folds, rows, decay, generator, dtype)
 
 # --------------------------------------------------------------------- threads
 THREADS = int(os.environ.get("STRUCTLAYERS_BENCH_THREADS", "2"))
@@ -116,14 +123,14 @@ def _generator(seed: int) -> torch.Generator:
 def kronecker_factors(size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """A, B: (FOLDS, size, size) with decaying spectra; deterministic per size."""
     gen = _generator(size)
-    a = decaying_factor(FOLDS, size, KRONECKER_DECAY, gen, DTYPE)
-    b = decaying_factor(FOLDS, size, KRONECKER_DECAY, gen, DTYPE)
+    a = decaying_matrix(FOLDS, size, size, decay=KRONECKER_DECAY, dtype=DTYPE, generator=gen)
+    b = decaying_matrix(FOLDS, size, size, decay=KRONECKER_DECAY, dtype=DTYPE, generator=gen)
     return a, b
 
 
 def dense_weight(size: int) -> torch.Tensor:
     """W: (FOLDS, size, size) with a decaying spectrum; deterministic per size."""
-    return decaying_factor(FOLDS, size, DENSE_DECAY, _generator(size), DTYPE)
+    return decaying_matrix(FOLDS, size, size, decay=DENSE_DECAY, dtype=DTYPE, generator=_generator(size))
 
 
 def folded_input(in_features: int) -> torch.Tensor:
