@@ -1,9 +1,10 @@
 """Demo: fit every registered kind to random folded Kronecker weights W = A ⊗ B.
 
-Run ``python -m structlayers.demo`` (or ``make demo``). For each kind and a few
-ranks it prints relative error, the optimal (Eckart–Young) error at the same
-rank, parameters, multiply-adds and the measured forward time against the exact
-layers: ``dense`` (W materialised) and ``kronecker`` (exact, never materialised).
+Run ``structlayers demo`` (or ``python -m structlayers.demo``); ``make demo`` is
+another job, the circuit benchmark report. For each kind and a few ranks it prints
+relative error, the optimal (Eckart–Young) error at the same rank, parameters,
+multiply-adds and the measured forward time against the exact layers: ``dense``
+(W materialised) and ``kronecker`` (exact, never materialised).
 
 Factors have geometrically decaying spectra (σ_i = decay^i), like trained
 circuit weights, so that low ranks are meaningful.
@@ -55,7 +56,10 @@ def _configs(ranks: Sequence[int], size: int) -> List[tuple]:
 
 def run(size: int = 64, folds: int = 2, batch: int = 256, ranks: Sequence[int] = (16, 64, 256),
         threads: int = 2, dtype: torch.dtype = torch.float32, repeats: int = 5, decay: float = 0.9,
-        seed: int = 0, out=sys.stdout) -> List[dict]:
+        seed: int = 0, out=None) -> List[dict]:
+    """Build every configuration, time it and print the table to ``out`` (default: the
+    current ``sys.stdout``); returns the rows."""
+    out = sys.stdout if out is None else out
     gen = torch.Generator().manual_seed(seed)
     a, b = decaying_factors(folds, size, decay=decay, dtype=dtype, generator=gen)
     x = torch.randn(folds, batch, size * size, generator=gen, dtype=dtype)
@@ -95,8 +99,10 @@ def run(size: int = 64, folds: int = 2, batch: int = 256, ranks: Sequence[int] =
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), print the table; returns 0. ``prog`` names
+    the command in the usage line."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64, help="factor size K (W is K^2 x K^2)")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
