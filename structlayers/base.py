@@ -27,7 +27,7 @@ from torch import nn
 
 from ._checks import as_folded_factors, as_folded_weight, check_positive_int
 from .linalg.kron import frobenius_sq
-from .registry import _REGISTRY, available, create, from_dense, from_kronecker, get, register  # noqa: F401
+from .registry import available, create, from_dense, from_kronecker, get, register  # noqa: F401  (re-exported)
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):

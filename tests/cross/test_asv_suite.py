@@ -21,7 +21,7 @@ import pytest
 
 import asv.util as asv_util  # asv is in the test extra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tests/cross/)
 ASV_DIR = ROOT / "asv_bench"
 MACHINE = "asv-smoke"
 
