@@ -87,7 +87,12 @@ class StructuredSumLayer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def flops(self, batch_size: int) -> int:
-        """Multiply-adds of one forward over a batch of ``batch_size`` per fold, all folds."""
+        """Multiply-adds (MACs) of one forward over a batch of ``batch_size`` per fold, all folds.
+
+        Counted from the structure, not measured. The name is kept for compatibility: one
+        multiply-add counts 1, so FLOP counters that count multiplications and additions
+        apart (``torch.utils.flop_counter``) report twice this number.
+        """
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.

@@ -169,8 +169,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         (lo, ki), (s, p), r = self.num_blocks, self.block_shape, self.block_rank
         # R: one GEMM per (fold, input block): (F, K, N, P) @ (F, K, P, Lb*r).
         z = torch.matmul(x.reshape(f, n, ki, p).transpose(1, 2), self.right.transpose(2, 3))
-        # P_mid: middle index (k, l, t) -> (l, k, t), stored sample-major (F, N, Lb, K*r); the
-        # one copy of the forward (fastest of the layouts tried; the GEMMs read strided views).
+        # P_mid: middle index (k, l, t) -> (l, k, t), stored sample-major (F, N, Lb, K*r): the
+        # forward's one copy, N*Lb*K*r elements per fold; both GEMMs read strided views.
         z = z.reshape(f, ki, n, lo, r).permute(0, 2, 3, 1, 4).contiguous().reshape(f, n, lo, ki * r)
         # L: one GEMM per (fold, output block): (F, Lb, N, K*r) @ (F, Lb, K*r, S).
         y = torch.matmul(z.transpose(1, 2), self.left.transpose(2, 3))

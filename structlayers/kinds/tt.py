@@ -224,8 +224,9 @@ class TT(StructuredSumLayer, kind="tt"):
         self.check_input(x)
         rtl, ltr = self._sweep_costs()
         sweep = self._right_to_left if rtl <= ltr else self._left_to_right
-        # The intermediates are up to ~r times larger than x; in batch chunks they stay in
-        # cache, which is several times faster than streaming them through memory.
+        # The intermediates are up to ~r times larger than x; in batch chunks of at most
+        # CHUNK_ELEMENTS they stay in cache instead of streaming through memory (the same
+        # multiply-adds either way).
         per_sample = self.num_folds * self._largest_intermediate(rtl <= ltr)
         chunk = max(1, CHUNK_ELEMENTS // per_sample)
         if x.shape[1] <= chunk:
