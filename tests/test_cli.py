@@ -22,7 +22,8 @@ BLOCKED = ("cirkit", "adapters", "adapters.cirkit")
 @pytest.fixture
 def no_extras(monkeypatch):
     """cirkit and the adapters cannot be imported (a None entry in sys.modules blocks it)."""
-    for name in BLOCKED:
+    loaded = [name for name in sys.modules if name.split(".")[0] in ("cirkit", "adapters")]
+    for name in set(BLOCKED) | set(loaded):  # submodules imported earlier in this process too
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError):
         import cirkit  # noqa: F401

@@ -7,9 +7,11 @@ Depends on ``structlayers`` and on cirkit (the PyPI distribution ``libcirkit``);
 >>> ctx = use_structured_layers(PipelineContext(backend="torch", semiring="complex-lse-sum"))  # doctest: +SKIP
 """
 
+from .accelerate import AcceleratedCircuit, accelerate, cirkit_evaluation
 from .compile import kronecker_sum_rule, use_structured_layers
 from .layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, kronecker_factors, semiring_linear
-from .likelihood import bits_per_dimension, log_likelihood, log_value
+from .likelihood import bits_per_dimension, log_likelihood, log_value, nll_to_bpd
+from .model import CircuitDensity, compile_density
 from .linear_space import evaluate_linear_space
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, unclamped
 from .swap import LayerInfo, SwapReport, kronecker_sum_layers, rank_policy, square_policy, swap_kronecker_sum_layers
@@ -34,4 +36,10 @@ __all__ = [
     "unclamped",
     "ExactLSESumSemiring",
     "ExactComplexLSESumSemiring",
+    "accelerate",
+    "cirkit_evaluation",
+    "AcceleratedCircuit",
+    "CircuitDensity",
+    "compile_density",
+    "nll_to_bpd",
 ]

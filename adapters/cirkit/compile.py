@@ -14,6 +14,7 @@ from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.layers import SumLayer
 from cirkit.symbolic.parameters import KroneckerParameter
 
+from .accelerate import accelerate
 from .layers import TorchKroneckerSumLayer
 from .swap import MODES, kronecker_sum_layers, swap_kronecker_sum_layers
 
@@ -46,14 +47,16 @@ def kronecker_sum_rule() -> Iterator[None]:
 
 
 def use_structured_layers(ctx: PipelineContext, kind="kronecker", *, mode: str = "live",
-                          **options) -> PipelineContext:
+                          fast: bool = True, **options) -> PipelineContext:
     """Make ``ctx.compile`` (and ``ctx.integrate``/``multiply``, which call it) emit structured layers.
 
     Kronecker-weighted sum layers compile to exact factor-wise layers, which cirkit
     folds and which ``optimize=True`` leaves alone; then, unless ``kind`` is
     ``kronecker`` in ``live`` mode (the default: an exact, faster path that trains the
     circuit's own parameters), they are swapped by :func:`swap_kronecker_sum_layers`
-    with ``kind``, ``mode`` and ``options``. Returns ``ctx``.
+    with ``kind``, ``mode`` and ``options``. With ``fast`` (the default) every circuit the
+    context compiles evaluates through the linear-space fast path when it is called
+    (:func:`~adapters.cirkit.accelerate.accelerate`). Returns ``ctx``.
     """
     if not isinstance(ctx, PipelineContext):
         raise TypeError(f"expected a cirkit PipelineContext, got {type(ctx).__name__}")
@@ -67,7 +70,9 @@ def use_structured_layers(ctx: PipelineContext, kind="kronecker", *, mode: str =
         with kronecker_sum_rule():
             circuit = compile_symbolic(sc)
         if kronecker_sum_layers(circuit) and not (kind == "kronecker" and mode == "live" and not options):
-            swap_kronecker_sum_layers(circuit, kind, mode=mode, **options)
+            swap_kronecker_sum_layers(circuit, kind, mode=mode, fast=fast, **options)
+        if fast:
+            accelerate(circuit)
         return circuit
 
     ctx.compile = compile  # type: ignore[method-assign]

@@ -27,7 +27,7 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops
 from structlayers.linalg.cur import cur_dense
 
-from .folds import evaluate_node, evaluate_parameter
+from .plan import capture_inputs
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -69,20 +69,8 @@ def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]
     product itself is never computed. A: (F, Ko1, Ki1), B: (F, Ko2, Ki2). Gradients
     flow to the circuit's parameters.
     """
-    if not is_kronecker_weight(weight):
-        return None
-    out = weight.outputs[0]
-    captured: dict = {}
-
-    def fn(node, *inputs):
-        if node is out:
-            captured["ab"] = inputs
-            return inputs[0]  # placeholder: the graph's output is not used
-        return evaluate_node(node, *inputs)
-
-    evaluate_parameter(weight, fn)
-    a, b = captured["ab"]
-    return a, b
+    factors = capture_inputs(weight, TorchKroneckerParameter)
+    return None if factors is None else (factors[0], factors[1])
 
 
 class _SumLayerConfig(TorchInnerLayer):

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from cirkit.backend.torch.circuits import TorchCircuit
 
+from .accelerate import cirkit_evaluation
 from .linear_space import evaluate_linear_space
 from .semiring import unclamped
 
@@ -19,12 +20,13 @@ def log_value(circuit: TorchCircuit, x: Optional[Tensor] = None, *, linear_space
 
     Works for lse-sum and complex-lse-sum circuits; sum-product circuits return their log.
     ``linear_space=True`` evaluates with :func:`evaluate_linear_space` (same values,
-    faster; log semirings only).
+    faster; log semirings only); False with cirkit's own (clamp-free) evaluation, also for
+    an accelerated circuit.
     """
     if linear_space:
         y = evaluate_linear_space(circuit, x)
         return y.real if y.is_complex() else y
-    with unclamped(circuit):
+    with unclamped(circuit), cirkit_evaluation(circuit):
         y = circuit(x) if x is not None else circuit()
     if circuit.layers[0].semiring.__name__ == "SumProductSemiring":
         y = torch.log(y)
@@ -50,6 +52,12 @@ def log_likelihood(squared: TorchCircuit, x: Tensor, partition: Union[TorchCircu
     return values[:, 0, 0] - log_z
 
 
+def nll_to_bpd(nll: float, num_variables: int) -> float:
+    """A mean negative log-likelihood in nats per example, as bits per variable:
+    ``nll / (D ln 2)``."""
+    return nll / (num_variables * math.log(2.0))
+
+
 def bits_per_dimension(log_likelihoods: Tensor, num_variables: int) -> float:
-    """Mean negative log-likelihood in bits per variable."""
-    return float(-log_likelihoods.mean() / (num_variables * math.log(2)))
+    """Mean negative log-likelihood of per-example ``log_likelihoods`` (B,) in bits per variable."""
+    return nll_to_bpd(float(-log_likelihoods.detach().double().mean()), num_variables)

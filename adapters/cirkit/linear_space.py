@@ -3,15 +3,15 @@
 cirkit evaluates ``lse-sum`` and ``complex-lse-sum`` circuits on logarithms: every sum
 layer exponentiates its K inputs, applies its weights and takes the log of its outputs.
 In a squared circuit a layer has K² units, so each sum layer spends 2·K² (complex)
-exp/log per sample and fold next to its O(K³) factor-wise product -- and the
-transcendentals, not the products, dominate (about 60 % of ``c²(x)`` at K=16 measured
-with the profiler). This module computes the same outputs without them:
+exp/log per sample and fold next to its O(K³) factor-wise product, and at small and
+moderate K the transcendentals, not the products, dominate. This module computes the
+same outputs without them:
 
 * every layer output is a pair ``(v, s)``: ``v`` (F, B, K) in linear space (real or
   complex) and ``s`` (F, B) a real log-scale, standing for the values ``v · exp(s)``;
 * sum layers apply their linear map to ``v`` (no exp, no log), product layers multiply
   the ``v`` and add the ``s``; when a layer's largest entry (per fold and sample) leaves
-  [2^-16, 1], ``v`` is divided by it and ``s`` grows by its log, so ``v`` never over-
+  ``[2^-16, 2^16]``, ``v`` is divided by it and ``s`` grows by its log, so ``v`` never over-
   or underflows while ``s`` carries the range (values far below cirkit's -708 clamp stay
   exact);
 * signed real values stay real: a complex-lse-sum circuit with real weights (``c²``
@@ -19,21 +19,39 @@ with the profiler). This module computes the same outputs without them:
 * the logs come back once, at the outputs: ``log v + s`` in the circuit's encoding.
 
 The scales are constants to autograd (they are detached): the represented value is
-the same for any scale, so gradients are exact. A product whose entries are all tiny
-(the largest below ``sqrt(tiny)`` of the dtype, where entries far below the largest
-would be flushed to zero) is recomputed on logarithms for that layer, so the
-evaluation is never less accurate than cirkit's, whose sum layers also exponentiate
-relative to the largest input.
+the same for any scale, so gradients are exact.
+
+**Cost.** A plan (:class:`CircuitPlan`) is built once per circuit: every input is read
+through a :class:`~adapters.cirkit.plan.Fetch` (a view wherever cirkit's fold index moves
+nothing), and a product whose only consumer is a sum layer (a CP block, a Hadamard layer
+before a Kronecker sum layer) is not measured: the sum layer's output is. So a block
+costs its product, its matrix products and one max per fold and sample; a division
+only when the range is left.
+
+**Flushed products.** A product whose entries are all tiny (largest below ``sqrt(tiny)``
+of the dtype, where entries far below the largest may have been flushed to zero) is
+recomputed on logarithms for that layer, so the evaluation is never less accurate than
+cirkit's, whose sum layers also exponentiate relative to the largest input. A sum
+layer after an unmeasured product that comes out that small sends the whole
+evaluation once more through the measured path.
+
+**Marginals.** ``integrate`` (a boolean mask, per variable or per sample) replaces the
+value of every input layer whose variable is integrated out by its integral, per
+sample, as cirkit's ``IntegrateQuery`` does, in the same pass.
 
 Layers the evaluator does not know are evaluated in their semiring (logs in, logs
 out) and the result converted back, so any circuit evaluates correctly; only the
-known layers are faster. Known: input layers (categorical inputs by a table
-lookup of exponentiated logits), Hadamard and Kronecker products, cirkit's sum,
-tensor-dot, CP-T and Tucker layers, and this package's structured sum layers.
+known layers are faster. Known: input layers (categorical inputs by a table lookup of
+exponentiated logits, also when the logits are the outer sum of a squared circuit's
+two factors), integrals of products of categorical inputs (as matrix products),
+Hadamard and Kronecker products, cirkit's sum, tensor-dot, CP-T and Tucker layers, and
+this package's structured sum layers.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
@@ -50,12 +68,18 @@ from cirkit.backend.torch.layers import (
 )
 from cirkit.backend.torch.layers.input import TorchConstantValueLayer
 from cirkit.backend.torch.layers.optimized import TorchCPTLayer, TorchTensorDotLayer, TorchTuckerLayer
-from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchReduceLSEParameter
+from cirkit.backend.torch.parameters.nodes import (
+    TorchOuterSumParameter,
+    TorchReduceLSEParameter,
+)
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
-from .folds import evaluate_node, evaluate_parameter, gather_folds
+from .internals import address_book, tensordot_units, tucker_subscripts
 from .layers import TorchKroneckerSumLayer, TorchLiveSquareSumLayer, TorchStructuredSumLayer, apply_linear
+from .plan import Fetch, cached_plan, capture_inputs, evaluate_node, evaluate_parameter, plan_fetch
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
+
+__all__ = ["evaluate_linear_space", "evaluate_graph", "check_log_semiring", "circuit_plan", "CircuitPlan", "from_logs", "to_logs"]
 
 LOG_SEMIRINGS = (LSESumSemiring, ComplexLSESumSemiring, ExactLSESumSemiring, ExactComplexLSESumSemiring)
 
@@ -72,11 +96,20 @@ def _max_abs(v: Tensor) -> Tensor:
     return torch.maximum(high, -low)
 
 
-# Values are rescaled only when their largest entry leaves [2^-16, 1]. At most 1, as
-# cirkit's exp(x - max): a sum layer overflows exactly when cirkit's would (its row
-# sums times 1), and products cannot overflow. At least 2^-16: products keep far from
-# underflow. Layers inside the range cost one max instead of a max and a division.
-_LOW, _HIGH = 2.0**-16, 1.0
+# Values are rescaled only when their largest entry leaves [2^-16, 2^16]: products of
+# such values keep far from both ends of float32's range, and a sum layer overflows
+# only with weights near 2^100. Layers inside the range cost one max and no division.
+_LOW, _HIGH = 2.0**-16, 2.0**16
+
+
+def _flush_limit(dtype: torch.dtype) -> float:
+    """Below this largest entry a product may have flushed entries to zero."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    return torch.finfo(real).tiny ** 0.5
+
+
+class _Unmeasured(Exception):
+    """A sum layer after an unmeasured product came out tiny: evaluate again, measuring."""
 
 
 def _rescaled(v: Tensor, s: Tensor, m: Tensor) -> Scaled:
@@ -84,12 +117,17 @@ def _rescaled(v: Tensor, s: Tensor, m: Tensor) -> Scaled:
     return v / m.unsqueeze(-1), s + torch.log(m)
 
 
-def normalise(v: Tensor, s: Tensor) -> Scaled:
+def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
     """Keep v's entries in range: divide by the largest entry per (fold, sample) and move
-    its log into s when some (fold, sample) has left [2^-32, 2^32]."""
+    its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
+    v is a sum over a product that was not measured; a tiny result raises
+    :class:`_Unmeasured` (the product may have flushed entries)."""
     m = _max_abs(v).detach()
-    if bool(((m >= _LOW) & (m <= _HIGH)).all()):
+    inside = (m >= _LOW) & (m <= _HIGH)
+    if bool(inside.all()):
         return v, s
+    if after_unmeasured and bool((m < _flush_limit(v.dtype)).any()):
+        raise _Unmeasured
     return _rescaled(v, s, m)
 
 
@@ -117,23 +155,35 @@ def to_logs(v: Tensor, s: Tensor, complex_values: bool) -> Tensor:
 
 
 # ------------------------------------------------------------------- the layers
+@dataclass
+class _Context:
+    """What the layer rules of one evaluation share."""
+
+    complex_values: bool
+    measure_products: bool  # False: products feeding one sum layer are measured there
+
+
 def _align(v: Tensor, s: Tensor) -> Scaled:
     """Bring the H inputs (F, H, B, K) / (F, H, B) to one common scale (F, B)."""
     if v.shape[1] == 1:
-        return v, s[:, 0]
+        return v[:, 0], s[:, 0]
     top = s.amax(dim=1)
     return v * torch.exp(s - top.unsqueeze(1)).unsqueeze(-1), top
 
 
-def _product(v: Tensor, s: Tensor, combine: Callable[[Tensor], Tensor], log_combine: Callable[[Tensor], Tensor]) -> Scaled:
-    """A product layer: ``combine`` multiplies the H normalised inputs; the scales add.
+def _product(v: Tensor, s: Tensor, combine: Callable[[Tensor], Tensor],
+             log_combine: Callable[[Tensor], Tensor], measure: bool) -> Scaled:
+    """A product layer: ``combine`` multiplies the H inputs; the scales add.
 
-    If a product's entries are all tiny (largest below sqrt(tiny)) the entries far below
-    its largest may have been flushed to zero: that layer is recomputed on logs.
+    Measured (``measure``): if a product's entries are all tiny (largest below
+    sqrt(tiny)) the entries far below its largest may have been flushed to zero: that
+    layer is recomputed on logs. Unmeasured: the consuming sum layer checks its output.
     """
     out, scale = combine(v), s.sum(dim=1)
+    if not measure:
+        return out, scale
     m = _max_abs(out).detach()
-    if bool((m < torch.finfo(m.dtype).tiny ** 0.5).any()):  # includes products flushed to 0
+    if bool((m < _flush_limit(m.dtype)).any()):  # includes products flushed to 0
         logs = log_combine(to_logs(v, s, complex_values=True))  # complex: v may be signed
         return from_logs(logs)
     if bool(((m >= _LOW) & (m <= _HIGH)).all()):
@@ -141,8 +191,12 @@ def _product(v: Tensor, s: Tensor, combine: Callable[[Tensor], Tensor], log_comb
     return _rescaled(out, scale, m)
 
 
-def _hadamard(layer: TorchHadamardLayer, v: Tensor, s: Tensor) -> Scaled:
-    return _product(v, s, lambda t: t.prod(dim=1), lambda t: t.sum(dim=1))
+def _hadamard(layer, v: Tensor, s: Tensor, ctx: _Context, measure: bool = True) -> Scaled:
+    if v.shape[1] == 2:
+        combine = lambda t: t[:, 0] * t[:, 1]  # noqa: E731 -- one pass, no reduction kernel
+    else:
+        combine = lambda t: t.prod(dim=1)  # noqa: E731
+    return _product(v, s, combine, lambda t: t.sum(dim=1), measure)
 
 
 def _outer(t: Tensor, mul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -152,58 +206,146 @@ def _outer(t: Tensor, mul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     return y
 
 
-def _kronecker(layer: TorchKroneckerLayer, v: Tensor, s: Tensor) -> Scaled:
-    return _product(v, s, lambda t: _outer(t, torch.mul), lambda t: _outer(t, torch.add))
+def _kronecker(layer, v: Tensor, s: Tensor, ctx: _Context, measure: bool = True) -> Scaled:
+    return _product(v, s, lambda t: _outer(t, torch.mul), lambda t: _outer(t, torch.add), measure)
 
 
-def _weighted(v: Tensor, s: Tensor, linear: Callable[[Tensor], Tensor]) -> Scaled:
+def _dense_map(w: Tensor) -> Callable[[Tensor], Tensor]:
+    """z (F, B, Ki) -> z @ w^T for w (F, Ko, Ki)."""
+    wt = w.transpose(1, 2)
+    return lambda z: torch.bmm(z, wt)
+
+
+def _weighted(v: Tensor, s: Tensor, linear: Callable[[Tensor], Tensor], ctx: _Context,
+              after_unmeasured: bool) -> Scaled:
     """A sum layer: concatenate the H inputs unit-wise (as cirkit does) and apply ``linear``."""
-    v, s = _align(v, s)  # v (F, H, B, Ki), s (F, B)
-    z = v.permute(0, 2, 1, 3).flatten(start_dim=2)
-    return normalise(linear(z), s)
+    v, s = _align(v, s)  # v (F, B, Ki) for one input; (F, H, B, Ki) for several
+    z = v if v.dim() == 3 else v.permute(0, 2, 1, 3).flatten(start_dim=2)
+    return normalise(linear(z), s, after_unmeasured=after_unmeasured)
 
 
-def _sum(layer: TorchSumLayer, v: Tensor, s: Tensor) -> Scaled:
+def _sum(layer: TorchSumLayer, v: Tensor, s: Tensor, ctx: _Context, after_unmeasured: bool = False) -> Scaled:
     w = evaluate_parameter(layer.weight)  # (F, Ko, H*Ki)
-    return _weighted(v, s, lambda z: apply_linear(lambda t: torch.einsum("fbi,foi->fbo", t, w), z, w.dtype))
+    h = v.shape[1]
+    if h > 1:  # one product per input, accumulated: no copy of the inputs side by side
+        v, s = _align(v, s)
+        ki = v.shape[-1]
+        y = None
+        for i in range(h):
+            part = apply_linear(_dense_map(w[:, :, i * ki:(i + 1) * ki]), v[:, i], w.dtype)
+            y = part if y is None else y + part
+        return normalise(y, s, after_unmeasured=after_unmeasured)
+    return _weighted(v, s, lambda z: apply_linear(_dense_map(w), z, w.dtype), ctx, after_unmeasured)
 
 
-def _structured(layer, v: Tensor, s: Tensor) -> Scaled:
-    return _weighted(v, s, layer.linear)
+def _structured(layer, v: Tensor, s: Tensor, ctx: _Context, after_unmeasured: bool = False) -> Scaled:
+    return _weighted(v, s, layer.linear, ctx, after_unmeasured)
 
 
-def _tensor_dot(layer: TorchTensorDotLayer, v: Tensor, s: Tensor) -> Scaled:
+def _tensor_dot(layer: TorchTensorDotLayer, v: Tensor, s: Tensor, ctx: _Context,
+                after_unmeasured: bool = False) -> Scaled:
     w = evaluate_parameter(layer.weight)  # (F, Kk, Kj)
-    kj, kq = layer._num_contract_units, layer._num_batch_units  # noqa: SLF001 -- cirkit 0.3.1's names
+    kj, kq = tensordot_units(layer)
 
     def linear(z: Tensor) -> Tensor:  # (F, B, Kj*Kq) -> (F, B, Kq*Kk), as cirkit orders it
         z = z.view(z.shape[0], z.shape[1], kj, kq)
         return torch.einsum("fbjq,fkj->fbqk", z, w).flatten(start_dim=2)
 
-    return _weighted(v, s, lambda z: apply_linear(linear, z, w.dtype))
+    return _weighted(v, s, lambda z: apply_linear(linear, z, w.dtype), ctx, after_unmeasured)
 
 
-def _cpt(layer: TorchCPTLayer, v: Tensor, s: Tensor) -> Scaled:
-    v, s = _hadamard(layer, v, s)  # type: ignore[arg-type]
+def _cpt(layer: TorchCPTLayer, v: Tensor, s: Tensor, ctx: _Context, after_unmeasured: bool = False) -> Scaled:
+    v, s = _hadamard(layer, v, s, ctx, measure=ctx.measure_products)
     w = evaluate_parameter(layer.weight)  # (F, Ko, Ki)
-    return normalise(apply_linear(lambda t: torch.einsum("fbi,foi->fbo", t, w), v, w.dtype), s)
+    y = apply_linear(_dense_map(w), v, w.dtype)
+    return normalise(y, s, after_unmeasured=not ctx.measure_products)
 
 
-def _tucker(layer: TorchTuckerLayer, v: Tensor, s: Tensor) -> Scaled:
+def _tucker(layer: TorchTuckerLayer, v: Tensor, s: Tensor, ctx: _Context, after_unmeasured: bool = False) -> Scaled:
     arity, ki, ko = layer.arity, layer.num_input_units, layer.num_output_units
     w = evaluate_parameter(layer.weight).view(-1, ko, *([ki] * arity))
-    # cirkit 0.3.1's contraction in interleaved form: input subscripts, weight's, output's
-    *in_subs, w_sub, out_sub = layer._einsum  # noqa: SLF001
+    in_subs, w_sub, out_sub = tucker_subscripts(layer)
 
     def linear(t: Tensor) -> Tensor:
         args: list = []
         for operand, sub in zip(t.unbind(dim=1), in_subs):
-            args += [operand, list(sub)]
-        return torch.einsum(*args, w, list(w_sub), list(out_sub))
+            args += [operand, sub]
+        return torch.einsum(*args, w, w_sub, out_sub)
 
     if v.is_complex() and not w.dtype.is_complex:  # multilinear: complex inputs need a complex weight
         w = w.to(v.dtype)
-    return normalise(linear(v), s.sum(dim=1))
+    return normalise(linear(v), s.sum(dim=1), after_unmeasured=after_unmeasured)
+
+
+# ------------------------------------------------------------------- input layers
+def _probability_table(layer: TorchCategoricalLayer) -> Tuple[Tensor, Tensor]:
+    """``(table, top)``: the layer's categorical values as ``table[f, n, k] · e^top[f, n]``,
+    table (F, N, K) at most 1 per category, top (F, N). A softmax parameterisation is
+    read as probabilities (top 0); logits are exponentiated relative to their largest
+    value per category."""
+    if layer.logits is None:
+        probs = evaluate_parameter(layer.probs)  # (F, K, N)
+        return probs.transpose(1, 2), torch.zeros(probs.shape[0], probs.shape[2], dtype=probs.real.dtype,
+                                                  device=probs.device)
+    logits = evaluate_parameter(layer.logits)  # (F, K, N)
+    return _exp_table(logits)
+
+
+def _exp_table(logits: Tensor) -> Tuple[Tensor, Tensor]:
+    top = logits.detach().amax(dim=1)  # (F, N); -inf for a category no unit can take
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return torch.exp(logits - top.unsqueeze(1)).transpose(1, 2), top
+
+
+def _lookup(table: Tensor, top: Tensor, x: Tensor) -> Scaled:
+    """Rows ``table[f, x[f, b]]``: v (F, B, K), s (F, B); one ``index_select`` (its backward
+    is a scatter-add) instead of advanced indexing."""
+    f, n, k = table.shape
+    rows = x + torch.arange(f, device=x.device).unsqueeze(1) * n  # (F, B)
+    flat = rows.reshape(-1)
+    v = table.reshape(f * n, k).index_select(0, flat).view(f, -1, k)
+    s = top.reshape(-1).index_select(0, flat).view(f, -1)
+    return v, s
+
+
+def _integral(table: Tensor, top: Tensor) -> Scaled:
+    """Σ_n table[f, n] e^top[f, n]: v (F, 1, K), s (F, 1)."""
+    m = top.amax(dim=1, keepdim=True)  # (F, 1)
+    v = torch.einsum("fnk,fn->fk", table, torch.exp(top - m).to(table.dtype))
+    return v.unsqueeze(1), m
+
+
+def _categorical(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]) -> Scaled:
+    """Values at x (F, B) -- or the integral where ``mask`` (F, B) is True."""
+    factors = capture_inputs(layer.logits, TorchOuterSumParameter) if layer.logits is not None else None
+    outer = layer.logits.outputs[0] if factors is not None else None
+    if factors is not None and outer.dim == 0 and len(outer.in_shape1) == 2:
+        # a squared circuit's input: logits a[i, n] + b[j, n] -> values are outer products
+        ta, pa = _exp_table(factors[0])
+        tb, pb = _exp_table(factors[1])
+        va, sa = _lookup(ta, pa, x)
+        vb, sb = _lookup(tb, pb, x)
+        v = (va.unsqueeze(-1) * vb.unsqueeze(-2)).flatten(start_dim=-2)
+        s = sa + sb
+        if mask is not None:
+            vi, si = _outer_lse(factors[0], factors[1])
+            v, s = _select(mask, (vi, si), (v, s))
+        return v, s
+    table, top = _probability_table(layer)
+    v, s = _lookup(table, top, x)
+    if mask is not None:
+        v, s = _select(mask, _integral(table, top), (v, s))
+    return v, s
+
+
+def _select(mask: Tensor, integrated: Scaled, observed: Scaled) -> Scaled:
+    """Per (fold, sample): the integral where ``mask`` (F, B) is True, else the value."""
+    vi, si = integrated
+    vo, so = observed
+    if vi.dtype != vo.dtype:
+        dtype = torch.promote_types(vi.dtype, vo.dtype)
+        vi, vo = vi.to(dtype), vo.to(dtype)
+    return torch.where(mask.unsqueeze(-1), vi, vo), torch.where(mask, si.to(so.dtype), so)
 
 
 def _integrated_products(value) -> Optional[Scaled]:
@@ -243,6 +385,8 @@ def _integrated_products(value) -> Optional[Scaled]:
     folds = evaluate_parameter(value, fn).flatten().long()  # (F,) into the pieces' folds
     v = torch.cat([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
     s = torch.cat([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
+    if folds.numel() == v.shape[0] and torch.equal(folds, torch.arange(v.shape[0])):
+        return v, s
     return v.index_select(0, folds), s.index_select(0, folds)
 
 
@@ -275,30 +419,27 @@ def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
     return normalise(v.flatten(start_dim=1).unsqueeze(1), s)
 
 
-def _input(layer: TorchInputLayer, inputs: tuple) -> Scaled:
-    if isinstance(layer, TorchCategoricalLayer) and layer.logits is not None and inputs:
-        # exp of the logits table once, normalised per category over the units, then a
-        # lookup: the scale of a sample is the largest logit of its category, exactly
-        # what normalising the looked-up logits would give
+def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Scaled:
+    """An input layer's (v, s); ``mask`` (F, B): integrate those (fold, sample) pairs out."""
+    if isinstance(layer, TorchCategoricalLayer) and inputs:
         (x,) = inputs  # (F, B, 1)
-        logits = evaluate_parameter(layer.logits)  # (F, K, N)
-        top = logits.detach().amax(dim=1, keepdim=True)  # (F, 1, N)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        table = torch.exp(logits - top)
-        folds = torch.arange(layer.num_folds, device=logits.device)[:, None]
-        idx = x.squeeze(dim=2).long()  # (F, B)
-        v = table[folds, :, idx]  # (F, B, K)
-        return v, top[:, 0][folds, idx]
+        return _categorical(layer, x.squeeze(dim=2).long(), mask)
     if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
         integrated = _integrated_products(layer.value)
         if integrated is not None:  # e.g. the integral of a squared categorical layer
             v, s = integrated
             (batch,) = inputs
             return v.expand(-1, batch, -1), s.expand(-1, batch)
-    return from_logs(layer(*inputs))
+    observed = from_logs(layer(*inputs))
+    if mask is None:
+        return observed
+    total = layer.integrate()
+    total = total.unsqueeze(1) if total.dim() == 2 else total  # (F, 1, K)
+    return _select(mask, from_logs(total), observed)
 
 
-LayerRule = Callable[[TorchLayer, Tensor, Tensor], Scaled]
+# ------------------------------------------------------------------ the plan
+LayerRule = Callable[..., Scaled]
 RULES: Dict[Type[TorchLayer], LayerRule] = {
     TorchHadamardLayer: _hadamard,
     TorchKroneckerLayer: _kronecker,
@@ -310,12 +451,108 @@ RULES: Dict[Type[TorchLayer], LayerRule] = {
     TorchStructuredSumLayer: _structured,
     TorchLiveSquareSumLayer: _structured,
 }
+#: Rules that take a sum over their (single) input: a product feeding only such a layer
+#: is measured at the sum's output.
+SUM_RULES = (_sum, _structured, _tensor_dot)
+PRODUCT_RULES = (_hadamard, _kronecker)
 
 
-def _in_semiring(layer: TorchLayer, v: Tensor, s: Tensor) -> Scaled:
+def _in_semiring(layer: TorchLayer, v: Tensor, s: Tensor, ctx: _Context, *_) -> Scaled:
     """Fallback for a layer without a rule: evaluate it on logs, in its own semiring."""
-    complex_values = layer.semiring in (ComplexLSESumSemiring, ExactComplexLSESumSemiring)
-    return from_logs(layer(to_logs(v, s, complex_values)))
+    return from_logs(layer(to_logs(v, s, ctx.complex_values)))
+
+
+@dataclass
+class _Step:
+    layer: Optional[TorchLayer]
+    rule: Optional[LayerRule]
+    fetch: Optional[Fetch]
+    measure: bool = True  # a product measured at its own output (else at its consumer's)
+    after_unmeasured: bool = False  # a sum over an unmeasured product
+
+
+class CircuitPlan:
+    """How a compiled circuit is evaluated: one step per address-book entry, with its
+    rule and the fetch of its inputs. Built once per circuit (see :func:`circuit_plan`)."""
+
+    def __init__(self, circuit: TorchCircuit) -> None:
+        entries = list(address_book(circuit))
+        self.signature = tuple(id(e.module) for e in entries)
+        folds: List[int] = []
+        steps: List[_Step] = []
+        consumers: Dict[int, List[int]] = {}
+        for i, entry in enumerate(entries):
+            layer = entry.module
+            if entry.in_module_ids:
+                ids = entry.in_module_ids[0]
+                commutative = isinstance(layer, TorchHadamardLayer)
+                fetch = plan_fetch(ids, entry.in_fold_idx[0], [folds[j] for j in ids], commutative)
+                for j in ids:
+                    consumers.setdefault(int(j), []).append(i)
+                rule = None if layer is None else RULES.get(type(layer), _in_semiring)
+                steps.append(_Step(layer, rule, fetch))
+            else:
+                if not isinstance(layer, TorchInputLayer):
+                    raise TypeError(f"{type(layer).__name__} has no inputs but is not an input layer")
+                steps.append(_Step(layer, None, None))
+            folds.append(layer.num_folds if layer is not None else 0)
+        # products whose only consumer is a sum layer are measured at the sum's output
+        for i, step in enumerate(steps):
+            users = consumers.get(i, [])
+            if step.rule in PRODUCT_RULES and len(users) == 1 and steps[users[0]].rule in SUM_RULES \
+                    and steps[users[0]].fetch.kind in ("view", "slices", "narrow"):
+                step.measure = False
+                steps[users[0]].after_unmeasured = True
+        self.steps = steps
+
+    def run(self, circuit: TorchCircuit, x: Optional[Tensor], mask: Optional[Tensor], *,
+            measure_all: bool) -> Tensor:
+        complex_values = check_log_semiring(circuit)
+        ctx = _Context(complex_values, measure_products=measure_all)
+        values: List[Tensor] = []
+        scales: List[Tensor] = []
+        for step in self.steps:
+            layer = step.layer
+            if step.fetch is not None:
+                v, s = step.fetch(values), step.fetch(scales)
+                if layer is None:  # the output entry: (O, B, K)
+                    return to_logs(v, s, complex_values)
+                if step.rule in PRODUCT_RULES:
+                    v, s = step.rule(layer, v, s, ctx, measure_all or step.measure)
+                elif step.rule in SUM_RULES:
+                    v, s = step.rule(layer, v, s, ctx, step.after_unmeasured and not measure_all)
+                else:
+                    v, s = step.rule(layer, v, s, ctx)
+            else:
+                v, s = _input(layer, *_input_arguments(layer, x, mask))
+            values.append(v)
+            scales.append(s)
+        raise RuntimeError("the circuit's address book has no output entry")
+
+
+def _input_arguments(layer: TorchInputLayer, x: Optional[Tensor], mask: Optional[Tensor]):
+    if layer.num_variables and x is not None:
+        inputs: tuple = (x[..., layer.scope_idx].permute(1, 0, 2),)  # (F, B, D')
+        fold_mask = None
+        if mask is not None:
+            scope = layer.scope_idx[:, 0].to(mask.device)
+            fold_mask = mask.index_select(1, scope).transpose(0, 1)  # (F, B)
+            if fold_mask.shape[1] != x.shape[0]:
+                fold_mask = fold_mask.expand(-1, x.shape[0])
+            if not bool(fold_mask.any()):
+                fold_mask = None
+        return inputs, fold_mask
+    if layer.num_variables:
+        return (), None
+    return (1 if x is None else x.shape[0],), None
+
+
+_PLANS: "weakref.WeakKeyDictionary[TorchCircuit, CircuitPlan]" = weakref.WeakKeyDictionary()
+
+
+def circuit_plan(circuit: TorchCircuit) -> CircuitPlan:
+    """The cached plan of ``circuit``, rebuilt when its layers changed (e.g. a swap)."""
+    return cached_plan(_PLANS, circuit, CircuitPlan)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -336,45 +573,52 @@ def check_log_semiring(circuit: TorchCircuit) -> bool:
     return kinds.pop() if kinds else False
 
 
-def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None) -> Tensor:
+def _check_mask(integrate, x: Optional[Tensor], num_variables: int) -> Optional[Tensor]:
+    if integrate is None:
+        return None
+    if x is None:
+        raise ValueError("integrate needs the data x it marginalises")
+    if not isinstance(integrate, Tensor) or integrate.dtype != torch.bool:
+        raise TypeError(f"integrate must be a boolean tensor of shape (D,) or (B, D), got "
+                        f"{type(integrate).__name__}{'' if not isinstance(integrate, Tensor) else ' ' + str(integrate.dtype)}")
+    mask = integrate.unsqueeze(0) if integrate.dim() == 1 else integrate
+    if mask.dim() != 2 or mask.shape[1] != x.shape[1] or mask.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"integrate must have shape (D,) = ({x.shape[1]},) or (B, D) = {tuple(x.shape)}, "
+                         f"got {tuple(integrate.shape)}")
+    return mask.to(x.device)
+
+
+def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
+                   integrate: Optional[Tensor] = None) -> Tensor:
+    """``circuit.evaluate(x)`` of an lse-sum / complex-lse-sum circuit, in linear space:
+    (O, B, K) logs, without cirkit's clamp at -708 (see :func:`evaluate_linear_space`)."""
+    check_log_semiring(circuit)
+    if circuit.scope and x is None:
+        raise ValueError("the circuit has variables: pass x of shape (B, D)")
+    if x is not None and x.dim() != 2:
+        raise ValueError(f"x must have shape (B, D), got {tuple(x.shape)}")
+    mask = _check_mask(integrate, x, len(circuit.scope))
+    plan = circuit_plan(circuit)
+    try:
+        return plan.run(circuit, x, mask, measure_all=False)
+    except _Unmeasured:  # an unmeasured product flushed: measure every product this time
+        return plan.run(circuit, x, mask, measure_all=True)
+
+
+def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
+                          integrate: Optional[Tensor] = None) -> Tensor:
     """``circuit(x)`` of an lse-sum / complex-lse-sum circuit, evaluated in linear space.
 
     Args:
         circuit: a compiled circuit (folded or not) in 'lse-sum' or 'complex-lse-sum'.
         x: (B, D) inputs, or None for a circuit without inputs (e.g. a partition function).
+        integrate: optional boolean mask, (D,) or (B, D): True marks the variables to
+            integrate out (per sample for (B, D)), as cirkit's ``IntegrateQuery`` does.
 
     Returns:
         What ``circuit(x)`` returns, without cirkit's clamp at -708: (B, O, K) logs
         (complex for complex-lse-sum), or (O, K) for a circuit with empty scope.
         Imaginary parts (signs and phases) agree modulo 2π.
     """
-    complex_values = check_log_semiring(circuit)
-    if circuit.scope and x is None:
-        raise ValueError("the circuit has variables: pass x of shape (B, D)")
-    if x is not None and x.dim() != 2:
-        raise ValueError(f"x must have shape (B, D), got {tuple(x.shape)}")
-    values: List[Tensor] = []
-    scales: List[Tensor] = []
-    for entry in circuit._address_book:  # noqa: SLF001 -- cirkit's fold bookkeeping, reused as is
-        layer, ids, fold_idx = entry.module, entry.in_module_ids, entry.in_fold_idx
-        if ids:
-            commutative = isinstance(layer, TorchHadamardLayer)
-            v = gather_folds(values, ids[0], fold_idx[0], commutative)
-            s = gather_folds(scales, ids[0], fold_idx[0], commutative)
-            if layer is None:  # the output entry: (O, B, K)
-                y = to_logs(v, s, complex_values).transpose(0, 1)
-                return y if circuit.scope else y.squeeze(dim=0)
-            v, s = RULES.get(type(layer), _in_semiring)(layer, v, s)
-        else:
-            if not isinstance(layer, TorchInputLayer):
-                raise TypeError(f"{type(layer).__name__} has no inputs but is not an input layer")
-            if layer.num_variables and x is not None:
-                inputs: tuple = (x[..., layer.scope_idx].permute(1, 0, 2),)
-            elif layer.num_variables:
-                inputs = ()
-            else:
-                inputs = (1 if x is None else x.shape[0],)
-            v, s = _input(layer, inputs)
-        values.append(v)
-        scales.append(s)
-    raise RuntimeError("the circuit's address book has no output entry")
+    y = evaluate_graph(circuit, x, integrate=integrate).transpose(0, 1)
+    return y if circuit.scope else y.squeeze(dim=0)

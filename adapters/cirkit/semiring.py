@@ -26,7 +26,8 @@ from cirkit.backend.torch.semiring import (
 
 
 class _Log(autograd.Function):
-    """log(x) without a clamp; the backward zeroes NaNs/infs (log of exact zeros), like cirkit's."""
+    """log(x) without a clamp. Its backward is cirkit's: at exact zeros the gradient
+    ``grad / x`` is made finite (``nan_to_num``: 0/0 -> 0, ±inf -> the largest finite value)."""
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:  # type: ignore[override]
@@ -120,7 +121,7 @@ def _register_maps() -> None:
 
 _register_maps()
 
-EXACT = {LSESumSemiring: ExactLSESumSemiring, ComplexLSESumSemiring: ExactComplexLSESumSemiring,
+CLAMP_FREE = {LSESumSemiring: ExactLSESumSemiring, ComplexLSESumSemiring: ExactComplexLSESumSemiring,
          SumProductSemiring: SumProductSemiring}
 
 
@@ -135,10 +136,10 @@ def unclamped(circuit: TorchCircuit) -> Iterator[TorchCircuit]:
     saved = [(layer, layer.semiring) for layer in circuit.layers]
     try:
         for layer, semiring in saved:
-            if semiring not in EXACT:
+            if semiring not in CLAMP_FREE:
                 raise ValueError(f"{type(layer).__name__} uses semiring {semiring.__name__}; "
                                  "unclamped evaluation supports sum-product, lse-sum and complex-lse-sum")
-            layer.semiring = EXACT[semiring]
+            layer.semiring = CLAMP_FREE[semiring]
         yield circuit
     finally:
         for layer, semiring in saved:

@@ -16,6 +16,8 @@ import structlayers
 
 from structlayers.linalg import kron_chain_flops
 
+from .accelerate import accelerate
+from .internals import replace_layers
 from .layers import (
     TorchKroneckerSumLayer,
     TorchLiveSquareSumLayer,
@@ -107,12 +109,15 @@ def square_policy(kind: str, factor_rank: int, **options) -> Callable[[LayerInfo
     """Policy for squared circuits: A ⊗ conj(A) becomes Ã ⊗ conj(Ã) with rank(Ã) = ``factor_rank``.
 
     The swapped circuit stays a square of a circuit, so c²(x) >= 0 and Z normalises
-    it exactly. ``kind`` is ``lowrank`` (Ã the truncated SVD of A) or ``nystrom``
-    (Ã = CUR(A)). Layers whose factors are not a conjugate pair, or whose factors
-    have rank <= ``factor_rank``, keep the exact ``kronecker`` layer.
+    it exactly. ``kind`` is a kind that keeps the square form (``square_form``:
+    ``lowrank``, Ã the truncated SVD of A; ``nystrom``, Ã = CUR(A)). Layers whose factors
+    are not a conjugate pair, or whose factors have rank <= ``factor_rank``, keep the
+    exact ``kronecker`` layer.
     """
-    if kind not in ("lowrank", "nystrom"):
-        raise ValueError(f"square_policy supports 'lowrank' and 'nystrom', got {kind!r}")
+    if not structlayers.get(kind).square_form:
+        square = [k for k in structlayers.available() if structlayers.get(k).square_form]
+        raise ValueError(f"square_policy needs a kind that keeps the square form Ã ⊗ conj(Ã): "
+                         f"{', '.join(square)}; got {kind!r}")
 
     def policy(info: LayerInfo) -> Tuple[str, dict]:
         if not info.conjugate_pair or factor_rank >= min(info.factor_a):
@@ -148,9 +153,10 @@ def _check_semiring(index: int, layer: TorchLayer) -> None:
 
 def swap_kronecker_sum_layers(
     circuit: Union[TorchCircuit, Sequence[TorchCircuit]],  # a list or tuple for several
-    kind: Policy,
+    policy: Policy,
     *,
     mode: str = "frozen",
+    fast: bool = True,
     **options,
 ) -> SwapReport:
     """Replace every Kronecker-weighted sum layer of ``circuit`` (in place) and report.
@@ -163,14 +169,16 @@ def swap_kronecker_sum_layers(
             layout, same values) gets the *same* structured module, so ``c̃²`` and
             ``Z̃`` stay one model while frozen factors fine-tune (and randomised
             approximations are drawn once). The report lists each structure once.
-        kind: a structlayers kind name, or a policy ``f(LayerInfo)`` returning a kind
-            name, a ``(kind, options)`` pair, or None to keep that layer.
+        policy: a structlayers kind name, or a function ``f(LayerInfo)`` returning a
+            kind name, a ``(kind, options)`` pair, or None to keep that layer.
         mode: ``frozen`` — the factors' structured approximation is computed once from
             the current weights and becomes the layer's own trainable parameters
             (post-training compression, fine-tunable); ``live`` — recomputed from the
             circuit's parameters at every forward, so training the original circuit
             still works: ``kronecker`` (exact), and ``lowrank``/``nystrom`` as square
             approximations (:func:`square_policy`; structure chosen without gradient).
+        fast: the swapped circuits evaluate through the linear-space fast path when called
+            (:func:`~adapters.cirkit.accelerate.accelerate`); False keeps cirkit's evaluation.
         options: passed to ``from_kronecker`` of each layer's kind (under a policy's own).
 
     Every replacement is built before any is installed: on an error (unsupported
@@ -194,13 +202,15 @@ def swap_kronecker_sum_layers(
     built: List[Tuple[Tensor, Tensor, TorchLayer]] = []  # (A, B, replacement), to share equal layers
     replacements = [{} for _ in circuits]  # type: List[Dict[int, TorchLayer]]
     for c, replaced in zip(circuits, replacements):
-        _plan_swaps(c, kind, mode, options, report, built, replaced)
+        _plan_swaps(c, policy, mode, options, report, built, replaced)
     for c, replaced in zip(circuits, replacements):
         replace_layers(c, {c.layers[i]: new for i, new in replaced.items()})
+        if fast:
+            accelerate(c)
     return report
 
 
-def _plan_swaps(circuit: TorchCircuit, kind: Policy, mode: str, options: dict, report: SwapReport,
+def _plan_swaps(circuit: TorchCircuit, policy: Policy, mode: str, options: dict, report: SwapReport,
                 built: List[Tuple[Tensor, Tensor, TorchLayer]], replacements: Dict[int, TorchLayer]) -> None:
     """Build (without installing) the replacements of one circuit's Kronecker sum layers."""
     for index, layer in kronecker_sum_layers(circuit):
@@ -217,7 +227,7 @@ def _plan_swaps(circuit: TorchCircuit, kind: Policy, mode: str, options: dict, r
                          in_features=layer.num_input_units * layer.arity, factor_a=tuple(a.shape[1:]),
                          factor_b=tuple(b.shape[1:]), dtype=a.dtype,
                          conjugate_pair=a.shape == b.shape and bool(torch.equal(b, a.conj())))
-        choice = kind(info) if callable(kind) else kind
+        choice = policy(info) if callable(policy) else policy
         if choice is None:
             report.kept.append(info)
             continue
@@ -251,7 +261,8 @@ def _build(layer, info: LayerInfo, a, b, kind: str, mode: str, options: dict):
     new = TorchStructuredSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
                                   structured=structured, semiring=layer.semiring, num_folds=layer.num_folds)
     rank = getattr(structured, "rank", None)
-    error = 0.0 if kind in ("dense", "kronecker") else structured.relative_error_kronecker(a, b)
+    exact = structlayers.get(kind).exact_from_kronecker and not options
+    error = 0.0 if exact else structured.relative_error_kronecker(a, b)
     row = SwapRow(info, kind, mode, rank if isinstance(rank, int) else None, structured.num_params,
                   structured.flops(1) // structured.num_folds, error)
     return new, row
@@ -276,28 +287,3 @@ def _build_live_square(layer, info: LayerInfo, a, b, kind: str, options: dict):
     left, right = a[:, :, :rank], a[:, :rank, :]  # shapes only, for the multiply-add count
     flops = kron_chain_flops([left, right], [left, right])
     return new, SwapRow(info, kind, "live", rank * rank, 0, flops, frozen.relative_error_kronecker(a, b))
-
-
-def replace_layers(circuit: TorchCircuit, mapping: Dict[TorchLayer, TorchLayer]) -> None:
-    """Install ``new`` for ``old`` everywhere a compiled circuit refers to a layer.
-
-    A compiled circuit refers to a layer from its module list (which registers the
-    parameters), its in/out adjacency maps, its outputs and its address book (which
-    drives evaluation). Fold indices are untouched: each new layer has the old one's
-    folds, units and unit order.
-    """
-    if not mapping:
-        return
-    sub = (lambda m: mapping.get(m, m))
-    for old, new in mapping.items():
-        if (new.num_folds, new.num_output_units) != (old.num_folds, old.num_output_units):
-            raise ValueError(f"replacement for {type(old).__name__} has a different fold/unit layout")
-    nodes = circuit._nodes
-    for i, module in enumerate(list(nodes)):
-        if module in mapping:
-            nodes[i] = mapping[module]
-    circuit._in_nodes = {sub(k): [sub(m) for m in v] for k, v in circuit._in_nodes.items()}
-    circuit._out_nodes = {sub(k): [sub(m) for m in v] for k, v in circuit._out_nodes.items()}
-    circuit._outputs = [sub(m) for m in circuit._outputs]
-    book = circuit._address_book
-    book._entry_modules = [sub(m) if m is not None else None for m in book._entry_modules]

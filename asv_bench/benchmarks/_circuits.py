@@ -226,7 +226,8 @@ class DigitsCase:
             else:
                 model = loads(blob)
                 gen = torch.Generator().manual_seed(SEED)
-                x = torch.randint(0, model.model.num_categories, (BATCH, model.num_variables), generator=gen)
+                spec = getattr(model, "spec", None) or model.model  # renamed from .model
+                x = torch.randint(0, spec.num_categories, (BATCH, model.num_variables), generator=gen)
                 _MEMO[key] = (model, x, [p for p in model.parameters() if p.requires_grad])
         state = _MEMO[key]
         if isinstance(state, str):

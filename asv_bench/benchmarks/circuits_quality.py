@@ -36,9 +36,6 @@ computes every number; ``setup`` and the ``track_`` methods only look them up.
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
 from typing import Dict
 
 import torch
@@ -72,7 +69,19 @@ def _usable(variant) -> str | None:
 
 
 def _bpd(nll: float, num_variables: int) -> float:
-    return nll / (num_variables * math.log(2))
+    """Bits per dimension through the adapter's one formula (present on every benchmarked commit)."""
+    from adapters.cirkit.likelihood import bits_per_dimension
+
+    return bits_per_dimension(torch.tensor([-nll], dtype=torch.float64), num_variables)
+
+
+def _log_prior(labels: torch.Tensor):
+    try:
+        from adapters.cirkit.bench.training import class_log_prior
+    except ImportError:  # a commit before the bench package: the same empirical prior, inline
+        counts = torch.bincount(labels, minlength=CLASSIFIER_CLASSES).double()
+        return torch.log(counts.clamp_min(1.0) / counts.sum())
+    return class_log_prior(labels, CLASSIFIER_CLASSES)
 
 
 def _density_tables(models) -> Dict[str, dict]:
@@ -80,7 +89,7 @@ def _density_tables(models) -> Dict[str, dict]:
     config = trained.config
     data = models.digits_data(seed=config["data_seed"], test_fraction=config["test_fraction"])
     x_test = data.x_test[:SMOKE_DIGITS] if SMOKE else data.x_test
-    found = circuits.build_variants(trained.model.model, trained.model)
+    found = circuits.build_variants(getattr(trained.model, "spec", None) or trained.model.model, trained.model)
     bpd: Dict[str, object] = {}
     weights: Dict[str, object] = {}
     for name in circuits.VARIANTS:
@@ -122,34 +131,23 @@ def _trained_classifier(models, data):
                   image_shape=list(CLASSIFIER_IMAGE), data_seed=SEED, smoke_digits=SMOKE_DIGITS if SMOKE else None)
     spec = models.digits_classifier_circuit(CLASSIFIER_UNITS, squared=True, num_classes=CLASSIFIER_CLASSES,
                                             image_shape=CLASSIFIER_IMAGE)
-    model = spec.compile(seed=SEED)
-    path = models.default_cache_dir() / "asv" / f"digits-classifier-{models.cache_key(config)}.pt"
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("config") == config:
-                model.load_state_dict(blob["state_dict"])
-                return spec, model
-        except Exception:  # noqa: BLE001 -- an unreadable cache entry is retrained and replaced
-            model = spec.compile(seed=SEED)
-    models.train_classifier_circuit(model, data, epochs=CLASSIFIER_EPOCHS, seed=SEED, progress=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+
+    def train(model):
+        models.train_classifier_circuit(model, data, epochs=CLASSIFIER_EPOCHS, seed=SEED, progress=False)
+
     try:
-        torch.save({"config": config, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run reads the old file or the new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return spec, model
+        from adapters.cirkit.bench.cache import cached_training
+    except ImportError:  # a commit before the one model cache: train in this run
+        model = spec.compile(seed=SEED)
+        train(model)
+        return spec, model
+    return spec, cached_training("asv-digits-classifier", config, lambda: spec.compile(seed=SEED), train).model
 
 
 def _classifier_table(models) -> Dict[str, object]:
     data = _classifier_data(models)
     spec, model = _trained_classifier(models, data)
-    counts = torch.bincount(data.y_train, minlength=CLASSIFIER_CLASSES).double()
-    log_prior = torch.log(counts.clamp_min(1.0) / counts.sum())
+    log_prior = _log_prior(data.y_train)
     # Square structures only: a flat approximation's |c̃²(x)|/Z̃ is not a density, so a Bayes
     # classifier built on it is not one either (and each variant deep-copies ten circuits).
     # materialised=False: cirkit's optimize=False path would be a second compile of `model`

@@ -8,7 +8,6 @@ to ~1e-11 relative on these circuits, so 1e-10 is tight but not at rounding leve
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -16,16 +15,14 @@ import torch
 import cirkit.symbolic.functional as SF
 from cirkit.backend.torch.layers import TorchInputLayer
 from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchPointerParameter
-from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.initializers import NormalInitializer
-from cirkit.symbolic.layers import CategoricalLayer
 from cirkit.symbolic.parameters import LogSoftmaxParameter, Parameter, TensorParameter
-from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
-from adapters.cirkit import evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
-from adapters.cirkit.models import digits_squared_circuit, one_sum_circuit
+from adapters.cirkit import accelerate, cirkit_evaluation, evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
+from adapters.cirkit.bench.circuits import digits_squared_circuit, one_sum_circuit
+from adapters.cirkit.internals import leaf_tensors, node_tensor
 from adapters.cirkit.semiring import unclamped
-from adapters.cirkit.variants import (
+from adapters.cirkit.bench.variants import (
     CIRKIT_MATERIALISED,
     CIRKIT_OPTIMIZED,
     CIRKIT_OPTIMIZED_LINEAR,
@@ -34,22 +31,33 @@ from adapters.cirkit.variants import (
     circuit_variants,
 )
 
-from .test_likelihood import image_circuits, shifted_reference
-from .test_swap import CATEGORIES, NUM_VARIABLES, REGION_GRAPHS, compile_pair, full_rank
-from .test_swap import float64  # noqa: F401 -- the autouse float64 fixture, for this module too
+from .builders import (
+    CATEGORIES,
+    NUM_VARIABLES,
+    REGION_GRAPHS,
+    compile_pair,
+    compile_partition,
+    full_rank,
+    image_circuits,
+    shifted_reference,
+    two_circuits,
+)
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 RTOL = 1e-10
 
 
 def semiring_values(circuit, x=None):
-    with torch.no_grad(), unclamped(circuit):
+    """cirkit's own evaluation (clamp-free semirings), also for an accelerated circuit."""
+    with torch.no_grad(), unclamped(circuit), cirkit_evaluation(circuit):
         return circuit(x) if x is not None else circuit()
 
 
 def raw_tensor(parameter):
     """The one leaf tensor of a cirkit parameter graph."""
-    (leaf,) = [n for n in parameter.nodes if hasattr(n, "_ptensor")]
-    return leaf._ptensor  # noqa: SLF001
+    (leaf,) = leaf_tensors(parameter)
+    return leaf
 
 
 def assert_same_logs(got, ref):
@@ -79,8 +87,12 @@ def test_matches_cirkit_on_every_layer_type_and_region_graph(region_graph, layer
             variants.append((c, z))
     for c, z in variants:
         with torch.no_grad():
-            assert_same_logs(evaluate_linear_space(c, x), semiring_values(c, x))
-            assert_same_logs(evaluate_linear_space(z), semiring_values(z))
+            reference_c, reference_z = semiring_values(c, x), semiring_values(z)
+            assert_same_logs(evaluate_linear_space(c, x), reference_c)
+            assert_same_logs(evaluate_linear_space(z), reference_z)
+            fast_c, fast_z = accelerate(copy.deepcopy(c)), accelerate(copy.deepcopy(z))
+            assert_same_logs(fast_c(x), reference_c)  # the plain call of an accelerated circuit
+            assert_same_logs(fast_z(), reference_z)
 
 
 @pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
@@ -103,21 +115,6 @@ def test_gradients_match(semiring, swap):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-8, atol=1e-10, msg=name)
-
-
-def two_circuits(region_graph: str, **categorical_options):
-    """Two different categorical circuits on one region graph, with 2 and 3 units."""
-    param = Parameterization(activation="softmax", initialization="normal")
-    return tuple(REGION_GRAPHS[region_graph]().build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **categorical_options),
-        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
-        num_input_units=units, num_sum_units=units) for units in (2, 3))
-
-
-def compile_partition(symbolic, semiring: str, fold: bool):
-    torch.manual_seed(0)
-    ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=False)
-    return ctx.compile(SF.integrate(symbolic))
 
 
 def product_partition(region_graph: str, semiring: str, fold: bool):
@@ -175,9 +172,9 @@ def test_integrated_products_whose_factors_peak_apart_do_not_underflow(dtype, ga
     assert len(logits) == 2  # the folded input logits of c1 and of c2
     with torch.no_grad():
         for i, leaf in enumerate(logits):
-            t = torch.full_like(leaf._ptensor, -gap)  # noqa: SLF001
+            t = torch.full_like(node_tensor(leaf), -gap)
             t[..., i] = 0.0
-            leaf._ptensor.copy_(t)  # noqa: SLF001
+            node_tensor(leaf).copy_(t)
         ref, got = semiring_values(partition), evaluate_linear_space(partition)
     assert bool(torch.isfinite(ref).all()) and float(ref.max()) < -gap  # the regime of the test
     torch.testing.assert_close(got, ref, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

@@ -9,55 +9,18 @@ from the same symbolic circuit with the same seed.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 
 from cirkit.backend.torch.layers import TorchSumLayer
-from cirkit.pipeline import PipelineContext
-import cirkit.symbolic.functional as SF
-from cirkit.symbolic.layers import CategoricalLayer
-from cirkit.templates.region_graph import LinearTree, QuadTree, RandomBinaryTree
-from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
+from adapters.cirkit.accelerate import is_accelerated
+from adapters.cirkit.internals import entry_modules
 from adapters.cirkit.layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, is_kronecker_weight
 from adapters.cirkit.swap import rank_policy, swap_kronecker_sum_layers
 
-CATEGORIES = 3
-REGION_GRAPHS = {
-    "quad-tree": lambda: QuadTree((1, 4, 4), num_patch_splits=2),
-    "random-binary-tree": lambda: RandomBinaryTree(8, num_repetitions=1, seed=3),
-    "linear-tree": lambda: LinearTree(6, num_repetitions=1),
-}
-NUM_VARIABLES = {"quad-tree": 16, "random-binary-tree": 8, "linear-tree": 6}
-
-
-def full_rank(kind):
-    """Policy: ``kind`` at the full rank of every layer's A ⊗ B (exact)."""
-    return lambda info: (kind, {"rank": min(info.factor_a) * min(info.factor_b)})
-
-
-@functools.lru_cache(maxsize=None)
-def symbolic(region_graph: str, layer: str, semiring: str, units: int = 2):
-    """(c², ∫c²): signed weights for complex-lse-sum, softmax-normalised otherwise."""
-    if semiring == "complex-lse-sum":
-        param = Parameterization(activation="none", initialization="normal")
-    else:
-        param = Parameterization(activation="softmax", initialization="normal")
-    circuit = REGION_GRAPHS[region_graph]().build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
-        sum_product=layer, sum_weight_factory=parameterization_to_factory(param),
-        num_input_units=units, num_sum_units=units)
-    squared = SF.multiply(circuit, circuit)
-    return squared, SF.integrate(squared)
-
-
-def compile_pair(region_graph, layer, semiring, fold, optimize):
-    squared, partition = symbolic(region_graph, layer, semiring)
-    torch.manual_seed(0)  # same initial parameters for every compilation
-    ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize)
-    return ctx.compile(squared), ctx.compile(partition)
+from .builders import CATEGORIES, NUM_VARIABLES, REGION_GRAPHS, compile_pair, full_rank
 
 
 def evaluate(circuit, partition, x):
@@ -66,12 +29,7 @@ def evaluate(circuit, partition, x):
     return y, z
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 GRID = [(rg, layer, sr, fold)
@@ -79,8 +37,11 @@ GRID = [(rg, layer, sr, fold)
         for sr in ("sum-product", "lse-sum", "complex-lse-sum") for fold in (False, True)]
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("region_graph,layer,semiring,fold", GRID)
-def test_exact_swaps_reproduce_cirkit(region_graph, layer, semiring, fold):
+def test_exact_swaps_reproduce_cirkit(region_graph, layer, semiring, fold, fast):
+    """fast=False: the swapped layers under cirkit's evaluation; True: the plain call runs
+    the linear-space evaluation (sum-product circuits keep cirkit's)."""
     x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES[region_graph]), generator=torch.Generator().manual_seed(1))
     ref_c, ref_z = compile_pair(region_graph, layer, semiring, fold, optimize=False)
     opt_c, opt_z = compile_pair(region_graph, layer, semiring, fold, optimize=True)
@@ -92,8 +53,9 @@ def test_exact_swaps_reproduce_cirkit(region_graph, layer, semiring, fold):
     for kind, mode in [("kronecker", "live"), ("kronecker", "frozen"), ("lowrank", "frozen"), ("nystrom", "frozen")]:
         circuit, partition = copy.deepcopy((ref_c, ref_z))  # one copy keeps their shared parameters
         policy = kind if kind == "kronecker" else full_rank(kind)
-        report = swap_kronecker_sum_layers(circuit, policy, mode=mode)
-        swap_kronecker_sum_layers(partition, policy, mode=mode)
+        report = swap_kronecker_sum_layers(circuit, policy, mode=mode, fast=fast)
+        swap_kronecker_sum_layers(partition, policy, mode=mode, fast=fast)
+        assert is_accelerated(circuit) == (fast and semiring != "sum-product")
         assert report.rows and all(r.relative_error < 1e-7 for r in report.rows)
         assert not any(isinstance(m, TorchSumLayer) and is_kronecker_weight(m.weight) for m in circuit.layers)
         with torch.no_grad():
@@ -171,7 +133,7 @@ def test_errors_leave_the_circuit_untouched():
     before = list(ref_c.layers)
     with pytest.raises(ValueError, match=r"cannot swap layer \d+ \(1 folds, 1x4\): rank 3 exceeds"):
         swap_kronecker_sum_layers(ref_c, "lowrank", rank=3)  # the root layer has rank 1
-    assert list(ref_c.layers) == before and list(ref_c._address_book._entry_modules)[: len(before)] is not None
+    assert list(ref_c.layers) == before and entry_modules(ref_c)[: len(before)] == before
     with pytest.raises(ValueError, match="unknown structured layer kind 'fft'"):
         swap_kronecker_sum_layers(ref_c, "fft")
     with pytest.raises(ValueError, match="unknown mode 'lazy'"):
@@ -209,7 +171,7 @@ def test_frozen_fine_tuning_keeps_the_model_normalised(evaluation):
     (brute force over 3^3 states); swapped separately, the two drift apart."""
     import itertools
 
-    from adapters.cirkit.models import one_sum_circuit
+    from adapters.cirkit.bench.circuits import one_sum_circuit
     from adapters.cirkit.swap import square_policy
 
     spec = one_sum_circuit(4, num_variables=3, num_categories=3, num_outputs=1)
@@ -244,7 +206,7 @@ def test_live_square_approximations_follow_the_circuit(kind):
     """Live Ã ⊗ conj(Ã): equal to the frozen layer at build time; after the circuit's own
     parameters take a gradient step, equal to a frozen layer rebuilt from the new weights."""
     from adapters.cirkit.layers import TorchLiveSquareSumLayer
-    from adapters.cirkit.models import digits_squared_circuit
+    from adapters.cirkit.bench.circuits import digits_squared_circuit
     from adapters.cirkit.swap import square_policy
 
     spec = digits_squared_circuit(4)

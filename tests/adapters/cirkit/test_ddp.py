@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adapters.cirkit import rank_policy, swap_kronecker_sum_layers
 
-from .test_swap import compile_pair
+from .builders import compile_pair
 
 WORLD = 2
 BATCH = 8

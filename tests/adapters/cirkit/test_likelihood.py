@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
-from cirkit.backend.torch.layers import TorchInputLayer
-from cirkit.pipeline import PipelineContext
-import cirkit.symbolic.functional as SF
-from cirkit.symbolic.layers import CategoricalLayer
-from cirkit.templates.region_graph import QuadTree
-from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
 from adapters.cirkit import bits_per_dimension, log_likelihood, log_value, swap_kronecker_sum_layers, unclamped
 
-from .test_swap import float64  # noqa: F401  (autouse fixture)
+from .builders import image_circuits, shifted_reference
 
-SHIFT = 8.0  # nats added to every input unit's log-value in the reference evaluation
-
-
-def image_circuits(side: int, semiring: str):
-    weights = Parameterization(activation="none", initialization="normal")
-    base = QuadTree((1, side, side), num_patch_splits=2).build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=17),
-        sum_product="cp", sum_weight_factory=parameterization_to_factory(weights),
-        num_input_units=2, num_sum_units=2)
-    squared = SF.multiply(base, base)
-    torch.manual_seed(0)
-    ctx = PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=False)
-    return ctx.compile(squared), ctx.compile(SF.integrate(squared)), ctx.compile(base)
-
-
-def shifted_reference(circuit, x, num_variables):
-    """An independent evaluation with cirkit's own (clamping) semiring: adding SHIFT to each
-    input layer's log-output multiplies c²(x) by exp(SHIFT * D) exactly (each term of a smooth,
-    decomposable circuit has one input per variable), which lifts every intermediate value
-    above the clamp; subtracting SHIFT * D afterwards gives the true log c²(x)."""
-
-    def module_fn(module, *inputs):
-        y = module(*inputs)
-        return y + SHIFT if isinstance(module, TorchInputLayer) else y
-
-    with torch.no_grad():
-        out = circuit.evaluate(x, module_fn=module_fn)
-    return out.real[0, :, 0] - SHIFT * num_variables
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_values_below_the_clamp_are_correct():

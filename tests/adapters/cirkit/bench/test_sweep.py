@@ -1,7 +1,7 @@
 """``structlayers bench``: files, columns, ratio consistency, plots, bad input.
 
 One ``--quick`` run in-process (digits pooled to 4x4, trained for one epoch into a
-temporary cache) and one through ``python -m adapters.cirkit.cli`` (the cheaper
+temporary cache) and one through ``python -m structlayers`` (the cheaper
 untrained ``one-sum`` circuit at K=4, to stay within the time budget). Timings are read
 for consistency only, never compared with a bound.
 """
@@ -22,13 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.cirkit import cli
-from adapters.cirkit import report as R
+from adapters.cirkit.bench.analysis import beats_label, pareto_front
+from adapters.cirkit.bench.config import BenchConfig, default_ranks
+from adapters.cirkit.bench.outputs import log_to_wandb, write_outputs
+from adapters.cirkit.bench.schema import Row
+from adapters.cirkit.bench.sweep import SweepResult, baseline_macs
+from adapters.cirkit.bench.variants import CIRKIT_MATERIALISED, CIRKIT_OPTIMIZED, EXACT
 from adapters.cirkit.swap import LayerInfo
-from adapters.cirkit.variants import CIRKIT_MATERIALISED, CIRKIT_OPTIMIZED, EXACT, default_ranks
+from structlayers import cli
 from structlayers.benchmarking import PEAK_RSS_PROBLEM
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("speedup_vs_rank.png", "error_vs_rank.png", "tradeoff.png", "efficiency_heatmap.png", "memory.png")
 MEASURED = ("z_fwd_bwd", "z_fwd", "logc2_fwd")
@@ -131,7 +135,7 @@ def test_columns_present_and_values_where_they_must_exist(quick):
 
 
 def test_every_variant_present(quick):
-    config = R.BenchConfig(**{**R.BenchConfig.quick_defaults()})
+    config = BenchConfig(**{**BenchConfig.quick_defaults()})
     sizes = {s["units"]: s for s in quick.json["sizes"]}
     assert sorted(sizes) == config.units
     for k in config.units:
@@ -214,17 +218,17 @@ def test_wandb_logging_is_optional(quick, capsys):
     logged = quick.wandb.calls[1][1]
     assert logged["results"][0] == "table" and len(logged["results"][2]) == len(quick.rows)
     assert {k for k in logged if k != "results"} == {Path(p).stem for p in PLOTS}
-    result = R.SweepResult([], [], {}, [], R.BenchConfig())
+    result = SweepResult([], [], {}, [], BenchConfig())
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wandb", None)  # not installed: import fails
-        assert R.log_to_wandb(result, []) is False
+        assert log_to_wandb(result, []) is False
     assert "wandb' package is not installed" in capsys.readouterr().err
 
 
 def test_console_entry_point_in_a_subprocess(tmp_path):
     env = {**os.environ, "STRUCTLAYERS_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "adapters.cirkit.cli", "bench", "--quick", "--circuit", "one-sum",
+    done = subprocess.run([sys.executable, "-m", "structlayers", "bench", "--quick", "--circuit", "one-sum",
                            "--units", "4", "--out", str(tmp_path / "out"), "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -251,8 +255,8 @@ def test_console_entry_point_in_a_subprocess(tmp_path):
     (["--units", "8,x"], "not a comma-separated list of integers"),
     (["--units", "1"], "K must be at least 2"),
     (["--ranks", ","], "--ranks: empty list"),
-    (["--batch", "0"], "--batch must be a positive integer"),
-    (["--circuit", "mnist"], "needs --mnist-dir"),
+    (["--batch", "0"], "--batch: must be a positive integer"),
+    (["--circuit", "mnist"], "--mnist-dir: the mnist circuit needs a directory"),
 ])
 def test_bad_input_is_named(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -269,37 +273,37 @@ def test_missing_mnist_files_are_named(tmp_path, capsys):
                   "--out", str(tmp_path / "out"), "--no-progress"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--circuit mnist" in err and "does not exist" in err and "never downloads" in err
+    assert "--mnist-dir: the mnist circuit" in err and "does not exist" in err and "never downloads" in err
 
 
 def test_pareto_front_on_a_hand_made_example():
     points = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.6), (0.5, 0.1), (2.0, 0.45), (math.nan, 0.0), (3.0, 0.6)]
     # (1, .5) loses to (2, .4); (2, .45) too; NaN ignored; the duplicate (3, .6) kept twice
-    assert R.pareto_front(points) == [3, 1, 2, 6]
-    assert R.pareto_front([]) == []
-    assert R.pareto_front([(1.0, 1.0)]) == [0]
-    assert R.pareto_front([(1.0, 1.0), (2.0, 0.5)]) == [1]
+    assert pareto_front(points) == [3, 1, 2, 6]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    assert pareto_front([(1.0, 1.0), (2.0, 0.5)]) == [1]
 
 
 def test_theoretical_multiply_adds():
     info = LayerInfo(index=0, num_folds=2, out_features=15, in_features=24, factor_a=(3, 4), factor_b=(5, 6),
                      dtype=torch.float32)
-    counts = R.baseline_macs([info])
+    counts = baseline_macs([info])
     assert counts["materialised"] == 2 * 15 * 24
     assert counts["opt"] == 2 * (3 * 4 * 6 + 3 * 5 * 6)  # A over Ki1 for each Ki2, then B over Ki2 for each Ko1
 
 
 def test_beats_label_flags_rows_that_beat_only_the_materialised_path():
-    row = {"variant": "x", "is_baseline": False}
+    row = Row(circuit="digits", units=4, variant="x")
     for m in MEASURED:
-        row[f"{m}_speedup_vs_opt"], row[f"{m}_speedup_vs_materialised"] = 0.8, 3.0
-    assert R.beats_label(row) == "no (beats materialised only)"
-    row["logc2_fwd_speedup_vs_opt"] = 1.5
-    assert R.beats_label(row) == "only log c²(x) fwd"
+        row.call(m).speedup_vs.update(opt=0.8, materialised=3.0)
+    assert beats_label(row) == "no (beats materialised only)"
+    row.call("logc2_fwd").speedup_vs["opt"] = 1.5
+    assert beats_label(row) == "only log c²(x) fwd"
     for m in MEASURED:
-        row[f"{m}_speedup_vs_opt"] = 2.0
-    assert R.beats_label(row) == "yes"
-    assert R.beats_label({"variant": CIRKIT_OPTIMIZED, "is_baseline": True}) == "-"
+        row.call(m).speedup_vs["opt"] = 2.0
+    assert beats_label(row) == "yes"
+    assert beats_label(Row(circuit="digits", units=4, variant=CIRKIT_OPTIMIZED, is_baseline=True)) == "-"
 
 
 def test_demo_subcommand_runs_the_layer_demo(capsys):
@@ -309,10 +313,13 @@ def test_demo_subcommand_runs_the_layer_demo(capsys):
 
 
 def test_without_matplotlib_the_numbers_are_still_written(quick, tmp_path, capsys):
-    result = R.SweepResult(quick.json["rows"], quick.json["sizes"], quick.json["environment"], [], R.BenchConfig())
+    rows = [Row.from_flat(r) for r in quick.json["rows"]]
+    result = SweepResult(rows, quick.json["sizes"], quick.json["environment"], [], BenchConfig())
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "matplotlib", None)  # not installed: import fails
-        files = R.write_outputs(result, tmp_path)
+        files = write_outputs(result, tmp_path)
     assert [p.name for p in files] == ["results.csv", "results.json"]
     assert "plots skipped" in capsys.readouterr().err and "matplotlib" in result.notes[-1]
-    assert len(read_csv(tmp_path / "results.csv")) == len(quick.rows)
+    again = read_csv(tmp_path / "results.csv")
+    diffs = [(k, a[k], b[k]) for a, b in zip(again, quick.rows) for k in b if a[k] != b[k]]
+    assert not diffs and len(again) == len(quick.rows)  # rows read back from results.json: the same CSV

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from adapters.cirkit import rank_policy, square_policy, swap_kronecker_sum_layers
-from adapters.cirkit.models import digits_data, digits_squared_circuit, evaluate_nll, train_squared_circuit
+from adapters.cirkit.bench.circuits import digits_squared_circuit
+from adapters.cirkit.bench.data import digits_data
+from adapters.cirkit.bench.training import evaluate_nll, train_squared_circuit
 
 STATES = torch.tensor(list(itertools.product(range(3), repeat=4)))  # every state of a 2x2 image, 3 categories
 

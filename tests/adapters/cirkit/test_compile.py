@@ -9,23 +9,29 @@ from cirkit.backend.torch.rules.layers import DEFAULT_LAYER_COMPILATION_RULES, c
 from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.layers import SumLayer
 
+from adapters.cirkit.accelerate import is_accelerated
 from adapters.cirkit import TorchKroneckerSumLayer, TorchStructuredSumLayer, rank_policy, use_structured_layers
 
-from .test_swap import compile_pair, float64, symbolic  # noqa: F401  (float64 is an autouse fixture)
+from .builders import compile_pair, symbolic
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("semiring", ["sum-product", "lse-sum", "complex-lse-sum"])
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("optimize", [False, True])
-def test_compile_time_layers_match_cirkit(semiring, fold, optimize):
+@pytest.mark.parametrize("fast", [False, True])
+def test_compile_time_layers_match_cirkit(semiring, fold, optimize, fast):
     squared, _ = symbolic("quad-tree", "cp", semiring)
     ref_c, ref_z = compile_pair("quad-tree", "cp", semiring, fold, optimize=False)
     torch.manual_seed(0)
-    ctx = use_structured_layers(PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize))
+    ctx = use_structured_layers(PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize),
+                                fast=fast)
     circuit = ctx.compile(squared)
     partition = ctx.integrate(circuit)
     assert any(isinstance(m, TorchKroneckerSumLayer) for m in circuit.layers)
     assert any(isinstance(m, TorchKroneckerSumLayer) for m in partition.layers)
+    assert is_accelerated(circuit) == is_accelerated(partition) == (fast and semiring != "sum-product")
     x = torch.randint(0, 3, (5, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(circuit(x), ref_c(x), rtol=1e-9, atol=1e-12)

@@ -1,0 +1,153 @@
+"""``structlayers bench``: the benchmark report, plugged into the core console script.
+
+    structlayers bench [--circuit digits] [--units 16,32] [--kinds lowrank,nystrom] [--ranks 4,8]
+                       [--structures square,flat] [--batch 128] [--threads 2] [--repeats 5]
+                       [--epochs 3] [--mnist-dir DIR] [--out bench-out] [--quick] [--wandb]
+
+:func:`register` is the ``structlayers.commands`` entry point the core's
+:mod:`structlayers.cli` loads; the work is :func:`adapters.cirkit.bench.sweep.run_sweep`
+plus :mod:`~adapters.cirkit.bench.outputs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+from .config import CIRCUITS, STRUCTURES, BenchConfig, BenchError, validate
+
+DEFAULT_OUT = "bench-out"
+
+
+def parse_int_list(text: str, field: str) -> List[int]:
+    """``"16,32"`` -> ``[16, 32]``; a clear error for anything else (empty, not integers)."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise BenchError("empty list (give comma-separated integers, e.g. 16,32)", field)
+    try:
+        return [int(t) for t in items]
+    except ValueError:
+        raise BenchError(f"{text!r} is not a comma-separated list of integers", field) from None
+
+
+def parse_name_list(text: str, field: str) -> List[str]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise BenchError("empty list", field)
+    return items
+
+
+def _add_bench_options(p: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    q = BenchConfig.quick_defaults()
+    # default=None everywhere: a given option wins over --quick's settings
+    p.add_argument("--circuit", default=None, help=f"one of {', '.join(CIRCUITS)} [default: {d.circuit}]")
+    p.add_argument("--units", default=None,
+                   help=f"comma-separated K values [default: {','.join(map(str, d.units))}; quick "
+                        f"{','.join(map(str, q['units']))}]")
+    p.add_argument("--kinds", default=None,
+                   help=f"approximating structlayers kinds [default: {','.join(d.kinds)}]")
+    p.add_argument("--ranks", default=None,
+                   help="ranks for every K (square: rank(Ã), flat: rank of the map) [default: K/4,K/2 per K]")
+    p.add_argument("--structures", default=None,
+                   help=f"any of {','.join(STRUCTURES)} [default: {','.join(d.structures)}]")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"rows of test data in the timed log c²(x) call [default: {d.batch}; quick {q['batch']}]")
+    p.add_argument("--threads", type=int, default=None, help=f"torch threads [default: {d.threads}]")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed repeats, median reported [default: {d.repeats}; quick {q['repeats']}]")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs of the trained circuits [default: {d.epochs}; quick {q['epochs']}]")
+    p.add_argument("--max-materialised", type=int, default=None,
+                   help=f"skip cirkit's materialised path above this K (its Z builds K^4 weights per fold) "
+                        f"[default: {d.max_materialised}]")
+    p.add_argument("--downsample", type=int, default=None,
+                   help="average-pool the images of digits/mnist by this factor before building the circuit "
+                        f"[default: {d.downsample}; quick {q['downsample']}]")
+    p.add_argument("--test-size", type=int, default=None,
+                   help=f"score on at most this many test rows [default: all; quick {q['test_size']}]")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="train on at most this many rows (digits: trains in the run instead of using the cached "
+                        f"full model) [default: all; quick {q['train_size']}]")
+    p.add_argument("--mnist-dir", default=None, help="directory with the MNIST IDX files or mnist.npz (never downloaded)")
+    p.add_argument("--seed", type=int, default=None, help=f"initialisation and training seed [default: {d.seed}]")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for results.csv, results.json and the plots [default: {DEFAULT_OUT}]")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny configuration (digits pooled to 4x4, K=4,8, lowrank only, 1 epoch, 2 repeats): a smoke run")
+    p.add_argument("--no-plots", action="store_true", help="write the CSV and JSON only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or training lines")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases if wandb is installed (WANDB_MODE=offline unless set)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """A validated :class:`BenchConfig`; raises :class:`BenchError` naming the bad field."""
+    values = dict(BenchConfig.quick_defaults()) if args.quick else {}
+    if args.circuit is not None:
+        values["circuit"] = args.circuit
+    for name in ("units", "ranks"):
+        if getattr(args, name) is not None:
+            values[name] = parse_int_list(getattr(args, name), name)
+    for name in ("kinds", "structures"):
+        if getattr(args, name) is not None:
+            values[name] = parse_name_list(getattr(args, name), name)
+    for name in ("batch", "threads", "repeats", "epochs", "max_materialised", "downsample", "test_size",
+                 "train_size", "mnist_dir", "seed"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    circuit = values.get("circuit", BenchConfig.circuit)
+    if args.quick and args.downsample is None and circuit not in ("digits", "digits-classifier"):
+        values["downsample"] = 4 if circuit == "mnist" else 1
+    config = BenchConfig(quick=args.quick, **values)
+    validate(config)
+    return config
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def run_bench(args: argparse.Namespace, out=None) -> int:
+    from .outputs import format_table, log_to_wandb, write_outputs
+    from .sweep import run_sweep
+
+    out = sys.stdout if out is None else out
+    config = config_from_args(args)
+    start = time.perf_counter()
+    arguments = {k: v for k, v in vars(args).items() if k not in ("command", "run", "parser")}
+    result = run_sweep(config, progress=not args.no_progress, arguments=arguments)
+    files = write_outputs(result, Path(args.out), plots=not args.no_plots)
+    print(format_table(result), file=out)
+    print(f"\nwrote {', '.join(p.name for p in files)} to {args.out}/ "
+          f"({time.perf_counter() - start:.1f} s)", file=out)
+    if args.wandb:
+        log_to_wandb(result, files)
+    return 0
+
+
+def _guarded(run, parser: argparse.ArgumentParser):
+    """``run(args)``, with a bad configuration reported as ``structlayers bench: error: ...`` (exit 2)."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except BenchError as exc:
+            message = f"{_option(exc.field)}: {exc.message}" if exc.field else exc.message
+            parser.error(message)  # exits with status 2
+        return 2  # pragma: no cover
+
+    return guarded
+
+
+def register(subparsers) -> None:
+    """Add ``bench`` to the ``structlayers`` console script (the ``structlayers.commands`` entry point)."""
+    p = subparsers.add_parser(
+        "bench", help="benchmark report: structured layers against cirkit's two paths",
+        description="Time, score and plot structured sum layers in a squared circuit against cirkit's "
+                    "materialised (optimize=False) and optimize=True paths. Options left out take the "
+                    "defaults shown, or the --quick ones.")
+    _add_bench_options(p)
+    p.set_defaults(run=_guarded(run_bench, p))

@@ -1,0 +1,151 @@
+"""Files and tables of a sweep: results.csv, results.json, the console table, W&B."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Sequence
+
+from .schema import CALLS, COLUMNS, NAN, Row
+
+__all__ = ["write_csv", "write_json", "format_table", "write_outputs", "log_to_wandb", "jsonable"]
+
+COLUMN_NOTES = {
+    "_ms": "median milliseconds per call",
+    "_speedup_vs_opt": "t(cirkit optimize=True) / t",
+    "_speedup_vs_materialised": "t(cirkit optimize=False) / t",
+    "_peak_mib": "peak resident-memory growth of one call, MiB",
+    "theory_speedup_vs_": "multiply-adds per sample of the Kronecker sum layers, baseline / variant",
+    "_efficiency_vs_": "measured speedup / theoretical speedup",
+    "bpd": "test NLL / (D ln 2); NaN (null) when not scored",
+}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    """One line per row, the columns of :data:`~adapters.cirkit.bench.schema.COLUMNS`."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        for r in rows:
+            flat = r.flat()
+            writer.writerow([_cell(flat[c]) for c in COLUMNS])
+    return path
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf as None and anything unknown as its string."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(result, path: Path, files: Sequence[str] = ()) -> Path:
+    """The environment, configuration, notes, per-K set-up and every row (with its layers)."""
+    import json
+
+    blob = dict(environment=result.environment, config=result.config.to_dict(), notes=result.notes,
+                sizes=result.sizes, rows=[r.to_json() for r in result.rows], files=list(files),
+                columns=COLUMN_NOTES)
+    with open(path, "w") as fh:
+        json.dump(jsonable(blob), fh, indent=2)
+    return path
+
+
+def _fmt(value: Any, spec: str, width: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>{width}s}"
+    return f"{format(value, spec):>{width}s}"
+
+
+def format_table(result) -> str:
+    """The summary table: times, ratios vs both cirkit paths, peak memory, quality."""
+    head = (f"{'K':>4s} {'variant':29s} | {'Z f+b ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'Z fwd ms':>9s} "
+            f"{'/opt':>6s} {'/mat':>6s} | {'c² ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'Z MiB':>7s} {'c² MiB':>7s} | "
+            f"{'bpd':>7s} {'Δbpd':>7s} {'w.err':>7s}")
+    classifier = any(not math.isnan(r.error_rate) for r in result.rows)
+    if classifier:
+        head += f" {'err%':>6s}"
+    head += " | beats opt=True"
+    lines = [head, "-" * len(head)]
+    for r in result.rows:
+        cells = [f"{r.units:4d} {r.variant[:29]:29s}"]
+        for m, _ in CALLS:
+            c = r.call(m)
+            cells.append(f"{_fmt(c.ms, '.2f', 9)} {_fmt(c.speedup_vs['opt'], '.2f', 5)}x "
+                         f"{_fmt(c.speedup_vs['materialised'], '.2f', 5)}x")
+        peaks = f"{_fmt(r.call('z_fwd_bwd').peak_mib, '.1f', 7)} {_fmt(r.call('logc2_fwd').peak_mib, '.1f', 7)}"
+        line = " | ".join(cells) + f" | {peaks} | {_fmt(r.bpd, '.4f', 7)} " \
+               f"{_fmt(r.bpd_diff_vs_exact, '+.4f', 7)} {_fmt(r.rel_weight_error_max, '.3f', 7)}"
+        if classifier:
+            line += f" {_fmt(r.error_rate * 100 if not math.isnan(r.error_rate) else NAN, '.2f', 6)}"
+        line += f" | {r.beats_opt}" + (" *" if r.pareto and not r.is_baseline else "")
+        lines.append(line)
+    lines.append("")
+    lines.append("/opt, /mat: speedup over cirkit optimize=True and over cirkit's materialised path "
+                 "(optimize=False); >1 is faster. c²: batched log c²(x) forward. MiB: peak memory growth of "
+                 "one Z f+b call and of one c² call.")
+    lines.append("w.err: largest relative weight error of a swapped layer; Δbpd vs the exact model; "
+                 "* on the Pareto front (c² speedup vs optimize=True, error).")
+    if any(not r.is_density for r in result.rows):
+        lines.append("flat rows: c̃² is not a square any more (it can go negative) and Z̃ does not normalise "
+                     "it, so their bpd is not a likelihood; they are never on the Pareto front.")
+    for note in dict.fromkeys(result.notes):
+        lines.append("note: " + note)
+    return "\n".join(lines)
+
+
+def write_outputs(result, out_dir: Path, *, plots: bool = True) -> List[Path]:
+    """results.csv, results.json and the PNG plots into ``out_dir``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [write_csv(result.rows, out_dir / "results.csv")]
+    if plots:
+        try:
+            from . import plots as P
+
+            files += P.make_plots(result.rows, out_dir)
+        except ImportError as exc:  # matplotlib missing: the numbers are still written
+            print(f"plots skipped: {exc}", file=sys.stderr)
+            result.notes.append(f"plots skipped: {exc}")
+    files.append(write_json(result, out_dir / "results.json", [p.name for p in files] + ["results.json"]))
+    return files
+
+
+def log_to_wandb(result, files: Sequence[Path], *, stream=None) -> bool:
+    """Log the rows and plots to Weights & Biases if ``wandb`` is importable (offline by
+    default: ``WANDB_MODE=offline`` unless set). Returns whether it logged."""
+    stream = stream if stream is not None else sys.stderr
+    try:
+        import wandb  # type: ignore[import-not-found]
+    except ImportError:
+        print("--wandb: the 'wandb' package is not installed (pip install wandb); results were written to "
+              "files only", file=stream)
+        return False
+    os.environ.setdefault("WANDB_MODE", "offline")
+    out_dir = Path(files[0]).parent if files else Path(".")
+    run = wandb.init(project="structlayers-bench", dir=str(out_dir), mode=os.environ["WANDB_MODE"],
+                     config=jsonable(dict(config=result.config.to_dict(), environment=result.environment)))
+    table = wandb.Table(columns=list(COLUMNS), data=[[jsonable(r.flat()[c]) for c in COLUMNS] for r in result.rows])
+    images = {Path(p).stem: wandb.Image(str(p)) for p in files if str(p).endswith(".png")}
+    run.log(dict(results=table, **images))
+    run.finish()
+    print(f"--wandb: logged {len(result.rows)} rows and {len(images)} plots (mode {os.environ['WANDB_MODE']})",
+          file=stream)
+    return True

@@ -1,0 +1,366 @@
+"""A normalised circuit density for training and queries: likelihoods, marginals, samples.
+
+:class:`CircuitDensity` holds three compiled circuits that share one set of parameters:
+the base circuit ``c``, the density ``f`` (``|c|²`` for a squared circuit, ``c`` itself for
+a monotone one) and the partition function ``Z = ∫ f``. It answers
+
+* complete-evidence likelihoods through ``c``: ``log p(x) = 2 Re log c(x) − log Z`` for a
+  squared circuit (``c`` has K units per layer where ``|c|²`` has K²), ``log c(x) − log Z``
+  for a monotone one;
+* marginals through ``f``: the unobserved variables integrated out, per sample;
+* conditionals as ratios of marginals, and exact samples by the chain rule.
+
+``log Z`` is cached while the module is in eval mode and gradients are not needed; the
+cache key holds every parameter's and buffer's version counter (an optimiser step, a
+``load_state_dict`` or any in-place change bumps it) and the identity of the partition
+function's layers (a swap replaces them), so a stale ``log Z`` is never served.
+
+:func:`compile_density` builds one from a symbolic cirkit circuit ``c`` with the fast
+path: exact factor-wise Kronecker layers and the linear-space evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import cirkit.symbolic.functional as SF
+from cirkit.backend.torch.layers import TorchCategoricalLayer
+from cirkit.pipeline import PipelineContext
+from cirkit.symbolic.circuit import Circuit
+
+from .accelerate import accelerate, cirkit_evaluation
+from .compile import use_structured_layers
+from .internals import address_book
+from .layers import TorchLiveSquareSumLayer, TorchStructuredSumLayer
+from .linear_space import evaluate_graph
+
+__all__ = ["CircuitDensity", "compile_density", "EVALUATIONS", "default_dtype"]
+
+EVALUATIONS = ("linear", "semiring")
+SEMIRINGS = ("complex-lse-sum", "lse-sum", "sum-product")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """cirkit allocates parameters (and casts constants) in torch's default dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _integrate_layer_fn(layer, *inputs, integrate_vars_mask: Tensor):
+    """cirkit's ``IntegrateQuery`` layer function, for folded circuits too (cirkit 0.3.1
+    broadcasts an input layer's (F, K) integral against (F, B, K) values and fails when
+    F ≠ B): used for ``evaluation='semiring'`` marginals."""
+    from cirkit.backend.torch.layers import TorchInputLayer
+
+    output = layer(*inputs)
+    if not isinstance(layer, TorchInputLayer) or not layer.num_variables:
+        return output
+    mask = integrate_vars_mask[:, layer.scope_idx[:, 0]].transpose(0, 1).unsqueeze(-1)  # (F, B, 1)
+    if not bool(mask.any()):
+        return output
+    total = layer.integrate()
+    total = total.unsqueeze(1) if total.dim() == 2 else total
+    return torch.where(mask, total, output)
+
+
+class CircuitDensity(nn.Module):
+    """``p_o(x) = f_o(x) / Z_o`` from compiled circuits sharing parameters.
+
+    Args:
+        base: the compiled base circuit ``c`` (``O`` outputs).
+        density: the compiled density ``f``: ``|c|²`` (``squared=True``) or ``c``.
+        partition: the compiled ``∫ f`` over all variables.
+        squared: whether ``f = |c|²`` (likelihoods then go through ``c``).
+        density_index: which of ``f``'s (and ``Z``'s) flattened outputs are ``f_0..f_{O-1}``
+            (the diagonal ``o·(O+1)`` of a squared ``O``-unit output).
+        num_variables: ``D``, the columns of ``x``.
+        num_categories: categories of every (categorical) input; needed by :meth:`sample`
+            and to check ``x``; None skips the range check.
+        semiring: the compiled semiring's name.
+        dtype: float32 or float64, the parameters' (real) dtype.
+        evaluation: ``'linear'`` (the fast path) or ``'semiring'`` (cirkit's log-space code).
+
+    Every method takes ``x``: LongTensor ``(B, D)`` and returns real tensors ``(B, O)``.
+    """
+
+    def __init__(self, base: nn.Module, density: nn.Module, partition: nn.Module, *, squared: bool,
+                 density_index: Sequence[int], num_variables: int, num_categories: Optional[int],
+                 semiring: str, dtype: torch.dtype, evaluation: str = "linear") -> None:
+        super().__init__()
+        self.base, self.density, self.partition = base, density, partition
+        self.squared = bool(squared)
+        self.semiring, self.dtype = semiring, dtype
+        self._num_variables = int(num_variables)
+        self.num_categories = num_categories
+        self.register_buffer("_index", torch.tensor(list(density_index)), persistent=False)
+        self._logz_cache: Optional[Tuple[tuple, Tensor]] = None
+        self._path_cache: Optional[Tuple[tuple, bool]] = None
+        self.evaluation = evaluation
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def evaluation(self) -> str:
+        """'linear' (linear space with per-sample scales, the fast path) or 'semiring'
+        (cirkit's own log-space evaluation)."""
+        return self._evaluation
+
+    @evaluation.setter
+    def evaluation(self, value: str) -> None:
+        if value not in EVALUATIONS:
+            raise ValueError(f"unknown evaluation {value!r}; choose one of {', '.join(map(repr, EVALUATIONS))}")
+        if value == "linear" and self.semiring == "sum-product":
+            raise ValueError("evaluation='linear' is for the log semirings: a 'sum-product' "
+                             "circuit already evaluates in linear space")
+        self._evaluation = value
+        self._logz_cache = None
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self._index.numel())
+
+    @property
+    def num_variables(self) -> int:
+        return self._num_variables
+
+    # ------------------------------------------------------------------ evaluation
+    def _graph(self, circuit: nn.Module, x: Optional[Tensor] = None, integrate: Optional[Tensor] = None) -> Tensor:
+        """``circuit.evaluate`` (O, B, K) -> (B, O·K), in the chosen evaluation."""
+        with default_dtype(self.dtype):
+            if self._evaluation == "linear":
+                y = evaluate_graph(circuit, x, integrate=integrate)
+            else:
+                with cirkit_evaluation(circuit):
+                    if integrate is None:
+                        y = circuit.evaluate(x)
+                    else:
+                        mask = integrate if integrate.dim() == 2 else integrate.unsqueeze(0)
+                        y = circuit.evaluate(x, module_fn=lambda m, *a: _integrate_layer_fn(
+                            m, *a, integrate_vars_mask=mask.expand(x.shape[0], -1)))
+        return y.transpose(0, 1).flatten(1)
+
+    def _real_log(self, y: Tensor) -> Tensor:
+        if self.semiring == "sum-product":
+            return torch.log(y.real.clamp_min(0.0)) if y.is_complex() else torch.log(y.clamp_min(0.0))
+        return y.real if y.is_complex() else y
+
+    def _check_x(self, x: Tensor, observed: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of category indices, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.num_variables:
+            raise ValueError(f"x must have shape (B, {self.num_variables}), got {tuple(x.shape)}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"x must hold integer category indices, got dtype {x.dtype}")
+        x = x.long()
+        if self.num_categories is not None and x.numel():
+            checked = x if observed is None else torch.where(observed, x, torch.zeros_like(x))
+            if int(checked.min()) < 0 or int(checked.max()) >= self.num_categories:
+                raise ValueError(f"x must hold categories in 0..{self.num_categories - 1}, "
+                                 f"got {int(checked.min())}..{int(checked.max())}")
+        return x
+
+    def log_base(self, x: Tensor) -> Tensor:
+        """``log c(x)``, ``(B, O)`` (complex in 'complex-lse-sum': its real part is ``log |c|``)."""
+        y = self._graph(self.base, self._check_x(x))
+        if self.semiring == "sum-product":
+            return torch.log(y.to(self.dtype.to_complex()))
+        return y
+
+    def log_density(self, x: Tensor) -> Tensor:
+        """``log f(x)``, ``(B, O)`` through ``f`` (``|c|²`` evaluated at x when squared)."""
+        y = self._graph(self.density, self._check_x(x)).index_select(-1, self._index)
+        return self._real_log(y)
+
+    def _logz_key(self) -> tuple:
+        versions = tuple((id(t), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+        return versions + tuple(id(e.module) for e in address_book(self.partition)) + (self._evaluation,)
+
+    def log_partition(self) -> Tensor:
+        """``log Z``, ``(O,)``; cached in eval mode when no gradient is needed."""
+        cacheable = not self.training and not (torch.is_grad_enabled()
+                                               and any(p.requires_grad for p in self.parameters()))
+        if cacheable:
+            key = self._logz_key()
+            if self._logz_cache is not None and self._logz_cache[0] == key:
+                return self._logz_cache[1]
+        z = self._graph(self.partition).flatten()
+        logz = self._real_log(z.index_select(-1, self._index))
+        if cacheable:
+            self._logz_cache = (key, logz.detach())
+        return logz
+
+    @property
+    def through_base(self) -> bool:
+        """Whether :meth:`log_likelihood` goes through ``c`` (``2 Re log c(x)``).
+
+        True unless the density or the partition function holds layers that are not a
+        function of ``c``'s own parameters: approximations swapped into ``|c|²`` and ``Z``
+        (frozen structured layers, live square approximations). Then ``|c̃|² / Z̃`` is the
+        model, and likelihoods go through the density ``f`` at x.
+        """
+        key = tuple(id(layer) for c in (self.density, self.partition) for layer in c.layers)
+        if self._path_cache is None or self._path_cache[0] != key:
+            own = not any(isinstance(layer, (TorchStructuredSumLayer, TorchLiveSquareSumLayer))
+                          for c in (self.density, self.partition) for layer in c.layers)
+            self._path_cache = (key, own)
+        return self._path_cache[1]
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        """``log p_o(x)``, ``(B, O)``: ``2 Re log c_o(x) − log Z_o`` (squared) through ``c``,
+        ``log c_o(x) − log Z_o`` (monotone); through ``f`` when approximations were swapped
+        into the density (see :attr:`through_base`)."""
+        if self.squared and not self.through_base:
+            return self.log_density(x) - self.log_partition()
+        logc = self.log_base(x)
+        logf = 2 * logc.real if self.squared else self._real_log(logc)
+        return logf - self.log_partition()
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.log_likelihood(x)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, log_prior: Optional[Tensor] = None, batch_size: int = 512) -> Tensor:
+        """``argmax_o log p_o(x) (+ log_prior[o])``, LongTensor ``(B,)``."""
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            ll = self.log_likelihood(x[i: i + batch_size])
+            if log_prior is not None:
+                ll = ll + log_prior.to(ll)
+            out.append(ll.argmax(dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+    # ------------------------------------------------------------------ queries
+    def _check_mask(self, mask, name: str, batch: int) -> Tensor:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a boolean tensor of shape (D,) or (B, D), got "
+                            f"{type(mask).__name__}" + (f" of dtype {mask.dtype}" if isinstance(mask, Tensor) else ""))
+        d = self.num_variables
+        if mask.shape not in ((d,), (batch, d)) and not (mask.dim() == 2 and mask.shape == (1, d)):
+            raise ValueError(f"{name} must have shape ({d},) or (B, {d}) = ({batch}, {d}), got {tuple(mask.shape)}")
+        return mask if mask.dim() == 2 else mask.unsqueeze(0)
+
+    def log_marginal(self, x: Tensor, observed: Tensor) -> Tensor:
+        """``log p_o(x_observed)``, ``(B, O)``: every other variable integrated out of ``f``.
+
+        ``observed``: boolean, ``(D,)`` for every sample or ``(B, D)`` per sample; the
+        values of ``x`` at unobserved positions are ignored (they must still be integers).
+        All observed gives :meth:`log_likelihood` (through ``f``); none gives 0.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"x must have shape (B, {self.num_variables}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        mask = self._check_mask(observed, "observed", x.shape[0])
+        x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
+        x = torch.where(mask, x, torch.zeros_like(x))  # unobserved values are never looked up as data
+        y = self._graph(self.density, x, integrate=~mask).index_select(-1, self._index)
+        return self._real_log(y) - self.log_partition()
+
+    def log_conditional(self, x: Tensor, query: Tensor, evidence: Tensor) -> Tensor:
+        """``log p_o(x_query | x_evidence)``, ``(B, O)``, as a ratio of marginals.
+
+        ``query`` and ``evidence``: disjoint boolean masks, ``(D,)`` or ``(B, D)``.
+        """
+        q = self._check_mask(query, "query", x.shape[0])
+        e = self._check_mask(evidence, "evidence", x.shape[0])
+        if bool((q & e).any()):
+            raise ValueError("query and evidence must be disjoint: a variable is in both")
+        return self.log_marginal(x, q | e) - self.log_marginal(x, e.expand_as(q | e))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               order: Optional[Sequence[int]] = None, max_rows: int = 4096) -> Tensor:
+        """Exact samples ``(num_samples, D)`` of a one-output categorical density.
+
+        The chain rule over ``order`` (default ``0..D-1``): variable ``v`` is drawn from
+        ``p(x_v | x_earlier)``, the marginals of all its ``V`` values for every sample in
+        one evaluation (``num_samples · V`` rows, in chunks of at most ``max_rows``).
+        ``generator`` makes the draws reproducible (drawn on the CPU).
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if self.num_outputs != 1:
+            raise ValueError(f"sample draws from a one-output density; this model has {self.num_outputs} "
+                             "outputs (condition on one, e.g. by building the class's circuit)")
+        categories = self.num_categories or _categories_of(self.density)
+        if categories is None:
+            raise ValueError("sample needs categorical inputs with a known number of categories")
+        d = self.num_variables
+        order = list(range(d)) if order is None else [int(v) for v in order]
+        if sorted(order) != list(range(d)):
+            raise ValueError(f"order must be a permutation of 0..{d - 1}")
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
+        device = self._index.device
+        x = torch.zeros(num_samples, d, dtype=torch.long, device=device)
+        observed = torch.zeros(d, dtype=torch.bool, device=device)
+        values = torch.arange(categories, device=device)
+        for v in order:
+            observed[v] = True
+            rows = x.repeat_interleave(categories, dim=0)  # (n·V, D)
+            rows[:, v] = values.repeat(num_samples)
+            logp = torch.cat([self.log_marginal(chunk, observed)[:, 0]
+                              for chunk in rows.split(max_rows)]).view(num_samples, categories)
+            probs = torch.softmax(logp.double(), dim=1).cpu()
+            x[:, v] = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
+        return x
+
+
+def _categories_of(circuit) -> Optional[int]:
+    found = {layer.num_categories for layer in circuit.layers if isinstance(layer, TorchCategoricalLayer)}
+    return found.pop() if len(found) == 1 else None
+
+
+def compile_density(circuit: Circuit, *, squared: bool = True, semiring: Optional[str] = None,
+                    fold: bool = True, optimize: bool = True, dtype: torch.dtype = torch.float32,
+                    seed: Optional[int] = None, num_categories: Optional[int] = None,
+                    evaluation: str = "linear", context: Optional[PipelineContext] = None) -> CircuitDensity:
+    """Compile ``c``, its density and its partition function with the fast path.
+
+    Args:
+        circuit: the symbolic base circuit ``c`` (cirkit). ``squared``: the density is
+            ``|c|² = multiply(conjugate(c), c)`` (the default); else ``c`` itself (monotone
+            weights).
+        semiring: default 'complex-lse-sum' (signed or complex weights) for squared
+            circuits, 'lse-sum' for monotone ones.
+        fold, optimize: cirkit's compiler flags. The Kronecker-weighted sum layers of
+            ``|c|²`` and ``Z`` become exact factor-wise layers either way
+            (:func:`~adapters.cirkit.compile.use_structured_layers`); every compiled circuit
+            evaluates through the linear-space fast path when called.
+        dtype: float32 or float64 parameters. ``seed``: parameters initialised under
+            ``torch.manual_seed(seed)`` (the global RNG state is restored).
+        context: compile in this pipeline context instead (its own settings apply).
+    """
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a symbolic cirkit Circuit, got {type(circuit).__name__}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    semiring = semiring or ("complex-lse-sum" if squared else "lse-sum")
+    if semiring not in SEMIRINGS:
+        raise ValueError(f"unknown semiring {semiring!r}; choose one of {', '.join(map(repr, SEMIRINGS))}")
+    ctx = context or PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize)
+    ctx = use_structured_layers(ctx, fast=semiring != "sum-product")
+    num_outputs = sum(layer.num_output_units for layer in circuit.outputs)
+    density_sym = SF.multiply(SF.conjugate(circuit), circuit) if squared else circuit
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng, default_dtype(dtype):
+        if seed is not None:
+            torch.manual_seed(seed)
+        base = ctx.compile(circuit)  # c first: its tensors are allocated here, the others point at them
+        density = ctx.compile(density_sym)
+        partition = ctx.compile(SF.integrate(density_sym))
+    for c in (base, density, partition):
+        if semiring != "sum-product":
+            accelerate(c)
+    index = [o * (num_outputs + 1) for o in range(num_outputs)] if squared else list(range(num_outputs))
+    return CircuitDensity(base, density, partition, squared=squared, density_index=index,
+                          num_variables=len(circuit.scope), num_categories=num_categories,
+                          semiring=semiring, dtype=dtype, evaluation=evaluation if semiring != "sum-product"
+                          else "semiring")

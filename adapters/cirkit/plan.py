@@ -1,0 +1,290 @@
+"""Evaluation plans: how every folded input of a circuit or parameter graph is fetched.
+
+cirkit evaluates a compiled graph (a circuit's layers, or the nodes of one parameter)
+entry by entry and gathers the inputs of each entry with ``cat(outputs)[fold_idx]``. Most
+of those gathers move nothing: the fold index is the identity, a contiguous range, one
+row repeated for every fold (a tied parameter), or -- for a commutative consumer such as
+a Hadamard product -- the identity up to the order of the inputs of each fold. And a
+pointer into a parameter tensor (``TorchPointerParameter``) is itself only a gather.
+
+A plan is built once per graph (and rebuilt when its modules change, e.g. after a
+swap). It composes the gathers through pointers at build time, on small integer arrays,
+and gives each input a :class:`Fetch` that is a reshape, a ``narrow``, an ``expand``
+(never a per-fold copy of a tied parameter), a ``cat``, or -- only where rows really move
+-- one ``index_select``. Evaluating then costs the graph's own operations and nothing
+for the bookkeeping; the backward of a view is free, that of ``expand`` a sum, where
+cirkit's advanced indexing costs a zero fill and a sort-based scatter.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cirkit.backend.torch.parameters.nodes import TorchPointerParameter
+from cirkit.backend.torch.parameters.parameter import TorchParameter
+
+from .internals import address_book, pointer_fold_index
+
+__all__ = ["Fetch", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
+           "capture_inputs", "cached_plan"]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """How one folded input (F, [H,] ...) is read from earlier outputs.
+
+    ``kind``: ``'slices'`` (cirkit's tuple of slices, applied as is), ``'view'`` (the single
+    source, reshaped), ``'narrow'`` (a contiguous range of the single source's folds),
+    ``'expand'`` (one fold per input position, the same for every fold: broadcast, no
+    copy), ``'cat'`` (the sources concatenated, in order), ``'index'`` (concatenated, then
+    one ``index_select``). ``shape`` is the fold shape (F,) or (F, H).
+    """
+
+    kind: str
+    sources: Tuple[int, ...]
+    shape: Tuple[int, ...]
+    start: int = 0
+    length: int = 0
+    index: Optional[Tensor] = None  # flat rows for 'index'; the H rows for 'expand'
+    slices: Optional[tuple] = None
+
+    def __call__(self, outputs: Sequence[Tensor]) -> Tensor:
+        if len(self.sources) == 1:
+            t = outputs[self.sources[0]]
+        else:
+            t = torch.cat([outputs[i] for i in self.sources], dim=0)
+        if self.kind == "slices":
+            return t[self.slices]
+        rest = t.shape[1:]
+        if self.kind in ("view", "cat"):
+            return t.view(*self.shape, *rest)
+        if self.kind == "narrow":
+            return t.narrow(0, self.start, self.length).view(*self.shape, *rest)
+        idx = self.index if self.index.device == t.device else self.index.to(t.device)
+        if self.kind == "expand":  # the rows of one fold, (H, ...) or (1, ...), shared by every fold
+            first, count = int(idx[0]), idx.numel()
+            if count == 1 or bool((idx == torch.arange(first, first + count)).all()):
+                rows = t.narrow(0, first, count)  # a view
+            else:
+                rows = t.index_select(0, idx)
+            if len(self.shape) == 2:
+                return rows.unsqueeze(0).expand(self.shape[0], *rows.shape)
+            return rows.expand(self.shape[0], *rest)
+        return t.index_select(0, idx).view(*self.shape, *rest)
+
+
+def plan_fetch(sources: Sequence[int], idx, source_rows: Sequence[int], commutative: bool = False) -> Fetch:
+    """The cheapest :class:`Fetch` equal to ``cat(outputs[sources])[idx]``.
+
+    ``source_rows``: the number of folds of each source. ``commutative``: the consumer
+    does not depend on the order of the H inputs of a fold (rows of ``idx`` may be sorted).
+    """
+    sources = tuple(int(s) for s in sources)
+    if not isinstance(idx, Tensor):
+        return Fetch("slices", sources, (), slices=idx)
+    shape = tuple(idx.shape)
+    original = idx.detach().cpu().numpy().reshape(shape)
+    total = int(sum(source_rows))
+    candidates = [original]
+    if commutative and original.ndim == 2:
+        candidates.insert(0, np.sort(original, axis=1))  # any order of a fold's inputs will do
+    for rows in candidates:
+        flat = rows.reshape(-1)
+        if flat.size == total and bool(np.array_equal(flat, np.arange(total))):
+            return Fetch("view" if len(sources) == 1 else "cat", sources, shape)
+        if len(sources) == 1 and flat.size and bool(np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size))):
+            return Fetch("narrow", sources, shape, start=int(flat[0]), length=int(flat.size))
+    flat = original.reshape(-1)
+    rows = flat.reshape(shape)
+    if len(sources) == 1 and shape[0] > 1 and bool((rows == rows[:1]).all()):
+        first = torch.as_tensor(rows[0].reshape(-1).copy(), dtype=torch.long)
+        return Fetch("expand", sources, shape, index=first)
+    return Fetch("index", sources, shape, index=torch.as_tensor(flat.copy(), dtype=torch.long))
+
+
+# ------------------------------------------------------------------ parameter graphs
+NodeFunction = Callable[..., Tensor]
+
+
+def evaluate_node(node, *inputs: Tensor) -> Tensor:
+    """``node(*inputs)``: the default evaluation of one parameter node."""
+    return node(*inputs)
+
+
+class ParameterPlan:
+    """The fetches of one parameter graph, with pointers composed into them.
+
+    A pointer node does not compute: it stands for some folds of its target's tensor.
+    Its consumers fetch from the target directly, through the composed index (a view
+    of the parameter tensor whenever the composition is a range or the identity).
+    """
+
+    def __init__(self, parameter: TorchParameter) -> None:
+        entries = list(address_book(parameter))
+        self.signature = tuple(id(e.module) for e in entries)
+        # where each entry's rows live: ('own', entry) or ('leaf', leaf module, rows)
+        self.modules: List[object] = []
+        self.leaves: List[object] = []  # leaf modules read by pointers, by slot
+        origin: List[Tuple[str, int, Optional[np.ndarray]]] = []  # per entry: (space, slot, rows)
+        rows_of: List[int] = []
+        self.steps: List[Tuple[object, Tuple[Fetch, ...]]] = []
+        leaf_slot: Dict[int, int] = {}
+        for entry in entries:
+            module = entry.module
+            fetches = []
+            for ids, idx in zip(entry.in_module_ids, entry.in_fold_idx):
+                fetches.append(self._fetch(ids, idx, origin, rows_of))
+            if module is None:
+                self.steps.append((None, tuple(fetches)))
+                break
+            if type(module) is TorchPointerParameter and not fetches:
+                target = module.deref()
+                slot = leaf_slot.setdefault(id(target), len(self.leaves))
+                if slot == len(self.leaves):
+                    self.leaves.append(target)
+                idx = pointer_fold_index(module)
+                n = target.num_folds
+                rows = np.arange(n) if idx is None else idx.detach().cpu().numpy().reshape(-1)
+                origin.append(("leaf", slot, rows))
+                rows_of.append(len(rows))
+                self.steps.append((module, ()))  # nothing to compute
+                continue
+            origin.append(("own", len(origin), None))
+            rows_of.append(module.num_folds)
+            self.steps.append((module, tuple(fetches)))
+        self.origin = origin
+        # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
+        canonical: Dict[tuple, Fetch] = {}
+        self.steps = [(m, tuple(canonical.setdefault(_fetch_key(f), f) for f in fs)) for m, fs in self.steps]
+
+    def _fetch(self, ids, idx, origin, rows_of) -> Fetch:
+        """A fetch over the space of materialised outputs: entries computed here occupy
+        slots ``0..E-1``; leaf tensors read through pointers occupy slots ``E + leaf``."""
+        ids = [int(i) for i in ids]
+        if not isinstance(idx, Tensor):
+            if any(origin[i][0] == "leaf" for i in ids):
+                # a slice of a pointer: materialise the pointer's rows as an index
+                idx = torch.arange(sum(rows_of[i] for i in ids))[idx]
+            else:
+                return Fetch("slices", tuple(ids), (), slices=idx)
+        shape = tuple(idx.shape)
+        flat = idx.detach().cpu().numpy().reshape(-1)
+        offsets = np.cumsum([0] + [rows_of[i] for i in ids])
+        which = np.searchsorted(offsets, flat, side="right") - 1
+        spaces: List[Tuple[str, int]] = []
+        rows = np.empty_like(flat)
+        for k, (w, r) in enumerate(zip(which, flat - offsets[which])):
+            space, slot, leaf_rows = origin[ids[w]]
+            if space == "leaf":
+                spaces.append(("leaf", slot))
+                rows[k] = leaf_rows[r]
+            else:
+                spaces.append(("own", ids[w]))
+                rows[k] = r
+        distinct = list(dict.fromkeys(spaces))
+        if len(distinct) == 1:
+            space, slot = distinct[0]
+            source = slot if space == "own" else -1 - slot  # negative: a leaf tensor
+            total = rows_of[slot] if space == "own" else self.leaves[slot].num_folds
+            return plan_fetch([source], torch.as_tensor(rows.reshape(shape)), [total])
+        # rows from several tensors: concatenate them (in order of first use) and index
+        order = distinct
+        sizes = [rows_of[s] if sp == "own" else self.leaves[s].num_folds for sp, s in order]
+        base = dict(zip(order, np.cumsum([0] + sizes[:-1])))
+        flat_rows = np.array([base[sp] + r for sp, r in zip(spaces, rows)])
+        sources = [s if sp == "own" else -1 - s for sp, s in order]
+        return plan_fetch(sources, torch.as_tensor(flat_rows.reshape(shape)), sizes)
+
+    def run(self, module_fn: NodeFunction = evaluate_node) -> Tensor:
+        """The graph's output; ``module_fn(node, *inputs)`` evaluates each computing node."""
+        outputs: List[Optional[Tensor]] = []
+        leaf_values = [leaf() for leaf in self.leaves]
+        view = _Outputs(outputs, leaf_values)
+        fetched: Dict[int, Tensor] = {}
+        for module, fetches in self.steps:
+            inputs = tuple(_once(f, view, fetched) for f in fetches)
+            if module is None:
+                (out,) = inputs
+                return out
+            if type(module) is TorchPointerParameter and not fetches:
+                outputs.append(None)  # read through the composed fetches, never materialised
+                continue
+            outputs.append(module_fn(module, *inputs))
+        raise RuntimeError("the parameter graph's address book has no output entry")
+
+
+def _fetch_key(f: Fetch) -> tuple:
+    index = None if f.index is None else tuple(f.index.tolist())
+    return (f.kind, f.sources, f.shape, f.start, f.length, index, repr(f.slices))
+
+
+def _once(fetch: Fetch, outputs, fetched: Dict[int, Tensor]) -> Tensor:
+    """``fetch(outputs)``, computed once per run when it moves rows."""
+    if fetch.kind not in ("index", "expand"):
+        return fetch(outputs)
+    key = id(fetch)
+    if key not in fetched:
+        fetched[key] = fetch(outputs)
+    return fetched[key]
+
+
+class _Outputs:
+    """Indexable as the fetches expect: ``i >= 0`` an entry's output, ``-1 - j`` leaf ``j``."""
+
+    __slots__ = ("outputs", "leaves")
+
+    def __init__(self, outputs: List[Optional[Tensor]], leaves: List[Tensor]) -> None:
+        self.outputs, self.leaves = outputs, leaves
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.leaves[-1 - i] if i < 0 else self.outputs[i]
+
+
+def cached_plan(cache: "weakref.WeakKeyDictionary", graph, build: Callable):
+    """``cache[graph]``, built by ``build(graph)`` the first time and again whenever the
+    graph's address book lists other modules than when the plan was built."""
+    plan = cache.get(graph)
+    if plan is None or plan.signature != tuple(id(e.module) for e in address_book(graph)):
+        plan = build(graph)
+        cache[graph] = plan
+    return plan
+
+
+_PARAMETER_PLANS: "weakref.WeakKeyDictionary[TorchParameter, ParameterPlan]" = weakref.WeakKeyDictionary()
+
+
+def parameter_plan(parameter: TorchParameter) -> ParameterPlan:
+    """The cached plan of a parameter graph (rebuilt if its nodes changed)."""
+    return cached_plan(_PARAMETER_PLANS, parameter, ParameterPlan)
+
+
+def evaluate_parameter(parameter: TorchParameter, module_fn: NodeFunction = evaluate_node) -> Tensor:
+    """``parameter()`` through its plan -- or ``parameter.evaluate(module_fn=module_fn)``:
+    ``module_fn(node, *inputs)`` evaluates each computing node (overrides should fall back
+    to :func:`evaluate_node`). Pointers are never materialised."""
+    return parameter_plan(parameter).run(module_fn)
+
+
+def capture_inputs(parameter: TorchParameter, node_type) -> Optional[Tuple[Tensor, ...]]:
+    """The inputs of the graph's output node when it is a ``node_type`` (e.g. the factors
+    of a Kronecker product), evaluated through the plan; the node itself is never
+    computed. None for a graph whose output is another node."""
+    if not parameter.outputs or not isinstance(parameter.outputs[0], node_type):
+        return None
+    out = parameter.outputs[0]
+    captured: dict = {}
+
+    def fn(node, *inputs):
+        if node is out:
+            captured["inputs"] = inputs
+            return inputs[0]  # placeholder: the graph's output is not used
+        return evaluate_node(node, *inputs)
+
+    evaluate_parameter(parameter, fn)
+    return captured["inputs"]

@@ -1,0 +1,114 @@
+"""The adapter's cirkit layers (adapters.cirkit.layers), float64: exact against the weights they stand for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring, SumProductSemiring
+
+import structlayers
+from adapters.cirkit.layers import (
+    TorchKroneckerSumLayer,
+    TorchLiveSquareSumLayer,
+    TorchStructuredSumLayer,
+    apply_linear,
+    kronecker_factors,
+    semiring_linear,
+)
+from adapters.cirkit.swap import kronecker_sum_layers
+
+from .builders import compile_pair, image_circuits
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def encode(semiring, v):
+    """Linear values v in the semiring's encoding."""
+    if semiring is SumProductSemiring:
+        return v
+    if semiring is LSESumSemiring:
+        return torch.log(v)
+    return torch.log(v.to(torch.complex128))
+
+
+@pytest.mark.parametrize("semiring", [SumProductSemiring, LSESumSemiring, ComplexLSESumSemiring])
+def test_semiring_linear_concatenates_inputs_unit_wise(semiring):
+    gen = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 3, 4, 5, generator=gen) + 0.1  # (F, H, B, Ki), positive so every semiring holds it
+    w = torch.rand(2, 6, 15, generator=gen)  # (F, Ko, H*Ki)
+    got = semiring_linear(semiring, lambda z: z @ w.transpose(1, 2).to(z.dtype), encode(semiring, v), w.dtype)
+    z = v.permute(0, 2, 1, 3).flatten(start_dim=2)  # (F, B, H*Ki): the H inputs side by side
+    ref = encode(semiring, z @ w.transpose(1, 2))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_real_map_acts_on_complex_inputs_part_by_part():
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 7, 5, dtype=torch.complex128, generator=gen)
+    w = torch.randn(2, 3, 5, generator=gen)
+    calls = []
+
+    def linear(t):
+        calls.append(t.dtype)
+        return t @ w.transpose(1, 2)
+
+    got = apply_linear(linear, z, w.dtype)
+    torch.testing.assert_close(got, z @ w.transpose(1, 2).to(z.dtype), rtol=1e-13, atol=1e-13)
+    assert calls == [torch.float64]  # one real call over the stacked parts, never a complex product
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_kronecker_layer_equals_the_materialised_weight(fold):
+    ref_c, _ = compile_pair("quad-tree", "cp", "complex-lse-sum", fold, optimize=False)
+    for _, layer in kronecker_sum_layers(ref_c):
+        a, b = kronecker_factors(layer.weight)
+        w = layer.weight()
+        kron = torch.einsum("fij,fkl->fikjl", a, b).reshape(w.shape)
+        torch.testing.assert_close(kron, w, rtol=1e-14, atol=0)
+        new = TorchKroneckerSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
+                                     weight=layer.weight, semiring=layer.semiring, num_folds=layer.num_folds)
+        gen = torch.Generator().manual_seed(2)
+        x = torch.randn(layer.num_folds, layer.arity, 3, layer.num_input_units, generator=gen) \
+            .to(torch.complex128)
+        torch.testing.assert_close(new(x), layer(x), rtol=1e-10, atol=1e-10)
+        assert new.flops(3) == 3 * layer.num_folds * (a.shape[1] * a.shape[2] * b.shape[2]
+                                                      + a.shape[1] * b.shape[1] * b.shape[2]) or \
+            new.flops(3) == 3 * layer.num_folds * (b.shape[1] * b.shape[2] * a.shape[2]
+                                                   + a.shape[1] * b.shape[1] * a.shape[2])
+
+
+def test_layers_refuse_weights_that_do_not_fit():
+    ref_c, _ = compile_pair("quad-tree", "cp", "complex-lse-sum", True, optimize=False)
+    (_, layer), *_ = kronecker_sum_layers(ref_c)
+    structured = structlayers.create("dense", layer.num_input_units * layer.arity, layer.num_output_units + 1,
+                                     num_folds=layer.num_folds)
+    with pytest.raises(ValueError, match="structured layer has"):
+        TorchStructuredSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
+                                structured=structured, num_folds=layer.num_folds)
+    with pytest.raises(ValueError, match="live square approximations support"):
+        TorchLiveSquareSumLayer(layer.num_input_units, layer.num_output_units, layer.arity, weight=layer.weight,
+                                kind="tt", factor_rank=1, num_folds=layer.num_folds)
+    with pytest.raises(ValueError, match="expected"):
+        TorchKroneckerSumLayer(layer.num_input_units + 1, layer.num_output_units, layer.arity,
+                               weight=layer.weight, num_folds=layer.num_folds)
+    _, _, base = image_circuits(4, "complex-lse-sum")  # c itself: plain (not Kronecker) sum weights
+    plain = next(lyr for lyr in base.layers if hasattr(lyr, "weight"))
+    assert kronecker_factors(plain.weight) is None
+    with pytest.raises(ValueError, match="Kronecker node"):
+        TorchKroneckerSumLayer(plain.num_input_units, plain.num_output_units, plain.arity,
+                               weight=plain.weight, num_folds=plain.num_folds)
+
+
+def test_live_square_layer_equals_the_frozen_approximation():
+    ref_c, _ = compile_pair("quad-tree", "cp", "complex-lse-sum", True, optimize=False)
+    for _, layer in kronecker_sum_layers(ref_c):
+        a, b = kronecker_factors(layer.weight)
+        if a.shape[1] < 2 or a.shape[2] < 2:
+            continue
+        live = TorchLiveSquareSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
+                                       weight=layer.weight, kind="lowrank", factor_rank=1,
+                                       semiring=layer.semiring, num_folds=layer.num_folds)
+        frozen = structlayers.from_kronecker("lowrank", a.detach(), b.detach(), factor_ranks=(1, 1), square=True)
+        z = torch.randn(layer.num_folds, 4, layer.num_input_units * layer.arity, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(live.linear(z), frozen(z), rtol=1e-10, atol=1e-12)

@@ -1,0 +1,123 @@
+"""Fetch plans and parameter graphs evaluated through them equal cirkit's gathers and evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cirkit.backend.torch.parameters.nodes import TorchPointerParameter
+from cirkit.backend.torch.parameters.parameter import TorchParameter
+
+from adapters.cirkit.plan import evaluate_parameter, parameter_plan, plan_fetch
+from adapters.cirkit.internals import pointer_fold_index
+
+from .builders import compile_pair
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+INDICES = {
+    "identity": torch.arange(6).view(3, 2),
+    "pairs swapped": torch.tensor([[1, 0], [3, 2], [5, 4]]),
+    "repeated": torch.tensor([[0, 0], [5, 1], [2, 2]]),
+    "one input": torch.tensor([4, 0, 2]),
+    "fewer rows": torch.tensor([[0, 1], [2, 3]]),
+    "a range": torch.tensor([[2, 3], [4, 5]]),
+    "tied": torch.tensor([[4, 1], [4, 1], [4, 1]]),
+    "one tied input": torch.tensor([3, 3, 3, 3]),
+}
+# two sources: only the identity over their concatenation moves nothing
+EXPECTED_KIND = {name: ("cat" if name == "identity" else "index") for name in INDICES}
+
+
+def gather(parts, idx, commutative=False, single=False):
+    """The planned fetch of ``cat(parts)[idx]`` (or of ``parts[0][idx]`` with ``single``)."""
+    sources = [0] if single else list(range(len(parts)))
+    fetch = plan_fetch(sources, idx, [p.shape[0] for p in parts[: len(sources)]], commutative)
+    return fetch, fetch(parts)
+
+
+@pytest.mark.parametrize("commutative", [False, True])
+@pytest.mark.parametrize("name", list(INDICES))
+def test_gather_equals_cirkits_indexing_with_gradients(name, commutative):
+    idx = INDICES[name]
+    parts = [torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
+    weights = torch.randn(*idx.shape, 2, 3, generator=torch.Generator().manual_seed(9))
+    fetch, got = gather(parts, idx, commutative)
+    ref = torch.cat(parts, dim=0)[idx]
+    expected = EXPECTED_KIND[name]
+    if commutative and name == "pairs swapped":
+        expected = "cat"
+    assert fetch.kind == expected, (name, fetch.kind)
+    if commutative and name == "pairs swapped":  # same inputs per fold, in either order: no move
+        assert torch.equal(got.sort(dim=1).values, ref.sort(dim=1).values)
+        return
+    assert torch.equal(got, ref)
+    grads = torch.autograd.grad((got * weights).sum(), parts)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), parts)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name,kind", [("identity", "view"), ("fewer rows", "narrow"), ("a range", "narrow"),
+                                       ("tied", "expand"), ("one tied input", "expand"), ("pairs swapped", "index")])
+def test_one_source_moves_rows_only_when_it_must(name, kind):
+    """Views, ranges and tied rows (one parameter for every fold) never copy per fold."""
+    t = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    idx = INDICES[name]
+    fetch, got = gather([t], idx, single=True)
+    ref = t[idx]
+    assert fetch.kind == kind and torch.equal(got, ref)
+    if kind in ("view", "narrow"):
+        assert got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # no copy
+    if kind == "expand":
+        assert got.stride(0) == 0  # one copy of the fold's rows, broadcast to every fold
+    probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(torch.autograd.grad((got * probe).sum(), t)[0],
+                               torch.autograd.grad((ref * probe).sum(), t)[0], rtol=1e-14, atol=0)
+
+
+def test_gather_keeps_the_order_for_non_commutative_consumers():
+    """A Kronecker product or a sum layer needs its inputs in cirkit's order."""
+    t = torch.arange(6.0).view(6, 1)
+    _, got = gather([t], INDICES["pairs swapped"], commutative=False)
+    assert got[:, :, 0].tolist() == [[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]]
+
+
+def test_slices_pass_through():
+    t = torch.randn(3, 2)
+    fetch, got = gather([t], (slice(None), None))
+    assert fetch.kind == "slices" and torch.equal(got, t[:, None])
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_parameter_graphs_equal_cirkits_evaluation(fold):
+    """Every parameter graph of a squared circuit and of its partition function: the same
+    values as cirkit's evaluation, and the same gradients on the leaf tensors."""
+    circuit, partition = compile_pair("quad-tree", "cp", "complex-lse-sum", fold, optimize=False)
+    params = [m for c in (circuit, partition) for m in c.modules() if isinstance(m, TorchParameter)]
+    pointers = [n for p in params for n in p.nodes if isinstance(n, TorchPointerParameter)]
+    # folded: pointers into some folds of a tensor (the index_select path); unfolded: none
+    assert any(pointer_fold_index(n) is not None for n in pointers) == fold
+    leaves = list(circuit.parameters()) + list(partition.parameters())
+    for p in params:
+        got, ref = evaluate_parameter(p), p()
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=ref.real.dtype)
+        used = [leaf for leaf in leaves if leaf.requires_grad]
+        g = torch.autograd.grad((got.real * probe).sum(), used, allow_unused=True)
+        r = torch.autograd.grad((ref.real * probe).sum(), used, allow_unused=True)
+        for a, b in zip(g, r):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_plans_are_built_once_and_rebuilt_when_the_graph_changes():
+    circuit, _ = compile_pair("quad-tree", "cp", "complex-lse-sum", True, optimize=False)
+    weight = next(p for m in circuit.modules() if isinstance(m, TorchParameter) for p in [m]
+                  if any(isinstance(n, TorchPointerParameter) for n in m.nodes))
+    plan = parameter_plan(weight)
+    evaluate_parameter(weight)
+    assert parameter_plan(weight) is plan  # cached
+    plan.signature = ("stale",)  # as if a node had been replaced
+    assert parameter_plan(weight) is not plan
