@@ -142,12 +142,83 @@ def _guarded(run, parser: argparse.ArgumentParser):
     return guarded
 
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .train import TRAINING_VARIANTS, TrainConfig
+
+    d = TrainConfig()
+    q = TrainConfig.quick_defaults()
+    p.add_argument("--units", default=None,
+                   help=f"comma-separated K values [default: {','.join(map(str, d.units))}; quick "
+                        f"{','.join(map(str, q['units']))}]")
+    p.add_argument("--variants", default=None,
+                   help=f"training variants, of {', '.join(TRAINING_VARIANTS)} [default: {','.join(d.variants)}]")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs [default: {d.epochs}; quick {q['epochs']}]")
+    p.add_argument("--batch", type=int, default=None, help=f"mini-batch size [default: {d.batch}]")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate [default: {d.lr}]")
+    p.add_argument("--threads", type=int, default=None, help=f"torch threads [default: {d.threads}]")
+    p.add_argument("--seed", type=int, default=None, help=f"initialisation, batch order and sampling seed [default: {d.seed}]")
+    p.add_argument("--samples", type=int, default=None, help=f"exact samples per trained model [default: {d.samples}]")
+    p.add_argument("--sample-units", type=int, default=None,
+                   help=f"sample the trained models up to this K [default: {d.sample_units}]")
+    p.add_argument("--downsample", type=int, default=None,
+                   help=f"average-pool the digits by this factor [default: {d.downsample}; quick {q['downsample']}]")
+    p.add_argument("--train-size", type=int, default=None, help="train on at most this many rows [default: all]")
+    p.add_argument("--test-size", type=int, default=None, help="score on at most this many rows [default: all]")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder [default: {DEFAULT_OUT}]")
+    p.add_argument("--quick", action="store_true", help="smoke run: digits pooled to 4x4, K=4,8, one epoch")
+    p.add_argument("--no-plots", action="store_true", help="write the CSV and JSON only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """A validated :class:`~adapters.cirkit.bench.train.TrainConfig` from the ``bench train`` options."""
+    from .train import TrainConfig, validate_train
+
+    values = dict(TrainConfig.quick_defaults()) if args.quick else {}
+    if args.units is not None:
+        values["units"] = parse_int_list(args.units, "units")
+    if args.variants is not None:
+        values["variants"] = parse_name_list(args.variants, "variants")
+    for name in ("epochs", "batch", "lr", "threads", "seed", "samples", "sample_units", "downsample", "train_size",
+                 "test_size"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    config = TrainConfig(quick=args.quick, **values)
+    validate_train(config)
+    return config
+
+
+def run_train(args: argparse.Namespace, out=None) -> int:
+    from .outputs import format_train_table, write_train_outputs
+    from .train import run_training
+
+    out = sys.stdout if out is None else out
+    config = train_config_from_args(args)
+    start = time.perf_counter()
+    result = run_training(config, progress=not args.no_progress)
+    files = write_train_outputs(result, Path(args.out), plots=not args.no_plots)
+    print(format_train_table(result), file=out)
+    print(f"\nwrote {', '.join(p.name for p in files)} to {args.out}/ ({time.perf_counter() - start:.1f} s)",
+          file=out)
+    return 0
+
+
 def register(subparsers) -> None:
-    """Add ``bench`` to the ``structlayers`` console script (the ``structlayers.commands`` entry point)."""
+    """Add ``bench`` (and ``bench train``) to the ``structlayers`` console script (the
+    ``structlayers.commands`` entry point)."""
     p = subparsers.add_parser(
-        "bench", help="benchmark report: structured layers against cirkit's two paths",
+        "bench", help="benchmark report: structured layers against cirkit's two paths; 'bench train': training",
         description="Time, score and plot structured sum layers in a squared circuit against cirkit's "
                     "materialised (optimize=False) and optimize=True paths. Options left out take the "
-                    "defaults shown, or the --quick ones.")
+                    "defaults shown, or the --quick ones. 'structlayers bench train --help': the training "
+                    "benchmark.")
     _add_bench_options(p)
     p.set_defaults(run=_guarded(run_bench, p))
+    sub = p.add_subparsers(dest="bench_command", metavar="{train}")
+    t = sub.add_parser("train", help="train the squared digits circuit in cirkit's pipeline and this package's",
+                       description="Train the squared digits circuit from the same initial values, data order "
+                                   "and optimiser in every training variant (cirkit's idiomatic pipeline, this "
+                                   "package's exact fast path, ...): seconds per epoch, time to the reference's "
+                                   "bpd, final bpd, peak memory of a step, curves and exact samples.")
+    _add_train_options(t)
+    t.set_defaults(run=_guarded(run_train, t))

@@ -149,3 +149,69 @@ def log_to_wandb(result, files: Sequence[Path], *, stream=None) -> bool:
     print(f"--wandb: logged {len(result.rows)} rows and {len(images)} plots (mode {os.environ['WANDB_MODE']})",
           file=stream)
     return True
+
+
+# ----------------------------------------------------------------------------- bench train
+def format_train_table(result) -> str:
+    """The ``bench train`` table: per K and variant, speed, quality, memory."""
+    from .train import REFERENCE
+
+    head = (f"{'K':>4s} {'variant':18s} | {'s/epoch':>8s} {'×ref':>6s} | {'to ref bpd s':>12s} | "
+            f"{'test bpd':>8s} {'Δ ref':>8s} | {'step MiB':>8s} {'×ref':>5s} | {'sample s':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in result.rows:
+        lines.append(f"{r.units:4d} {r.variant[:18]:18s} | {_fmt(r.seconds_per_epoch, '.3f', 8)} "
+                     f"{_fmt(r.speedup_vs_reference, '.2f', 5)}x | {_fmt(r.seconds_to_reference, '.2f', 12)} | "
+                     f"{_fmt(r.final_test_bpd, '.4f', 8)} {_fmt(r.final_bpd_diff_vs_reference, '+.4f', 8)} | "
+                     f"{_fmt(r.peak_step_mib, '.1f', 8)} {_fmt(r.memory_vs_reference, '.2f', 5)} | "
+                     f"{_fmt(r.sample_seconds, '.1f', 8)}")
+    lines.append("")
+    lines.append(f"×ref: {REFERENCE}'s seconds per epoch / these (>1 faster); to ref bpd: training seconds until "
+                 f"the test bpd first reaches {REFERENCE}'s final one; step MiB: peak memory growth of one "
+                 "training step (×ref: relative to the reference, <1 less).")
+    for note in dict.fromkeys(result.notes):
+        lines.append("note: " + note)
+    return "\n".join(lines)
+
+
+def write_train_outputs(result, out_dir: Path, *, plots: bool = True) -> List[Path]:
+    """train.csv, train.json and (with matplotlib) train_curves.png and samples.png."""
+    import json
+
+    from .train import TRAIN_COLUMNS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "train.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(TRAIN_COLUMNS)
+        for r in result.rows:
+            flat = r.flat()
+            writer.writerow([_cell(flat[c]) for c in TRAIN_COLUMNS])
+    files = [csv_path]
+    if plots:
+        try:
+            from . import plots as P
+
+            files.append(P.train_curves(result.rows, out_dir / "train_curves.png"))
+            if result.samples:
+                files.append(P.sample_grid(result.samples, result.image_shape, out_dir / "samples.png"))
+        except ImportError as exc:
+            print(f"plots skipped: {exc}", file=sys.stderr)
+            result.notes.append(f"plots skipped: {exc}")
+    json_path = out_dir / "train.json"
+    blob = dict(environment=result.environment, config=result.config.to_dict(), notes=result.notes,
+                rows=[dataclasses_asdict(r) for r in result.rows],
+                samples={k: v.tolist() for k, v in result.samples.items()},
+                files=[p.name for p in files] + [json_path.name])
+    with open(json_path, "w") as fh:
+        json.dump(jsonable(blob), fh, indent=2)
+    files.append(json_path)
+    return files
+
+
+def dataclasses_asdict(row) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(row)

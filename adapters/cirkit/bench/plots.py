@@ -257,3 +257,51 @@ def make_plots(rows: Sequence[Row], out_dir: Path) -> List[Path]:
     del matplotlib  # the plots import what they use; this only checks it is installed
     out_dir = Path(out_dir)
     return [fn(rows, out_dir / name) for name, fn in PLOTS]
+
+
+# ----------------------------------------------------------------------------- bench train
+def train_curves(rows: Sequence[Any], path: Path) -> Path:
+    """Test bpd against training wall-clock seconds, one line per variant, one panel per K."""
+    sizes = sorted({r.units for r in rows})
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    colors = dict(zip(variants, _colors(len(variants))))
+    fig, axes = _figure(1, len(sizes), width=4.6, height=3.6)
+    for ax, k in zip(axes[0], sizes):
+        for r in (r for r in rows if r.units == k):
+            elapsed, t = [0.0], 0.0
+            for s in r.epoch_seconds:
+                t += s
+                elapsed.append(t)
+            ax.plot(elapsed, [r.initial_test_bpd] + list(r.test_bpd), "-", marker="o", markersize=3,
+                    color=colors[r.variant], label=f"{r.variant} ({r.seconds_per_epoch:.2f} s/epoch)")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("training wall-clock seconds")
+        ax.set_ylabel("test bits per dimension")
+        ax.set_title(f"K={k}")
+        ax.legend(fontsize="x-small")
+    fig.suptitle("Squared digits circuit: test bpd against training time")
+    return _save(fig, path)
+
+
+def sample_grid(samples: Dict[str, Any], image_shape: Tuple[int, int], path: Path, columns: int = 16) -> Path:
+    """Exact samples of every trained variant, as images: one block of rows per variant."""
+    import numpy as np
+
+    names = list(samples)
+    h, w = image_shape
+    blocks = []
+    for name in names:
+        x = np.asarray(samples[name], dtype=float)
+        n = x.shape[0]
+        rows_needed = -(-n // columns)
+        canvas = np.full((rows_needed * (h + 1), columns * (w + 1)), np.nan)
+        for i in range(n):
+            r, c = divmod(i, columns)
+            canvas[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = x[i].reshape(h, w)
+        blocks.append((name, canvas))
+    fig, axes = _figure(len(blocks), 1, width=0.45 * columns, height=0.45 * max(b.shape[0] for _, b in blocks) / (h + 1) + 0.6)
+    for ax, (name, canvas) in zip([a[0] for a in axes], blocks):
+        ax.imshow(np.ma.masked_invalid(canvas), cmap="gray_r", interpolation="nearest")
+        ax.set_title(f"{name}: {np.isfinite(canvas).sum() // (h * w)} exact samples", fontsize="small")
+        ax.set_axis_off()
+    return _save(fig, path)

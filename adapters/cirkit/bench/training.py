@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -77,12 +77,12 @@ def _unpack(data: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | N
     )
 
 
-def _check_data(model: CompiledCircuitModel, x: Tensor, y: Tensor | None, name: str) -> None:
+def _check_data(model: LikelihoodModel, x: Tensor, y: Tensor | None, name: str) -> None:
     if x.dim() != 2 or x.shape[1] != model.num_variables:
         raise ValueError(f"{name} must have shape (N, {model.num_variables}), got {tuple(x.shape)}")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= model.spec.num_categories):
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= model.num_categories):
         raise ValueError(
-            f"{name} values must be in 0..{model.spec.num_categories - 1}, "
+            f"{name} values must be in 0..{model.num_categories - 1}, "
             f"got {int(x.min())}..{int(x.max())}"
         )
     if y is not None and y.shape != (x.shape[0],):
@@ -108,7 +108,7 @@ def class_log_prior(y: Tensor, num_classes: int) -> Tensor:
     return torch.log(counts.clamp_min(1.0) / counts.sum())
 
 
-def evaluate_nll(model: CompiledCircuitModel, x: Tensor, y: Tensor | None = None, batch_size: int = 512,
+def evaluate_nll(model: LikelihoodModel, x: Tensor, y: Tensor | None = None, batch_size: int = 512,
                  *, unlabelled: str = "error") -> float:
     """Mean ``-log p(x)`` in nats, no gradient (``2 Re log c(x) − log Z`` for squared models).
 
@@ -136,8 +136,21 @@ def evaluate_accuracy(model: CompiledCircuitModel, x: Tensor, y: Tensor, log_pri
     return float((model.predict(x.long(), log_prior) == y).double().mean())
 
 
+class LikelihoodModel(Protocol):
+    """What the training loop needs of a model: ``log_likelihood(x) -> (B, O)``, its
+    parameters, ``num_outputs``, ``num_variables``, ``num_categories``, ``dtype``, and
+    ``train()``/``eval()`` (a :class:`CompiledCircuitModel`, or a benchmark's baseline)."""
+
+    num_outputs: int
+    num_variables: int
+    num_categories: int
+    dtype: torch.dtype
+
+    def log_likelihood(self, x: Tensor) -> Tensor: ...
+
+
 def _fit(
-    model: CompiledCircuitModel,
+    model: LikelihoodModel,
     data: Any,
     *,
     epochs: int,
@@ -148,8 +161,9 @@ def _fit(
     weight_decay: float,
     loss_kind: str,
 ) -> TrainingHistory:
-    if not isinstance(model, CompiledCircuitModel):
-        raise TypeError("model must be a CompiledCircuitModel (see CircuitModel.compile)")
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "log_likelihood", None)):
+        raise TypeError("model must be a CompiledCircuitModel (see CircuitModel.compile) or another module "
+                        "with log_likelihood(x)")
     _check_positive(epochs=epochs, batch_size=batch_size)
     x_tr, y_tr, x_te, y_te = _unpack(data)
     if model.num_outputs > 1 and (y_tr is None or (x_te is not None and y_te is None)):

@@ -1,0 +1,111 @@
+"""``structlayers bench train``: identical starts, files, columns, plots, bad input (nothing timed)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import types
+
+import pytest
+import torch
+
+from adapters.cirkit.bench.circuits import digits_squared_circuit
+from adapters.cirkit.bench.train import TRAIN_COLUMNS, TRAINING_VARIANTS, CirkitPipeline, TrainConfig, as_density
+from adapters.cirkit.model import compile_density
+from structlayers import cli
+from structlayers.benchmarking import PEAK_RSS_PROBLEM
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main(["bench", "train", "--quick", "--out", str(root), "--no-progress"])
+    with open(root / "train.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    blob = json.loads((root / "train.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    return types.SimpleNamespace(code=code, out=root, rows=rows, json=blob, stdout=stdout.getvalue())
+
+
+def test_both_pipelines_start_from_the_same_values():
+    """cirkit's pipeline and the fast path, compiled from one symbolic c with one seed:
+    the same initial log-likelihoods (float64), so their curves are comparable."""
+    spec = digits_squared_circuit(4, image_shape=(4, 4), num_categories=17)
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        try:
+            reference = CirkitPipeline(spec.circuit, num_categories=17, seed=3, dtype=torch.float64)
+            fast = compile_density(spec.circuit, seed=3, num_categories=17, dtype=torch.float64)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    x = torch.randint(0, 17, (9, 16), generator=torch.Generator().manual_seed(0))
+    reference.eval()
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.log_likelihood(x), reference.log_likelihood(x), rtol=1e-10, atol=1e-10)
+        # the trained values carry over for sampling
+        density = as_density(reference, spec.circuit, 17)
+        torch.testing.assert_close(density.log_base(x).real, reference.c(x).real[:, 0, :1], rtol=1e-10, atol=1e-10)
+
+
+def test_quick_run_writes_every_file(quick):
+    assert quick.code == 0
+    for name in ("train.csv", "train.json", "train_curves.png", "samples.png"):
+        assert (quick.out / name).is_file(), name
+    for name in ("train_curves.png", "samples.png"):
+        assert (quick.out / name).read_bytes()[:8] == PNG_MAGIC
+    assert list(quick.rows[0]) == list(TRAIN_COLUMNS)
+    config = TrainConfig(**TrainConfig.quick_defaults())
+    assert {(int(r["units"]), r["variant"]) for r in quick.rows} == {(k, v) for k in config.units
+                                                                     for v in config.variants}
+    assert "s/epoch" in quick.stdout and "to ref bpd" in quick.stdout
+
+
+def test_columns_hold_what_they_say(quick):
+    for k in {int(r["units"]) for r in quick.rows}:
+        group = {r["variant"]: r for r in quick.rows if int(r["units"]) == k}
+        ref = group["cirkit"]
+        for r in group.values():
+            num = {c: float(r[c]) if r[c] not in ("", "None") else math.nan for c in r if c != "variant"}
+            assert num["seconds_per_epoch"] > 0 and math.isfinite(num["final_test_bpd"])
+            assert num["speedup_vs_reference"] == pytest.approx(float(ref["seconds_per_epoch"]) / num["seconds_per_epoch"])
+            # same start, same data order, same optimiser, same function: the same model within float32 noise
+            assert abs(num["initial_test_bpd"] - float(ref["initial_test_bpd"])) < 1e-4
+            assert abs(num["final_bpd_diff_vs_reference"]) < 2e-3
+            if PEAK_RSS_PROBLEM is None:
+                assert num["peak_step_mib"] > 0
+    rows = quick.json["rows"]
+    assert all(len(r["test_bpd"]) == len(r["epoch_seconds"]) == r["epochs"] for r in rows)
+    for key, values in quick.json["samples"].items():
+        x = torch.tensor(values)
+        assert x.shape == (8, 16) and int(x.min()) >= 0 and int(x.max()) < 17, key
+    env = quick.json["environment"]
+    for key in ("torch", "cirkit", "threads", "git_commit", "timing", "peak_memory", "data", "arguments"):
+        assert key in env, key
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "nope"], "--variants: unknown training variant 'nope'"),
+    (["--units", "1"], "--units: every K must be an integer of at least 2"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--lr", "-1"], "--lr: must be a positive number"),
+    (["--downsample", "3"], "--downsample: 3 does not divide the 8x8 digits"),
+])
+def test_bad_input_is_named(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "train", "--out", str(tmp_path / "out")] + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "structlayers bench train: error:" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_variant_registry_names_the_reference():
+    assert {"cirkit", "exact"} <= set(TRAINING_VARIANTS)
