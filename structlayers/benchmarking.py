@@ -74,6 +74,16 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], *, repeats: int = 
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def gemm_gflops(size: int = 2048, *, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-product rate in GFLOP/s (2 flops per multiply-add): the median
+    of ``repeats`` float32 ``size x size`` products, at torch's current thread count.
+    Measure it in the same run as the timings it bounds."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    seconds = median_time(lambda: a @ b, repeats=repeats, warmup=2)
+    return 2.0 * size**3 / seconds / 1e9
+
+
 def environment() -> Dict[str, object]:
     """What a timing depends on: machine, threads, library versions."""
     return {

@@ -226,5 +226,14 @@ class TorchLiveSquareSumLayer(_SumLayerConfig):
         linear, dtype = self._map()
         return apply_linear(linear, z, dtype)
 
+    def flops(self, batch_size: int) -> int:
+        """Multiply-adds of one forward: the chain ``left @ right`` applied on both sides."""
+        with torch.no_grad():
+            a, _ = kronecker_factors(self.weight)  # type: ignore[misc]
+        f, ko, ki = a.shape
+        left = torch.empty(f, ko, self.factor_rank, device="meta")
+        right = torch.empty(f, self.factor_rank, ki, device="meta")
+        return batch_size * self.num_folds * kron_chain_flops([left, right], [left, right])
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"

@@ -191,9 +191,34 @@ def _product(v: Tensor, s: Tensor, combine: Callable[[Tensor], Tensor],
     return _rescaled(out, scale, m)
 
 
+class _PairProduct(torch.autograd.Function):
+    """``v[:, 0] * v[:, 1]`` for v (F, 2, ...): one pass forward; the backward writes both
+    input gradients into one tensor of v's shape (two passes), where indexing's backward
+    would fill zeros and add, or stack."""
+
+    @staticmethod
+    def forward(v: Tensor) -> Tensor:  # type: ignore[override]
+        return v[:, 0] * v[:, 1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (v,) = ctx.saved_tensors
+        out = torch.empty(v.shape, dtype=torch.promote_types(grad.dtype, v.dtype), device=v.device)
+        a, b = v[:, 0], v[:, 1]
+        if v.is_complex():  # the gradient of a holomorphic product: conj of the other factor
+            a, b = a.conj(), b.conj()
+        torch.mul(grad, b, out=out[:, 0])
+        torch.mul(grad, a, out=out[:, 1])
+        return out
+
+
 def _hadamard(layer, v: Tensor, s: Tensor, ctx: _Context, measure: bool = True) -> Scaled:
     if v.shape[1] == 2:
-        combine = lambda t: t[:, 0] * t[:, 1]  # noqa: E731 -- one pass, no reduction kernel
+        combine = _PairProduct.apply
     else:
         combine = lambda t: t.prod(dim=1)  # noqa: E731
     return _product(v, s, combine, lambda t: t.sum(dim=1), measure)

@@ -85,7 +85,8 @@ class CircuitDensity(nn.Module):
             (the diagonal ``o·(O+1)`` of a squared ``O``-unit output).
         num_variables: ``D``, the columns of ``x``.
         num_categories: categories of every (categorical) input; needed by :meth:`sample`
-            and to check ``x``; None skips the range check.
+            and to check ``x``. None: no range check, and real-valued ``x`` is accepted
+            (continuous inputs such as Gaussians).
         semiring: the compiled semiring's name.
         dtype: float32 or float64, the parameters' (real) dtype.
         evaluation: ``'linear'`` (the fast path) or ``'semiring'`` (cirkit's log-space code).
@@ -158,6 +159,10 @@ class CircuitDensity(nn.Module):
             raise TypeError(f"x must be a torch.Tensor of category indices, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.num_variables:
             raise ValueError(f"x must have shape (B, {self.num_variables}), got {tuple(x.shape)}")
+        if self.num_categories is None and x.dtype.is_floating_point:  # continuous inputs
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x contains NaN or infinite values")
+            return x
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise ValueError(f"x must hold integer category indices, got dtype {x.dtype}")
         x = x.long()

@@ -51,8 +51,9 @@ class Fetch:
     shape: Tuple[int, ...]
     start: int = 0
     length: int = 0
-    index: Optional[Tensor] = None  # flat rows for 'index'; the H rows for 'expand'
+    index: Optional[Tensor] = None  # flat rows for 'index' and 'permute'; the H rows for 'expand'
     slices: Optional[tuple] = None
+    inverse: Optional[Tensor] = None  # 'permute': the inverse permutation, for the backward
 
     def __call__(self, outputs: Sequence[Tensor]) -> Tensor:
         if len(self.sources) == 1:
@@ -76,7 +77,28 @@ class Fetch:
             if len(self.shape) == 2:
                 return rows.unsqueeze(0).expand(self.shape[0], *rows.shape)
             return rows.expand(self.shape[0], *rest)
+        if self.kind == "permute":
+            inverse = self.inverse if self.inverse.device == t.device else self.inverse.to(t.device)
+            return _Permute.apply(t, idx, inverse).view(*self.shape, *rest)
         return t.index_select(0, idx).view(*self.shape, *rest)
+
+
+class _Permute(torch.autograd.Function):
+    """Rows of ``t`` in the order ``idx``, a permutation of all of them. The backward is the
+    inverse permutation, a gather too: no zero fill and no scatter-add, as ``index_select``'s
+    backward would need for an arbitrary index."""
+
+    @staticmethod
+    def forward(t: Tensor, idx: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        return t.index_select(0, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.inverse = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad.index_select(0, ctx.inverse), None, None
 
 
 def plan_fetch(sources: Sequence[int], idx, source_rows: Sequence[int], commutative: bool = False) -> Fetch:
@@ -105,7 +127,13 @@ def plan_fetch(sources: Sequence[int], idx, source_rows: Sequence[int], commutat
     if len(sources) == 1 and shape[0] > 1 and bool((rows == rows[:1]).all()):
         first = torch.as_tensor(rows[0].reshape(-1).copy(), dtype=torch.long)
         return Fetch("expand", sources, shape, index=first)
-    return Fetch("index", sources, shape, index=torch.as_tensor(flat.copy(), dtype=torch.long))
+    index = torch.as_tensor(flat.copy(), dtype=torch.long)
+    if flat.size == total and bool(np.array_equal(np.sort(flat), np.arange(total))):
+        inverse = torch.empty_like(index)
+        inverse[index] = torch.arange(total)
+        return Fetch("permute" if len(sources) == 1 else "index", sources, shape, index=index,
+                     inverse=inverse if len(sources) == 1 else None)
+    return Fetch("index", sources, shape, index=index)
 
 
 # ------------------------------------------------------------------ parameter graphs
@@ -220,13 +248,13 @@ class ParameterPlan:
 
 
 def _fetch_key(f: Fetch) -> tuple:
-    index = None if f.index is None else tuple(f.index.tolist())
+    index = None if f.index is None else tuple(f.index.tolist())  # inverse follows from index
     return (f.kind, f.sources, f.shape, f.start, f.length, index, repr(f.slices))
 
 
 def _once(fetch: Fetch, outputs, fetched: Dict[int, Tensor]) -> Tensor:
     """``fetch(outputs)``, computed once per run when it moves rows."""
-    if fetch.kind not in ("index", "expand"):
+    if fetch.kind not in ("index", "expand", "permute"):
         return fetch(outputs)
     key = id(fetch)
     if key not in fetched:

@@ -88,6 +88,8 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     """
     f, n, _ = x.shape
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
+    if n == 1 and len(a_chain) == 1 and len(b_chain) == 1:
+        return _kron_apply_one(a_chain[0], b_chain[0], x)
     # a strided view (e.g. the real part of a complex tensor) would send matmul down a
     # per-sample loop: one copy is far cheaper
     x = x.contiguous()
@@ -106,6 +108,20 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     if swapped:
         blocks = blocks.transpose(-1, -2)
     return blocks.reshape(f, n, a_out * b_out)
+
+
+def _kron_apply_one(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(A ⊗ B) x for one sample per fold, x (F, 1, a2·b2): ``A X Bᵀ`` with X the (a2, b2)
+    block, as two batched products that need no copy (bmm reads the transposed factor in
+    place, and ``A (X Bᵀ)`` lands in the output's row-major layout). The cheaper order."""
+    f, _, _ = x.shape
+    (a1, a2), (b1, b2) = a.shape[-2:], b.shape[-2:]
+    blocks = x.reshape(f, a2, b2)
+    if a2 * b2 * b1 + a1 * a2 * b1 <= a1 * a2 * b2 + a1 * b2 * b1:
+        y = torch.bmm(a, torch.bmm(blocks, b.transpose(-1, -2)))
+    else:
+        y = torch.bmm(torch.bmm(a, blocks), b.transpose(-1, -2))
+    return y.reshape(f, 1, a1 * b1)
 
 
 def kron_sum_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

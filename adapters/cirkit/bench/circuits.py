@@ -46,7 +46,7 @@ import cirkit.symbolic.functional as SF
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring, SumProductSemiring
 from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.circuit import Circuit
-from cirkit.symbolic.layers import CategoricalLayer, HadamardLayer, KroneckerLayer, SumLayer
+from cirkit.symbolic.layers import CategoricalLayer, GaussianLayer, HadamardLayer, KroneckerLayer, SumLayer
 from cirkit.templates.region_graph import (
     LinearTree,
     PoonDomingos,
@@ -78,6 +78,7 @@ __all__ = [
     "deep_cp_circuit",
     "digits_squared_circuit",
     "digits_classifier_circuit",
+    "gaussian_image_circuit",
     "squared_weight_entries",
 ]
 
@@ -217,7 +218,7 @@ class CircuitModel:
     squared: Circuit | None
     partition: Circuit
     num_variables: int
-    num_categories: int
+    num_categories: int | None  # None: continuous inputs (real-valued x)
     num_outputs: int
     complex_weights: bool
     weight_activation: str
@@ -327,7 +328,7 @@ def _make_model(
     squared: bool,
     complex_weights: bool,
     weight_activation: str,
-    num_categories: int,
+    num_categories: int | None,
     num_outputs: int,
     what: str,
     config: Mapping[str, Any],
@@ -589,6 +590,28 @@ def digits_squared_circuit(
         num_categories=num_categories, num_classes=1, rg_seed=rg_seed, squared=True,
         builder="digits_squared_circuit",
     )
+
+
+def gaussian_image_circuit(
+    num_units: int,
+    image_shape: tuple[int, int] = DIGITS_SHAPE,
+    region_graph: str = "quad-tree-2",
+    *,
+    weight_init: str = "normal",
+    rg_seed: int = 42,
+) -> CircuitModel:
+    """A squared circuit with continuous inputs: ``c`` with Gaussian input layers (K
+    univariate Gaussians per pixel) and signed CP sum layers over ``image_shape``;
+    ``|c|²`` integrates in closed form (products of Gaussians). ``x`` is real-valued."""
+    _check_positive(num_units=num_units)
+    wf = _weight_factory(False, "none", weight_init)
+    rg = _image_region_graph(region_graph, image_shape, rg_seed)
+    c = rg.build_circuit(input_factory=GaussianLayer, sum_product="cp", sum_weight_factory=wf,
+                         num_input_units=num_units, num_sum_units=num_units)
+    config = dict(builder="gaussian_image_circuit", num_units=num_units, image_shape=list(image_shape),
+                  region_graph=region_graph, weight_init=weight_init, rg_seed=rg_seed)
+    return _make_model([c], squared=True, complex_weights=False, weight_activation="none", num_categories=None,
+                       num_outputs=1, what="a Gaussian-input circuit", config=config)
 
 
 def digits_classifier_circuit(

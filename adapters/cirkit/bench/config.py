@@ -19,7 +19,7 @@ from ..swap import LayerInfo, rank_policy, square_policy
 __all__ = ["BenchConfig", "BenchError", "CIRCUITS", "STRUCTURES", "validate", "max_rank", "ranks_for",
            "default_ranks"]
 
-CIRCUITS = ("one-sum", "deep-cp", "digits", "digits-classifier", "mnist")
+CIRCUITS = ("one-sum", "deep-cp", "deep-narrow", "continuous", "digits", "digits-classifier", "mnist")
 STRUCTURES = ("square", "flat")
 
 
@@ -143,7 +143,7 @@ def validate(config: BenchConfig) -> None:
                              "downloaded", "mnist_dir")
         if 28 % config.downsample:
             raise BenchError(f"{config.downsample} does not divide the 28x28 MNIST images", "downsample")
-    elif config.circuit in ("digits", "digits-classifier") and 8 % config.downsample:
+    elif config.circuit in ("digits", "digits-classifier", "continuous") and 8 % config.downsample:
         raise BenchError(f"{config.downsample} does not divide the 8x8 digits", "downsample")
 
 

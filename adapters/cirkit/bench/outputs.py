@@ -20,6 +20,8 @@ COLUMN_NOTES = {
     "_peak_mib": "peak resident-memory growth of one call, MiB",
     "theory_speedup_vs_": "multiply-adds per sample of the Kronecker sum layers, baseline / variant",
     "_efficiency_vs_": "measured speedup / theoretical speedup",
+    "_macs": "multiply-adds of the call's sum layers (backward = 2 x forward)",
+    "_gemm_efficiency": "time of those multiply-adds at the measured matrix-product rate / measured time",
     "bpd": "test NLL / (D ln 2); NaN (null) when not scored",
 }
 
@@ -76,9 +78,9 @@ def _fmt(value: Any, spec: str, width: int) -> str:
 
 def format_table(result) -> str:
     """The summary table: times, ratios vs both cirkit paths, peak memory, quality."""
-    head = (f"{'K':>4s} {'variant':29s} | {'Z f+b ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'Z fwd ms':>9s} "
-            f"{'/opt':>6s} {'/mat':>6s} | {'c² ms':>9s} {'/opt':>6s} {'/mat':>6s} | {'Z MiB':>7s} {'c² MiB':>7s} | "
-            f"{'bpd':>7s} {'Δbpd':>7s} {'w.err':>7s}")
+    head = (f"{'K':>4s} {'variant':29s} | {'Z f+b ms':>9s} {'/opt':>6s} {'/mat':>6s} {'eff':>4s} | {'Z fwd ms':>9s} "
+            f"{'/opt':>6s} {'/mat':>6s} | {'c² ms':>9s} {'/opt':>6s} {'/mat':>6s} {'eff':>4s} | {'Z MiB':>7s} "
+            f"{'c² MiB':>7s} | {'bpd':>7s} {'Δbpd':>7s} {'w.err':>7s}")
     classifier = any(not math.isnan(r.error_rate) for r in result.rows)
     if classifier:
         head += f" {'err%':>6s}"
@@ -88,8 +90,11 @@ def format_table(result) -> str:
         cells = [f"{r.units:4d} {r.variant[:29]:29s}"]
         for m, _ in CALLS:
             c = r.call(m)
-            cells.append(f"{_fmt(c.ms, '.2f', 9)} {_fmt(c.speedup_vs['opt'], '.2f', 5)}x "
-                         f"{_fmt(c.speedup_vs['materialised'], '.2f', 5)}x")
+            cell = (f"{_fmt(c.ms, '.2f', 9)} {_fmt(c.speedup_vs['opt'], '.2f', 5)}x "
+                    f"{_fmt(c.speedup_vs['materialised'], '.2f', 5)}x")
+            if m != "z_fwd":
+                cell += f" {_fmt(c.gemm_efficiency * 100 if c.gemm_efficiency == c.gemm_efficiency else NAN, '.0f', 3)}%"
+            cells.append(cell)
         peaks = f"{_fmt(r.call('z_fwd_bwd').peak_mib, '.1f', 7)} {_fmt(r.call('logc2_fwd').peak_mib, '.1f', 7)}"
         line = " | ".join(cells) + f" | {peaks} | {_fmt(r.bpd, '.4f', 7)} " \
                f"{_fmt(r.bpd_diff_vs_exact, '+.4f', 7)} {_fmt(r.rel_weight_error_max, '.3f', 7)}"
@@ -103,6 +108,10 @@ def format_table(result) -> str:
                  "one Z f+b call and of one c² call.")
     lines.append("w.err: largest relative weight error of a swapped layer; Δbpd vs the exact model; "
                  "* on the Pareto front (c² speedup vs optimize=True, error).")
+    gflops = result.environment.get("gemm_gflops")
+    if gflops:
+        lines.append(f"eff: the call's sum-layer multiply-adds at this machine's matrix-product rate "
+                     f"({gflops:.0f} GFLOP/s, measured in this run) / the measured time.")
     if any(not r.is_density for r in result.rows):
         lines.append("flat rows: c̃² is not a square any more (it can go negative) and Z̃ does not normalise "
                      "it, so their bpd is not a likelihood; they are never on the Pareto front.")

@@ -12,6 +12,11 @@ every baseline ``<base>`` of :data:`BASELINES`:
 ``<call>_efficiency_vs_<base>``           measured speed-up / theoretical speed-up
 ``<call>_peak_mib``                       peak resident-memory growth of one call, MiB
 ``<call>_memory_reduction_vs_<base>``     baseline peak / peak
+``<call>_macs``                           multiply-adds of the call's sum layers (the
+                                          backward counted as twice the forward)
+``<call>_gemm_efficiency``                time those multiply-adds take at the machine's
+                                          matrix-product rate (measured in the same run)
+                                          / the measured time
 ``theory_speedup_vs_<base>``              multiply-adds per sample of the Kronecker sum
                                           layers, baseline / variant
 ========================================  =================================================
@@ -52,6 +57,8 @@ class CallStats:
     """One timed call of one variant."""
 
     ms: float = NAN
+    macs: float = NAN
+    gemm_efficiency: float = NAN
     speedup_vs: Dict[str, float] = field(default_factory=_per_baseline)
     efficiency_vs: Dict[str, float] = field(default_factory=_per_baseline)
     peak_mib: float = NAN
@@ -117,6 +124,8 @@ class Row:
             out[f.name] = getattr(self, f.name)
         for name, stats in self.calls.items():
             out[f"{name}_ms"] = stats.ms
+            out[f"{name}_macs"] = stats.macs
+            out[f"{name}_gemm_efficiency"] = stats.gemm_efficiency
             for key in BASELINES:
                 out[f"{name}_speedup_vs_{key}"] = stats.speedup_vs[key]
                 out[f"{name}_beats_{key}"] = stats.beats(key)
@@ -156,6 +165,8 @@ class Row:
         row = cls(**values)
         for name, stats in row.calls.items():
             stats.ms = number(flat.get(f"{name}_ms"))
+            stats.macs = number(flat.get(f"{name}_macs"))
+            stats.gemm_efficiency = number(flat.get(f"{name}_gemm_efficiency"))
             stats.peak_mib = number(flat.get(f"{name}_peak_mib"))
             for key in BASELINES:
                 stats.speedup_vs[key] = number(flat.get(f"{name}_speedup_vs_{key}"))

@@ -33,8 +33,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from structlayers.benchmarking import PEAK_RSS_PROBLEM, interleaved_medians, peak_rss_mib, pinned_threads
+from structlayers.benchmarking import PEAK_RSS_PROBLEM, gemm_gflops, interleaved_medians, peak_rss_mib, pinned_threads
 
+from ..costs import circuit_macs
 from ..likelihood import nll_to_bpd
 from ..swap import LayerInfo, SwapReport
 from .analysis import beats_label, mark_pareto
@@ -44,6 +45,7 @@ from .circuits import (
     CompiledCircuitModel,
     deep_cp_circuit,
     digits_classifier_circuit,
+    gaussian_image_circuit,
     digits_squared_circuit,
     one_sum_circuit,
 )
@@ -74,6 +76,8 @@ from .variants import CIRKIT_MATERIALISED, CIRKIT_OPTIMIZED, EXACT, Variant, cir
 __all__ = ["Prepared", "SweepResult", "prepare", "run_sweep", "baseline_macs", "report_summary", "score_nll"]
 
 DEEP_CP_VARIABLES = 16
+#: the deep, narrow circuit: a CP circuit on a linear tree, one fold per layer
+DEEP_NARROW_VARIABLES = 40
 RANDOM_ROWS = 512
 
 
@@ -95,9 +99,9 @@ class Prepared:
 
 def _batch_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
     if x.shape[0] >= batch:
-        return x[:batch].long()
+        return x[:batch]
     reps = -(-batch // x.shape[0])
-    return x.repeat(reps, 1)[:batch].long()
+    return x.repeat(reps, 1)[:batch]
 
 
 def _test_rows(config: BenchConfig, x: torch.Tensor, y: Optional[torch.Tensor]):
@@ -111,14 +115,25 @@ def prepare(config: BenchConfig, num_units: int, *, progress: bool = False) -> P
     circuit, k, seed = config.circuit, num_units, config.seed
     info: Dict[str, Any] = dict(units=k, trained=False, from_cache=False, train_seconds=0.0)
     y_test = log_prior = None
-    if circuit in ("one-sum", "deep-cp"):
-        spec = one_sum_circuit(k) if circuit == "one-sum" else deep_cp_circuit(DEEP_CP_VARIABLES, k)
+    if circuit in ("one-sum", "deep-cp", "deep-narrow"):
+        spec = {"one-sum": lambda: one_sum_circuit(k),
+                "deep-cp": lambda: deep_cp_circuit(DEEP_CP_VARIABLES, k),
+                "deep-narrow": lambda: deep_cp_circuit(DEEP_NARROW_VARIABLES, k, region_graph="linear-tree")}[circuit]()
         model = spec.compile(seed=seed)
         gen = torch.Generator().manual_seed(seed + 1)
         rows = config.test_size or RANDOM_ROWS
         x_test = torch.randint(0, spec.num_categories, (rows, spec.num_variables), generator=gen)
         info["data"] = (f"{rows} uniformly random rows ({spec.num_variables} variables, "
                         f"{spec.num_categories} categories); untrained seeded model")
+    elif circuit == "continuous":
+        factor = config.downsample
+        data = pooled_splits(digits_data(seed=0), DIGITS_SHAPE, factor)
+        image = (DIGITS_SHAPE[0] // factor, DIGITS_SHAPE[1] // factor)
+        spec = gaussian_image_circuit(k, image_shape=image)
+        model = spec.compile(seed=seed)
+        x_test = data.x_test.double() / (DIGITS_CATEGORIES - 1)  # pixel intensities in [0, 1]
+        info["data"] = (f"sklearn digits {image[0]}x{image[1]} as intensities in [0, 1]; untrained seeded "
+                        "Gaussian-input model")
     elif circuit == "digits" and config.downsample == 1 and config.train_size is None:
         trained = trained_digits_model(k, config.epochs, seed=seed, progress=progress)
         model, spec = trained.model, trained.model.spec
@@ -164,7 +179,8 @@ def prepare(config: BenchConfig, num_units: int, *, progress: bool = False) -> P
             log_prior = class_log_prior(data.y_train, spec.num_outputs)
     x_test, y_test = _test_rows(config, x_test, y_test)
     info.update(test_rows=int(x_test.shape[0]), num_variables=spec.num_variables)
-    return Prepared(spec, model, x_test.long(), y_test, log_prior, _batch_rows(x_test, config.batch), info)
+    x_test = x_test.long() if spec.num_categories is not None else x_test.to(model.dtype)
+    return Prepared(spec, model, x_test, y_test, log_prior, _batch_rows(x_test, config.batch), info)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -266,6 +282,12 @@ def _timed_calls(variant: Variant, batch: torch.Tensor) -> Dict[str, Callable[[]
     return {"z_fwd_bwd": z_fwd_bwd, "z_fwd": z_fwd, "logc2_fwd": logc2_fwd}
 
 
+def call_macs(variant: Variant, batch: int) -> Dict[str, int]:
+    """Multiply-adds of each timed call's sum layers; a backward costs twice its forward."""
+    z = circuit_macs(variant.model.partition, 1)
+    return {"z_fwd_bwd": 3 * z, "z_fwd": z, "logc2_fwd": circuit_macs(variant.model.density, batch)}
+
+
 def _new_row(config: BenchConfig, k: int, v: Variant) -> Row:
     rank = v.rank if isinstance(v.rank, int) else None
     return Row(circuit=config.circuit, units=k, variant=v.name, kind=v.kind, rank=rank, structure=v.structure,
@@ -274,7 +296,7 @@ def _new_row(config: BenchConfig, k: int, v: Variant) -> Row:
 
 
 def _rows_for(config: BenchConfig, k: int, prepared: Prepared, variants: Sequence[Variant],
-              times: Mapping[str, Mapping[str, float]]) -> List[Row]:
+              times: Mapping[str, Mapping[str, float]], gflops: float) -> List[Row]:
     d = prepared.spec.num_variables
     infos = _layer_infos(variants)
     theory = baseline_macs(infos)
@@ -283,9 +305,12 @@ def _rows_for(config: BenchConfig, k: int, prepared: Prepared, variants: Sequenc
     out = []
     for v in variants:
         row = _new_row(config, k, v)
+        macs = call_macs(v, prepared.batch.shape[0])
         for m, _ in CALLS:
             stats = row.call(m)
             stats.ms = times[v.name][m] * 1e3
+            stats.macs = macs[m]
+            stats.gemm_efficiency = ratio(2.0 * macs[m] / (gflops * 1e9), times[v.name][m])
             for key in BASELINES:
                 base = ref_times[key][m] if ref_times[key] is not None else NAN
                 stats.speedup_vs[key] = ratio(base, times[v.name][m])
@@ -352,7 +377,8 @@ def run_sweep(config: BenchConfig, *, progress: bool = True, arguments: Optional
     kept: List[Tuple[List[Variant], torch.Tensor, List[Row]]] = []
     bar = Progress(5 * len(config.units), "bench", enabled=progress, echo_steps=True, leave=True)
     with pinned_threads(config.threads):
-        env = run_environment(threads=config.threads)
+        gflops = gemm_gflops()
+        env = run_environment(threads=config.threads, gemm_gflops=gflops)
         for k in config.units:
             prepared = prepare(config, k, progress=progress)
             bar.step(f"K={k}: circuit ready")
@@ -379,7 +405,7 @@ def run_sweep(config: BenchConfig, *, progress: bool = True, arguments: Optional
                 for n, t in medians.items():
                     times.setdefault(n, {})[m] = t
             bar.step(f"K={k}: timed")
-            k_rows = _rows_for(config, k, prepared, variants, times)
+            k_rows = _rows_for(config, k, prepared, variants, times, gflops)
             rows.extend(k_rows)
             sizes.append(size)
             bar.step(f"K={k}: scored")
@@ -408,8 +434,9 @@ def run_sweep(config: BenchConfig, *, progress: bool = True, arguments: Optional
                peak_memory="growth of the resident high-water mark during one call "
                            "(structlayers.benchmarking.peak_rss_mib), measured after all timings",
                arguments=dict(arguments) if arguments is not None else config.to_dict())
-    if config.circuit in ("one-sum", "deep-cp"):
-        notes.append(f"{config.circuit}: untrained seeded model scored on uniformly random data; its bpd "
+    if config.circuit in ("one-sum", "deep-cp", "deep-narrow", "continuous"):
+        notes.append(f"{config.circuit}: untrained seeded model (scored on uniformly random data, or the digits as "
+                     "intensities for the continuous circuit); its bpd "
                      "compares variants with the exact model, it is not a measure of fit")
     for row in rows:
         if row.is_baseline and not row.scored:

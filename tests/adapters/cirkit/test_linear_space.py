@@ -247,3 +247,13 @@ def test_bad_input():
     positive = one_sum_circuit(2, squared=False, weight_activation="softmax").compile("sum-product", seed=0)
     with pytest.raises(ValueError, match="sum-product"):
         evaluate_linear_space(positive.base, torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_pair_product_gradients(dtype):
+    """The Hadamard product of two inputs writes both gradients into one tensor: gradcheck."""
+    from adapters.cirkit.linear_space import _PairProduct
+
+    v = torch.randn(3, 2, 4, 5, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    assert torch.autograd.gradcheck(_PairProduct.apply, (v,))
+    torch.testing.assert_close(_PairProduct.apply(v), v[:, 0] * v[:, 1], rtol=0, atol=0)

@@ -59,7 +59,8 @@ def test_gather_equals_cirkits_indexing_with_gradients(name, commutative):
 
 
 @pytest.mark.parametrize("name,kind", [("identity", "view"), ("fewer rows", "narrow"), ("a range", "narrow"),
-                                       ("tied", "expand"), ("one tied input", "expand"), ("pairs swapped", "index")])
+                                       ("tied", "expand"), ("one tied input", "expand"), ("pairs swapped", "permute"),
+                                       ("repeated", "index")])
 def test_one_source_moves_rows_only_when_it_must(name, kind):
     """Views, ranges and tied rows (one parameter for every fold) never copy per fold."""
     t = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(4), requires_grad=True)
