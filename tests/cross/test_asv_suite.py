@@ -93,7 +93,9 @@ def test_every_benchmark_runs_once(asv):
                  "circuits_memory.SquaredDigits.track_log_partition",
                  "circuits_quality.SquaredDigitsDensity.track_bpd_increase",
                  "circuits_quality.SquaredDigitsWeights.track_relative_weight_error",
-                 "circuits_quality.SquaredDigitsClassifier.track_error_rate"):
+                 "circuits_quality.SquaredDigitsClassifier.track_error_rate",
+                 "jobs.TrainStep.time_step", "jobs.TrainStep.track_step_peak_mib", "jobs.Marginal.time_log_marginal",
+                 "jobs.Sample.time_sample_16", "engine.LogPartition.track_gemm_efficiency"):
         assert name in out, f"{name} did not run:\n{out}"
     assert " failed" not in out, out
 

@@ -1,0 +1,72 @@
+"""The evaluation engine at K=128 on three circuit shapes: time and GEMM efficiency of Z f+b.
+
+Shapes (untrained, seed 0, float32, complex-lse-sum): ``digits`` (the squared 8x8 digits
+quad-tree CP circuit), ``deep-narrow`` (a CP circuit on a linear tree over 40 binary
+variables: one fold per layer) and ``continuous`` (Gaussian inputs on the 8x8 grid).
+Paths: ``cirkit`` (cirkit's ``optimize=True`` compilation and its own evaluation) and
+``fast`` (``compile_density``: exact factor-wise Kronecker layers, linear-space evaluation).
+
+``track_gemm_efficiency``: the sum layers' multiply-adds of ``log Z`` forward+backward (the
+backward counted as twice the forward) at this machine's matrix-product rate, measured in
+the same process, divided by the measured time (median of 5 after a warm-up).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+from . import _common as common
+
+#: ``STRUCTLAYERS_BENCH_SMOKE=1`` (the test suite's smoke run) builds K=8: for checking, never for numbers
+K = 8 if os.environ.get("STRUCTLAYERS_BENCH_SMOKE", "") not in ("", "0") else 128
+_MEMO: Dict[tuple, object] = {}
+
+
+def _build(shape: str, path: str):
+    try:
+        from adapters.cirkit.bench.circuits import deep_cp_circuit, digits_squared_circuit, gaussian_image_circuit
+        from adapters.cirkit.costs import circuit_macs
+        from adapters.cirkit.model import compile_density
+    except ImportError as exc:  # a commit before the engine work
+        raise NotImplementedError(f"engine APIs unavailable on this commit: {exc}") from exc
+    builders = {"digits": lambda: digits_squared_circuit(K), "deep-narrow": lambda: deep_cp_circuit(40, K, region_graph="linear-tree"),
+                "continuous": lambda: gaussian_image_circuit(K)}
+    spec = builders[shape]()
+    if path == "cirkit":
+        model = spec.compile(seed=0, optimize=True, evaluation="semiring")
+    else:
+        model = compile_density(spec.circuit, seed=0, num_categories=spec.num_categories)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, 3 * circuit_macs(model.partition, 1)
+
+
+class LogPartition:
+    params = [["digits", "deep-narrow", "continuous"], ["cirkit", "fast"]]
+    param_names = ("shape", "path")
+    timeout = 600
+
+    def setup(self, shape, path):
+        common.ensure_threads()
+        key = (shape, path)
+        if key not in _MEMO:
+            _MEMO.clear()
+            with torch.random.fork_rng():
+                _MEMO[key] = _build(shape, path)
+        self.model, self.params, self.macs = _MEMO[key]
+
+    def _call(self):
+        return torch.autograd.grad(self.model.log_partition().sum(), self.params, allow_unused=True)
+
+    def time_log_partition_backward(self, shape, path):
+        self._call()
+
+    def track_gemm_efficiency(self, shape, path):
+        from structlayers.benchmarking import gemm_gflops, median_time
+
+        seconds = median_time(self._call, repeats=5, warmup=1)
+        return 2.0 * self.macs / (gemm_gflops() * 1e9) / seconds
+
+    track_gemm_efficiency.unit = "fraction"
