@@ -536,10 +536,12 @@ class CircuitPlan:
         ctx = _Context(complex_values, measure_products=measure_all)
         values: List[Tensor] = []
         scales: List[Tensor] = []
+        split_values: Dict[int, tuple] = {}  # sources read row by row ('pieces'), split once
+        split_scales: Dict[int, tuple] = {}
         for step in self.steps:
             layer = step.layer
             if step.fetch is not None:
-                v, s = step.fetch(values), step.fetch(scales)
+                v, s = step.fetch(values, split_values), step.fetch(scales, split_scales)
                 if layer is None:  # the output entry: (O, B, K)
                     return to_logs(v, s, complex_values)
                 if step.rule in PRODUCT_RULES:

@@ -54,8 +54,20 @@ class Fetch:
     index: Optional[Tensor] = None  # flat rows for 'index' and 'permute'; the H rows for 'expand'
     slices: Optional[tuple] = None
     inverse: Optional[Tensor] = None  # 'permute': the inverse permutation, for the backward
+    pieces: Optional[Tuple[Tuple[int, int], ...]] = None  # 'pieces': (source, row) of every requested row
 
-    def __call__(self, outputs: Sequence[Tensor]) -> Tensor:
+    def __call__(self, outputs: Sequence[Tensor], unbound: Optional[Dict[int, tuple]] = None) -> Tensor:
+        if self.kind == "pieces":
+            # a few rows from large sources: never concatenate the sources; their rows, split
+            # once per run (one stack in the backward), are stacked into just the rows asked for
+            cache = {} if unbound is None else unbound
+            rows = []
+            for source, row in self.pieces:
+                if source not in cache:
+                    cache[source] = outputs[source].unbind(0)
+                rows.append(cache[source][row])
+            t = torch.stack(rows)
+            return t.view(*self.shape, *t.shape[1:])
         if len(self.sources) == 1:
             t = outputs[self.sources[0]]
         else:
@@ -128,6 +140,11 @@ def plan_fetch(sources: Sequence[int], idx, source_rows: Sequence[int], commutat
         first = torch.as_tensor(rows[0].reshape(-1).copy(), dtype=torch.long)
         return Fetch("expand", sources, shape, index=first)
     index = torch.as_tensor(flat.copy(), dtype=torch.long)
+    if len(sources) > 1 and total > 2 * flat.size:  # a few rows out of large sources
+        offsets = np.cumsum([0] + [int(r) for r in source_rows])
+        which = np.searchsorted(offsets, flat, side="right") - 1
+        pieces = tuple((int(sources[w]), int(r - offsets[w])) for w, r in zip(which, flat))
+        return Fetch("pieces", sources, shape, pieces=pieces)
     if flat.size == total and bool(np.array_equal(np.sort(flat), np.arange(total))):
         inverse = torch.empty_like(index)
         inverse[index] = torch.arange(total)
@@ -249,12 +266,12 @@ class ParameterPlan:
 
 def _fetch_key(f: Fetch) -> tuple:
     index = None if f.index is None else tuple(f.index.tolist())  # inverse follows from index
-    return (f.kind, f.sources, f.shape, f.start, f.length, index, repr(f.slices))
+    return (f.kind, f.sources, f.shape, f.start, f.length, index, repr(f.slices), f.pieces)
 
 
 def _once(fetch: Fetch, outputs, fetched: Dict[int, Tensor]) -> Tensor:
     """``fetch(outputs)``, computed once per run when it moves rows."""
-    if fetch.kind not in ("index", "expand", "permute"):
+    if fetch.kind not in ("index", "expand", "permute", "pieces"):
         return fetch(outputs)
     key = id(fetch)
     if key not in fetched:

@@ -122,3 +122,20 @@ def test_plans_are_built_once_and_rebuilt_when_the_graph_changes():
     assert parameter_plan(weight) is plan  # cached
     plan.signature = ("stale",)  # as if a node had been replaced
     assert parameter_plan(weight) is not plan
+
+
+def test_a_few_rows_out_of_large_sources_are_never_concatenated(monkeypatch):
+    """A deep, narrow circuit's Hadamard layer reads one row of a 40-fold layer and one of
+    the previous layer: the fetch stacks just those rows (no cat of the sources)."""
+    parts = [torch.randn(10, 3, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
+    idx = torch.tensor([[12, 3]])
+    fetch = plan_fetch([0, 1], idx, [10, 10])
+    assert fetch.kind == "pieces"
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("sources concatenated"))
+    got = fetch(parts)
+    monkeypatch.undo()
+    ref = torch.cat(parts)[idx]
+    assert torch.equal(got, ref)
+    probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    for g, r in zip(torch.autograd.grad((got * probe).sum(), parts), torch.autograd.grad((ref * probe).sum(), parts)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
