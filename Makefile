@@ -1,5 +1,5 @@
 # Set-up and entry points. Every target creates the virtual environment if missing.
-#   make demo    the main job (see README)
+#   make demo    the main job (see README): the call-level benchmark report, then a short training benchmark
 #   make test    the whole test suite
 # Override the torch build, e.g. `make test TORCH="torch==2.14.1"`, or the
 # interpreter with `make PYTHON=python3.12`.
@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/structlayers bench --circuit digits --units 8,16 --epochs 2 --batch 64 --repeats 5 --out bench-out
+	$(BIN)/structlayers bench train --units 16,32 --epochs 3 --out bench-out/train
+	@echo "call-level report: bench-out/ (results.csv, *.png); training: bench-out/train/ (train_curves.png, samples.png)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
