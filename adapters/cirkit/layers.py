@@ -237,3 +237,76 @@ class TorchLiveSquareSumLayer(_SumLayerConfig):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"
+
+
+class TorchStructuredSquareSumLayer(_SumLayerConfig):
+    """The squared counterpart of a structured sum layer of ``c``: ``conj(S) ⊗ S`` in ``|c|²``
+    and ``∫|c|²``, applied through ``S``'s own forward.
+
+    On a ``Ki x Ki`` block ``X`` (the two copies' inputs), ``(conj(S) ⊗ S) vec(X)`` is
+    ``conj(S) X Sᵀ``: ``S`` applied to the ``Ki`` rows of ``X``, then ``conj(S)`` to the
+    ``Ko`` columns of the result -- about ``2·Ki·flops(S)`` per sample where the dense
+    square costs ``2·Ki·Ko·Ki``. ``structured`` is the very module ``c``'s layer holds (the
+    parameters are shared); ``fold_rows[f]`` is the fold of ``S`` this layer's fold ``f``
+    squares (a permutation of S's folds: cirkit orders the folds of ``|c|²`` its own way).
+    ``conjugate_left``: the first Kronecker factor is ``conj(S)`` (``multiply(conjugate(c), c)``).
+    """
+
+    def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
+                 structured: StructuredSumLayer, fold_rows: Tensor, conjugate_left: bool = True,
+                 semiring: Optional[Semiring] = None, num_folds: int = 1) -> None:
+        super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
+        ki, ko = structured.in_features, structured.out_features
+        if arity != 1 or (num_input_units, num_output_units) != (ki * ki, ko * ko):
+            raise ValueError(f"a squared structured layer maps {ki}² -> {ko}² units with arity 1; got "
+                             f"{num_input_units} -> {num_output_units} units, arity {arity}")
+        rows = torch.as_tensor(fold_rows, dtype=torch.long).reshape(-1)
+        if rows.numel() != num_folds or structured.num_folds != num_folds or not torch.equal(
+                rows.sort().values, torch.arange(num_folds)):
+            raise ValueError(f"fold_rows must be a permutation of the structured layer's {structured.num_folds} "
+                             f"folds for this layer's {num_folds}, got {rows.tolist()}")
+        self.structured = structured
+        self.conjugate_left = bool(conjugate_left)
+        identity = torch.equal(rows, torch.arange(num_folds))
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(num_folds)
+        self.register_buffer("fold_rows", rows, persistent=False)
+        self.register_buffer("fold_inverse", inverse, persistent=False)
+        self._identity = identity
+
+    @property
+    def params(self) -> Mapping[str, TorchParameter]:
+        return {}
+
+    def _apply(self, t: Tensor, conjugate: bool) -> Tensor:
+        s = self.structured
+        if conjugate and s.dtype.is_complex:
+            return apply_linear(s, t.conj(), s.dtype).conj()
+        return apply_linear(s, t, s.dtype)
+
+    def linear(self, z: Tensor) -> Tensor:
+        """z (F, B, Ki²) -> (F, B, Ko²): ``conj(S) X Sᵀ`` per fold and sample."""
+        from .plan import _Permute
+
+        f, b, _ = z.shape
+        ki, ko = self.structured.in_features, self.structured.out_features
+        if not self._identity:  # into the structured layer's fold order
+            z = _Permute.apply(z, self.fold_inverse, self.fold_rows)
+        rows = self._apply(z.reshape(f, b * ki, ki), conjugate=not self.conjugate_left)  # X Sᵀ: (F, B·Ki, Ko)
+        cols = rows.view(f, b, ki, ko).transpose(2, 3).reshape(f, b * ko, ki)
+        y = self._apply(cols, conjugate=self.conjugate_left)  # (F, B·Ko(o2), Ko(o1))
+        y = y.view(f, b, ko, ko).transpose(2, 3).reshape(f, b, ko * ko)
+        if not self._identity:
+            y = _Permute.apply(y, self.fold_rows, self.fold_inverse)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return semiring_linear(self.semiring, self.linear, x,
+                               self.structured.dtype)
+
+    def flops(self, batch_size: int) -> int:
+        ki, ko = self.structured.in_features, self.structured.out_features
+        return self.structured.flops(batch_size * ki) + self.structured.flops(batch_size * ko)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.structured.kind}, squared"

@@ -333,3 +333,57 @@ def capture_inputs(parameter: TorchParameter, node_type) -> Optional[Tuple[Tenso
 
     evaluate_parameter(parameter, fn)
     return captured["inputs"]
+
+
+def _rows_of(fetch: Fetch, source_rows: int) -> Optional[np.ndarray]:
+    """The source rows a single-source fetch reads, flattened (None for several sources)."""
+    if len(fetch.sources) != 1:
+        return None
+    if fetch.kind == "view":
+        return np.arange(source_rows)
+    if fetch.kind == "narrow":
+        return np.arange(fetch.start, fetch.start + fetch.length)
+    if fetch.kind in ("permute", "index"):
+        return fetch.index.numpy()
+    if fetch.kind == "expand":
+        return np.tile(fetch.index.numpy(), fetch.shape[0])
+    if fetch.kind == "slices":
+        return np.arange(source_rows)[fetch.slices].reshape(-1)
+    return None
+
+
+def kronecker_leaf_factors(parameter: TorchParameter):
+    """For a weight graph ``A ⊗ B`` whose factors are (conjugated) folds of parameter
+    tensors: ``[(leaf, rows, conjugated), (leaf, rows, conjugated)]`` for A and B, where
+    fold f of the factor is row ``rows[f]`` of ``leaf`` (a ``TorchTensorParameter``),
+    conjugated or not. None for any other graph."""
+    from cirkit.backend.torch.parameters.nodes import TorchConjugateParameter, TorchKroneckerParameter
+
+    if not parameter.outputs or not isinstance(parameter.outputs[0], TorchKroneckerParameter):
+        return None
+    plan = parameter_plan(parameter)
+    modules = [m for m, _ in plan.steps]
+    out = parameter.outputs[0]
+    kron_step = next(((m, fs) for m, fs in plan.steps if m is out), None)
+    if kron_step is None or len(kron_step[1]) != 2:
+        return None
+
+    def trace(fetch: Fetch, conjugated: bool):
+        (source,) = fetch.sources if len(fetch.sources) == 1 else (None,)
+        if source is None:
+            return None
+        if source < 0:
+            leaf = plan.leaves[-1 - source]
+            rows = _rows_of(fetch, leaf.num_folds)
+            return None if rows is None else (leaf, rows, conjugated)
+        node, fetches = modules[source], plan.steps[source][1]
+        if isinstance(node, TorchConjugateParameter) and len(fetches) == 1:
+            inner = trace(fetches[0], not conjugated)
+            rows = _rows_of(fetch, node.num_folds)
+            if inner is None or rows is None:
+                return None
+            return inner[0], inner[1][rows], inner[2]
+        return None
+
+    found = [trace(f, False) for f in kron_step[1]]
+    return None if any(f is None for f in found) else found

@@ -166,21 +166,42 @@ def format_train_table(result) -> str:
     from .train import REFERENCE
 
     head = (f"{'K':>4s} {'variant':18s} | {'s/epoch':>8s} {'×ref':>6s} | {'to ref bpd s':>12s} | "
-            f"{'test bpd':>8s} {'Δ ref':>8s} | {'step MiB':>8s} {'×ref':>5s} | {'sample s':>8s}")
+            f"{'test bpd':>8s} {'Δ ref':>8s} | {'step MiB':>8s} {'×ref':>5s} | {'params':>8s} {'MACs/x':>9s} | "
+            f"{'sample s':>8s}")
     lines = [head, "-" * len(head)]
     for r in result.rows:
         lines.append(f"{r.units:4d} {r.variant[:18]:18s} | {_fmt(r.seconds_per_epoch, '.3f', 8)} "
                      f"{_fmt(r.speedup_vs_reference, '.2f', 5)}x | {_fmt(r.seconds_to_reference, '.2f', 12)} | "
                      f"{_fmt(r.final_test_bpd, '.4f', 8)} {_fmt(r.final_bpd_diff_vs_reference, '+.4f', 8)} | "
                      f"{_fmt(r.peak_step_mib, '.1f', 8)} {_fmt(r.memory_vs_reference, '.2f', 5)} | "
-                     f"{_fmt(r.sample_seconds, '.1f', 8)}")
+                     f"{r.parameters:8d} {r.macs_per_sample:9d} | {_fmt(r.sample_seconds, '.1f', 8)}"
+                     + (" *" if r.pareto else ""))
     lines.append("")
     lines.append(f"×ref: {REFERENCE}'s seconds per epoch / these (>1 faster); to ref bpd: training seconds until "
                  f"the test bpd first reaches {REFERENCE}'s final one; step MiB: peak memory growth of one "
-                 "training step (×ref: relative to the reference, <1 less).")
+                 "training step (×ref: relative to the reference, <1 less). params: trainable numbers of c and Z; "
+                 "MACs/x: multiply-adds of c's sum layers per sample. * on the (s/epoch, test bpd) Pareto front.")
+    lines += _best_within_lines(result.rows)
     for note in dict.fromkeys(result.notes):
         lines.append("note: " + note)
     return "\n".join(lines)
+
+
+def _best_within_lines(rows) -> List[str]:
+    """For the cost of every dense circuit (the ``exact`` rows): the best test bpd within it."""
+    from .train import REFERENCE, best_within
+
+    models = [r for r in rows if r.variant != REFERENCE]  # the reference is the same model as exact, in cirkit
+    out = []
+    for ref in (r for r in rows if r.variant == "exact"):
+        for label, budget in (("s/epoch", dict(seconds=ref.seconds_per_epoch)),
+                              ("parameters", dict(parameters=ref.parameters)),
+                              ("MACs/x", dict(macs=ref.macs_per_sample))):
+            best = best_within(models, **budget)
+            if best is not None and best is not ref:
+                out.append(f"within the {label} of the dense K={ref.units} circuit: {best.variant} K={best.units} "
+                           f"({best.final_test_bpd:.4f} bpd against {ref.final_test_bpd:.4f})")
+    return out
 
 
 def write_train_outputs(result, out_dir: Path, *, plots: bool = True) -> List[Path]:
@@ -204,6 +225,7 @@ def write_train_outputs(result, out_dir: Path, *, plots: bool = True) -> List[Pa
             from . import plots as P
 
             files.append(P.train_curves(result.rows, out_dir / "train_curves.png"))
+            files.append(P.train_pareto(result.rows, out_dir / "pareto.png"))
             if result.samples:
                 files.append(P.sample_grid(result.samples, result.image_shape, out_dir / "samples.png"))
         except ImportError as exc:

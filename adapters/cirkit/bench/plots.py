@@ -274,6 +274,35 @@ def train_curves(rows: Sequence[Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def train_pareto(rows: Sequence[Any], path: Path) -> Path:
+    """Final test bpd against seconds per epoch for every (K, variant), the Pareto front
+    (both minimised) across all of them drawn and ringed."""
+    from .train import pareto_rows
+
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    colors = dict(zip(variants, _colors(len(variants))))
+    fig, axes = _figure(1, 1, width=6.0, height=4.5)
+    ax = axes[0][0]
+    for name in variants:
+        pts = [r for r in rows if r.variant == name]
+        ax.scatter([r.seconds_per_epoch for r in pts], [r.final_test_bpd for r in pts], color=colors[name], label=name)
+        for r in pts:
+            ax.annotate(f"K={r.units}", (r.seconds_per_epoch, r.final_test_bpd), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    front = sorted(pareto_rows(list(rows)), key=lambda i: rows[i].seconds_per_epoch)
+    if front:
+        fx = [rows[i].seconds_per_epoch for i in front]
+        fy = [rows[i].final_test_bpd for i in front]
+        ax.step(fx, fy, where="post", color="tab:red", label="Pareto front")
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="tab:red")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per epoch")
+    ax.set_ylabel("final test bits per dimension")
+    ax.set_title("Which circuit for a time budget: test bpd against training cost")
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
 def sample_grid(samples: Dict[str, Any], image_shape: Tuple[int, int], path: Path, columns: int = 16) -> Path:
     """Exact samples of every trained variant, as images: one block of rows per variant."""
     import numpy as np

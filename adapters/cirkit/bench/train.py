@@ -32,7 +32,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +43,12 @@ from cirkit.symbolic.circuit import Circuit
 
 from structlayers.benchmarking import PEAK_RSS_PROBLEM, peak_rss_mib, pinned_threads
 
+import structlayers
+
+from ..costs import circuit_macs
 from ..likelihood import nll_to_bpd
 from ..model import CircuitDensity, compile_density, default_dtype
+from ..structured import compile_structured, structure_policy
 from .circuits import digits_squared_circuit
 from .config import BenchError
 from .data import DIGITS_CATEGORIES, DIGITS_SHAPE, DataSplits, digits_data, pooled_splits
@@ -53,7 +57,8 @@ from .progress import Progress
 from .training import evaluate_nll, train_squared_circuit
 
 __all__ = ["TrainConfig", "TrainRow", "TrainResult", "CirkitPipeline", "TRAINING_VARIANTS",
-           "register_training_variant", "run_training", "REFERENCE"]
+           "register_training_variant", "training_variant", "parse_structure", "run_training", "REFERENCE",
+           "best_within", "pareto_rows"]
 
 NAN = float("nan")
 REFERENCE = "cirkit"
@@ -141,6 +146,54 @@ TRAINING_VARIANTS: Dict[str, Callable[[Circuit, TrainConfig, int], nn.Module]] =
 }
 
 
+def parse_structure(name: str) -> Optional[Tuple[str, dict]]:
+    """A structured-circuit variant name -> (kind, options), or None if ``name`` is not one.
+
+    ``kind`` (the kind's defaults), ``kind:K/8`` or ``kind:4`` (rank: a fraction of the
+    layer's size, or a number), ``kind:0.25`` (params_share, a fraction of the dense
+    parameters, in (0, 1)).
+    """
+    kind, _, arg = name.partition(":")
+    if kind not in structlayers.available():
+        return None
+    if not arg:
+        return kind, {}
+    if arg.upper().startswith("K/"):
+        try:
+            return kind, {"rank": 1.0 / float(arg[2:])}
+        except ValueError:
+            raise BenchError(f"{name!r}: K/<number> expected after the colon", "variants") from None
+    try:
+        value = float(arg)
+    except ValueError:
+        raise BenchError(f"{name!r}: after the colon give K/<n>, a rank or a parameter share", "variants") from None
+    if value.is_integer() and value >= 1:
+        return kind, {"rank": int(value)}
+    if 0 < value < 1:
+        return kind, {"params_share": value}
+    raise BenchError(f"{name!r}: a rank must be a positive integer, a share lie in (0, 1)", "variants")
+
+
+def training_variant(name: str) -> Callable[[Circuit, TrainConfig, int], nn.Module]:
+    """The builder of a registered variant, or of a structured circuit named ``kind[:budget]``
+    (:func:`parse_structure`): ``c``'s sum layers of that kind, trained from scratch."""
+    if name in TRAINING_VARIANTS:
+        return TRAINING_VARIANTS[name]
+    parsed = parse_structure(name)
+    if parsed is None:
+        raise BenchError(f"unknown training variant {name!r}; registered: {', '.join(TRAINING_VARIANTS)}; or a "
+                         f"structured circuit kind[:K/n|rank|share] with kind one of "
+                         f"{', '.join(structlayers.available())}", "variants")
+    kind, options = parsed
+
+    def build(circuit: Circuit, config: TrainConfig, categories: int) -> nn.Module:
+        model, _ = compile_structured(circuit, structure_policy(kind, **options), seed=config.seed,
+                                      num_categories=categories)
+        return model
+
+    return build
+
+
 def register_training_variant(name: str, builder: Callable[[Circuit, TrainConfig, int], nn.Module]) -> None:
     """Add a variant to ``structlayers bench train``: ``builder(c, config, categories)``
     returns a module with ``log_likelihood(x) -> (B, 1)`` compiled from ``c`` with
@@ -182,7 +235,9 @@ class TrainRow:
     peak_step_mib: float = NAN  # peak memory growth of one training step
     memory_vs_reference: float = NAN  # peak / reference peak
     sample_seconds: float = NAN
-    parameters: int = 0
+    parameters: int = 0  # trainable numbers the model uses
+    macs_per_sample: int = 0  # multiply-adds of c's sum layers per sample (a likelihood's)
+    pareto: bool = False  # on the (seconds per epoch, final test bpd) front of all rows
 
     def flat(self) -> Dict[str, Any]:
         """The scalar columns (the CSV)."""
@@ -213,8 +268,7 @@ def validate_train(config: TrainConfig) -> None:
     if not config.variants:
         raise BenchError("empty list", "variants")
     for v in config.variants:
-        if v not in TRAINING_VARIANTS:
-            raise BenchError(f"unknown training variant {v!r}; available: {', '.join(TRAINING_VARIANTS)}", "variants")
+        training_variant(v)  # unknown names and bad budgets fail here, before any work
     for name in ("epochs", "batch", "threads", "samples", "sample_units", "downsample"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -267,7 +321,10 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             spec = digits_squared_circuit(k, image_shape=image, num_categories=DIGITS_CATEGORIES)
             initial: Dict[str, float] = {}
             for name in config.variants:
-                model = TRAINING_VARIANTS[name](spec.circuit, config, DIGITS_CATEGORIES)
+                try:
+                    model = training_variant(name)(spec.circuit, config, DIGITS_CATEGORIES)
+                except (ValueError, TypeError) as exc:
+                    raise BenchError(f"K={k}: cannot build {name!r}: {exc}", "variants") from None
                 initial[name] = nll_to_bpd(evaluate_nll(model, data.x_test), d)
                 history = train_squared_circuit(model, data, epochs=config.epochs, batch_size=config.batch,
                                                 lr=config.lr, seed=config.seed, progress=False)
@@ -275,14 +332,17 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                                test_bpd=list(history.test_bpd), initial_test_bpd=initial[name],
                                final_test_bpd=history.test_bpd[-1],
                                seconds_per_epoch=statistics.median(history.epoch_seconds),
-                               parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                               parameters=_parameters(model), macs_per_sample=_macs(model))
                 rows.append(row)
                 trained.append((k, name, model, spec))
                 bar.step(f"K={k} {name}: {row.seconds_per_epoch:.2f} s/epoch, test bpd {row.final_test_bpd:.4f}")
-            spread = max(initial.values()) - min(initial.values())
-            if spread > 1e-3:
-                notes.append(f"K={k}: initial test bpd differs by {spread:.2e} between variants")
+            same = [v for name, v in initial.items() if name in TRAINING_VARIANTS]  # one model, several pipelines
+            if same and max(same) - min(same) > 1e-3:
+                notes.append(f"K={k}: initial test bpd differs by {max(same) - min(same):.2e} between the "
+                             "pipelines of the same model")
         _relate(rows, notes)
+        for i in pareto_rows(rows):
+            rows[i].pareto = True
         # peak memory after every timing (the measurement fixes the allocator's settings), then samples
         batch = data.x_train[: config.batch].long()
         gc.collect()
@@ -315,6 +375,39 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                data=f"sklearn digits {image[0]}x{image[1]}, {data.x_train.shape[0]} training and "
                     f"{data.x_test.shape[0]} test rows", arguments=config.to_dict())
     return TrainResult(rows, samples, image, env, notes, config)
+
+
+def _used(model: nn.Module):
+    """The circuits of a trained model: (c, Z)."""
+    if isinstance(model, CirkitPipeline):
+        return model.c, model.z
+    return model.base, model.partition
+
+
+def _parameters(model: nn.Module) -> int:
+    """Trainable numbers of c and Z (each shared tensor once)."""
+    unique = {id(p): p for circuit in _used(model) for p in circuit.parameters() if p.requires_grad}
+    return sum(p.numel() for p in unique.values())
+
+
+def _macs(model: nn.Module) -> int:
+    return circuit_macs(_used(model)[0], 1)
+
+
+def pareto_rows(rows: List[TrainRow]) -> List[int]:
+    """Indices of the rows on the (seconds per epoch, final test bpd) front, both minimised."""
+    from .analysis import pareto_front
+
+    return pareto_front([(-r.seconds_per_epoch, r.final_test_bpd) for r in rows])
+
+
+def best_within(rows: List[TrainRow], *, seconds: Optional[float] = None, parameters: Optional[int] = None,
+                macs: Optional[int] = None) -> Optional[TrainRow]:
+    """The row with the best final test bpd among those within every given budget (seconds
+    per epoch on this machine, trainable parameters, multiply-adds per sample), or None."""
+    ok = [r for r in rows if (seconds is None or r.seconds_per_epoch <= seconds)
+          and (parameters is None or r.parameters <= parameters) and (macs is None or r.macs_per_sample <= macs)]
+    return min(ok, key=lambda r: r.final_test_bpd) if ok else None
 
 
 def _relate(rows: List[TrainRow], notes: List[str]) -> None:

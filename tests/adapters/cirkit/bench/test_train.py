@@ -73,7 +73,7 @@ def test_columns_hold_what_they_say(quick):
         group = {r["variant"]: r for r in quick.rows if int(r["units"]) == k}
         ref = group["cirkit"]
         for r in group.values():
-            num = {c: float(r[c]) if r[c] not in ("", "None") else math.nan for c in r if c != "variant"}
+            num = {c: float(r[c]) if r[c] not in ("", "None") else math.nan for c in r if c not in ("variant", "pareto")}
             assert num["seconds_per_epoch"] > 0 and math.isfinite(num["final_test_bpd"])
             assert num["speedup_vs_reference"] == pytest.approx(float(ref["seconds_per_epoch"]) / num["seconds_per_epoch"])
             # same start, same data order, same optimiser, same function: the same model within float32 noise
@@ -109,3 +109,29 @@ def test_bad_input_is_named(argv, message, tmp_path, capsys):
 
 def test_the_variant_registry_names_the_reference():
     assert {"cirkit", "exact"} <= set(TRAINING_VARIANTS)
+
+
+def test_structured_variant_names():
+    from adapters.cirkit.bench.config import BenchError
+    from adapters.cirkit.bench.train import parse_structure, training_variant
+
+    assert parse_structure("lowrank:K/8") == ("lowrank", {"rank": 1 / 8})
+    assert parse_structure("lowrank:4") == ("lowrank", {"rank": 4})
+    assert parse_structure("tt:0.25") == ("tt", {"params_share": 0.25})
+    assert parse_structure("monarch") == ("monarch", {})
+    assert parse_structure("cirkit") is None
+    for bad, message in (("lowrank:K/x", "K/<number>"), ("lowrank:-2", "positive integer"), ("fft", "unknown training")):
+        with pytest.raises(BenchError, match=message):
+            training_variant(bad)
+
+
+def test_best_within_and_the_front():
+    from adapters.cirkit.bench.train import TrainRow, best_within, pareto_rows
+
+    rows = [TrainRow(units=k, variant=v, epochs=1, seconds_per_epoch=s, final_test_bpd=b, parameters=p, macs_per_sample=m)
+            for k, v, s, b, p, m in ((32, "exact", 1.0, 2.0, 100, 50), (64, "exact", 4.0, 1.8, 400, 200),
+                                     (64, "lowrank:K/8", 0.8, 1.9, 90, 40), (128, "lowrank:K/8", 3.0, 1.7, 300, 150))]
+    assert best_within(rows, seconds=1.0).variant == "lowrank:K/8"  # cheaper and better than the dense K=32
+    assert best_within(rows, seconds=4.0).units == 128
+    assert best_within(rows, parameters=95).units == 64 and best_within(rows, macs=10) is None
+    assert sorted(pareto_rows(rows)) == [2, 3]  # the structured circuits dominate both dense ones

@@ -1,0 +1,139 @@
+"""Structured circuits (adapters.cirkit.structured): every registered kind as c's sum layers,
+squared and integrated through the kind's own forward, against the dense circuit holding
+its to_dense() weights (float64, folded, real and complex)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import structlayers
+from adapters.cirkit.bench.circuits import digits_squared_circuit
+from adapters.cirkit.internals import node_tensor
+from adapters.cirkit.layers import TorchStructuredSquareSumLayer, TorchStructuredSumLayer
+from adapters.cirkit.model import compile_density
+from adapters.cirkit.structured import compile_structured, structure_policy
+
+from ...kind_specs import SPECS
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+V = 3
+
+
+def spec_policy(kind):
+    """Each layer gets the kind with the first option set of its spec entry (exact there)."""
+
+    def policy(info):
+        if min(info.out_features, info.in_features) < 2:
+            return None
+        w = torch.zeros(info.num_folds, info.out_features, info.in_features, dtype=info.dtype)
+        return kind, SPECS[kind]["full_dense"](w)[0]
+
+    return policy
+
+
+def circuit(complex_weights: bool, units: int = 4):
+    return digits_squared_circuit(units, image_shape=(2, 2), num_categories=V, complex=complex_weights).circuit
+
+
+def dense_twin(model, c, seed):
+    """The dense circuit compiled like ``model`` whose weights are the structured layers' to_dense()."""
+    ref = compile_density(c, dtype=torch.float64, seed=seed, num_categories=V, optimize=False)
+    pairs = []
+    with torch.no_grad():
+        for lr, ls in zip(ref.base.layers, model.base.layers):
+            if isinstance(ls, TorchStructuredSumLayer):
+                leaf = node_tensor(lr.weight.nodes[0])
+                leaf.copy_(ls.structured.to_dense())
+                pairs.append((leaf, ls.structured))
+    return ref, pairs
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+@pytest.mark.parametrize("kind", structlayers.available())
+def test_every_kind_equals_the_dense_circuit_of_its_to_dense(kind, complex_weights):
+    c = circuit(complex_weights)
+    model, report = compile_structured(c, spec_policy(kind), dtype=torch.float64, seed=1, num_categories=V)
+    assert report.rows and all(r.squared_layers == 2 for r in report.rows)  # one layer in |c|², one in Z
+    assert any(isinstance(layer, TorchStructuredSquareSumLayer) for layer in model.partition.layers)
+    ref, pairs = dense_twin(model, c, seed=1)
+    x = torch.tensor(list(itertools.product(range(V), repeat=4)))
+    ll, ref_ll = model.log_likelihood(x), ref.log_likelihood(x)
+    torch.testing.assert_close(ll, ref_ll, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_density(x), ref.log_density(x), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(model.log_partition(), ref.log_partition(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(torch.logsumexp(ll, 0), torch.zeros(1, dtype=torch.float64), atol=1e-9, rtol=0)
+    # gradients: the structured parameters' equal the dense weights' pulled back through to_dense()
+    ll.sum().backward()
+    ref_ll.sum().backward()
+    for leaf, s in pairs:
+        params = [p for p in s.parameters() if p.requires_grad]
+        pulled = torch.autograd.grad(s.to_dense(), params, grad_outputs=leaf.grad, allow_unused=True)
+        for p, g in zip(params, pulled):
+            expected = g if g is not None else torch.zeros_like(p)
+            got = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9, msg=f"{kind}: {p.shape}")
+
+
+def test_parameters_are_shared_by_the_three_circuits():
+    model, _ = compile_structured(circuit(False), structure_policy("lowrank", rank=2), dtype=torch.float64,
+                                  seed=2, num_categories=V)
+    x = torch.randint(0, V, (8, 4), generator=torch.Generator().manual_seed(0))
+    shared = {id(layer.structured) for layer in model.base.layers if isinstance(layer, TorchStructuredSumLayer)}
+    for c in (model.density, model.partition):
+        used = {id(layer.structured) for layer in c.layers if isinstance(layer, TorchStructuredSquareSumLayer)}
+        assert used == shared
+    with torch.no_grad():
+        before = model.log_partition().clone()
+    opt = torch.optim.SGD([p for m in model.base.layers if isinstance(m, TorchStructuredSumLayer)
+                           for p in m.parameters()], lr=0.1)
+    (-model.log_base(x).real.sum()).backward()  # a step on c alone...
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model.log_partition(), before)  # ...moves Z
+        states = torch.tensor(list(itertools.product(range(V), repeat=4)))
+        total = torch.logsumexp(model.log_likelihood(states)[:, 0], 0)
+    assert abs(float(total)) < 1e-10  # still normalised: c, |c|² and Z follow the same S
+
+
+def test_trains_and_stays_normalised():
+    model, report = compile_structured(circuit(False, units=6), structure_policy("lowrank", rank=2),
+                                       dtype=torch.float64, seed=3, num_categories=V)
+    assert report.params < sum(r.dense_params for r in report.rows) + sum(
+        i.num_folds * i.out_features * i.in_features for i in report.kept)
+    x = torch.randint(0, V, (64, 4), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    first = None
+    for _ in range(10):
+        loss = -model.log_likelihood(x).mean()
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
+    states = torch.tensor(list(itertools.product(range(V), repeat=4)))
+    with torch.no_grad():
+        assert abs(float(torch.logsumexp(model.log_likelihood(states)[:, 0], 0))) < 1e-10
+
+
+def test_bad_structuring_is_named():
+    c = circuit(False)
+    with pytest.raises(ValueError, match="cannot structure layer .* as 'lowrank'"):
+        compile_structured(c, lambda info: ("lowrank", {"rank": 99}), dtype=torch.float64, seed=0, num_categories=V)
+    with pytest.raises(ValueError, match="optimize=False"):
+        compile_structured(c, "dense", optimize=True)
+    # optimize=True fuses c's deeper CP blocks: the plain sum layers are structured, the fused
+    # ones stay dense with their dense squares, and the model stays one normalised density
+    from adapters.cirkit.structured import structure_density
+
+    model = compile_density(c, dtype=torch.float64, seed=0, num_categories=V)
+    structure_density(model, structure_policy("lowrank", rank=2))
+    states = torch.tensor(list(itertools.product(range(V), repeat=4)))
+    with torch.no_grad():
+        assert abs(float(torch.logsumexp(model.log_likelihood(states)[:, 0], 0))) < 1e-10
+    with pytest.raises(TypeError, match="squared CircuitDensity"):
+        structure_density(torch.nn.Linear(2, 2), "dense")
