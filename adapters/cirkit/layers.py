@@ -27,7 +27,7 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops
 from structlayers.linalg.cur import cur_dense
 
-from .plan import capture_inputs
+from .plan import capture_inputs, evaluate_parameter
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -164,6 +164,67 @@ class TorchStructuredSumLayer(_SumLayerConfig):
         return f"{super().extra_repr()}, kind={self.structured.kind}"
 
 
+def approximation_chain(a: Tensor, kind: str, rank: int, strategy: str = "qr", oversampling: float = 2.0,
+                        seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """``left`` (F, Ko, r), ``right`` (F, r, Ki) with ``left @ right`` the rank-r ``kind``
+    approximation of ``a`` (F, Ko, Ki): ``lowrank`` ``U_r U_rᴴ a`` (the truncated SVD), or
+    ``nystrom`` CUR with a projection core. The structure (singular subspace, pivots) is
+    chosen without gradient; the values are differentiable in ``a``. It commutes with
+    conjugation (for the deterministic pivot strategies), so ``conj(Ã)`` of a squared
+    circuit's first factor ``conj(A)`` is the same ``Ã`` a layer of ``c`` computes from ``A``."""
+    if kind == "lowrank":
+        with torch.no_grad():
+            u = torch.linalg.svd(a, full_matrices=False)[0][:, :, :rank]
+        return u, u.conj().transpose(1, 2) @ a
+    gen = torch.Generator().manual_seed(seed)
+    factors = cur_dense(a, rank, strategy, gen, oversampling)
+    return factors.left, factors.right
+
+
+class TorchLiveApproxSumLayer(_SumLayerConfig):
+    """A sum layer of ``c`` applying ``Ã``, the live approximation of its own weight ``W``
+    (:func:`approximation_chain`, recomputed at every forward), as ``left @ (right @ x)``:
+    the partner of :class:`TorchLiveSquareSumLayer` in ``|c|²`` and ``Z``, so that ``c̃``,
+    ``|c̃|²`` and ``Z̃`` are one normalised model that trains ``W`` through the approximation."""
+
+    def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
+                 weight: TorchParameter, kind: str, factor_rank: int, strategy: str = "qr",
+                 oversampling: float = 2.0, seed: int = 0, semiring: Optional[Semiring] = None,
+                 num_folds: int = 1) -> None:
+        super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
+        if kind not in TorchLiveSquareSumLayer.KINDS:
+            raise ValueError(f"live approximations support {', '.join(TorchLiveSquareSumLayer.KINDS)}, got {kind!r}")
+        self.weight = weight
+        self.kind, self.factor_rank = kind, factor_rank
+        self.strategy, self.oversampling, self.seed = strategy, oversampling, seed
+
+    @property
+    def params(self) -> Mapping[str, TorchParameter]:
+        return {"weight": self.weight}
+
+    def factor_chain(self) -> Tuple[Tensor, Tensor]:
+        return approximation_chain(evaluate_parameter(self.weight), self.kind, self.factor_rank, self.strategy,
+                                   self.oversampling, self.seed)
+
+    def linear(self, z: Tensor) -> Tensor:
+        """z (F, B, Ki) -> (F, B, Ko): ``(z @ rightᵀ) @ leftᵀ``."""
+        left, right = self.factor_chain()
+        return apply_linear(lambda t: torch.bmm(torch.bmm(t, right.transpose(1, 2)), left.transpose(1, 2)),
+                            z, left.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        left, right = self.factor_chain()
+        return semiring_linear(self.semiring, lambda t: torch.bmm(torch.bmm(t, right.transpose(1, 2)),
+                                                                  left.transpose(1, 2)), x, left.dtype)
+
+    def flops(self, batch_size: int) -> int:
+        ko, ki = self.num_output_units, self.num_input_units * self.arity
+        return batch_size * self.num_folds * self.factor_rank * (ki + ko)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"
+
+
 class TorchLiveSquareSumLayer(_SumLayerConfig):
     """``Ã ⊗ conj(Ã)`` recomputed from the circuit's live ``A ⊗ conj(A)`` at every forward.
 
@@ -204,13 +265,7 @@ class TorchLiveSquareSumLayer(_SumLayerConfig):
     def factor_chain(self) -> Tuple[Tensor, Tensor]:
         """``left`` (F, Ko1, r), ``right`` (F, r, Ki1) with Ã = left @ right, from the live A."""
         a, _ = kronecker_factors(self.weight)  # type: ignore[misc]
-        if self.kind == "lowrank":
-            with torch.no_grad():
-                u = torch.linalg.svd(a, full_matrices=False)[0][:, :, : self.factor_rank]
-            return u, u.conj().transpose(1, 2) @ a
-        gen = torch.Generator().manual_seed(self.seed)
-        factors = cur_dense(a, self.factor_rank, self.strategy, gen, self.oversampling)
-        return factors.left, factors.right
+        return approximation_chain(a, self.kind, self.factor_rank, self.strategy, self.oversampling, self.seed)
 
     def _map(self) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
         left, right = self.factor_chain()

@@ -75,7 +75,14 @@ from cirkit.backend.torch.parameters.nodes import (
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
 from .internals import address_book, tensordot_units, tucker_subscripts
-from .layers import TorchKroneckerSumLayer, TorchLiveSquareSumLayer, TorchStructuredSumLayer, apply_linear
+from .layers import (
+    TorchKroneckerSumLayer,
+    TorchLiveApproxSumLayer,
+    TorchLiveSquareSumLayer,
+    TorchStructuredSquareSumLayer,
+    TorchStructuredSumLayer,
+    apply_linear,
+)
 from .plan import Fetch, cached_plan, capture_inputs, evaluate_node, evaluate_parameter, plan_fetch
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
 
@@ -476,6 +483,8 @@ RULES: Dict[Type[TorchLayer], LayerRule] = {
     TorchKroneckerSumLayer: _structured,
     TorchStructuredSumLayer: _structured,
     TorchLiveSquareSumLayer: _structured,
+    TorchLiveApproxSumLayer: _structured,
+    TorchStructuredSquareSumLayer: _structured,
 }
 #: Rules that take a sum over their (single) input: a product feeding only such a layer
 #: is measured at the sum's output.

@@ -212,12 +212,19 @@ class CircuitDensity(nn.Module):
         (frozen structured layers, live square approximations). Then ``|c̃|² / Z̃`` is the
         model, and likelihoods go through the density ``f`` at x.
         """
-        key = tuple(id(layer) for c in (self.density, self.partition) for layer in c.layers)
+        key = tuple(id(layer) for c in (self.base, self.density, self.partition) for layer in c.layers)
+        if key == self.__dict__.get("_follows_base"):
+            return True  # approximations applied to c as well (structured.approximate_density)
         if self._path_cache is None or self._path_cache[0] != key:
             own = not any(isinstance(layer, (TorchStructuredSumLayer, TorchLiveSquareSumLayer))
                           for c in (self.density, self.partition) for layer in c.layers)
             self._path_cache = (key, own)
         return self._path_cache[1]
+
+    def mark_consistent(self) -> None:
+        """Declare that ``c`` computes what ``|c|²`` and ``Z`` square, in the circuits' current
+        layers (after an approximation applied to all three): likelihoods go through ``c``."""
+        self._follows_base = tuple(id(layer) for c in (self.base, self.density, self.partition) for layer in c.layers)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
         """``log p_o(x)``, ``(B, O)``: ``2 Re log c_o(x) − log Z_o`` (squared) through ``c``,

@@ -38,7 +38,7 @@ from .model import CircuitDensity, compile_density
 from .plan import kronecker_leaf_factors
 
 __all__ = ["SumLayerInfo", "StructureRow", "StructureReport", "structure_policy", "structure_density",
-           "compile_structured"]
+           "compile_structured", "approximate_density"]
 
 
 @dataclass(frozen=True)
@@ -197,3 +197,62 @@ def compile_structured(circuit: Circuit, policy: StructurePolicy, **options) -> 
     options["optimize"] = False
     model = compile_density(circuit, **options)
     return model, structure_density(model, policy)
+
+
+#: Pivot strategies that choose the same pivots whatever the fold order and conjugation.
+DETERMINISTIC_STRATEGIES = ("qr", "deim")
+
+
+def approximate_density(model: CircuitDensity, policy) -> "SwapReport":
+    """Live square approximations applied consistently to ``c``, ``|c|²`` and ``Z``.
+
+    ``policy``: :func:`~adapters.cirkit.swap.square_policy` (or any policy giving ``lowrank``
+    or ``nystrom`` with ``factor_ranks=(r, r), square=True``). Every Kronecker sum layer
+    ``conj(W) ⊗ W`` of ``|c|²`` and ``Z`` becomes ``conj(W̃) ⊗ W̃`` recomputed from the live
+    ``W`` at every forward (:class:`~adapters.cirkit.layers.TorchLiveSquareSumLayer`), and the
+    layer of ``c`` holding ``W`` applies ``W̃`` (:class:`~adapters.cirkit.layers.TorchLiveApproxSumLayer`).
+    Training ``c`` through ``2 Re log c̃(x) − log Z̃`` then optimises a true normalised
+    density. In place, all or nothing; returns the swap report of ``|c|²`` and ``Z``.
+    """
+    from .layers import TorchLiveApproxSumLayer
+    from .swap import LayerInfo, kronecker_sum_layers, swap_kronecker_sum_layers
+
+    if not isinstance(model, CircuitDensity) or not model.squared:
+        raise TypeError("approximate_density needs a squared CircuitDensity")
+    leaves = {id(_leaf_of(layer)): (i, layer) for i, layer in enumerate(model.base.layers)
+              if isinstance(layer, TorchSumLayer) and _leaf_of(layer) is not None}
+    decided: Dict[int, tuple] = {}
+    for circuit in (model.density, model.partition):
+        for index, layer in kronecker_sum_layers(circuit):
+            factors = kronecker_leaf_factors(layer.weight)
+            if factors is None or id(factors[0][0]) not in leaves:
+                continue
+            a_shape = (int(factors[0][1].size), *node_tensor(factors[0][0]).shape[1:])
+            info = LayerInfo(index=index, num_folds=layer.num_folds, out_features=layer.num_output_units,
+                             in_features=layer.num_input_units * layer.arity, factor_a=tuple(a_shape[1:]),
+                             factor_b=tuple(a_shape[1:]), dtype=node_tensor(factors[0][0]).dtype, conjugate_pair=True)
+            choice = policy(info) if callable(policy) else policy
+            key = id(factors[0][0])
+            if key in decided and decided[key] != choice:
+                raise ValueError(f"the policy treats the squares of one layer of c differently ({choice} and "
+                                 f"{decided[key]}): c could not follow them")
+            decided[key] = choice
+    base_new = {}
+    for key, choice in decided.items():
+        if choice is None or isinstance(choice, str) or choice[0] == "kronecker":
+            continue  # exact: c keeps its layer
+        kind, options = choice
+        strategy = options.get("strategy", "qr")
+        if kind == "nystrom" and strategy not in DETERMINISTIC_STRATEGIES:
+            raise ValueError(f"a live nystrom approximation shared by c, |c|² and Z needs a deterministic pivot "
+                             f"strategy ({', '.join(DETERMINISTIC_STRATEGIES)}), got {strategy!r}")
+        index, layer = leaves[key]
+        base_new[layer] = TorchLiveApproxSumLayer(
+            layer.num_input_units, layer.num_output_units, layer.arity, weight=layer.weight, kind=kind,
+            factor_rank=options["factor_ranks"][0], strategy=strategy, oversampling=options.get("oversampling", 2.0),
+            seed=options.get("seed", 0), semiring=layer.semiring, num_folds=layer.num_folds)
+    report = swap_kronecker_sum_layers([model.density, model.partition], policy, mode="live")
+    replace_layers(model.base, base_new)
+    model._logz_cache = None
+    model.mark_consistent()
+    return report

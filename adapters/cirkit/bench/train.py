@@ -48,7 +48,8 @@ import structlayers
 from ..costs import circuit_macs
 from ..likelihood import nll_to_bpd
 from ..model import CircuitDensity, compile_density, default_dtype
-from ..structured import compile_structured, structure_policy
+from ..structured import approximate_density, compile_structured, structure_policy
+from ..swap import square_policy
 from .circuits import digits_squared_circuit
 from .config import BenchError
 from .data import DIGITS_CATEGORIES, DIGITS_SHAPE, DataSplits, digits_data, pooled_splits
@@ -179,6 +180,8 @@ def training_variant(name: str) -> Callable[[Circuit, TrainConfig, int], nn.Modu
     (:func:`parse_structure`): ``c``'s sum layers of that kind, trained from scratch."""
     if name in TRAINING_VARIANTS:
         return TRAINING_VARIANTS[name]
+    if name.startswith("live-"):
+        return _live_variant(name)
     parsed = parse_structure(name)
     if parsed is None:
         raise BenchError(f"unknown training variant {name!r}; registered: {', '.join(TRAINING_VARIANTS)}; or a "
@@ -189,6 +192,31 @@ def training_variant(name: str) -> Callable[[Circuit, TrainConfig, int], nn.Modu
     def build(circuit: Circuit, config: TrainConfig, categories: int) -> nn.Module:
         model, _ = compile_structured(circuit, structure_policy(kind, **options), seed=config.seed,
                                       num_categories=categories)
+        return model
+
+    return build
+
+
+def _live_variant(name: str) -> Callable[[Circuit, TrainConfig, int], nn.Module]:
+    """``live-<lowrank|nystrom>:K/n`` (or ``:r``): the dense circuit trained through live square
+    approximations of rank(Ã) = r applied to c, |c|² and Z alike."""
+    kind, _, arg = name[len("live-"):].partition(":")
+    if kind not in ("lowrank", "nystrom") or not arg:
+        raise BenchError(f"{name!r}: live-lowrank:K/n or live-nystrom:K/n (or a rank after the colon)", "variants")
+    try:
+        fraction = 1.0 / float(arg[2:]) if arg.upper().startswith("K/") else None
+        rank = None if fraction is not None else int(arg)
+    except ValueError:
+        raise BenchError(f"{name!r}: after the colon give K/<n> or a rank", "variants") from None
+
+    def build(circuit: Circuit, config: TrainConfig, categories: int) -> nn.Module:
+        model = compile_density(circuit, seed=config.seed, num_categories=categories, optimize=False)
+
+        def policy(info):
+            r = rank if rank is not None else max(1, int(round(fraction * min(info.factor_a))))
+            return square_policy(kind, r)(info)
+
+        approximate_density(model, policy)
         return model
 
     return build

@@ -137,3 +137,30 @@ def test_bad_structuring_is_named():
         assert abs(float(torch.logsumexp(model.log_likelihood(states)[:, 0], 0))) < 1e-10
     with pytest.raises(TypeError, match="squared CircuitDensity"):
         structure_density(torch.nn.Linear(2, 2), "dense")
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "nystrom"])
+def test_live_approximations_of_c_and_its_square_stay_one_normalised_model(kind):
+    """square_policy applied to c, |c|² and Z alike: likelihoods through c̃ equal those through
+    c̃², the model sums to one, and it still does after SGD steps on W through the approximation."""
+    from adapters.cirkit.layers import TorchLiveApproxSumLayer
+    from adapters.cirkit.structured import approximate_density
+    from adapters.cirkit.swap import square_policy
+
+    model = compile_density(circuit(False, units=4), dtype=torch.float64, seed=5, num_categories=V, optimize=False)
+    approximate_density(model, square_policy(kind, 2))
+    assert any(isinstance(layer, TorchLiveApproxSumLayer) for layer in model.base.layers) and model.through_base
+    states = torch.tensor(list(itertools.product(range(V), repeat=4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(4):
+        ll = model.log_likelihood(states)
+        with torch.no_grad():
+            through_square = model.log_density(states) - model.log_partition()
+        torch.testing.assert_close(ll.detach(), through_square, rtol=1e-9, atol=1e-9)
+        assert abs(float(torch.logsumexp(ll.detach()[:, 0], 0))) < 1e-9, step
+        opt.zero_grad()
+        (-ll[:20].mean()).backward()
+        opt.step()
+    with pytest.raises(ValueError, match="deterministic pivot strategy"):
+        other = compile_density(circuit(False), dtype=torch.float64, seed=5, num_categories=V, optimize=False)
+        approximate_density(other, square_policy("nystrom", 2, strategy="uniform"))

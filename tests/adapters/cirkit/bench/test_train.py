@@ -135,3 +135,13 @@ def test_best_within_and_the_front():
     assert best_within(rows, seconds=4.0).units == 128
     assert best_within(rows, parameters=95).units == 64 and best_within(rows, macs=10) is None
     assert sorted(pareto_rows(rows)) == [2, 3]  # the structured circuits dominate both dense ones
+
+
+def test_live_variant_names():
+    from adapters.cirkit.bench.config import BenchError
+    from adapters.cirkit.bench.train import training_variant
+
+    assert callable(training_variant("live-lowrank:K/4")) and callable(training_variant("live-nystrom:2"))
+    for bad in ("live-tt:K/4", "live-lowrank", "live-lowrank:x"):
+        with pytest.raises(BenchError, match="live-"):
+            training_variant(bad)
