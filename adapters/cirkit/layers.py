@@ -181,26 +181,41 @@ def approximation_chain(a: Tensor, kind: str, rank: int, strategy: str = "qr", o
     return factors.left, factors.right
 
 
-class TorchLiveApproxSumLayer(_SumLayerConfig):
-    """A sum layer of ``c`` applying ``Ã``, the live approximation of its own weight ``W``
-    (:func:`approximation_chain`, recomputed at every forward), as ``left @ (right @ x)``:
-    the partner of :class:`TorchLiveSquareSumLayer` in ``|c|²`` and ``Z``, so that ``c̃``,
-    ``|c̃|²`` and ``Z̃`` are one normalised model that trains ``W`` through the approximation."""
+class _LiveApproximation(_SumLayerConfig):
+    """What the live approximation layers share: the circuit's weight graph they read at
+    every forward, and how they approximate it (see :func:`approximation_chain`)."""
+
+    KINDS = ("lowrank", "nystrom")
 
     def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
                  weight: TorchParameter, kind: str, factor_rank: int, strategy: str = "qr",
                  oversampling: float = 2.0, seed: int = 0, semiring: Optional[Semiring] = None,
                  num_folds: int = 1) -> None:
         super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
-        if kind not in TorchLiveSquareSumLayer.KINDS:
-            raise ValueError(f"live approximations support {', '.join(TorchLiveSquareSumLayer.KINDS)}, got {kind!r}")
+        if kind not in self.KINDS:
+            raise ValueError(f"live approximations support {', '.join(self.KINDS)}, got {kind!r}")
         self.weight = weight
         self.kind, self.factor_rank = kind, factor_rank
         self.strategy, self.oversampling, self.seed = strategy, oversampling, seed
 
     @property
+    def config(self) -> Mapping[str, Any]:
+        return {**super().config, "kind": self.kind, "factor_rank": self.factor_rank,
+                "strategy": self.strategy, "oversampling": self.oversampling, "seed": self.seed}
+
+    @property
     def params(self) -> Mapping[str, TorchParameter]:
         return {"weight": self.weight}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"
+
+
+class TorchLiveApproxSumLayer(_LiveApproximation):
+    """A sum layer of ``c`` applying ``Ã``, the live approximation of its own weight ``W``
+    (:func:`approximation_chain`, recomputed at every forward), as ``left @ (right @ x)``:
+    the partner of :class:`TorchLiveSquareSumLayer` in ``|c|²`` and ``Z``, so that ``c̃``,
+    ``|c̃|²`` and ``Z̃`` are one normalised model that trains ``W`` through the approximation."""
 
     def factor_chain(self) -> Tuple[Tensor, Tensor]:
         return approximation_chain(evaluate_parameter(self.weight), self.kind, self.factor_rank, self.strategy,
@@ -221,11 +236,8 @@ class TorchLiveApproxSumLayer(_SumLayerConfig):
         ko, ki = self.num_output_units, self.num_input_units * self.arity
         return batch_size * self.num_folds * self.factor_rank * (ki + ko)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"
 
-
-class TorchLiveSquareSumLayer(_SumLayerConfig):
+class TorchLiveSquareSumLayer(_LiveApproximation):
     """``Ã ⊗ conj(Ã)`` recomputed from the circuit's live ``A ⊗ conj(A)`` at every forward.
 
     ``live`` mode for the square approximations: training the original circuit's
@@ -238,29 +250,11 @@ class TorchLiveSquareSumLayer(_SumLayerConfig):
     structure held fixed. At build time the output equals the ``frozen`` layer's.
     """
 
-    KINDS = ("lowrank", "nystrom")
-
     def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
-                 weight: TorchParameter, kind: str, factor_rank: int, strategy: str = "qr",
-                 oversampling: float = 2.0, seed: int = 0, semiring: Optional[Semiring] = None,
-                 num_folds: int = 1) -> None:
-        super().__init__(num_input_units, num_output_units, arity=arity, semiring=semiring, num_folds=num_folds)
+                 weight: TorchParameter, **options) -> None:
         if not is_kronecker_weight(weight):
             raise ValueError("TorchLiveSquareSumLayer needs a weight graph whose output is a Kronecker node")
-        if kind not in self.KINDS:
-            raise ValueError(f"live square approximations support {', '.join(self.KINDS)}, got {kind!r}")
-        self.weight = weight
-        self.kind, self.factor_rank = kind, factor_rank
-        self.strategy, self.oversampling, self.seed = strategy, oversampling, seed
-
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return {**super().config, "kind": self.kind, "factor_rank": self.factor_rank,
-                "strategy": self.strategy, "oversampling": self.oversampling, "seed": self.seed}
-
-    @property
-    def params(self) -> Mapping[str, TorchParameter]:
-        return {"weight": self.weight}
+        super().__init__(num_input_units, num_output_units, arity, weight=weight, **options)
 
     def factor_chain(self) -> Tuple[Tensor, Tensor]:
         """``left`` (F, Ko1, r), ``right`` (F, r, Ki1) with Ã = left @ right, from the live A."""
@@ -289,9 +283,6 @@ class TorchLiveSquareSumLayer(_SumLayerConfig):
         left = torch.empty(f, ko, self.factor_rank, device="meta")
         right = torch.empty(f, self.factor_rank, ki, device="meta")
         return batch_size * self.num_folds * kron_chain_flops([left, right], [left, right])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kind={self.kind}, rank(Ã)={self.factor_rank}, live"
 
 
 class TorchStructuredSquareSumLayer(_SumLayerConfig):

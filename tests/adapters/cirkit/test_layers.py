@@ -86,7 +86,7 @@ def test_layers_refuse_weights_that_do_not_fit():
     with pytest.raises(ValueError, match="structured layer has"):
         TorchStructuredSumLayer(layer.num_input_units, layer.num_output_units, layer.arity,
                                 structured=structured, num_folds=layer.num_folds)
-    with pytest.raises(ValueError, match="live square approximations support"):
+    with pytest.raises(ValueError, match="live approximations support"):
         TorchLiveSquareSumLayer(layer.num_input_units, layer.num_output_units, layer.arity, weight=layer.weight,
                                 kind="tt", factor_rank=1, num_folds=layer.num_folds)
     with pytest.raises(ValueError, match="expected"):
