@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._checks import check_positive_int, check_rank_range, make_generator
+from .._checks import check_bool, check_positive_int, check_rank_range, make_generator
 from ..base import StructuredSumLayer, random_normal
 from ..linalg.kron import (
     FactorShapes,
@@ -85,6 +85,7 @@ class FactoredLayer(StructuredSumLayer):
         def normal(shape, std):
             return random_normal(shape, std, dtype=dtype, device=device, generator=gen)
 
+        tied = check_bool(tied, "tied")
         if factor_shapes is None:
             if factor_ranks is not None or tied:
                 raise ValueError("factor_ranks and tied need factor_shapes (the kronecker structure)")
@@ -231,6 +232,13 @@ class FactoredLayer(StructuredSumLayer):
             return super()._inner_kronecker(a, b)
         fa, fb = self.factors()
         return inner(a, fa) * inner(b, fb)
+
+    def _scaling(self):
+        if self.structure == "flat":
+            return [(self.left, 0.5), (self.right, 0.5)]
+        if self.tied:  # W = (la ra) ⊗ conj(la ra): degree 2 in each
+            return [(self.left_a, 0.25), (self.right_a, 0.25)]
+        return [(self.left_a, 0.5), (self.left_b, 0.5)]
 
     def _frobenius_sq(self) -> torch.Tensor:
         if self.structure == "flat":

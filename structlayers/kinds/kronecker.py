@@ -99,6 +99,9 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
             return super()._inner_kronecker(a, b)
         return (inner(a[:, None], self.a) * inner(b[:, None], self.b)).sum(dim=1)
 
+    def _scaling(self):
+        return [(self.a, 0.5), (self.b, 0.5)]
+
     def _frobenius_sq(self) -> torch.Tensor:
         gram_a = torch.einsum("fsij,ftij->fst", self.a.conj(), self.a)
         gram_b = torch.einsum("fsij,ftij->fst", self.b.conj(), self.b)

@@ -18,7 +18,9 @@ from .._checks import (
     as_folded_factors,
     as_folded_weight,
     check_budget,
+    check_bool,
     check_choice,
+    check_nonnegative_int,
     check_positive_int,
     check_rank_range,
     make_generator,
@@ -83,6 +85,8 @@ class LowRank(FactoredLayer, kind="lowrank"):
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share, required=cls.kind)
         check_choice(method, METHODS, "method")
+        oversampling = check_nonnegative_int(oversampling, "oversampling")
+        power_iterations = check_nonnegative_int(power_iterations, "power_iterations")
         f, out, inp = w.shape
         max_rank = min(out, inp)
         if params_share is not None:
@@ -143,6 +147,7 @@ class LowRank(FactoredLayer, kind="lowrank"):
         a, b = a.detach(), b.detach()
         # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
         check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
+        square = check_bool(square, "square")
         structure = check_choice(structure or ("kronecker" if square or factor_ranks else "flat"),
                                  STRUCTURES, "structure")
         if square:

@@ -188,6 +188,9 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         w = torch.einsum("flskt,fkltp->fslkp", left, right)
         return w.reshape(self.num_folds, self.out_features, self.in_features)
 
+    def _scaling(self):
+        return [(self.left, 0.5), (self.right, 0.5)]
+
     def _frobenius_sq(self) -> torch.Tensor:
         # ||W||^2 = sum over blocks of tr((L_b^H L_b)(R_b R_b^H)), from r x r Gram matrices.
         left, right = self._views()

@@ -22,6 +22,7 @@ import torch
 from .._checks import (
     as_folded_factors,
     as_folded_weight,
+    check_bool,
     check_budget,
     check_choice,
     check_positive_int,
@@ -151,6 +152,7 @@ class Nystrom(FactoredLayer, kind="nystrom"):
         check_choice(strategy, PIVOT_STRATEGIES, "pivot strategy")
         check_choice(structure, STRUCTURES, "structure")
         num_pivots(1, oversampling, 1)  # validates oversampling
+        square = check_bool(square, "square")
         if square:
             check_square_factors(a, b)
             if structure != "kronecker":

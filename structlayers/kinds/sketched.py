@@ -53,7 +53,10 @@ from .._checks import (
     as_folded_weight,
     check_budget,
     check_choice,
+    check_device,
+    check_layer_dtype,
     check_positive_int,
+    is_meta,
     make_generator,
 )
 from ..base import StructuredSumLayer, random_normal
@@ -137,13 +140,6 @@ def _resolve_size(out: int, inp: int, *, num_terms, low_rank, rank, tolerance, p
     raise ValueError("sketched needs low_rank (or rank, tolerance or params_share)")
 
 
-def _check_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    dtype = dtype or torch.get_default_dtype()
-    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
-        raise TypeError(f"dtype must be a floating-point or complex torch.dtype, got {dtype!r}")
-    return dtype
-
-
 # ---------------------------------------------------------------------- layer
 class Sketched(StructuredSumLayer, kind="sketched"):
     """Sum of L sketched terms, W~ = 1/(2L) sum_i (U1_i^T S1_i + S2_i U2_i); see the module docstring.
@@ -189,12 +185,15 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         L = check_positive_int(num_terms, "num_terms")
         k = check_positive_int(low_rank, "low_rank")
         check_choice(sketch, SKETCHES, "sketch")
-        dtype = _check_dtype(dtype)
+        dtype, device = check_layer_dtype(dtype), check_device(device)
         f, out, inp = self.num_folds, self.out_features, self.in_features
         _check_size(inp, out, L, k, allow_larger)
         gen = make_generator(seed, generator)
-        u1 = draw_sketches(f, L, k, out, sketch, gen)
-        u2 = draw_sketches(f, L, k, inp, sketch, gen)
+        if is_meta(device):  # nothing to draw: shapes only, as nn.Linear on the meta device
+            u1, u2 = torch.empty(f, L, k, out, device=device), torch.empty(f, L, k, inp, device=device)
+        else:
+            u1 = draw_sketches(f, L, k, out, sketch, gen)
+            u2 = draw_sketches(f, L, k, inp, sketch, gen)
         std = math.sqrt(2 * L / (3 * inp))
         s1 = random_normal((f, L, k, inp), std, dtype=dtype, device=device, generator=gen)
         s2 = random_normal((f, L, out, k), std, dtype=dtype, device=device, generator=gen)
@@ -260,6 +259,9 @@ class Sketched(StructuredSumLayer, kind="sketched"):
 
     def _frobenius_sq(self) -> torch.Tensor:
         return lowrank_frobenius_sq(*self._factors())
+
+    def _scaling(self):
+        return [(self.s1, 1.0), (self.s2, 1.0)]  # W~ is linear in (S1, S2); the sketches stay
 
     # ----------------------------------------------------------- constructors
     @classmethod
@@ -355,7 +357,7 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         check_choice(fit, FITS, "fit")
         L, k, context = _resolve_size(out, inp, num_terms=num_terms, low_rank=low_rank, rank=rank,
                                       tolerance=tolerance, params_share=params_share, sketch=sketch, fit=fit)
-        _check_size(inp, out, L, k, allow_larger, context, stacklevel=4)
+        _check_size(inp, out, L, k, allow_larger, context, stacklevel=5)  # past the constructor wrapper
         gen = make_generator(seed, generator)
         work_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
         u1 = draw_sketches(f, L, k, out, sketch, gen).to(device=device, dtype=work_dtype)

@@ -206,7 +206,7 @@ class TT(StructuredSumLayer, kind="tt"):
             warnings.warn(
                 f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks} "
                 f"costs {cost} multiply-adds per sample and fold, {cost / reference:.1f}x the {reference} "
-                f"of {what}; {advice}", UserWarning, stacklevel=3)
+                f"of {what}; {advice}", UserWarning, stacklevel=4)  # past the constructor wrapper
         return self
 
     def flops(self, batch_size: int) -> int:
@@ -222,6 +222,8 @@ class TT(StructuredSumLayer, kind="tt"):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.shape[1] == 0:  # an empty batch: the sweeps' reshapes cannot infer sizes from 0 elements
+            return x.new_zeros(self.num_folds, 0, self.out_features)
         rtl, ltr = self._sweep_costs()
         sweep = self._right_to_left if rtl <= ltr else self._left_to_right
         # The intermediates are up to ~r times larger than x; in batch chunks of at most
@@ -272,6 +274,9 @@ class TT(StructuredSumLayer, kind="tt"):
 
     def _frobenius_sq(self) -> torch.Tensor:
         return mpo_frobenius_sq(list(self.cores))
+
+    def _scaling(self):
+        return [(g, 1.0 / self.num_cores) for g in self.cores]
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """<A ⊗ B, W> without forming W when a bond splits the modes as A's and B's shapes."""
