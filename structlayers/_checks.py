@@ -24,6 +24,8 @@ def check_positive_int(value: object, name: str) -> int:
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{name} must be a positive int below 2**63 (torch sizes are int64), got {value}")
     return int(value)
 
 
@@ -31,8 +33,8 @@ def check_nonnegative_int(value: object, name: str) -> int:
     """Return ``value`` as an int if it is an integer >= 0, else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be a non-negative int below 2**63, got {value}")
     return int(value)
 
 
@@ -83,10 +85,16 @@ def check_device(device: object, name: str = "device") -> Optional[torch.device]
         raise TypeError(f"{name} must be a torch.device, a device string such as 'cpu' or 'meta', or None; "
                         f"got {type(device).__name__} {device!r}")
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{name}={device!r} is not a device torch knows ({exc}); use e.g. 'cpu', 'cuda:0' "
                          f"or 'meta'") from None
+    try:
+        torch.empty(0, device=device)  # a known device type whose backend is missing fails here
+    except Exception as exc:  # RuntimeError, AssertionError, ImportError (a backend module missing), ...
+        raise ValueError(f"{name}={str(device)!r} is not available on this machine "
+                         f"({type(exc).__name__}: {exc})") from None
+    return device
 
 
 def is_meta(device: object) -> bool:

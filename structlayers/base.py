@@ -67,6 +67,12 @@ class StructuredSumLayer(nn.Module, abc.ABC):
             meaningful on Kronecker input; consumers add them to a budget request.
             Read-only: copy before changing.
         rank_meaning: one line saying what "rank" means for the kind.
+        optimal_rank_option: the ``from_dense`` option (``"rank"``, monarch's
+            ``"block_rank"``) at which the result is the Frobenius-optimal member of the
+            kind's class, so its error does not increase with the option; None when no
+            option promises that.
+        meets_tolerance: ``from_dense(W, tolerance=t)`` guarantees a relative error <= t
+            (False where the tolerance is an expectation over random draws).
     """
 
     kind: ClassVar[str] = ""
@@ -77,6 +83,8 @@ class StructuredSumLayer(nn.Module, abc.ABC):
     kronecker_choose_options: ClassVar[Tuple[dict, ...]] = ({},)
     budget_options: ClassVar[dict] = {}
     rank_meaning: ClassVar[str] = ""
+    optimal_rank_option: ClassVar[Optional[str]] = None
+    meets_tolerance: ClassVar[bool] = False
 
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

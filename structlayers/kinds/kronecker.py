@@ -45,6 +45,8 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     """
 
     exact_from_kronecker = True
+    optimal_rank_option = "rank"  # Van Loan–Pitsianis: the optimal sum of rank Kronecker products
+    meets_tolerance = True
     rank_meaning = "the number of Kronecker terms A_t ⊗ B_t (Kronecker rank)"
 
     def __init__(

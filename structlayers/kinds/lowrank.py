@@ -57,6 +57,8 @@ class LowRank(FactoredLayer, kind="lowrank"):
     """Optimal low-rank layer. Random init: ``LowRank(in, out, F, rank=r)``."""
 
     rank_is_matrix_rank = True
+    optimal_rank_option = "rank"
+    meets_tolerance = True
     square_form = True
     kronecker_choose_options = ({}, {"structure": "kronecker"})
     rank_meaning = "the matrix rank of W (kronecker structure: ka·kb)"

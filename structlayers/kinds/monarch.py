@@ -105,6 +105,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
     """
 
     rank_meaning = "the block rank (block_rank): the rank of every block of W"
+    optimal_rank_option = "block_rank"  # a truncated SVD of every block is the optimal projection
+    meets_tolerance = True
 
     def __init__(
         self,

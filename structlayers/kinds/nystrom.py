@@ -75,6 +75,7 @@ class Nystrom(FactoredLayer, kind="nystrom"):
 
     pivot_strategies = PIVOT_STRATEGIES
     rank_is_matrix_rank = True
+    meets_tolerance = True
     square_form = True
     kronecker_choose_options = ({}, {"structure": "flat"})
     rank_meaning = "the matrix rank of W, the CUR's kept rank (product grid: ka·kb)"

@@ -121,6 +121,7 @@ class TT(StructuredSumLayer, kind="tt"):
     # unsplit, A ⊗ B is already exact at bond dimension 1: budgets act inside the factors
     kronecker_choose_options = ({"factor_cores": True},)
     budget_options = {"factor_cores": True}
+    meets_tolerance = True  # the TT-SVD error is exactly the sum of the discarded tails
     rank_meaning = "the largest TT bond rank (maximal bond dimension)"
 
     def __init__(
