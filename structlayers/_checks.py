@@ -165,6 +165,7 @@ def check_budget(
     *,
     rank_name: str = "rank",
     required: Optional[str] = None,
+    also: Tuple[str, ...] = (),
 ) -> None:
     """The one validation of a budget: at most one of rank / tolerance / params_share, each in
     its valid range (rank a positive int, tolerance in [0, 1), params_share in (0, 1]).
@@ -173,13 +174,15 @@ def check_budget(
         used in the messages.
     required: the kind's name when the kind needs a budget: then giving none raises
         "<required> needs one of <rank_name>, tolerance or params_share".
+    also: other options that would have made a budget (e.g. factor_ranks), named in that message.
     """
     given = [n for n, v in ((rank_name, rank), ("tolerance", tolerance), ("params_share", params_share))
              if v is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of {rank_name}, tolerance, params_share; got {', '.join(given)}")
     if not given and required is not None:
-        raise ValueError(f"{required} needs one of {rank_name}, tolerance or params_share")
+        names = [rank_name, "tolerance", "params_share", *also]
+        raise ValueError(f"{required} needs one of {', '.join(names[:-1])} or {names[-1]}")
     if rank is not None:
         check_positive_int(rank, rank_name)
     if tolerance is not None:
@@ -219,7 +222,7 @@ def check_rank_range(rank: int, max_rank: int, what: str) -> None:
 
 
 def check_choice(value: object, allowed: Tuple[str, ...], name: str) -> str:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, allowed))}")
     return value  # type: ignore[return-value]
 
@@ -264,6 +267,18 @@ def check_patterns(patterns: object, name: str) -> Optional[List[str]]:
     if bad:
         raise TypeError(f"{name} must hold glob pattern strings, got {bad[0]!r} ({type(bad[0]).__name__})")
     return out
+
+
+def check_policy(policy: object, name: str, signature: str) -> None:
+    """A kind name (unknown names fail here, before any work) or a callable policy
+    ``signature`` (e.g. "f(LayerInfo)") returning what :func:`check_policy_choice` accepts."""
+    if isinstance(policy, str):
+        from .registry import get  # the registry imports nothing of the package: no cycle
+
+        get(policy)
+    elif not callable(policy):
+        raise TypeError(f"{name} must be a kind name or a policy function {signature} returning a kind name, a "
+                        f"(kind, options) pair or None; got {type(policy).__name__} {policy!r}")
 
 
 def check_policy_choice(choice: object, where: str) -> Optional[Tuple[str, dict]]:

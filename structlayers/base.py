@@ -286,7 +286,7 @@ def _conditioned_dense(build):
     exact), so errors and tolerances hold for any finite weight."""
 
     @functools.wraps(build)
-    def from_dense(cls, weight, *args, **options):
+    def conditioned(cls, weight, *args, **options):
         w = as_folded_weight(weight).detach()
         work = w.to(working_dtype(w.dtype))
         scale = conditioning_scale(work)
@@ -295,8 +295,8 @@ def _conditioned_dense(build):
             layer._rescale(scale)
         return layer.to(w.dtype) if work.dtype != w.dtype else layer
 
-    from_dense._conditioned = True
-    return from_dense
+    conditioned._conditioned = True
+    return conditioned
 
 
 def _conditioned_kronecker(build):
@@ -304,7 +304,7 @@ def _conditioned_kronecker(build):
     own (errors multiply ||A||^2 ||B||^2, so the safe range is narrower)."""
 
     @functools.wraps(build)
-    def from_kronecker(cls, a, b, *args, **options):
+    def conditioned(cls, a, b, *args, **options):
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
         wd = working_dtype(a.dtype)
@@ -315,8 +315,8 @@ def _conditioned_kronecker(build):
             layer._rescale(sa)._rescale(sb)
         return layer.to(dtype) if wd != dtype else layer
 
-    from_kronecker._conditioned = True
-    return from_kronecker
+    conditioned._conditioned = True
+    return conditioned
 
 
 # ------------------------------------------------------ helpers for kinds

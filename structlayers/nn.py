@@ -10,9 +10,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_nonnegative_int, check_patterns, check_policy_choice
+from ._checks import check_bool, check_nonnegative_int, check_patterns, check_policy, check_policy_choice
 from .base import StructuredSumLayer, create, from_dense
-from .registry import get
 
 KindPolicy = Union[str, Callable[[str, nn.Linear], Optional[Union[str, Tuple[str, dict]]]]]
 
@@ -205,10 +204,7 @@ def _replace_modules(
     builds a replacement, ``features(module)`` gives its (in, out)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(kind, str):
-        get(kind)  # unknown kinds fail before any work
-    elif not callable(kind):
-        raise TypeError(f"kind must be a kind name or a policy function, got {type(kind).__name__} {kind!r}")
+    check_policy(kind, "kind", "f(name, module)")
     include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude") or []
     min_features = check_nonnegative_int(min_features, "min_features")
     new_model = copy.deepcopy(model)

@@ -144,6 +144,16 @@ M = torch.randn(8, 8, dtype=torch.float64)
         (lambda: sl.Linear("dense", 4, 4)([1.0] * 4), TypeError, "Linear expects a torch.Tensor x"),
         (lambda: sl.Linear("dense", 4, 4)(torch.ones(4, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
         (lambda: sl.Linear("dense", 4, 4, bias="no"), TypeError, "bias must be True or False"),
+        # found by tests/property: values of the wrong type reached truthiness tests, and
+        # messages of conflicting options named only one side
+        (lambda: sl.create("kronecker", 6, 6, factor_shapes=torch.zeros(2)), ValueError, "factor_shapes must be"),
+        (lambda: sl.from_kronecker("lowrank", A, B, rank=1, structure=torch.zeros(2)), ValueError, "unknown structure"),
+        (lambda: sl.from_kronecker("nystrom", A, A, factor_ranks=None), ValueError, "nystrom needs one of rank, tolerance, params_share or factor_ranks"),
+        (lambda: sl.from_kronecker("nystrom", A, A, factor_ranks=(1, 3)), ValueError, r"of factor B \(factor_ranks\[1\]\)"),
+        (lambda: sl.create("lowrank", 1, 6, rank=3), ValueError, r"of a 6 x 1 matrix \(out_features x in_features\)"),
+        (lambda: sl.create("monarch", 1, 6, block_rank=2), ValueError, "blocks of out_features / blocks_out x in_features / blocks_in"),
+        (lambda: sl.create("sketched", 1, 6, num_terms=1, low_rank=3), ValueError, r"\(out_features\*in_features\) of a dense layer"),
+        (lambda: sl.create("tt", 2, 2, tt_rank=9), ValueError, r"out_features=2, in_features=2"),
     ],
 )
 def test_bad_options_are_named(call, error, match):

@@ -14,7 +14,7 @@ from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring,
 
 import structlayers
 
-from structlayers._checks import check_bool, check_policy_choice, check_positive_int
+from structlayers._checks import check_bool, check_policy, check_policy_choice, check_positive_int
 from structlayers.linalg import kron_chain_flops
 
 from .accelerate import accelerate
@@ -192,12 +192,7 @@ def swap_kronecker_sum_layers(
     if not circuits:
         raise ValueError("no circuit to swap")
     circuits = [_check_circuit(c) for c in circuits]
-    if isinstance(policy, str):
-        structlayers.get(policy)  # unknown kinds fail before any work
-    elif not callable(policy):
-        raise TypeError(f"policy must be a kind name or a function f(LayerInfo) returning a kind name, a "
-                        f"(kind, options) pair or None; got {type(policy).__name__} {policy!r} (to keep every "
-                        f"layer, do not swap)")
+    check_policy(policy, "policy", "f(LayerInfo)")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'frozen' or 'live'")
     check_bool(fast, "fast")

@@ -92,7 +92,7 @@ class FactoredLayer(StructuredSumLayer):
             if rank is None:
                 raise ValueError(f"{self.kind or 'this'} layer needs a rank")
             r = check_positive_int(rank, "rank")
-            check_rank_range(r, min(out, inp), f"a {out} x {inp} matrix")
+            check_rank_range(r, min(out, inp), f"a {out} x {inp} matrix (out_features x in_features)")
             std = (1.0 / (3.0 * inp * r)) ** 0.25  # Var(W_ij) = r std^4 = 1 / (3 in)
             self._set_flat(normal((f, out, r), std), normal((f, r, inp), std))
             return
@@ -128,8 +128,8 @@ class FactoredLayer(StructuredSumLayer):
             ka, kb = min(splits, key=lambda s: abs(s[0] - s[1]))
         else:
             raise ValueError("the kronecker structure needs rank or factor_ranks")
-        check_rank_range(ka, max_a, "factor A")
-        check_rank_range(kb, max_b, "factor B")
+        check_rank_range(ka, max_a, "factor A (factor_ranks[0])")
+        check_rank_range(kb, max_b, "factor B (factor_ranks[1])")
         if tied and ka != kb:
             raise ValueError(f"tied=True needs equal factor ranks, got {(ka, kb)}")
         return ka, kb

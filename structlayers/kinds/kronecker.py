@@ -64,7 +64,7 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
         (a1, a2), (b1, b2) = check_factor_shapes(
-            factor_shapes or balanced_factor_shapes(self.out_features, self.in_features),
+            balanced_factor_shapes(self.out_features, self.in_features) if factor_shapes is None else factor_shapes,
             self.out_features, self.in_features)
         rank = check_positive_int(rank, "rank")
         gen = make_generator(seed, generator)
@@ -141,7 +141,8 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share)
         f, out, inp = w.shape
-        (a1, a2), (b1, b2) = check_factor_shapes(factor_shapes or balanced_factor_shapes(out, inp), out, inp)
+        shapes = balanced_factor_shapes(out, inp) if factor_shapes is None else factor_shapes
+        (a1, a2), (b1, b2) = check_factor_shapes(shapes, out, inp)
         # Rearranged so that W = sum_t A_t ⊗ B_t becomes sum_t vec(A_t) vec(B_t)^T.
         rearranged = w.reshape(f, a1, b1, a2, b2).permute(0, 1, 3, 2, 4).reshape(f, a1 * a2, b1 * b2)
         u, s, vh = svd(rearranged)

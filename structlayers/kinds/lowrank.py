@@ -148,9 +148,11 @@ class LowRank(FactoredLayer, kind="lowrank"):
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
         # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
-        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
+        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None,
+                     also=("factor_ranks",))
         square = check_bool(square, "square")
-        structure = check_choice(structure or ("kronecker" if square or factor_ranks else "flat"),
+        default = "kronecker" if square or factor_ranks is not None else "flat"
+        structure = check_choice(default if structure is None else structure,
                                  STRUCTURES, "structure")
         if square:
             check_square_factors(a, b)

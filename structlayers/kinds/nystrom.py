@@ -149,7 +149,8 @@ class Nystrom(FactoredLayer, kind="nystrom"):
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
         # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
-        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
+        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None,
+                     also=("factor_ranks",))
         check_choice(strategy, PIVOT_STRATEGIES, "pivot strategy")
         check_choice(structure, STRUCTURES, "structure")
         num_pivots(1, oversampling, 1)  # validates oversampling

@@ -99,7 +99,8 @@ def _check_size(in_features: int, out_features: int, num_terms: int, low_rank: i
     if not allow_larger:
         raise ValueError(
             f"sketched layer with num_terms={num_terms}, low_rank={low_rank}{context} stores {sizes}, "
-            f"more than the {dense} = {out_features}*{in_features} of a dense layer; lower num_terms "
+            f"more than the {dense} = {out_features}*{in_features} (out_features*in_features) of a dense "
+            f"layer; lower num_terms "
             f"or low_rank, or pass allow_larger=True to build it anyway")
     warnings.warn(
         f"sketched layer stores more than a dense layer: {sizes} versus {dense} for a dense "

@@ -141,7 +141,11 @@ class TT(StructuredSumLayer, kind="tt"):
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
         om, im = resolve_modes(self.out_features, self.in_features, out_modes, in_modes, num_cores)
-        ranks = resolve_ranks(tt_rank, bond_limits(om, im))
+        try:
+            ranks = resolve_ranks(tt_rank, bond_limits(om, im))
+        except ValueError as exc:  # the limits come from the layer's shape: say so
+            raise ValueError(f"{exc} (out_features={self.out_features}, in_features={self.in_features}: "
+                             f"modes {om} x {im})") from None
         gen = make_generator(seed, generator)
         d = len(om)
         cores = []
@@ -372,7 +376,7 @@ class TT(StructuredSumLayer, kind="tt"):
         else:
             try:
                 side_a, side_b = factor_modes
-                (ao, ai), (bo, bi) = (side_a or (None, None)), (side_b or (None, None))
+                (ao, ai), (bo, bi) = ((None, None) if side_a is None else side_a), ((None, None) if side_b is None else side_b)
             except (TypeError, ValueError) as exc:
                 raise ValueError("factor_modes must be ((A out_modes, A in_modes), (B out_modes, B in_modes)), "
                                  f"got {factor_modes!r}") from exc

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from adapters.cirkit import evaluate_linear_space, kronecker_sum_layers, log_likelihood, swap_kronecker_sum_layers
 
 from ..adapters.cirkit.builders import CATEGORIES, compile_pair
+from ..adapters.cirkit.conftest import float64  # noqa: F401  (the fixture, shared with the adapter's tests)
 from .settings import bounded
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -33,14 +34,6 @@ def circuits():
                for rg in ("linear-tree", "random-binary-tree")}
     finally:
         torch.set_default_dtype(previous)
-
-
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 DTYPES = [torch.long, torch.int32, torch.int16, torch.uint8, torch.float64, torch.float32, torch.bool,

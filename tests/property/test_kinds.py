@@ -195,7 +195,7 @@ def _assert_named(call, name):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@bounded(150)
+@bounded(400)
 @given(data=st.data())
 def test_every_invalid_argument_is_a_value_or_type_error_naming_it(kind, data):
     cls = sl.get(kind)

@@ -250,8 +250,8 @@ def test_a_policy_returning_junk_is_a_type_error_and_nothing_is_swapped(junk):
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda c: swap_kronecker_sum_layers(c, None), TypeError, r"policy must be a kind name or a function .* got NoneType"),
-        (lambda c: swap_kronecker_sum_layers(c, 3), TypeError, "policy must be a kind name or a function"),
+        (lambda c: swap_kronecker_sum_layers(c, None), TypeError, r"policy must be a kind name or a policy function f\(LayerInfo\) .* got NoneType"),
+        (lambda c: swap_kronecker_sum_layers(c, 3), TypeError, "policy must be a kind name or a policy function"),
         (lambda c: swap_kronecker_sum_layers(c, "fourier"), ValueError, "unknown structured layer kind 'fourier'"),
         (lambda c: swap_kronecker_sum_layers(c, "kronecker", fast="yes"), TypeError, "fast must be True or False"),
         (lambda c: rank_policy("lowrank", "x"), TypeError, "rank must be a positive int, got str"),
