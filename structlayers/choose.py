@@ -47,10 +47,11 @@ class Choice:
 
 def error_resolution(dtype: torch.dtype, kronecker: bool) -> float:
     """The smallest relative error :func:`choose` tells apart from 0 for a layer of ``dtype``:
-    32 units of rounding of the dtype (its factorisations round), and for Kronecker
-    targets at least 8 sqrt(eps) of float64 (the error is a difference of squared norms)."""
+    32 units of rounding of the dtype (its factorisations round), at most 1e-4 (so half
+    precisions do not widen a tolerance noticeably), and for Kronecker targets at least
+    8 sqrt(eps) of float64 (the error is a difference of squared norms)."""
     eps = torch.finfo(dtype).eps
-    return max(32 * eps, 8 * math.sqrt(torch.finfo(torch.float64).eps) if kronecker else 0.0)
+    return max(min(32 * eps, 1e-4), 8 * math.sqrt(torch.finfo(torch.float64).eps) if kronecker else 0.0)
 
 
 def choose(

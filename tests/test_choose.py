@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import structlayers as sl
+from structlayers.choose import error_resolution
 from structlayers.linalg import kron_dense
 
 from .helpers import decaying_factors, decaying_matrix
@@ -98,3 +99,10 @@ def test_bad_choose_arguments_are_named(call, error, match):
 def test_one_kind_as_a_string_is_one_kind():
     choice = sl.choose(W8, tolerance=0.5, kinds="lowrank")
     assert [c.kind for c in choice.candidates] == ["lowrank"]
+
+
+def test_the_error_resolution_never_widens_a_tolerance_noticeably():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64):
+        assert error_resolution(dtype, False) <= 1e-4
+        assert error_resolution(dtype, True) <= 1e-4
+    assert error_resolution(torch.float64, True) > 1e-8  # the Kronecker cancellation
