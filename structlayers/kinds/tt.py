@@ -91,7 +91,7 @@ def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
         if r > lim:
             raise ValueError(
                 f"bond rank {r} of bond {k + 1} exceeds its largest useful rank {lim} "
-                f"(bond limits {tuple(limits)})")
+                f"(tt_rank entry {k}; bond limits {tuple(limits)})")
     return (1,) + tuple(ranks) + (1,)
 
 
@@ -144,8 +144,8 @@ class TT(StructuredSumLayer, kind="tt"):
         try:
             ranks = resolve_ranks(tt_rank, bond_limits(om, im))
         except ValueError as exc:  # the limits come from the layer's shape: say so
-            raise ValueError(f"{exc} (out_features={self.out_features}, in_features={self.in_features}: "
-                             f"modes {om} x {im})") from None
+            raise ValueError(f"{exc} (out_modes {om} and in_modes {im} for out_features={self.out_features}, "
+                             f"in_features={self.in_features}; num_cores={len(om)})") from None
         gen = make_generator(seed, generator)
         d = len(om)
         cores = []
