@@ -148,7 +148,17 @@ def _sites(model: nn.Module, convertible: Type[nn.Module]) -> List[_Site]:
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _check_carryable(model: nn.Module, site: _Site) -> None:
+def _parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module, str]]]:
+    """id(parameter) -> every (module name, module, attribute) holding it directly."""
+    owners: Dict[int, List[Tuple[str, nn.Module, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, module, attr))
+    return owners
+
+
+def _check_carryable(site: _Site, owners: Dict[int, List[Tuple[str, nn.Module, str]]]) -> None:
     """Raise where a module's state cannot move to its replacement: hooks registered on it
     (they would silently stop firing) and parameters shared with another module (the tie
     would silently break)."""
@@ -159,16 +169,13 @@ def _check_carryable(model: nn.Module, site: _Site) -> None:
             f"model: {label} has hooks ({', '.join(h.strip('_') for h in hooks)}) that the replacement "
             f"cannot carry over; remove them before converting (and register them on the new module), "
             f"or leave the module out with exclude=")
-    own = {id(p) for p in site.module.parameters(recurse=False)}
-    for name, other in model.named_modules(remove_duplicate=False):
-        if other is site.module:
-            continue
-        tied = [n for n, p in other.named_parameters(recurse=False) if id(p) in own]
-        if tied:
-            raise ValueError(
-                f"model: {label} shares its parameter with {name or 'the model'!r} "
-                f"({type(other).__name__}.{tied[0]}), a tie the replacement cannot keep; untie them "
-                f"first, or leave {site.names[0]!r} out with exclude=")
+    for p in site.module.parameters(recurse=False):
+        for name, other, attr in owners.get(id(p), []):
+            if other is not site.module:
+                raise ValueError(
+                    f"model: {label} shares its parameter with {name or 'the model'!r} "
+                    f"({type(other).__name__}.{attr}), a tie the replacement cannot keep; untie them "
+                    f"first, or leave {site.names[0]!r} out with exclude=")
 
 
 def _carry_state(old: nn.Module, new: nn.Module, weight_names: Tuple[str, ...]) -> nn.Module:
@@ -209,6 +216,7 @@ def _replace_modules(
     min_features = check_nonnegative_int(min_features, "min_features")
     new_model = copy.deepcopy(model)
     report = ReplacementReport()
+    owners = _parameter_owners(new_model)
     targets = []
     for site in _sites(new_model, convertible):
         module, names, first = site.module, site.names, site.names[0]
@@ -229,7 +237,7 @@ def _replace_modules(
             raise ValueError(f"model: {first!r} is on the meta device and has no weights to approximate; "
                              f"load them first (model.to_empty(device=...) and load_state_dict), or build "
                              f"structlayers.Linear(kind, in, out, device='meta') for an untrained model")
-        _check_carryable(new_model, site)
+        _check_carryable(site, owners)
         layer_kind, layer_options = choice
         targets.append((site, layer_kind, {**options, **layer_options}))
     if not targets:
@@ -278,7 +286,8 @@ def replace_linear(
     Args:
         model: any module; a bare ``nn.Linear`` comes back converted.
         kind: a kind name, or ``policy(name, linear)`` returning a kind name, a
-            ``(kind, options)`` pair, or None to keep that layer.
+            ``(kind, options)`` pair, or None to keep that layer (a shared module is offered
+            once, under its first name); anything else is a TypeError naming the layer.
         include / exclude: glob patterns on qualified module names (``"encoder.*"``); one
             string is one pattern.
         min_features: layers with min(in, out) below this are kept (a structured
