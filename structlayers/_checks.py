@@ -7,8 +7,10 @@ or dtype, and what was expected. Nothing here clips or repairs input.
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Callable, Optional, Tuple
+from collections.abc import Iterable, Mapping
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -22,7 +24,37 @@ def check_positive_int(value: object, name: str) -> int:
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{name} must be a positive int below 2**63 (torch sizes are int64), got {value}")
     return int(value)
+
+
+def check_nonnegative_int(value: object, name: str) -> int:
+    """Return ``value`` as an int if it is an integer >= 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be a non-negative int below 2**63, got {value}")
+    return int(value)
+
+
+def check_real(value: object, name: str, *, minimum: float, what: str) -> float:
+    """Return ``value`` as a float if it is a finite real number >= ``minimum``, else raise.
+
+    what: the meaning of the value, for the message (e.g. "pivots per unit of rank").
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= {minimum:g} ({what}), got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g} ({what}), got {value!r}")
+    return float(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool; a string such as "False" is not one."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_weight_dtype(tensor: torch.Tensor, name: str) -> None:
@@ -30,6 +62,57 @@ def check_weight_dtype(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(
             f"{name} must have a floating-point or complex dtype, got {tensor.dtype}"
         )
+
+
+def check_layer_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
+    """A layer's parameter dtype: a floating-point or complex ``torch.dtype``; None gives
+    torch's default dtype."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
+        raise TypeError(f"{name} must be a floating-point or complex torch.dtype (e.g. torch.float32), "
+                        f"got {type(dtype).__name__} {dtype!r}")
+    return dtype
+
+
+def check_device(device: object, name: str = "device") -> Optional[torch.device]:
+    """``device`` as a torch.device (None stays None: torch's default device)."""
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device, a device string such as 'cpu' or 'meta', or None; "
+                        f"got {type(device).__name__} {device!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name}={device!r} is not a device torch knows ({exc}); use e.g. 'cpu', 'cuda:0' "
+                         f"or 'meta'") from None
+    try:
+        torch.empty(0, device=device)  # a known device type whose backend is missing fails here
+    except Exception as exc:  # RuntimeError, AssertionError, ImportError (a backend module missing), ...
+        raise ValueError(f"{name}={str(device)!r} is not available on this machine "
+                         f"({type(exc).__name__}: {exc})") from None
+    return device
+
+
+def is_meta(device: object) -> bool:
+    """Whether ``device`` (a torch.device, string or None) is the meta device."""
+    return device is not None and torch.device(device).type == "meta"
+
+
+def check_input(x: object, name: str, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """Raise unless ``x`` is a tensor of the layer's ``dtype`` (torch does not mix dtypes in a
+    product; a bool or integer input is not a number of the layer's kind)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        convert = (f" or convert the layer with .to({x.dtype})"
+                   if x.dtype.is_floating_point or x.dtype.is_complex else "")
+        raise TypeError(f"{name} has dtype {x.dtype}, but {what} computes in {dtype}: pass {name}.to({dtype})"
+                        f"{convert}")
+    return x
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
@@ -51,6 +134,10 @@ def as_folded_weight(weight: object, name: str = "W") -> torch.Tensor:
     if 0 in weight.shape:
         raise ValueError(f"{name} must not be empty, got shape {tuple(weight.shape)}")
     check_weight_dtype(weight, name)
+    if weight.is_meta:
+        raise ValueError(f"{name} is on the meta device and has no values to approximate; load the "
+                         f"weights first (e.g. module.to_empty(device='cpu') and load_state_dict), or "
+                         f"create a randomly initialised layer with device='meta'")
     check_finite(weight, name)
     return weight
 
@@ -78,6 +165,7 @@ def check_budget(
     *,
     rank_name: str = "rank",
     required: Optional[str] = None,
+    also: Tuple[str, ...] = (),
 ) -> None:
     """The one validation of a budget: at most one of rank / tolerance / params_share, each in
     its valid range (rank a positive int, tolerance in [0, 1), params_share in (0, 1]).
@@ -86,13 +174,15 @@ def check_budget(
         used in the messages.
     required: the kind's name when the kind needs a budget: then giving none raises
         "<required> needs one of <rank_name>, tolerance or params_share".
+    also: other options that would have made a budget (e.g. factor_ranks), named in that message.
     """
     given = [n for n, v in ((rank_name, rank), ("tolerance", tolerance), ("params_share", params_share))
              if v is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of {rank_name}, tolerance, params_share; got {', '.join(given)}")
     if not given and required is not None:
-        raise ValueError(f"{required} needs one of {rank_name}, tolerance or params_share")
+        names = [rank_name, "tolerance", "params_share", *also]
+        raise ValueError(f"{required} needs one of {', '.join(names[:-1])} or {names[-1]}")
     if rank is not None:
         check_positive_int(rank, rank_name)
     if tolerance is not None:
@@ -132,13 +222,15 @@ def check_rank_range(rank: int, max_rank: int, what: str) -> None:
 
 
 def check_choice(value: object, allowed: Tuple[str, ...], name: str) -> str:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, allowed))}")
     return value  # type: ignore[return-value]
 
 
 def make_generator(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:
-    """A CPU generator from ``seed`` or ``generator`` (not both); a fresh random one if neither.
+    """A CPU generator from ``seed`` or ``generator`` (not both); torch's global CPU generator
+    if neither, so ``torch.manual_seed(s)`` makes construction reproducible, as for every
+    torch module.
 
     Randomness is always drawn on the CPU so results do not depend on the device.
     """
@@ -147,12 +239,59 @@ def make_generator(seed: Optional[int], generator: Optional[torch.Generator]) ->
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU generator (randomness is drawn on the CPU so that "
+                             f"results do not depend on the device), got one on {generator.device}")
         return generator
-    gen = torch.Generator()
     if seed is None:
-        gen.seed()
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        gen.manual_seed(int(seed))
+        return torch.default_generator
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed}")
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
     return gen
+
+
+def check_patterns(patterns: object, name: str) -> Optional[List[str]]:
+    """Glob patterns as a list: one string is one pattern (not its characters); None stays None."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, (bytes, bytearray)) or not isinstance(patterns, Iterable):
+        raise TypeError(f"{name} must be a glob pattern or a list of them, got {type(patterns).__name__} {patterns!r}")
+    out = list(patterns)
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{name} must hold glob pattern strings, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return out
+
+
+def check_policy(policy: object, name: str, signature: str) -> None:
+    """A kind name (unknown names fail here, before any work) or a callable policy
+    ``signature`` (e.g. "f(LayerInfo)") returning what :func:`check_policy_choice` accepts."""
+    if isinstance(policy, str):
+        from .registry import get  # the registry imports nothing of the package: no cycle
+
+        get(policy)
+    elif not callable(policy):
+        raise TypeError(f"{name} must be a kind name or a policy function {signature} returning a kind name, a "
+                        f"(kind, options) pair or None; got {type(policy).__name__} {policy!r}")
+
+
+def check_policy_choice(choice: object, where: str) -> Optional[Tuple[str, dict]]:
+    """What a policy returned for ``where``, as (kind, options), or None to keep the layer.
+
+    A policy may return a kind name, a (kind name, options dict) pair, or None.
+    """
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        return choice, {}
+    if (isinstance(choice, tuple) and len(choice) == 2 and isinstance(choice[0], str)
+            and isinstance(choice[1], Mapping)):
+        return choice[0], dict(choice[1])
+    raise TypeError(f"the policy returned {choice!r} for {where}; a policy must return a kind name, a "
+                    f"(kind name, options dict) pair, or None to keep the layer")

@@ -19,14 +19,24 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import math
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._checks import as_folded_factors, as_folded_weight, check_positive_int
+from ._checks import (
+    as_folded_factors,
+    as_folded_weight,
+    check_device,
+    check_input,
+    check_layer_dtype,
+    check_positive_int,
+    is_meta,
+)
 from .linalg.kron import frobenius_sq
+from .linalg.scale import conditioning_scale, fold_scales, ratio_of_squares, relative_error, working_dtype
 from .registry import available, create, from_dense, from_kronecker, get, register  # noqa: F401  (re-exported)
 
 
@@ -57,6 +67,12 @@ class StructuredSumLayer(nn.Module, abc.ABC):
             meaningful on Kronecker input; consumers add them to a budget request.
             Read-only: copy before changing.
         rank_meaning: one line saying what "rank" means for the kind.
+        optimal_rank_option: the ``from_dense`` option (``"rank"``, monarch's
+            ``"block_rank"``) at which the result is the Frobenius-optimal member of the
+            kind's class, so its error does not increase with the option; None when no
+            option promises that.
+        meets_tolerance: ``from_dense(W, tolerance=t)`` guarantees a relative error <= t
+            (False where the tolerance is an expectation over random draws).
     """
 
     kind: ClassVar[str] = ""
@@ -67,12 +83,19 @@ class StructuredSumLayer(nn.Module, abc.ABC):
     kronecker_choose_options: ClassVar[Tuple[dict, ...]] = ({},)
     budget_options: ClassVar[dict] = {}
     rank_meaning: ClassVar[str] = ""
+    optimal_rank_option: ClassVar[Optional[str]] = None
+    meets_tolerance: ClassVar[bool] = False
 
     def __init_subclass__(cls, kind: Optional[str] = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if kind is not None:
             register(kind, cls)
             cls.kind = kind
+        # Every kind's constructors get the same conditioning (see _conditioned_dense).
+        for name, wrap in (("from_dense", _conditioned_dense), ("from_kronecker", _conditioned_kronecker)):
+            method = cls.__dict__.get(name)
+            if isinstance(method, classmethod) and not getattr(method.__func__, "_conditioned", False):
+                setattr(cls, name, classmethod(wrap(method.__func__)))
 
     def __init__(self, in_features: int, out_features: int, num_folds: int = 1) -> None:
         super().__init__()
@@ -104,9 +127,9 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         return self.forward(eye.expand(self.num_folds, -1, -1)).transpose(1, 2)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError unless x has shape (F, B, in_features) for this layer."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{self.kind} layer input must be a torch.Tensor, got {type(x).__name__}")
+        """Raise a ValueError unless x has shape (F, B, in_features) for this layer, a TypeError
+        unless it is a tensor of the layer's dtype."""
+        check_input(x, "x", self.dtype, f"this {self.kind} layer")
         if x.dim() != 3 or x.shape[0] != self.num_folds or x.shape[2] != self.in_features:
             raise ValueError(
                 f"{self.kind} layer expects input of shape (F={self.num_folds}, B, "
@@ -181,31 +204,56 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         with torch.no_grad():
             work = self._in_double_precision()
             w = w.to(work.dtype)
-            err = frobenius_sq(w - work.to_dense())
-            return _ratio(err, frobenius_sq(w), per_fold)
+            return relative_error(w - work.to_dense(), w, per_fold)
 
     def relative_error_kronecker(self, a: torch.Tensor, b: torch.Tensor, per_fold: bool = False):
         """Like :meth:`relative_error` for W = A ⊗ B, computed without forming W.
 
         Computed as ||W||^2 - 2 Re<W, L> + ||L||^2 from inner products, so errors
-        below about sqrt(machine epsilon) (1e-8 in float64) are not resolved.
+        below about sqrt(machine epsilon) (1e-8 in float64) are not resolved. The
+        factors (and a copy of this layer) are scaled per fold by powers of two first,
+        so any finite factors work; a zero A ⊗ B gives 0 for a zero layer, else inf.
         """
         a, b = as_folded_factors(a, b)
         self._check_target_shape(a.shape[0], a.shape[1] * b.shape[1], a.shape[2] * b.shape[2])
         with torch.no_grad():
-            work = self._in_double_precision()
+            work = self._in_double_precision(copy_always=True)
             a, b = a.to(work.dtype), b.to(work.dtype)
+            if per_fold:
+                sa, sb = fold_scales(a), fold_scales(b)
+            else:
+                sa, sb = (fold_scales(t.reshape(1, -1)).expand(t.shape[0]) for t in (a, b))
+            work._rescale(1 / sa)._rescale(1 / sb)
+            a, b = a / sa.to(a.real.dtype)[:, None, None], b / sb.to(b.real.dtype)[:, None, None]
             total = frobenius_sq(a) * frobenius_sq(b)
             err = total - 2 * work._inner_kronecker(a, b).real + work._frobenius_sq()
-            return _ratio(err.clamp_min(0), total, per_fold)
+            return ratio_of_squares(err.clamp_min(0), total, per_fold)
 
-    def _in_double_precision(self) -> "StructuredSumLayer":
+    def _in_double_precision(self, copy_always: bool = False) -> "StructuredSumLayer":
         """This layer, or a float64 / complex128 copy of it: error reports sum many
         products, and single precision would blur them at the 1e-4 level."""
         target = torch.complex128 if self.dtype.is_complex else torch.float64
-        if self.dtype == target:
+        if self.dtype == target and not copy_always:
             return self
         return copy.deepcopy(self).to(target)
+
+    # --------------------------------------------------------------- scaling
+    def _scaling(self) -> List[Tuple[torch.Tensor, float]]:
+        """(tensor, exponent) pairs: multiplying each tensor by c ** exponent, for a real c > 0
+        (per fold), multiplies the represented W by c. Every kind implements it; the
+        constructors use it to factor extreme weights at a safe scale."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its weight scales (_scaling)")
+
+    def _rescale(self, factor) -> "StructuredSumLayer":
+        """Multiply the represented W by ``factor`` in place: a positive float, or a float64
+        tensor (F,) of one factor per fold. Exact for powers of two (exponents 1/2, 1/4 of
+        odd powers round). Returns self."""
+        f = torch.as_tensor(factor, dtype=torch.float64).reshape(-1)
+        with torch.no_grad():
+            for t, power in self._scaling():
+                c = (f ** power).to(device=t.device, dtype=t.real.dtype if t.is_complex() else t.dtype)
+                t.mul_(c.reshape(-1, *([1] * (t.dim() - 1))))
+        return self
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """<A ⊗ B, W_self> per fold, (F,). Default materialises this layer (not A ⊗ B)."""
@@ -231,10 +279,44 @@ class StructuredSumLayer(nn.Module, abc.ABC):
             )
 
 
-def _ratio(err_sq: torch.Tensor, total_sq: torch.Tensor, per_fold: bool):
-    if per_fold:
-        return (err_sq / total_sq).sqrt()
-    return float((err_sq.sum() / total_sq.sum()).sqrt())
+def _conditioned_dense(build):
+    """``from_dense`` of every kind: validates W, factors half precisions in float32 (the layer
+    comes back in W's dtype), and factors a W whose entries are too large or too small to
+    square safely as W / s for a power of two s, multiplying the layer by s afterwards (both
+    exact), so errors and tolerances hold for any finite weight."""
+
+    @functools.wraps(build)
+    def conditioned(cls, weight, *args, **options):
+        w = as_folded_weight(weight).detach()
+        work = w.to(working_dtype(w.dtype))
+        scale = conditioning_scale(work)
+        layer = build(cls, work / scale if scale != 1.0 else work, *args, **options)
+        if scale != 1.0:
+            layer._rescale(scale)
+        return layer.to(w.dtype) if work.dtype != w.dtype else layer
+
+    conditioned._conditioned = True
+    return conditioned
+
+
+def _conditioned_kronecker(build):
+    """``from_kronecker`` of every kind: as :func:`_conditioned_dense`, each factor scaled on its
+    own (errors multiply ||A||^2 ||B||^2, so the safe range is narrower)."""
+
+    @functools.wraps(build)
+    def conditioned(cls, a, b, *args, **options):
+        a, b = as_folded_factors(a, b)
+        a, b = a.detach(), b.detach()
+        wd = working_dtype(a.dtype)
+        a, b, dtype = a.to(wd), b.to(wd), a.dtype
+        sa, sb = conditioning_scale(a, degree=2), conditioning_scale(b, degree=2)
+        layer = build(cls, a / sa if sa != 1.0 else a, b / sb if sb != 1.0 else b, *args, **options)
+        if sa != 1.0 or sb != 1.0:
+            layer._rescale(sa)._rescale(sb)
+        return layer.to(dtype) if wd != dtype else layer
+
+    conditioned._conditioned = True
+    return conditioned
 
 
 # ------------------------------------------------------ helpers for kinds
@@ -247,8 +329,12 @@ def random_normal(
     generator: Optional[torch.Generator],
 ) -> torch.Tensor:
     """N(0, std^2) entries drawn on the CPU (reproducible across devices); complex
-    dtypes split the variance evenly between real and imaginary parts."""
-    dtype = dtype or torch.get_default_dtype()
+    dtypes split the variance evenly between real and imaginary parts. On the meta
+    device nothing is drawn or allocated (an empty meta tensor), as ``nn.Linear`` does."""
+    dtype = check_layer_dtype(dtype)
+    device = check_device(device)
+    if is_meta(device):
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
     if dtype.is_complex:
         real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
         parts = torch.randn((2,) + tuple(shape), generator=generator, dtype=real_dtype)

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import as_folded_factors, as_folded_weight, check_budget
+from ._checks import as_folded_factors, as_folded_weight, check_budget, check_positive_int
 from .base import StructuredSumLayer
 from .registry import available, get
 
@@ -45,6 +45,15 @@ class Choice:
         return "\n".join(lines)
 
 
+def error_resolution(dtype: torch.dtype, kronecker: bool) -> float:
+    """The smallest relative error :func:`choose` tells apart from 0 for a layer of ``dtype``:
+    32 units of rounding of the dtype (its factorisations round), at most 1e-4 (so half
+    precisions do not widen a tolerance noticeably), and for Kronecker targets at least
+    8 sqrt(eps) of float64 (the error is a difference of squared norms)."""
+    eps = torch.finfo(dtype).eps
+    return max(min(32 * eps, 1e-4), 8 * math.sqrt(torch.finfo(torch.float64).eps) if kronecker else 0.0)
+
+
 def choose(
     target: Target,
     *,
@@ -68,22 +77,35 @@ def choose(
 
     Each kind is tried in the configurations it declares (``kronecker_choose_options``
     on Kronecker input); a kind that is exact from the input with no options
-    (``exact_from_kronecker`` / ``exact_from_dense``) is built without the request.
+    (``exact_from_kronecker`` / ``exact_from_dense``) is built without the request and
+    its error is 0 by construction. Computed errors are only resolved to about
+    :func:`error_resolution` (rounding of the layer's dtype; for Kronecker targets also
+    the cancellation in ||W||^2 - 2 Re<W, L> + ||L||^2): an error below it meets any
+    tolerance, including ``tolerance=0`` (exact up to rounding).
+
+    kinds: kind names, or one kind name as a string.
     """
     check_budget(tolerance=tolerance)  # both may be given: each is checked on its own
     check_budget(params_share=params_share)
+    check_positive_int(batch_size, "batch_size")
     if tolerance is None and params_share is None:
         raise ValueError("choose needs a tolerance, a params_share, or both")
     kronecker = isinstance(target, tuple)
     if kronecker:
+        if len(target) != 2:
+            raise ValueError(f"target must be a weight W or a pair (A, B) for W = A ⊗ B, got a tuple of "
+                             f"{len(target)} entries")
         a, b = as_folded_factors(*target)
         dense_params = a.shape[0] * a.shape[1] * b.shape[1] * a.shape[2] * b.shape[2]
     else:
-        w = as_folded_weight(target)
+        w = as_folded_weight(target, "target")
         dense_params = w.numel()
-    names = list(kinds) if kinds is not None else available()
+    names = [kinds] if isinstance(kinds, str) else list(kinds) if kinds is not None else available()
+    if not names:
+        raise ValueError("kinds is empty: give kind names (see structlayers.available()) or None for all")
     for name in names:
         get(name)  # unknown names fail here, before any work
+    resolution = error_resolution(a.dtype if kronecker else w.dtype, kronecker)
     budget = params_share * dense_params if params_share is not None else math.inf
 
     candidates: List[Tuple[Candidate, Optional[StructuredSumLayer]]] = []
@@ -109,9 +131,12 @@ def choose(
                     warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
             warned = "; ".join(str(c.message) for c in caught if issubclass(c.category, UserWarning))
             cand.rank = getattr(layer, "rank", None) if isinstance(getattr(layer, "rank", None), int) else None
-            cand.error = layer.relative_error_kronecker(a, b) if kronecker else layer.relative_error(w)
+            if exact:
+                cand.error = 0.0
+            else:
+                cand.error = layer.relative_error_kronecker(a, b) if kronecker else layer.relative_error(w)
             cand.params, cand.flops = layer.num_params, layer.flops(batch_size)
-            within_tol = tolerance is None or cand.error <= tolerance * (1 + 1e-9)
+            within_tol = tolerance is None or cand.error <= max(tolerance * (1 + 1e-9), resolution)
             cand.meets = within_tol and cand.params <= budget
             if not cand.meets:
                 cand.note = "over tolerance" if not within_tol else "over parameter budget"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_nonnegative_int, check_patterns, check_policy, check_policy_choice
 from .base import StructuredSumLayer, create, from_dense
 
 KindPolicy = Union[str, Callable[[str, nn.Linear], Optional[Union[str, Tuple[str, dict]]]]]
@@ -25,9 +26,9 @@ class Linear(nn.Module):
 
     def __init__(self, kind: str, in_features: int, out_features: int, bias: bool = True, **options) -> None:
         super().__init__()
-        dtype, device = options.get("dtype"), options.get("device")
-        self._attach(create(kind, in_features, out_features, 1, **options),
-                     torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        check_bool(bias, "bias")
+        layer = create(kind, in_features, out_features, 1, **options)
+        self._attach(layer, torch.zeros(out_features, dtype=layer.dtype, device=layer.device) if bias else None)
 
     def _attach(self, layer: StructuredSumLayer, bias: Optional[torch.Tensor]) -> None:
         if layer.num_folds != 1:
@@ -64,7 +65,9 @@ class Linear(nn.Module):
         return self.layer.to_dense()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Linear expects a torch.Tensor x, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
         y = self.layer(x.reshape(1, -1, self.in_features)).reshape(*lead, self.out_features)
@@ -76,13 +79,14 @@ class Linear(nn.Module):
 
 @dataclass
 class Replacement:
-    name: str
+    name: str  # the first qualified name of the module ("" for the model itself)
     kind: str
     in_features: int
     out_features: int
     params_before: int
     params_after: int
     relative_error: float
+    names: Tuple[str, ...] = ()  # every qualified name of the module (shared modules have several)
 
 
 @dataclass
@@ -101,7 +105,8 @@ class ReplacementReport:
     def __str__(self) -> str:
         lines = [f"{'layer':30s} {'kind':10s} {'shape':>12s} {'params':>18s} {'rel.err':>9s}"]
         for r in self.replaced:
-            lines.append(f"{r.name:30s} {r.kind:10s} {f'{r.out_features}x{r.in_features}':>12s} "
+            label = " = ".join(r.names or (r.name,)) or "(model)"
+            lines.append(f"{label:30s} {r.kind:10s} {f'{r.out_features}x{r.in_features}':>12s} "
                          f"{f'{r.params_before}->{r.params_after}':>18s} {r.relative_error:9.3e}")
         lines += [f"{name:30s} skipped: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -111,67 +116,196 @@ def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
+# ------------------------------------------------------- module replacement, generic
+@dataclass
+class _Site:
+    """One module to convert and every place it is installed (shared modules have several)."""
+
+    module: nn.Module
+    places: List[Tuple[Optional[nn.Module], str]]  # (parent, attribute); (None, "") for the root
+    names: List[str]
+
+
+def _sites(model: nn.Module, convertible: Type[nn.Module]) -> List[_Site]:
+    """Every module of type ``convertible`` reachable from ``model``, once, with all its names,
+    in the order of first appearance."""
+    found: Dict[int, _Site] = {}
+    if isinstance(model, convertible):
+        found[id(model)] = _Site(model, [(None, "")], [""])
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():  # not named_children(): it hides repeats
+            if child is None or not isinstance(child, convertible):
+                continue
+            site = found.setdefault(id(child), _Site(child, [], []))
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if (parent, attr) not in [(p, a) for p, a in site.places]:
+                site.places.append((parent, attr))
+            if name not in site.names:
+                site.names.append(name)
+    return list(found.values())
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module, str]]]:
+    """id(parameter) -> every (module name, module, attribute) holding it directly."""
+    owners: Dict[int, List[Tuple[str, nn.Module, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, module, attr))
+    return owners
+
+
+def _check_carryable(site: _Site, owners: Dict[int, List[Tuple[str, nn.Module, str]]]) -> None:
+    """Raise where a module's state cannot move to its replacement: hooks registered on it
+    (they would silently stop firing) and parameters shared with another module (the tie
+    would silently break)."""
+    label = " = ".join(repr(n) for n in site.names) or "the model"
+    hooks = [h for h in _HOOKS if getattr(site.module, h, None)]
+    if hooks:
+        raise ValueError(
+            f"model: {label} has hooks ({', '.join(h.strip('_') for h in hooks)}) that the replacement "
+            f"cannot carry over; remove them before converting (and register them on the new module), "
+            f"or leave the module out with exclude=")
+    for p in site.module.parameters(recurse=False):
+        for name, other, attr in owners.get(id(p), []):
+            if other is not site.module:
+                raise ValueError(
+                    f"model: {label} shares its parameter with {name or 'the model'!r} "
+                    f"({type(other).__name__}.{attr}), a tie the replacement cannot keep; untie them "
+                    f"first, or leave {site.names[0]!r} out with exclude=")
+
+
+def _carry_state(old: nn.Module, new: nn.Module, weight_names: Tuple[str, ...]) -> nn.Module:
+    """Training mode and requires_grad of ``old`` onto ``new`` (dtype and device come with the
+    conversion). Parameters of ``new`` that stand in for ``old``'s ``weight_names`` get the
+    first one's requires_grad; the others keep the flag of the same-named parameter of ``old``."""
+    new.train(old.training)
+    own = dict(old.named_parameters(recurse=False))
+    weight_grad = own[weight_names[0]].requires_grad
+    for name, p in new.named_parameters():
+        p.requires_grad_(own[name].requires_grad if name in own and name not in weight_names else weight_grad)
+    return new
+
+
+def _type_name(cls: type) -> str:
+    """``nn.Linear`` for torch.nn classes, else the class name."""
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
+
+
+def _replace_modules(
+    model: nn.Module,
+    convertible: Type[nn.Module],
+    convert: Callable[[nn.Module, str, dict], nn.Module],
+    kind,
+    *,
+    include,
+    exclude,
+    min_features: int,
+    features: Callable[[nn.Module], Tuple[int, int]],
+    options: dict,
+) -> Tuple[nn.Module, ReplacementReport]:
+    """The body of :func:`replace_linear`, for any module type: ``convert(module, kind, options)``
+    builds a replacement, ``features(module)`` gives its (in, out)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_policy(kind, "kind", "f(name, module)")
+    include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude") or []
+    min_features = check_nonnegative_int(min_features, "min_features")
+    new_model = copy.deepcopy(model)
+    report = ReplacementReport()
+    owners = _parameter_owners(new_model)
+    targets = []
+    for site in _sites(new_model, convertible):
+        module, names, first = site.module, site.names, site.names[0]
+        if include is not None and not any(_matches(n, include) for n in names):
+            continue
+        if any(_matches(n, exclude) for n in names):  # one excluded name keeps a shared module
+            report.skipped.append((first, "excluded"))
+            continue
+        inp, out = features(module)
+        if min(inp, out) < min_features:
+            report.skipped.append((first, f"min(in, out) = {min(inp, out)} < min_features={min_features}"))
+            continue
+        choice = check_policy_choice(kind(first, module) if callable(kind) else kind, f"{first!r}")
+        if choice is None:
+            report.skipped.append((first, "policy kept it"))
+            continue
+        if any(t.is_meta for t in module.parameters()):
+            raise ValueError(f"model: {first!r} is on the meta device and has no weights to approximate; "
+                             f"load them first (model.to_empty(device=...) and load_state_dict), or build "
+                             f"structlayers.Linear(kind, in, out, device='meta') for an untrained model")
+        _check_carryable(site, owners)
+        layer_kind, layer_options = choice
+        targets.append((site, layer_kind, {**options, **layer_options}))
+    if not targets:
+        raise ValueError(
+            f"no {_type_name(convertible)} in the model matches include={include}, exclude={exclude or None}, "
+            f"min_features={min_features}" + (f" (skipped: {report.skipped})" if report.skipped else ""))
+    # Build every replacement before touching the copy, so a failure leaves nothing half-done.
+    built = []
+    for site, layer_kind, layer_options in targets:
+        try:
+            new = convert(site.module, layer_kind, layer_options)
+        except (ValueError, TypeError) as exc:
+            inp, out = features(site.module)
+            raise type(exc)(f"cannot convert {site.names[0]!r} ({out}x{inp}): {exc}") from exc
+        built.append((site, new))
+    for site, new in built:
+        for parent, attr in site.places:
+            if parent is None:
+                new_model = new
+            else:
+                setattr(parent, attr, new)
+        inp, out = features(site.module)
+        report.replaced.append(Replacement(
+            name=site.names[0], kind=new.kind, in_features=inp, out_features=out,
+            params_before=sum(p.numel() for p in site.module.parameters()),
+            params_after=sum(p.numel() for p in new.parameters()),
+            relative_error=new.layer.relative_error(site.module.weight.detach()), names=tuple(site.names)))
+    return new_model, report
+
+
+def _convert_linear(linear: nn.Linear, kind: str, options: dict) -> "Linear":
+    return _carry_state(linear, Linear.from_linear(linear, kind, **options), ("weight",))
+
+
 def replace_linear(
     model: nn.Module,
     kind: KindPolicy,
     *,
-    include: Optional[Iterable[str]] = None,
-    exclude: Optional[Iterable[str]] = None,
+    include: Optional[Union[str, Iterable[str]]] = None,
+    exclude: Optional[Union[str, Iterable[str]]] = None,
     min_features: int = 16,
     **options,
 ) -> Tuple[nn.Module, ReplacementReport]:
     """A copy of ``model`` whose ``nn.Linear`` layers are converted; ``model`` is untouched.
 
     Args:
+        model: any module; a bare ``nn.Linear`` comes back converted.
         kind: a kind name, or ``policy(name, linear)`` returning a kind name, a
-            ``(kind, options)`` pair, or None to keep that layer.
-        include / exclude: glob patterns on qualified module names (``"encoder.*"``).
+            ``(kind, options)`` pair, or None to keep that layer (a shared module is offered
+            once, under its first name); anything else is a TypeError naming the layer.
+        include / exclude: glob patterns on qualified module names (``"encoder.*"``); one
+            string is one pattern.
         min_features: layers with min(in, out) below this are kept (a structured
             layer cannot save anything there).
         options: passed to ``from_dense`` of every converted layer (merged under a
             policy's own options).
 
-    Returns (new_model, report). Raises ValueError when no layer matches the filters.
+    Shared modules stay shared: a Linear reachable under several names is converted once
+    and the one replacement is installed under every name; it is included when any of its
+    names is, kept when any is excluded, and reported once with all its names
+    (``Replacement.names``). The replacement keeps the Linear's training mode, dtype,
+    device and ``requires_grad`` flags. A Linear with hooks, or whose weight or bias is
+    shared with another module (say an ``nn.Embedding``), raises a ValueError naming it:
+    neither can be carried over.
+
+    Returns (new_model, report). Raises ValueError when no layer matches the filters;
+    nothing is modified on any error.
     """
-    include, exclude = (list(include) if include is not None else None), list(exclude or ())
-    new_model = copy.deepcopy(model)
-    report = ReplacementReport()
-    targets = []
-    for name, module in new_model.named_modules():
-        if not isinstance(module, nn.Linear) or isinstance(module, Linear):
-            continue
-        if include is not None and not _matches(name, include):
-            continue
-        if _matches(name, exclude):
-            report.skipped.append((name, "excluded"))
-            continue
-        if min(module.in_features, module.out_features) < min_features:
-            report.skipped.append((name, f"min(in, out) = {min(module.in_features, module.out_features)} < min_features={min_features}"))
-            continue
-        choice = kind(name, module) if callable(kind) else kind
-        if choice is None:
-            report.skipped.append((name, "policy kept it"))
-            continue
-        layer_kind, layer_options = (choice, {}) if isinstance(choice, str) else choice
-        targets.append((name, module, layer_kind, {**options, **layer_options}))
-    if not targets:
-        raise ValueError(
-            f"no nn.Linear in the model matches include={include}, exclude={exclude or None}, "
-            f"min_features={min_features}" + (f" (skipped: {report.skipped})" if report.skipped else ""))
-    # Build every replacement before touching the copy, so a failure leaves nothing half-done.
-    built = []
-    for name, module, layer_kind, layer_options in targets:
-        try:
-            new = Linear.from_linear(module, layer_kind, **layer_options)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"cannot convert {name!r} ({module.out_features}x{module.in_features}): {exc}") from exc
-        built.append((name, module, new))
-    for name, module, new in built:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(new_model.get_submodule(parent_name) if parent_name else new_model, attr, new)
-        report.replaced.append(Replacement(
-            name=name, kind=new.kind, in_features=module.in_features, out_features=module.out_features,
-            params_before=sum(p.numel() for p in module.parameters()),
-            params_after=sum(p.numel() for p in new.parameters()),
-            relative_error=new.layer.relative_error(module.weight.detach())))
-    return new_model, report
+    return _replace_modules(model, nn.Linear, _convert_linear, kind, include=include, exclude=exclude,
+                            min_features=min_features, features=lambda m: (m.in_features, m.out_features),
+                            options=options)

@@ -8,7 +8,7 @@ import torch
 import structlayers as sl
 from structlayers.linalg import kron_dense
 
-from .helpers import decaying_matrix, generator, random_factors, rel
+from .helpers import decaying_factors, decaying_matrix, generator, random_factors, rel
 from .kind_specs import SPECS
 
 KINDS = sl.available()
@@ -245,3 +245,119 @@ def test_every_choose_option_builds_on_kronecker_input(kind):
         request = {} if cls.exact_from_kronecker else {"params_share": 0.5, **cls.budget_options}
         layer = cls.from_kronecker(a, b, **{**options, **request})
         assert layer.relative_error_kronecker(a, b) < 1.0
+
+
+# ------------------------------------------------ extreme values, dtypes, devices (issue #11)
+TOLERANCE_KINDS = [k for k in KINDS if k not in ("dense", "sketched")]  # sketched: W-independent tolerance
+
+
+@pytest.mark.parametrize("kind", TOLERANCE_KINDS)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float32, 1e-22),
+                                         (torch.float64, 1e200), (torch.float64, 1e-200)])
+def test_tolerance_holds_for_any_finite_weight(kind, dtype, scale):
+    """Squared norms of 1e20 float32 weights overflowed: the tolerance was then ignored."""
+    w = decaying_matrix(2, 16, 16, decay=0.7, seed=4)
+    reference = sl.from_dense(kind, w, tolerance=0.1)
+    layer = sl.from_dense(kind, (w * scale).to(dtype), tolerance=0.1)
+    assert layer.dtype == dtype
+    assert layer.num_params == reference.num_params
+    assert layer.relative_error((w * scale).to(dtype)) <= 0.1
+    assert layer.relative_error((w * scale).to(dtype)) == pytest.approx(reference.relative_error(w), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", [k for k in TOLERANCE_KINDS if k != "kronecker"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float64, 1e150), (torch.float64, 1e-150)])
+def test_kronecker_tolerance_holds_for_any_finite_factors(kind, dtype, scale):
+    a, b = decaying_factors(2, 4, decay=0.5, seed=5)
+    options = SPECS[kind]["budget"](1) if kind in ("tt", "monarch") else {}
+    options = {k: v for k, v in options.items() if k not in ("rank", "block_rank")}
+    reference = sl.from_kronecker(kind, a, b, tolerance=0.2, **options)
+    big_a, big_b = (a * scale).to(dtype), (b * scale).to(dtype)
+    layer = sl.from_kronecker(kind, big_a, big_b, tolerance=0.2, **options)
+    assert layer.num_params == reference.num_params
+    assert layer.relative_error_kronecker(big_a, big_b) <= 0.2
+    assert layer.relative_error_kronecker(big_a, big_b) == pytest.approx(
+        reference.relative_error_kronecker(a, b), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_weights_have_error_zero_and_tolerances_take_the_smallest_layer(kind):
+    zero = torch.zeros(2, 6, 6, dtype=torch.float64)
+    for options in SPECS[kind]["full_dense"](zero):
+        layer = sl.from_dense(kind, zero, **options)
+        assert layer.relative_error(zero) == 0.0
+        assert layer.relative_error(zero, per_fold=True).tolist() == [0.0, 0.0]
+    a, b = torch.zeros(1, 2, 3, dtype=torch.float64), torch.zeros(1, 3, 2, dtype=torch.float64)
+    for options in SPECS[kind]["full_kron"](a, b):
+        assert sl.from_kronecker(kind, a, b, **options).relative_error_kronecker(a, b) == 0.0
+    nonzero = sl.create(kind, 6, 6, 2, dtype=torch.float64, seed=0, **SPECS[kind]["init"](6, 6))
+    assert nonzero.relative_error(zero) == float("inf")
+    if kind in TOLERANCE_KINDS:
+        full = sl.from_dense(kind, zero, **SPECS[kind]["full_dense"](zero)[0])
+        assert sl.from_dense(kind, zero, tolerance=0.1).num_params <= full.num_params
+        if getattr(sl.get(kind), "rank_is_matrix_rank", False):
+            assert sl.from_dense(kind, zero, tolerance=0.1).rank == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_factored_in_float32_and_come_back_in_their_dtype(kind, dtype):
+    w = decaying_matrix(1, 8, 8, decay=0.8, seed=6).to(dtype)
+    a, b = (t.to(dtype) for t in decaying_factors(1, 4, decay=0.8, seed=7))
+    options = SPECS[kind]["full_dense"](w)[0]
+    layer = sl.from_dense(kind, w, **options)
+    assert layer.dtype == dtype and layer.relative_error(w) < 1e-2
+    layer = sl.from_kronecker(kind, a, b, **SPECS[kind]["full_kron"](a, b)[0])
+    assert layer.dtype == dtype and layer.relative_error_kronecker(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_of_another_dtype_is_a_type_error_naming_x(kind):
+    layer = sl.create(kind, 6, 6, 2, dtype=torch.float64, seed=0, **SPECS[kind]["init"](6, 6))
+    for bad in (torch.float32, torch.bool, torch.int64):
+        with pytest.raises(TypeError, match=rf"x has dtype {bad}, but this {kind} layer computes in torch.float64"):
+            layer(torch.zeros(2, 3, 6, dtype=bad))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_batch_gives_an_empty_output(kind):
+    for inp, out in ((8, 64), (64, 8)):  # tt sweeps right-to-left for one, left-to-right for the other
+        layer = sl.create(kind, inp, out, 2, dtype=torch.float64, seed=0, **SPECS[kind]["init"](inp, out))
+        assert layer(torch.zeros(2, 0, inp, dtype=torch.float64)).shape == (2, 0, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_device_construction_allocates_and_draws_nothing(kind, monkeypatch):
+    drawn = []
+    for name in ("randn", "rand", "randint", "empty", "zeros"):
+        original = getattr(torch, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            out = _original(*args, **kwargs)
+            if not out.is_meta:
+                drawn.append((_name, tuple(out.shape)))
+            return out
+
+        monkeypatch.setattr(torch, name, spy)
+    size = 2**20 * 3 * 5 * 7  # a dense layer this size would need terabytes
+    options = SPECS[kind]["init"](64, 64) if kind != "sketched" else {"num_terms": 1, "low_rank": 2}
+    layer = sl.create(kind, size, size, device="meta", **options)
+    assert all(t.is_meta for t in layer.state_dict().values())
+    assert [d for d in drawn if torch.Size(d[1]).numel() > 1] == []  # nothing of the layer's size
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_manual_seed_makes_unseeded_construction_reproducible(kind):
+    def build():
+        torch.manual_seed(123)
+        return sl.create(kind, 12, 12, 2, dtype=torch.float64, **SPECS[kind]["init"](12, 12)).to_dense()
+
+    assert torch.equal(build(), build())
+    w = decaying_matrix(1, 12, 12, decay=0.8, seed=8)
+    if kind in ("lowrank", "nystrom", "sketched"):  # the kinds with random constructions
+        options = {"rank": 3, "method": "randomized"} if kind == "lowrank" else (
+            {"rank": 3, "strategy": "uniform"} if kind == "nystrom" else {"low_rank": 2})
+        torch.manual_seed(5)
+        first = sl.from_dense(kind, w, **options).to_dense()
+        torch.manual_seed(5)
+        assert torch.equal(sl.from_dense(kind, w, **options).to_dense(), first)

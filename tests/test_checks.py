@@ -34,7 +34,7 @@ A, B = random_factors(2, (3, 2), (2, 3), seed=1)
         (lambda: sl.from_dense("lowrank", W, params_share=0.01), ValueError, "params_share=0.01 allows 0 parameters, but the smallest low-rank layer"),
         (lambda: sl.from_dense("lowrank", W, rank=2, method="qr"), ValueError, "unknown method 'qr'"),
         (lambda: sl.from_dense("nystrom", W, rank=2, strategy="volume"), ValueError, "unknown pivot strategy 'volume'; choose one of 'uniform', 'l2', 'leverage', 'deim', 'qr'"),
-        (lambda: sl.from_dense("nystrom", W, rank=2, oversampling=0.5), ValueError, "oversampling must be >= 1"),
+        (lambda: sl.from_dense("nystrom", W, rank=2, oversampling=0.5), ValueError, "oversampling must be a finite number >= 1"),
         (lambda: sl.from_dense("nystrom", W, rank=2, seed=1, generator=torch.Generator()), ValueError, "give seed or generator, not both"),
         (lambda: sl.from_kronecker("lowrank", A, B[:1], rank=2), ValueError, "A and B must have the same number of folds"),
         (lambda: sl.from_kronecker("lowrank", A, B.float(), rank=2), TypeError, "A and B must share a dtype"),
@@ -101,3 +101,61 @@ def test_valid_budgets_pass_and_params_share_picks_the_largest_fitting_rank():
     assert rank_for_params_share(1.0, 100, lambda r: 10 * r, max_rank=8, what="layer") == 8
     with pytest.raises(ValueError, match="params_share=0.05 allows 5 parameters, but the smallest layer"):
         rank_for_params_share(0.05, 100, lambda r: 10 * r, max_rank=8, what="layer")
+
+
+# Options that used to bend silently or crash deep inside (issue #11): each is refused with
+# a ValueError / TypeError naming the argument and what would be right.
+M = torch.randn(8, 8, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=-3), ValueError, "oversampling must be a non-negative int below 2\*\*63, got -3"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=2.5), TypeError, "oversampling must be a non-negative int, got float 2.5"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=float("inf")), TypeError, "oversampling must be a non-negative int"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling="2"), TypeError, "oversampling must be a non-negative int, got str"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=None), TypeError, "oversampling must be a non-negative int, got NoneType"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", power_iterations=-1), ValueError, "power_iterations must be a non-negative int below 2\*\*63, got -1"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", power_iterations=1.5), TypeError, "power_iterations must be a non-negative int, got float"),
+        (lambda: sl.from_dense("nystrom", M, rank=2, oversampling=float("inf")), ValueError, "oversampling must be a finite number >= 1"),
+        (lambda: sl.from_dense("nystrom", M, rank=2, oversampling="2"), TypeError, "oversampling must be a real number >= 1"),
+        (lambda: sl.from_dense("nystrom", M, rank=2, oversampling=None), TypeError, "oversampling must be a real number >= 1"),
+        (lambda: sl.from_kronecker("nystrom", A, A, factor_ranks=(1, 1), oversampling=float("nan")), ValueError, "oversampling must be a finite number"),
+        (lambda: sl.from_kronecker("lowrank", A, A, factor_ranks=(1, 1), square="False"), TypeError, "square must be True or False, got str 'False'"),
+        (lambda: sl.from_kronecker("nystrom", A, A, factor_ranks=(1, 1), square=1), TypeError, "square must be True or False, got int"),
+        (lambda: sl.create("lowrank", 6, 6, factor_shapes=((2, 3), (3, 2)), rank=1, tied="yes"), TypeError, "tied must be True or False"),
+        (lambda: sl.create("dense", 4, 4, dtype="float32"), TypeError, "dtype must be a floating-point or complex torch.dtype"),
+        (lambda: sl.create("tt", 4, 4, dtype=torch.int64), TypeError, "dtype must be a floating-point or complex torch.dtype"),
+        (lambda: sl.create("sketched", 4, 4, num_terms=1, low_rank=1, dtype=torch.bool), TypeError, "dtype must be a floating-point"),
+        (lambda: sl.create("monarch", 4, 4, device="gpu"), ValueError, "device='gpu' is not a device torch knows"),
+        (lambda: sl.create("kronecker", 4, 4, device=3.5), TypeError, "device must be a torch.device"),
+        (lambda: sl.create("lowrank", 4, 4, rank=1, device="xla"), ValueError, "device='xla' is not available on this machine"),
+        (lambda: sl.create("lowrank", 4, 4, rank=1, device="hpu"), ValueError, "device='hpu' is not available on this machine"),
+        (lambda: sl.create("dense", 2**70, 4), ValueError, r"in_features must be a positive int below 2\*\*63"),
+        (lambda: sl.create("dense", 4, 4, seed=2**70), ValueError, r"seed must be an int in \[0, 2\*\*64\)"),
+        (lambda: sl.create("dense", 4, 4, seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*64\)"),
+        (lambda: sl.create("dense", 4, 4, seed="1"), TypeError, "seed must be an int, got str"),
+        (lambda: sl.create("dense", 4, 4, generator=1), TypeError, "generator must be a torch.Generator"),
+        (lambda: sl.from_dense("sketched", M, tolerance=1e-300, allow_larger=True), ValueError, "tolerance=1e-300 needs low_rank of about inf"),
+        (lambda: sl.from_dense("sketched", M, tolerance=1e-6, allow_larger=True), ValueError, "tolerance=1e-06 needs low_rank of about"),
+        (lambda: sl.from_dense("lowrank", torch.empty(4, 4, device="meta"), rank=1), ValueError, "W is on the meta device"),
+        (lambda: sl.Linear("dense", 4, 4)(torch.tensor(1.0)), ValueError, r"Linear expects inputs of shape \(\.\.\., 4\), got \(\)"),
+        (lambda: sl.Linear("dense", 4, 4)([1.0] * 4), TypeError, "Linear expects a torch.Tensor x"),
+        (lambda: sl.Linear("dense", 4, 4)(torch.ones(4, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
+        (lambda: sl.Linear("dense", 4, 4, bias="no"), TypeError, "bias must be True or False"),
+        # found by tests/property: values of the wrong type reached truthiness tests, and
+        # messages of conflicting options named only one side
+        (lambda: sl.create("kronecker", 6, 6, factor_shapes=torch.zeros(2)), ValueError, "factor_shapes must be"),
+        (lambda: sl.from_kronecker("lowrank", A, B, rank=1, structure=torch.zeros(2)), ValueError, "unknown structure"),
+        (lambda: sl.from_kronecker("nystrom", A, A, factor_ranks=None), ValueError, "nystrom needs one of rank, tolerance, params_share or factor_ranks"),
+        (lambda: sl.from_kronecker("nystrom", A, A, factor_ranks=(1, 3)), ValueError, r"of factor B \(factor_ranks\[1\]\)"),
+        (lambda: sl.create("lowrank", 1, 6, rank=3), ValueError, r"of a 6 x 1 matrix \(out_features x in_features\)"),
+        (lambda: sl.create("monarch", 1, 6, block_rank=2), ValueError, "blocks of out_features / blocks_out x in_features / blocks_in"),
+        (lambda: sl.create("sketched", 1, 6, num_terms=1, low_rank=3), ValueError, r"\(out_features\*in_features\) of a dense layer"),
+        (lambda: sl.create("tt", 2, 2, tt_rank=9), ValueError, r"out_features=2, in_features=2"),
+    ],
+)
+def test_bad_options_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -3,11 +3,16 @@
 import warnings
 
 import pytest
+import torch
 
 import structlayers as sl
+from structlayers.choose import error_resolution
 from structlayers.linalg import kron_dense
 
 from .helpers import decaying_factors, decaying_matrix
+
+W8 = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+A4 = W8[:4, :4]
 
 
 def test_tolerance_on_kronecker_input_picks_the_cheapest_qualifying_layer():
@@ -56,3 +61,48 @@ def test_bad_requests():
         sl.choose(w, tolerance=0.1, kinds=["fft"])
     with pytest.raises(ValueError, match="no candidate meets the request"):
         sl.choose(w, tolerance=0.01, params_share=0.05, kinds=["lowrank"])
+
+
+def test_tolerance_zero_accepts_exact_candidates_despite_rounding():
+    """The Kronecker error ||W||^2 - 2<W, L> + ||L||^2 leaves ~1e-8 of rounding: exact
+    candidates used to be rejected at tolerance=0."""
+    a, b = decaying_factors(1, 4, decay=0.7, seed=3)
+    choice = sl.choose((a, b), tolerance=0.0, kinds=["dense", "lowrank", "nystrom"])
+    assert {c.kind for c in choice.candidates if c.meets} == {"dense", "lowrank", "nystrom"}
+    dense = next(c for c in choice.candidates if c.kind == "dense")
+    assert dense.error == 0.0  # exact by construction
+    w = decaying_matrix(1, 12, 12, decay=0.9, seed=4)
+    assert all(c.meets for c in sl.choose(w, tolerance=0.0, kinds=["dense", "lowrank", "kronecker"]).candidates)
+
+
+def test_zero_target_finds_a_candidate():
+    zero = torch.zeros(8, 8, dtype=torch.float64)
+    choice = sl.choose(zero, tolerance=0.1, kinds=["dense", "lowrank", "nystrom"])
+    assert choice.chosen.error == 0.0 and choice.chosen.kind in ("lowrank", "nystrom")
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: sl.choose((A4, A4, A4), tolerance=0.1), ValueError, "target must be a weight W or a pair"),
+        (lambda: sl.choose(W8, tolerance=0.1, kinds=[]), ValueError, "kinds is empty"),
+        (lambda: sl.choose(W8, tolerance=0.1, kinds=["lowrank", 3]), TypeError, "kind name must be a str"),
+        (lambda: sl.choose(W8, tolerance=0.1, batch_size=0), ValueError, "batch_size must be a positive int"),
+        (lambda: sl.choose(W8.numpy(), tolerance=0.1), TypeError, "target must be a torch.Tensor"),
+    ],
+)
+def test_bad_choose_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_one_kind_as_a_string_is_one_kind():
+    choice = sl.choose(W8, tolerance=0.5, kinds="lowrank")
+    assert [c.kind for c in choice.candidates] == ["lowrank"]
+
+
+def test_the_error_resolution_never_widens_a_tolerance_noticeably():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64):
+        assert error_resolution(dtype, False) <= 1e-4
+        assert error_resolution(dtype, True) <= 1e-4
+    assert error_resolution(torch.float64, True) > 1e-8  # the Kronecker cancellation

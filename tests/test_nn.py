@@ -65,6 +65,120 @@ def test_replace_linear_errors_leave_the_model_intact():
     assert isinstance(model[0], nn.Linear)
 
 
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(32, 32)
+        self.tied = self.enc  # the same module under a second name
+        self.head = nn.Linear(32, 32)
+
+
+def test_shared_modules_stay_shared_and_are_reported_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32)
+    seq = nn.Sequential(lin, nn.ReLU(), lin)
+    new, report = sl.replace_linear(seq, "lowrank", rank=4)
+    assert new[0] is new[2] and isinstance(new[0], sl.Linear)
+    assert [r.names for r in report.replaced] == [("0", "2")]
+    assert sum(p.numel() for p in new.parameters()) == report.params_after
+    model = Tied()
+    new, report = sl.replace_linear(model, "lowrank", rank=4)
+    assert new.enc is new.tied and isinstance(new.enc, sl.Linear) and new.head is not new.enc
+    assert [r.names for r in report.replaced] == [("enc", "tied"), ("head",)]
+    assert "enc = tied" in str(report)
+    # one excluded name keeps the shared module whole
+    kept, report = sl.replace_linear(model, "lowrank", exclude="tied", rank=4)
+    assert isinstance(kept.enc, nn.Linear) and kept.enc is kept.tied and ("enc", "excluded") in report.skipped
+
+
+def test_a_bare_linear_comes_back_converted():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32).double()
+    new, report = sl.replace_linear(lin, "lowrank", rank=32)
+    assert isinstance(new, sl.Linear) and "" not in dict(new.named_children())
+    assert [r.name for r in report.replaced] == [""]
+    x = torch.randn(3, 32, dtype=torch.float64)
+    assert rel(new(x), lin(x)) < 1e-10
+
+
+def test_a_string_filter_is_one_pattern():
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(32, 32))
+    model.add_module("head", nn.Linear(32, 32))
+    model.add_module("heads", nn.Sequential(nn.Linear(32, 32)))
+    _, report = sl.replace_linear(model, "lowrank", include="head", rank=2)
+    assert [r.name for r in report.replaced] == ["head"]
+    _, report = sl.replace_linear(model, "lowrank", include="heads.*", rank=2)
+    assert [r.name for r in report.replaced] == ["heads.0"]
+    _, report = sl.replace_linear(model, "lowrank", exclude="a", rank=2)
+    assert [r.name for r in report.replaced] == ["head", "heads.0"]
+
+
+def test_module_state_is_carried_over():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)).double().eval()
+    model[0].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    new, _ = sl.replace_linear(model, "lowrank", rank=4)
+    assert not new.training and not any(m.training for m in new.modules())
+    assert not any(p.requires_grad for p in new[0].layer.parameters()) and new[0].bias.requires_grad
+    assert all(p.requires_grad for p in new[1].layer.parameters()) and not new[1].bias.requires_grad
+    assert new[0].layer.dtype == torch.float64 and new[0].bias.dtype == torch.float64
+    half, _ = sl.replace_linear(nn.Sequential(nn.Linear(32, 32)).half(), "lowrank", rank=4)
+    assert half[0].layer.dtype == torch.float16 and half[0].bias.dtype == torch.float16
+
+
+def test_hooks_and_ties_to_other_modules_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model[1].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"model: '1' has hooks \(forward_hooks\)"):
+        sl.replace_linear(model, "lowrank", rank=2)
+    pre = nn.Sequential(nn.Linear(32, 32))
+    pre[0].register_forward_pre_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="forward_pre_hooks"):
+        sl.replace_linear(pre, "lowrank", rank=2)
+    lm = nn.Module()
+    lm.embed = nn.Embedding(40, 32)
+    lm.head = nn.Linear(32, 40, bias=False)
+    lm.head.weight = lm.embed.weight
+    with pytest.raises(ValueError, match=r"model: 'head' shares its parameter with 'embed' \(Embedding.weight\)"):
+        sl.replace_linear(lm, "lowrank", rank=2)
+    new, report = sl.replace_linear(model, "lowrank", exclude="1", rank=2)  # leaving it out works
+    assert [r.name for r in report.replaced] == ["0"]
+
+
+def test_a_meta_device_model_is_refused_by_name():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="model: '0' is on the meta device"):
+        sl.replace_linear(model, "lowrank", rank=2)
+
+
+@pytest.mark.parametrize("junk", [5, ("lowrank",), ("lowrank", None), ["lowrank", {}], (3, {})])
+def test_a_policy_returning_junk_is_a_type_error(junk):
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(TypeError, match=r"the policy returned .* for '0'; a policy must return a kind name"):
+        sl.replace_linear(model, lambda name, lin: junk)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(kind="lowrank", min_features=-5), ValueError, "min_features must be a non-negative int below 2\*\*63, got -5"),
+        (dict(kind="lowrank", min_features=2.5), TypeError, "min_features must be a non-negative int"),
+        (dict(kind="fourier"), ValueError, "unknown structured layer kind 'fourier'"),
+        (dict(kind=3), TypeError, r"kind must be a kind name or a policy function f\(name, module\)"),
+        (dict(kind="lowrank", include=3), TypeError, "include must be a glob pattern or a list of them"),
+        (dict(kind="lowrank", exclude=[None]), TypeError, "exclude must hold glob pattern strings"),
+    ],
+)
+def test_bad_replace_linear_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sl.replace_linear(nn.Sequential(nn.Linear(32, 32)), rank=2, **kwargs)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sl.replace_linear("model", "lowrank", rank=2)
+
+
 # ----------------------------------------------------------- end to end: digits
 @pytest.fixture(scope="module")
 def digits():

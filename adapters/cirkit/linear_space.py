@@ -74,6 +74,7 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
+from .checks import check_evidence
 from .internals import address_book, tensordot_units, tucker_subscripts
 from .layers import (
     TorchKroneckerSumLayer,
@@ -629,6 +630,7 @@ def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
                    integrate: Optional[Tensor] = None) -> Tensor:
     """``circuit.evaluate(x)`` of an lse-sum / complex-lse-sum circuit, in linear space:
     (O, B, K) logs, without cirkit's clamp at -708 (see :func:`evaluate_linear_space`)."""
+    check_evidence(circuit, x, integrate)
     check_log_semiring(circuit)
     if circuit.scope and x is None:
         raise ValueError("the circuit has variables: pass x of shape (B, D)")

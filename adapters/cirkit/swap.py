@@ -14,6 +14,7 @@ from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring,
 
 import structlayers
 
+from structlayers._checks import check_bool, check_policy, check_policy_choice, check_positive_int
 from structlayers.linalg import kron_chain_flops
 
 from .accelerate import accelerate
@@ -95,6 +96,7 @@ def rank_policy(kind: str, rank: int, **options) -> Callable[[LayerInfo], Tuple[
     :func:`square_policy` keeps every layer a square.
     """
     structlayers.get(kind)
+    rank = check_positive_int(rank, "rank")
 
     def policy(info: LayerInfo) -> Tuple[str, dict]:
         max_rank = min(info.factor_a) * min(info.factor_b)
@@ -114,6 +116,7 @@ def square_policy(kind: str, factor_rank: int, **options) -> Callable[[LayerInfo
     are not a conjugate pair, or whose factors have rank <= ``factor_rank``, keep the
     exact ``kronecker`` layer.
     """
+    factor_rank = check_positive_int(factor_rank, "factor_rank")
     if not structlayers.get(kind).square_form:
         square = [k for k in structlayers.available() if structlayers.get(k).square_form]
         raise ValueError(f"square_policy needs a kind that keeps the square form Ã ⊗ conj(Ã): "
@@ -189,8 +192,10 @@ def swap_kronecker_sum_layers(
     if not circuits:
         raise ValueError("no circuit to swap")
     circuits = [_check_circuit(c) for c in circuits]
+    check_policy(policy, "policy", "f(LayerInfo)")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'frozen' or 'live'")
+    check_bool(fast, "fast")
     for c in circuits:
         if not kronecker_sum_layers(c):
             names = sorted({type(layer).__name__ for layer in c.layers})
@@ -227,11 +232,11 @@ def _plan_swaps(circuit: TorchCircuit, policy: Policy, mode: str, options: dict,
                          in_features=layer.num_input_units * layer.arity, factor_a=tuple(a.shape[1:]),
                          factor_b=tuple(b.shape[1:]), dtype=a.dtype,
                          conjugate_pair=a.shape == b.shape and bool(torch.equal(b, a.conj())))
-        choice = policy(info) if callable(policy) else policy
+        choice = check_policy_choice(policy(info) if callable(policy) else policy, info.name)
         if choice is None:
             report.kept.append(info)
             continue
-        layer_kind, layer_options = (choice, {}) if isinstance(choice, str) else choice
+        layer_kind, layer_options = choice
         layer_options = {**options, **layer_options}
         try:
             new, row = _build(layer, info, a, b, layer_kind, mode, layer_options)

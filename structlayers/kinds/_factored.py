@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._checks import check_positive_int, check_rank_range, make_generator
+from .._checks import check_bool, check_positive_int, check_rank_range, make_generator
 from ..base import StructuredSumLayer, random_normal
 from ..linalg.kron import (
     FactorShapes,
@@ -85,13 +85,14 @@ class FactoredLayer(StructuredSumLayer):
         def normal(shape, std):
             return random_normal(shape, std, dtype=dtype, device=device, generator=gen)
 
+        tied = check_bool(tied, "tied")
         if factor_shapes is None:
             if factor_ranks is not None or tied:
                 raise ValueError("factor_ranks and tied need factor_shapes (the kronecker structure)")
             if rank is None:
                 raise ValueError(f"{self.kind or 'this'} layer needs a rank")
             r = check_positive_int(rank, "rank")
-            check_rank_range(r, min(out, inp), f"a {out} x {inp} matrix")
+            check_rank_range(r, min(out, inp), f"a {out} x {inp} matrix (out_features x in_features)")
             std = (1.0 / (3.0 * inp * r)) ** 0.25  # Var(W_ij) = r std^4 = 1 / (3 in)
             self._set_flat(normal((f, out, r), std), normal((f, r, inp), std))
             return
@@ -127,8 +128,8 @@ class FactoredLayer(StructuredSumLayer):
             ka, kb = min(splits, key=lambda s: abs(s[0] - s[1]))
         else:
             raise ValueError("the kronecker structure needs rank or factor_ranks")
-        check_rank_range(ka, max_a, "factor A")
-        check_rank_range(kb, max_b, "factor B")
+        check_rank_range(ka, max_a, "factor A (factor_ranks[0])")
+        check_rank_range(kb, max_b, "factor B (factor_ranks[1])")
         if tied and ka != kb:
             raise ValueError(f"tied=True needs equal factor ranks, got {(ka, kb)}")
         return ka, kb
@@ -231,6 +232,13 @@ class FactoredLayer(StructuredSumLayer):
             return super()._inner_kronecker(a, b)
         fa, fb = self.factors()
         return inner(a, fa) * inner(b, fb)
+
+    def _scaling(self):
+        if self.structure == "flat":
+            return [(self.left, 0.5), (self.right, 0.5)]
+        if self.tied:  # W = (la ra) ⊗ conj(la ra): degree 2 in each
+            return [(self.left_a, 0.25), (self.right_a, 0.25)]
+        return [(self.left_a, 0.5), (self.left_b, 0.5)]
 
     def _frobenius_sq(self) -> torch.Tensor:
         if self.structure == "flat":

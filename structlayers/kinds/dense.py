@@ -48,6 +48,9 @@ class Dense(StructuredSumLayer, kind="dense"):
     def to_dense(self) -> torch.Tensor:
         return self.weight
 
+    def _scaling(self):
+        return [(self.weight, 1.0)]
+
     def flops(self, batch_size: int) -> int:
         return check_positive_int(batch_size, "batch_size") * self.dense_params
 

@@ -45,6 +45,8 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     """
 
     exact_from_kronecker = True
+    optimal_rank_option = "rank"  # Van Loan–Pitsianis: the optimal sum of rank Kronecker products
+    meets_tolerance = True
     rank_meaning = "the number of Kronecker terms A_t ⊗ B_t (Kronecker rank)"
 
     def __init__(
@@ -62,7 +64,7 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
         (a1, a2), (b1, b2) = check_factor_shapes(
-            factor_shapes or balanced_factor_shapes(self.out_features, self.in_features),
+            balanced_factor_shapes(self.out_features, self.in_features) if factor_shapes is None else factor_shapes,
             self.out_features, self.in_features)
         rank = check_positive_int(rank, "rank")
         gen = make_generator(seed, generator)
@@ -98,6 +100,9 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
         if self.factor_shapes != (tuple(a.shape[1:]), tuple(b.shape[1:])):
             return super()._inner_kronecker(a, b)
         return (inner(a[:, None], self.a) * inner(b[:, None], self.b)).sum(dim=1)
+
+    def _scaling(self):
+        return [(self.a, 0.5), (self.b, 0.5)]
 
     def _frobenius_sq(self) -> torch.Tensor:
         gram_a = torch.einsum("fsij,ftij->fst", self.a.conj(), self.a)
@@ -136,7 +141,8 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share)
         f, out, inp = w.shape
-        (a1, a2), (b1, b2) = check_factor_shapes(factor_shapes or balanced_factor_shapes(out, inp), out, inp)
+        shapes = balanced_factor_shapes(out, inp) if factor_shapes is None else factor_shapes
+        (a1, a2), (b1, b2) = check_factor_shapes(shapes, out, inp)
         # Rearranged so that W = sum_t A_t ⊗ B_t becomes sum_t vec(A_t) vec(B_t)^T.
         rearranged = w.reshape(f, a1, b1, a2, b2).permute(0, 1, 3, 2, 4).reshape(f, a1 * a2, b1 * b2)
         u, s, vh = svd(rearranged)

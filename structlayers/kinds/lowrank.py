@@ -18,7 +18,9 @@ from .._checks import (
     as_folded_factors,
     as_folded_weight,
     check_budget,
+    check_bool,
     check_choice,
+    check_nonnegative_int,
     check_positive_int,
     check_rank_range,
     make_generator,
@@ -55,6 +57,8 @@ class LowRank(FactoredLayer, kind="lowrank"):
     """Optimal low-rank layer. Random init: ``LowRank(in, out, F, rank=r)``."""
 
     rank_is_matrix_rank = True
+    optimal_rank_option = "rank"
+    meets_tolerance = True
     square_form = True
     kronecker_choose_options = ({}, {"structure": "kronecker"})
     rank_meaning = "the matrix rank of W (kronecker structure: ka·kb)"
@@ -83,6 +87,8 @@ class LowRank(FactoredLayer, kind="lowrank"):
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share, required=cls.kind)
         check_choice(method, METHODS, "method")
+        oversampling = check_nonnegative_int(oversampling, "oversampling")
+        power_iterations = check_nonnegative_int(power_iterations, "power_iterations")
         f, out, inp = w.shape
         max_rank = min(out, inp)
         if params_share is not None:
@@ -142,8 +148,11 @@ class LowRank(FactoredLayer, kind="lowrank"):
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
         # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
-        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
-        structure = check_choice(structure or ("kronecker" if square or factor_ranks else "flat"),
+        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None,
+                     also=("factor_ranks",))
+        square = check_bool(square, "square")
+        default = "kronecker" if square or factor_ranks is not None else "flat"
+        structure = check_choice(default if structure is None else structure,
                                  STRUCTURES, "structure")
         if square:
             check_square_factors(a, b)

@@ -105,6 +105,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
     """
 
     rank_meaning = "the block rank (block_rank): the rank of every block of W"
+    optimal_rank_option = "block_rank"  # a truncated SVD of every block is the optimal projection
+    meets_tolerance = True
 
     def __init__(
         self,
@@ -187,6 +189,9 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         left, right = self._views()
         w = torch.einsum("flskt,fkltp->fslkp", left, right)
         return w.reshape(self.num_folds, self.out_features, self.in_features)
+
+    def _scaling(self):
+        return [(self.left, 0.5), (self.right, 0.5)]
 
     def _frobenius_sq(self) -> torch.Tensor:
         # ||W||^2 = sum over blocks of tr((L_b^H L_b)(R_b R_b^H)), from r x r Gram matrices.

@@ -22,6 +22,7 @@ import torch
 from .._checks import (
     as_folded_factors,
     as_folded_weight,
+    check_bool,
     check_budget,
     check_choice,
     check_positive_int,
@@ -74,6 +75,7 @@ class Nystrom(FactoredLayer, kind="nystrom"):
 
     pivot_strategies = PIVOT_STRATEGIES
     rank_is_matrix_rank = True
+    meets_tolerance = True
     square_form = True
     kronecker_choose_options = ({}, {"structure": "flat"})
     rank_meaning = "the matrix rank of W, the CUR's kept rank (product grid: ka·kb)"
@@ -147,10 +149,12 @@ class Nystrom(FactoredLayer, kind="nystrom"):
         a, b = as_folded_factors(a, b)
         a, b = a.detach(), b.detach()
         # factor_ranks is a budget of its own: then rank, tolerance and params_share are optional
-        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None)
+        check_budget(rank, tolerance, params_share, required=cls.kind if factor_ranks is None else None,
+                     also=("factor_ranks",))
         check_choice(strategy, PIVOT_STRATEGIES, "pivot strategy")
         check_choice(structure, STRUCTURES, "structure")
         num_pivots(1, oversampling, 1)  # validates oversampling
+        square = check_bool(square, "square")
         if square:
             check_square_factors(a, b)
             if structure != "kronecker":

@@ -53,7 +53,10 @@ from .._checks import (
     as_folded_weight,
     check_budget,
     check_choice,
+    check_device,
+    check_layer_dtype,
     check_positive_int,
+    is_meta,
     make_generator,
 )
 from ..base import StructuredSumLayer, random_normal
@@ -96,7 +99,8 @@ def _check_size(in_features: int, out_features: int, num_terms: int, low_rank: i
     if not allow_larger:
         raise ValueError(
             f"sketched layer with num_terms={num_terms}, low_rank={low_rank}{context} stores {sizes}, "
-            f"more than the {dense} = {out_features}*{in_features} of a dense layer; lower num_terms "
+            f"more than the {dense} = {out_features}*{in_features} (out_features*in_features) of a dense "
+            f"layer; lower num_terms "
             f"or low_rank, or pass allow_larger=True to build it anyway")
     warnings.warn(
         f"sketched layer stores more than a dense layer: {sizes} versus {dense} for a dense "
@@ -135,13 +139,6 @@ def _resolve_size(out: int, inp: int, *, num_terms, low_rank, rank, tolerance, p
         err = expected_relative_error(inp, out, num_terms=L, low_rank=k, sketch=sketch, fit=fit)
         return L, k, f" (chosen for tolerance={tolerance}: expected error {err:.3g} with fit={fit!r})"
     raise ValueError("sketched needs low_rank (or rank, tolerance or params_share)")
-
-
-def _check_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    dtype = dtype or torch.get_default_dtype()
-    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
-        raise TypeError(f"dtype must be a floating-point or complex torch.dtype, got {dtype!r}")
-    return dtype
 
 
 # ---------------------------------------------------------------------- layer
@@ -189,12 +186,15 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         L = check_positive_int(num_terms, "num_terms")
         k = check_positive_int(low_rank, "low_rank")
         check_choice(sketch, SKETCHES, "sketch")
-        dtype = _check_dtype(dtype)
+        dtype, device = check_layer_dtype(dtype), check_device(device)
         f, out, inp = self.num_folds, self.out_features, self.in_features
         _check_size(inp, out, L, k, allow_larger)
         gen = make_generator(seed, generator)
-        u1 = draw_sketches(f, L, k, out, sketch, gen)
-        u2 = draw_sketches(f, L, k, inp, sketch, gen)
+        if is_meta(device):  # nothing to draw: shapes only, as nn.Linear on the meta device
+            u1, u2 = torch.empty(f, L, k, out, device=device), torch.empty(f, L, k, inp, device=device)
+        else:
+            u1 = draw_sketches(f, L, k, out, sketch, gen)
+            u2 = draw_sketches(f, L, k, inp, sketch, gen)
         std = math.sqrt(2 * L / (3 * inp))
         s1 = random_normal((f, L, k, inp), std, dtype=dtype, device=device, generator=gen)
         s2 = random_normal((f, L, out, k), std, dtype=dtype, device=device, generator=gen)
@@ -260,6 +260,9 @@ class Sketched(StructuredSumLayer, kind="sketched"):
 
     def _frobenius_sq(self) -> torch.Tensor:
         return lowrank_frobenius_sq(*self._factors())
+
+    def _scaling(self):
+        return [(self.s1, 1.0), (self.s2, 1.0)]  # W~ is linear in (S1, S2); the sketches stay
 
     # ----------------------------------------------------------- constructors
     @classmethod
@@ -355,7 +358,7 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         check_choice(fit, FITS, "fit")
         L, k, context = _resolve_size(out, inp, num_terms=num_terms, low_rank=low_rank, rank=rank,
                                       tolerance=tolerance, params_share=params_share, sketch=sketch, fit=fit)
-        _check_size(inp, out, L, k, allow_larger, context, stacklevel=4)
+        _check_size(inp, out, L, k, allow_larger, context, stacklevel=5)  # past the constructor wrapper
         gen = make_generator(seed, generator)
         work_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
         u1 = draw_sketches(f, L, k, out, sketch, gen).to(device=device, dtype=work_dtype)

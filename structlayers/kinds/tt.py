@@ -91,7 +91,7 @@ def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
         if r > lim:
             raise ValueError(
                 f"bond rank {r} of bond {k + 1} exceeds its largest useful rank {lim} "
-                f"(bond limits {tuple(limits)})")
+                f"(tt_rank entry {k}; bond limits {tuple(limits)})")
     return (1,) + tuple(ranks) + (1,)
 
 
@@ -121,6 +121,7 @@ class TT(StructuredSumLayer, kind="tt"):
     # unsplit, A ⊗ B is already exact at bond dimension 1: budgets act inside the factors
     kronecker_choose_options = ({"factor_cores": True},)
     budget_options = {"factor_cores": True}
+    meets_tolerance = True  # the TT-SVD error is exactly the sum of the discarded tails
     rank_meaning = "the largest TT bond rank (maximal bond dimension)"
 
     def __init__(
@@ -140,7 +141,11 @@ class TT(StructuredSumLayer, kind="tt"):
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
         om, im = resolve_modes(self.out_features, self.in_features, out_modes, in_modes, num_cores)
-        ranks = resolve_ranks(tt_rank, bond_limits(om, im))
+        try:
+            ranks = resolve_ranks(tt_rank, bond_limits(om, im))
+        except ValueError as exc:  # the limits come from the layer's shape: say so
+            raise ValueError(f"{exc} (out_modes {om} and in_modes {im} for out_features={self.out_features}, "
+                             f"in_features={self.in_features}; num_cores={len(om)})") from None
         gen = make_generator(seed, generator)
         d = len(om)
         cores = []
@@ -206,7 +211,7 @@ class TT(StructuredSumLayer, kind="tt"):
             warnings.warn(
                 f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks} "
                 f"costs {cost} multiply-adds per sample and fold, {cost / reference:.1f}x the {reference} "
-                f"of {what}; {advice}", UserWarning, stacklevel=3)
+                f"of {what}; {advice}", UserWarning, stacklevel=4)  # past the constructor wrapper
         return self
 
     def flops(self, batch_size: int) -> int:
@@ -222,6 +227,8 @@ class TT(StructuredSumLayer, kind="tt"):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.shape[1] == 0:  # an empty batch: the sweeps' reshapes cannot infer sizes from 0 elements
+            return x.new_zeros(self.num_folds, 0, self.out_features)
         rtl, ltr = self._sweep_costs()
         sweep = self._right_to_left if rtl <= ltr else self._left_to_right
         # The intermediates are up to ~r times larger than x; in batch chunks of at most
@@ -272,6 +279,9 @@ class TT(StructuredSumLayer, kind="tt"):
 
     def _frobenius_sq(self) -> torch.Tensor:
         return mpo_frobenius_sq(list(self.cores))
+
+    def _scaling(self):
+        return [(g, 1.0 / self.num_cores) for g in self.cores]
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """<A ⊗ B, W> without forming W when a bond splits the modes as A's and B's shapes."""
@@ -366,7 +376,7 @@ class TT(StructuredSumLayer, kind="tt"):
         else:
             try:
                 side_a, side_b = factor_modes
-                (ao, ai), (bo, bi) = (side_a or (None, None)), (side_b or (None, None))
+                (ao, ai), (bo, bi) = ((None, None) if side_a is None else side_a), ((None, None) if side_b is None else side_b)
             except (TypeError, ValueError) as exc:
                 raise ValueError("factor_modes must be ((A out_modes, A in_modes), (B out_modes, B in_modes)), "
                                  f"got {factor_modes!r}") from exc

@@ -68,7 +68,8 @@ def check_block_rank(block_rank: object, out_block: int, in_block: int, blocks: 
     if r > min(out_block, in_block):
         raise ValueError(
             f"block_rank {r} exceeds min(output block size {out_block}, input block size {in_block}) = "
-            f"{min(out_block, in_block)} for num_blocks={blocks}: a {out_block} x {in_block} block has "
+            f"{min(out_block, in_block)} for num_blocks={blocks} (blocks of out_features / blocks_out x "
+            f"in_features / blocks_in): a {out_block} x {in_block} block has "
             f"no higher rank (at that block rank the layer already represents every matrix)")
     return r
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._checks import check_real
 from .kron import kron_apply, kron_columns, kron_rows
 from .pivots import NEEDS_BASIS, select_pivots
 from .svd import randomized_svd, svd, top_kronecker_pairs
@@ -45,8 +46,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def num_pivots(k: int, oversampling: float, limit: int) -> int:
     """How many pivots to draw for a rank-k CUR: ceil(oversampling * k), at most ``limit``."""
-    if not oversampling >= 1.0:
-        raise ValueError(f"oversampling must be >= 1 (pivots per unit of rank), got {oversampling}")
+    oversampling = check_real(oversampling, "oversampling", minimum=1.0, what="pivots per unit of rank")
     return min(limit, math.ceil(oversampling * k))
 
 

@@ -56,6 +56,8 @@ import torch
 from .._checks import check_choice, check_positive_int
 
 SKETCHES = ("gaussian", "sign", "sparse", "orthogonal")
+#: the largest per-term sketch size a tolerance may ask for (beyond it the layer would not fit in memory)
+MAX_LOW_RANK = 2**20
 FITS = ("unbiased", "projection")
 
 
@@ -130,7 +132,13 @@ def low_rank_for_tolerance(inp: int, out: int, L: int, tolerance: float, sketch:
                 f"tolerance=0 is unreachable with random {sketch!r} sketches and fit='unbiased' "
                 f"(expected error sqrt({numer:g} / (4*L*k)) > 0 for every k); use sketch='orthogonal' "
                 f"or fit='projection'")
-        k_max = math.ceil(numer / (4 * L * tolerance**2)) + 1
+        needed = numer / (4 * L) / tolerance / tolerance  # inf when tolerance**2 underflows
+        if not needed <= MAX_LOW_RANK:
+            raise ValueError(
+                f"tolerance={tolerance} needs low_rank of about {needed:.3g} with random {sketch!r} sketches "
+                f"and fit='unbiased' (expected error sqrt({numer:g} / (4*L*k))), more than the "
+                f"{MAX_LOW_RANK} accepted; loosen the tolerance, or use sketch='orthogonal' or fit='projection'")
+        k_max = math.ceil(needed) + 1
     lo, hi = 0, k_max  # err(hi) <= tolerance; find the smallest such k by bisection (err falls with k)
     while hi - lo > 1:
         mid = (lo + hi) // 2

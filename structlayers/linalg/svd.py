@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .kron import frobenius_sq
+from .scale import conditioning_scale, ratio_of_squares, working_dtype
 
 
 def svd(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,8 +87,9 @@ def smallest_rank_for_tolerance(errors_sq: torch.Tensor, total_sq: torch.Tensor,
     errors_sq: (F, R+1) squared error for ranks 0..R. Returns None when no rank
     up to R qualifies. Rank 0 is never returned.
     """
-    overall = errors_sq.sum(dim=0) / total_sq.double().sum()
-    ok = torch.nonzero(overall[1:] <= tolerance**2 * (1 + 1e-12)).flatten()
+    # multiplied out, not divided: a zero W (total 0, errors 0) meets every tolerance at rank 1
+    overall = errors_sq.sum(dim=0)
+    ok = torch.nonzero(overall[1:] <= tolerance**2 * total_sq.double().sum() * (1 + 1e-12)).flatten()
     return int(ok[0]) + 1 if ok.numel() else None
 
 
@@ -100,10 +101,9 @@ def optimal_relative_error(w: torch.Tensor, rank: int) -> float:
     from .._checks import as_folded_weight
 
     w = as_folded_weight(w)
-    s = torch.linalg.svdvals(w)
-    total = frobenius_sq(w)
-    err = tail_error_sq(s)[:, min(rank, s.shape[1])]
-    return float((err.sum() / total.double().sum()).sqrt())
+    w = w.to(working_dtype(w.dtype))
+    s = torch.linalg.svdvals(w / conditioning_scale(w))
+    return ratio_of_squares(tail_error_sq(s)[:, min(rank, s.shape[1])], tail_error_sq(s)[:, 0])
 
 
 def kronecker_singular_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,10 +119,9 @@ def optimal_relative_error_kronecker(a: torch.Tensor, b: torch.Tensor, rank: int
     from .._checks import as_folded_factors
 
     a, b = as_folded_factors(a, b)
-    s = kronecker_singular_values(a, b)
-    total = frobenius_sq(a) * frobenius_sq(b)
-    err = tail_error_sq(s)[:, min(rank, s.shape[1])]
-    return float((err.sum() / total.double().sum()).sqrt())
+    a, b = a.to(working_dtype(a.dtype)), b.to(working_dtype(b.dtype))
+    s = kronecker_singular_values(a / conditioning_scale(a, 2), b / conditioning_scale(b, 2))
+    return ratio_of_squares(tail_error_sq(s)[:, min(rank, s.shape[1])], tail_error_sq(s)[:, 0])
 
 
 def top_kronecker_pairs(sa: torch.Tensor, sb: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -282,7 +282,7 @@ def test_at_dense_size_is_allowed_silently():
 
 def test_larger_than_dense_raises_or_warns():
     numbers = re.escape("2*L*k*(in+out) = 2*1*6*(10+12) = 264 numbers per fold (132 learnable + 132 fixed")
-    with pytest.raises(ValueError, match=numbers + r".*more than the 120 = 12\*10 of a dense layer.*allow_larger=True"):
+    with pytest.raises(ValueError, match=numbers + r".*more than the 120 = 12\*10 \(out_features\*in_features\) of a dense layer.*allow_larger=True"):
         Sketched(10, 12, num_terms=1, low_rank=6, seed=0)
     w = torch.randn(12, 10, generator=generator(28))
     with pytest.raises(ValueError, match=numbers):

@@ -116,5 +116,5 @@ def test_num_pivots():
     assert num_pivots(5, 1.0, 100) == 5
     assert num_pivots(5, 1.5, 100) == math.ceil(7.5)
     assert num_pivots(40, 2.0, 60) == 60  # never more than the largest possible rank
-    with pytest.raises(ValueError, match="oversampling must be >= 1"):
+    with pytest.raises(ValueError, match="oversampling must be a finite number >= 1"):
         num_pivots(5, 0.5, 100)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
 
-
-from adapters.cirkit import bits_per_dimension, log_likelihood, log_value, swap_kronecker_sum_layers, unclamped
+from adapters.cirkit import (
+    bits_per_dimension,
+    evaluate_linear_space,
+    log_likelihood,
+    log_value,
+    swap_kronecker_sum_layers,
+    unclamped,
+)
 
 from .builders import image_circuits, shifted_reference
 
@@ -48,3 +55,73 @@ def test_above_the_clamp_exact_and_cirkit_agree_and_semirings_restore():
         with unclamped(circuit):
             raise RuntimeError("boom")
     assert [layer.semiring for layer in circuit.layers] == semirings
+
+
+# ------------------------------------------- non-square approximations and bad arguments (issue #11)
+def enumerable(rank=None):
+    """(c², ∫c², every state) of a 6-variable, 3-category circuit; with ``rank``, both swapped
+    by rank_policy('lowrank', rank), a flat approximation that is no longer a square."""
+    import itertools
+
+    from adapters.cirkit import rank_policy
+
+    from .builders import compile_pair
+
+    squared, partition = compile_pair("linear-tree", "cp", "complex-lse-sum", True, False)
+    if rank is not None:
+        swap_kronecker_sum_layers([squared, partition], rank_policy("lowrank", rank))
+    states = torch.tensor(list(itertools.product(range(3), repeat=6)))
+    return squared, partition, states
+
+
+def test_exact_circuit_sums_to_one_without_warning():
+    squared, partition, states = enumerable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ll = log_likelihood(squared, states, partition)
+    assert abs(float(torch.logsumexp(ll, 0))) < 1e-10
+
+
+@pytest.mark.parametrize("rank,what", [(2, r"c̃²\(x\) < 0 for \d+ of 729 samples"), (3, "Z̃ < 0")])
+def test_non_square_values_are_nan_with_a_warning_and_signed_on_request(rank, what):
+    """|c̃²(x)| / |Z̃| used to come back as a finite log-density (its exp summed to 2.29 here)."""
+    squared, partition, states = enumerable(rank)
+    with torch.no_grad():
+        signed_values = torch.exp(evaluate_linear_space(squared, states)[:, 0, 0]).real
+        z = torch.exp(evaluate_linear_space(partition)).real.reshape(())
+    negative = (signed_values / z) < 0
+    assert bool(negative.any())
+    with pytest.warns(UserWarning, match=rf"log_likelihood: {what}.*NaN is returned.*signed=True"):
+        ll = log_likelihood(squared, states, partition)
+    assert torch.equal(torch.isnan(ll), negative)
+    log_abs, sign = log_likelihood(squared, states, partition, signed=True)
+    assert torch.equal(sign < 0, negative) and bool(torch.isfinite(log_abs).all())
+    assert float((sign * torch.exp(log_abs)).sum()) == pytest.approx(1.0, rel=1e-9)  # signed values sum to Z̃
+    with pytest.warns(UserWarning, match=what):  # the same through a given log Z and linear space
+        again = log_likelihood(squared, states, torch.log(z.to(torch.complex128)), linear_space=True)
+    assert torch.equal(torch.isnan(again), negative)
+
+
+def test_bad_partition_base_and_bpd_arguments_are_named():
+    squared, partition, states = enumerable()
+    x = states[:4]
+    with pytest.raises(ValueError, match=r"partition must hold one log Z, got a tensor of shape \(3, 2\)"):
+        log_likelihood(squared, x, torch.zeros(3, 2))
+    with pytest.raises(TypeError, match=r"partition must be the compiled ∫c² circuit or log Z .* got float"):
+        log_likelihood(squared, x, 0.5)
+    with pytest.raises(ValueError, match="partition must be the compiled ∫c² circuit, which has no variables"):
+        log_likelihood(squared, x, squared)
+    with pytest.raises(ValueError, match=r"base must be the compiled c over the variables of squared .*partition circuit"):
+        log_likelihood(squared, x, partition, base=partition)
+    with pytest.raises(ValueError, match="squared has no variables"):
+        log_likelihood(partition, x, partition)
+    with pytest.raises(TypeError, match="signed must be True or False"):
+        log_likelihood(squared, x, partition, signed="yes")
+    ll = log_likelihood(squared, x, partition)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"num_variables must be a positive int, got {bad}"):
+            bits_per_dimension(ll, bad)
+    with pytest.raises(TypeError, match="num_variables must be a positive int"):
+        bits_per_dimension(ll, 6.0)
+    with pytest.raises(TypeError, match="log_likelihoods must be a torch.Tensor"):
+        bits_per_dimension(ll.tolist(), 6)

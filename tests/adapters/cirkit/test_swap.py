@@ -18,7 +18,7 @@ from cirkit.backend.torch.layers import TorchSumLayer
 from adapters.cirkit.accelerate import is_accelerated
 from adapters.cirkit.internals import entry_modules
 from adapters.cirkit.layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, is_kronecker_weight
-from adapters.cirkit.swap import rank_policy, swap_kronecker_sum_layers
+from adapters.cirkit.swap import rank_policy, square_policy, swap_kronecker_sum_layers
 
 from .builders import CATEGORIES, NUM_VARIABLES, REGION_GRAPHS, compile_pair, full_rank
 
@@ -236,3 +236,32 @@ def test_live_square_approximations_follow_the_circuit(kind):
     rebuilt, _ = approx("frozen", live)  # live's circuit holds the updated parameters
     assert not any(isinstance(layer, TorchLiveSquareSumLayer) for layer in rebuilt.density.layers)
     torch.testing.assert_close(after, rebuilt.log_likelihood(x).detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("junk", [5, ("lowrank",), ("lowrank", None), ["kronecker", {}], (None, {})])
+def test_a_policy_returning_junk_is_a_type_error_and_nothing_is_swapped(junk):
+    circuit, partition = compile_pair("linear-tree", "cp", "complex-lse-sum", True, False)
+    before = [type(layer) for layer in circuit.layers]
+    with pytest.raises(TypeError, match=r"the policy returned .* for layer \d+ .*a policy must return a kind name"):
+        swap_kronecker_sum_layers(circuit, lambda info: junk)
+    assert [type(layer) for layer in circuit.layers] == before
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda c: swap_kronecker_sum_layers(c, None), TypeError, r"policy must be a kind name or a policy function f\(LayerInfo\) .* got NoneType"),
+        (lambda c: swap_kronecker_sum_layers(c, 3), TypeError, "policy must be a kind name or a policy function"),
+        (lambda c: swap_kronecker_sum_layers(c, "fourier"), ValueError, "unknown structured layer kind 'fourier'"),
+        (lambda c: swap_kronecker_sum_layers(c, "kronecker", fast="yes"), TypeError, "fast must be True or False"),
+        (lambda c: rank_policy("lowrank", "x"), TypeError, "rank must be a positive int, got str"),
+        (lambda c: rank_policy("lowrank", 0), ValueError, "rank must be a positive int, got 0"),
+        (lambda c: square_policy("lowrank", 1.5), TypeError, "factor_rank must be a positive int"),
+    ],
+)
+def test_bad_swap_arguments_are_named(call, error, match):
+    circuit, _ = compile_pair("linear-tree", "cp", "complex-lse-sum", True, False)
+    before = [type(layer) for layer in circuit.layers]
+    with pytest.raises(error, match=match):
+        call(circuit)
+    assert [type(layer) for layer in circuit.layers] == before
