@@ -111,12 +111,12 @@ M = torch.randn(8, 8, dtype=torch.float64)
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=-3), ValueError, "oversampling must be a non-negative int below 2\*\*63, got -3"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=-3), ValueError, r"oversampling must be a non-negative int below 2\*\*63, got -3"),
         (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=2.5), TypeError, "oversampling must be a non-negative int, got float 2.5"),
         (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=float("inf")), TypeError, "oversampling must be a non-negative int"),
         (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling="2"), TypeError, "oversampling must be a non-negative int, got str"),
         (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", oversampling=None), TypeError, "oversampling must be a non-negative int, got NoneType"),
-        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", power_iterations=-1), ValueError, "power_iterations must be a non-negative int below 2\*\*63, got -1"),
+        (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", power_iterations=-1), ValueError, r"power_iterations must be a non-negative int below 2\*\*63, got -1"),
         (lambda: sl.from_dense("lowrank", M, rank=2, method="randomized", power_iterations=1.5), TypeError, "power_iterations must be a non-negative int, got float"),
         (lambda: sl.from_dense("nystrom", M, rank=2, oversampling=float("inf")), ValueError, "oversampling must be a finite number >= 1"),
         (lambda: sl.from_dense("nystrom", M, rank=2, oversampling="2"), TypeError, "oversampling must be a real number >= 1"),

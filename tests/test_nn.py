@@ -164,7 +164,7 @@ def test_a_policy_returning_junk_is_a_type_error(junk):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(kind="lowrank", min_features=-5), ValueError, "min_features must be a non-negative int below 2\*\*63, got -5"),
+        (dict(kind="lowrank", min_features=-5), ValueError, r"min_features must be a non-negative int below 2\*\*63, got -5"),
         (dict(kind="lowrank", min_features=2.5), TypeError, "min_features must be a non-negative int"),
         (dict(kind="fourier"), ValueError, "unknown structured layer kind 'fourier'"),
         (dict(kind=3), TypeError, r"kind must be a kind name or a policy function f\(name, module\)"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -149,10 +150,35 @@ class CircuitDensity(nn.Module):
                             m, *a, integrate_vars_mask=mask.expand(x.shape[0], -1)))
         return y.transpose(0, 1).flatten(1)
 
-    def _real_log(self, y: Tensor) -> Tensor:
+    def _signed_log(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """(log|value|, sign ±1) of the circuits' outputs in the compiled semiring's encoding."""
         if self.semiring == "sum-product":
-            return torch.log(y.real.clamp_min(0.0)) if y.is_complex() else torch.log(y.clamp_min(0.0))
-        return y.real if y.is_complex() else y
+            value = y.real if y.is_complex() else y
+            return torch.log(value.abs()), torch.where(value < 0, -1.0, 1.0).to(value.dtype)
+        if not y.is_complex():
+            return y, torch.ones_like(y)
+        return y.real, torch.where(torch.cos(y.imag) < 0, -1.0, 1.0).to(y.real.dtype)
+
+    def _real_log(self, y: Tensor) -> Tensor:
+        return self._signed_log(y)[0]
+
+    def _densities(self, logf: Tensor, sign: Tensor, signed: bool, what: str):
+        """``log|f/Z|`` (B, O) from ``log|f|`` and its sign: NaN (and one warning) where the
+        ratio is negative -- no density, e.g. a swapped flat approximation -- unless ``signed``,
+        which returns ``(log|f/Z|, sign)``."""
+        logz, sign_z = self._log_partition_signed()
+        value, sign = logf - logz, sign * sign_z
+        if signed:
+            return value, sign
+        negative = sign < 0
+        if bool(negative.any()):
+            cause = (f"rounding: a square's values are never negative, but cancellation in {self.dtype} can "
+                     "take tiny ones below zero (float64 avoids it)" if self.through_base else
+                     "f is no longer a square, e.g. after rank_policy's flat approximations")
+            warnings.warn(f"{what}: f/Z < 0 for {int(negative.sum())} of {negative.numel()} values ({cause}): NaN "
+                          "there; signed=True gives log|f/Z| and the sign", UserWarning, stacklevel=3)
+            value = torch.where(negative, torch.full_like(value, float("nan")), value)
+        return value
 
     def _check_x(self, x: Tensor, observed: Optional[Tensor] = None) -> Tensor:
         if not isinstance(x, Tensor):
@@ -190,7 +216,10 @@ class CircuitDensity(nn.Module):
         return versions + tuple(id(e.module) for e in address_book(self.partition)) + (self._evaluation,)
 
     def log_partition(self) -> Tensor:
-        """``log Z``, ``(O,)``; cached in eval mode when no gradient is needed."""
+        """``log |Z|``, ``(O,)``; cached in eval mode when no gradient is needed."""
+        return self._log_partition_signed()[0]
+
+    def _log_partition_signed(self) -> Tuple[Tensor, Tensor]:
         cacheable = not self.training and not (torch.is_grad_enabled()
                                                and any(p.requires_grad for p in self.parameters()))
         if cacheable:
@@ -198,10 +227,10 @@ class CircuitDensity(nn.Module):
             if self._logz_cache is not None and self._logz_cache[0] == key:
                 return self._logz_cache[1]
         z = self._graph(self.partition).flatten()
-        logz = self._real_log(z.index_select(-1, self._index))
+        logz, sign = self._signed_log(z.index_select(-1, self._index))
         if cacheable:
-            self._logz_cache = (key, logz.detach())
-        return logz
+            self._logz_cache = (key, (logz.detach(), sign))
+        return logz, sign
 
     @property
     def through_base(self) -> bool:
@@ -226,15 +255,21 @@ class CircuitDensity(nn.Module):
         layers (after an approximation applied to all three): likelihoods go through ``c``."""
         self._follows_base = tuple(id(layer) for c in (self.base, self.density, self.partition) for layer in c.layers)
 
-    def log_likelihood(self, x: Tensor) -> Tensor:
+    def log_likelihood(self, x: Tensor, *, signed: bool = False):
         """``log p_o(x)``, ``(B, O)``: ``2 Re log c_o(x) − log Z_o`` (squared) through ``c``,
         ``log c_o(x) − log Z_o`` (monotone); through ``f`` when approximations were swapped
-        into the density (see :attr:`through_base`)."""
+        into the density (see :attr:`through_base`). Where ``f(x)/Z`` is negative (a flat
+        approximation is no square) the value is NaN, with a warning; ``signed=True``
+        returns ``(log|f(x)/Z|, sign)`` instead."""
         if self.squared and not self.through_base:
-            return self.log_density(x) - self.log_partition()
+            y = self._graph(self.density, self._check_x(x)).index_select(-1, self._index)
+            return self._densities(*self._signed_log(y), signed, "log_likelihood")
         logc = self.log_base(x)
-        logf = 2 * logc.real if self.squared else self._real_log(logc)
-        return logf - self.log_partition()
+        if self.squared:
+            logf, sign = 2 * logc.real, torch.ones_like(logc.real)
+        else:
+            logf, sign = self._signed_log(logc)
+        return self._densities(logf, sign, signed, "log_likelihood")
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return self.log_likelihood(x)
@@ -260,12 +295,13 @@ class CircuitDensity(nn.Module):
             raise ValueError(f"{name} must have shape ({d},) or (B, {d}) = ({batch}, {d}), got {tuple(mask.shape)}")
         return mask if mask.dim() == 2 else mask.unsqueeze(0)
 
-    def log_marginal(self, x: Tensor, observed: Tensor) -> Tensor:
+    def log_marginal(self, x: Tensor, observed: Tensor, *, signed: bool = False):
         """``log p_o(x_observed)``, ``(B, O)``: every other variable integrated out of ``f``.
 
         ``observed``: boolean, ``(D,)`` for every sample or ``(B, D)`` per sample; the
         values of ``x`` at unobserved positions are ignored (they must still be integers).
-        All observed gives :meth:`log_likelihood` (through ``f``); none gives 0.
+        All observed gives :meth:`log_likelihood` (through ``f``); none gives 0. Negative
+        values (no density) are NaN unless ``signed``, as for :meth:`log_likelihood`.
         """
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"x must have shape (B, {self.num_variables}), got "
@@ -274,7 +310,7 @@ class CircuitDensity(nn.Module):
         x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
         x = torch.where(mask, x, torch.zeros_like(x))  # unobserved values are never looked up as data
         y = self._graph(self.density, x, integrate=~mask).index_select(-1, self._index)
-        return self._real_log(y) - self.log_partition()
+        return self._densities(*self._signed_log(y), signed, "log_marginal")
 
     def log_conditional(self, x: Tensor, query: Tensor, evidence: Tensor) -> Tensor:
         """``log p_o(x_query | x_evidence)``, ``(B, O)``, as a ratio of marginals.
@@ -314,14 +350,22 @@ class CircuitDensity(nn.Module):
         x = torch.zeros(num_samples, d, dtype=torch.long, device=device)
         observed = torch.zeros(d, dtype=torch.bool, device=device)
         values = torch.arange(categories, device=device)
+        rounded = 0
         for v in order:
             observed[v] = True
             rows = x.repeat_interleave(categories, dim=0)  # (n·V, D)
             rows[:, v] = values.repeat(num_samples)
-            logp = torch.cat([self.log_marginal(chunk, observed)[:, 0]
-                              for chunk in rows.split(max_rows)]).view(num_samples, categories)
+            parts = [self.log_marginal(chunk, observed, signed=True) for chunk in rows.split(max_rows)]
+            logp = torch.cat([p[0][:, 0] for p in parts]).view(num_samples, categories)
+            sign = torch.cat([p[1][:, 0] for p in parts]).view(num_samples, categories)
+            rounded += int((sign < 0).sum())
+            logp = torch.where(sign > 0, logp, torch.full_like(logp, -float("inf")))
             probs = torch.softmax(logp.double(), dim=1).cpu()
             x[:, v] = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
+        if rounded:
+            warnings.warn(f"sample: {rounded} marginal values came out below zero -- a square's values are never "
+                          f"negative, so rounding (cancellation in {self.dtype}) -- and were given probability 0; "
+                          "dtype=torch.float64 samples without it", UserWarning, stacklevel=2)
         return x
 
 

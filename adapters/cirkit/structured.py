@@ -36,6 +36,7 @@ from .internals import node_tensor, replace_layers
 from .layers import TorchKroneckerSumLayer, TorchStructuredSquareSumLayer, TorchStructuredSumLayer
 from .model import CircuitDensity, compile_density
 from .plan import kronecker_leaf_factors
+from .swap import SwapReport
 
 __all__ = ["SumLayerInfo", "StructureRow", "StructureReport", "structure_policy", "structure_density",
            "compile_structured", "approximate_density"]
@@ -203,7 +204,7 @@ def compile_structured(circuit: Circuit, policy: StructurePolicy, **options) -> 
 DETERMINISTIC_STRATEGIES = ("qr", "deim")
 
 
-def approximate_density(model: CircuitDensity, policy) -> "SwapReport":
+def approximate_density(model: CircuitDensity, policy) -> SwapReport:
     """Live square approximations applied consistently to ``c``, ``|c|²`` and ``Z``.
 
     ``policy``: :func:`~adapters.cirkit.swap.square_policy` (or any policy giving ``lowrank``

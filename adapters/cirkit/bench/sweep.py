@@ -261,8 +261,9 @@ def _layer_rows(report: Optional[SwapReport]) -> List[Dict[str, Any]]:
 
 def score_nll(model: CompiledCircuitModel, x: torch.Tensor, y: Optional[torch.Tensor]) -> float:
     """Mean test NLL in nats: ``-log p(x)``, ``-log p(x | y)`` with labels, and for an
-    unlabelled model with several outputs (one-sum: K densities) the mean over the outputs."""
-    return evaluate_nll(model, x, y, unlabelled="mean")
+    unlabelled model with several outputs (one-sum: K densities) the mean over the outputs.
+    A flat approximation (no density) is scored by ``log|f(x)/Z|``, as the table says."""
+    return evaluate_nll(model, x, y, unlabelled="mean", signed=True)
 
 
 def _timed_calls(variant: Variant, batch: torch.Tensor) -> Dict[str, Callable[[], object]]:

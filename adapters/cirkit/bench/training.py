@@ -109,12 +109,14 @@ def class_log_prior(y: Tensor, num_classes: int) -> Tensor:
 
 
 def evaluate_nll(model: LikelihoodModel, x: Tensor, y: Tensor | None = None, batch_size: int = 512,
-                 *, unlabelled: str = "error") -> float:
+                 *, unlabelled: str = "error", signed: bool = False) -> float:
     """Mean ``-log p(x)`` in nats, no gradient (``2 Re log c(x) − log Z`` for squared models).
 
     Multi-output models: ``-log p(x | y)`` with labels ``y``; without labels
     ``unlabelled='mean'`` averages over the outputs (e.g. the K densities of a one-sum
     circuit), ``'error'`` raises. ``x`` is scored in batches of ``batch_size`` rows.
+    ``signed``: score ``log|f(x)/Z|`` where the model is no density (flat approximations)
+    instead of NaN.
     """
     check_choice(unlabelled, ("error", "mean"), "unlabelled")
     total, n = 0.0, 0
@@ -124,7 +126,8 @@ def evaluate_nll(model: LikelihoodModel, x: Tensor, y: Tensor | None = None, bat
         for i in range(0, x.shape[0], batch_size):
             xb = x[i : i + batch_size].long()
             yb = None if y is None else y[i : i + batch_size]
-            ll = _select(model.log_likelihood(xb), yb, unlabelled)  # through c; log Z cached in eval mode
+            ll = model.log_likelihood(xb, signed=True)[0] if signed else model.log_likelihood(xb)  # log Z cached
+            ll = _select(ll, yb, unlabelled)
             total += float(ll.double().sum())
             n += xb.shape[0]
     model.train(was_training)
