@@ -20,7 +20,8 @@ from __future__ import annotations
 import abc
 import copy
 import math
-from typing import ClassVar, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,6 +29,45 @@ from torch import nn
 from ._checks import as_folded_factors, as_folded_weight, check_positive_int
 from .linalg.kron import frobenius_sq
 from .registry import available, create, from_dense, from_kronecker, get, register  # noqa: F401  (re-exported)
+
+#: name of the order that rebuilds the dense weight (``to_dense``) and applies it in one GEMM.
+REBUILD = "rebuild + GEMM"
+#: the rebuild order is only considered while the dense weight of all folds has at most this
+#: many elements (256 MiB in float32): beyond, forming W is the memory problem a structured
+#: layer exists to avoid (e.g. A ⊗ B with 1024 x 1024 factors).
+REBUILD_MAX_ELEMENTS = 1 << 26
+#: the cost model's price of one element written to memory (an intermediate or a permuted
+#: copy), in multiply-adds. On CPUs a GEMM retires a multiply-add far faster than memory
+#: takes an element (here about 25 G multiply-adds/s against 1-2 G elements/s on 2 cores),
+#: so an order that is cheaper in multiply-adds but streams larger intermediates can be
+#: slower; the weight makes the choice see that.
+MEMORY_WEIGHT = 16
+#: orders remembered per layer (one per batch size seen); the oldest is dropped beyond.
+ORDER_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Order:
+    """One way of evaluating a layer's forward for a given batch size.
+
+    name: what it does (e.g. ``"sweep right-to-left"``, :data:`REBUILD`).
+    macs: multiply-adds of one forward over the batch, all folds.
+    peak: elements of the largest tensor it creates (all folds, whole batch).
+    traffic: elements it writes to memory (intermediates and their permuted copies, the
+        output), for the cost model (:data:`MEMORY_WEIGHT`).
+    plan: whatever the kind needs to run it (e.g. a contraction order).
+    """
+
+    name: str
+    macs: int
+    peak: int
+    traffic: int = 0
+    plan: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def cost(self) -> int:
+        """The cost model: multiply-adds + MEMORY_WEIGHT * elements written."""
+        return self.macs + MEMORY_WEIGHT * self.traffic
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):
@@ -57,6 +97,15 @@ class StructuredSumLayer(nn.Module, abc.ABC):
             meaningful on Kronecker input; consumers add them to a budget request.
             Read-only: copy before changing.
         rank_meaning: one line saying what "rank" means for the kind.
+
+    Evaluation orders. A kind lists the ways it can evaluate its forward for a batch size
+    (``_structured_orders``: e.g. a tensor train's sweeps and a searched contraction
+    order) and how many multiply-adds rebuilding W costs (``_rebuild_macs``); the base
+    class adds the order :data:`REBUILD` (``to_dense`` then one GEMM) when W is small
+    enough, picks the cheapest by multiply-adds and memory traffic (:attr:`Order.cost`)
+    once per batch size, and
+    ``forward`` runs it. :meth:`flops` reports the chosen order's count, so it is what the
+    forward does. Every order is differentiable.
     """
 
     kind: ClassVar[str] = ""
@@ -81,18 +130,86 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         self.num_folds = check_positive_int(num_folds, "num_folds")
 
     # ----------------------------------------------------------------- compute
-    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (F, B, in_features) -> (F, B, out_features)."""
+        """x: (F, B, in_features) -> (F, B, out_features), in the order :meth:`order` picks."""
+        self.check_input(x)
+        if x.shape[1] == 0:
+            return self._empty_output(x)
+        return self.forward_in(self.order(x.shape[1]), x)
 
-    @abc.abstractmethod
+    def forward_in(self, order: Order, x: torch.Tensor) -> torch.Tensor:
+        """The forward evaluated in ``order`` (one of :meth:`orders`), whatever is cheapest."""
+        if order.name == REBUILD:
+            return torch.matmul(x, self.to_dense().transpose(1, 2))
+        return self._forward_structured(order, x)
+
     def flops(self, batch_size: int) -> int:
         """Multiply-adds (MACs) of one forward over a batch of ``batch_size`` per fold, all folds.
 
-        Counted from the structure, not measured. The name is kept for compatibility: one
+        Counted from the structure, not measured: the count of the order the forward uses at
+        that batch size (:meth:`order`). The name is kept for compatibility: one
         multiply-add counts 1, so FLOP counters that count multiplications and additions
         apart (``torch.utils.flop_counter``) report twice this number.
         """
+        return self.order(batch_size).macs
+
+    def orders(self, batch_size: int) -> Tuple[Order, ...]:
+        """Every order the forward can use at this batch size: the kind's own, then
+        :data:`REBUILD` when the kind can rebuild W and W has at most
+        :data:`REBUILD_MAX_ELEMENTS` elements."""
+        batch = check_positive_int(batch_size, "batch_size")
+        found = tuple(self._structured_orders(batch))
+        rebuild = self._rebuild_macs()
+        dense = self.num_folds * self.out_features * self.in_features
+        if rebuild is not None and dense <= REBUILD_MAX_ELEMENTS:
+            traffic = self._rebuild_traffic() + batch * self.num_folds * self.out_features
+            found += (Order(REBUILD, rebuild + batch * dense, dense, traffic),)
+        return found
+
+    def order(self, batch_size: int) -> Order:
+        """The order the forward uses at this batch size: the lowest :attr:`Order.cost`
+        (multiply-adds and memory traffic), then the smallest peak memory, then the first
+        listed; computed once per batch size."""
+        cache = self.__dict__.setdefault("_order_cache", {})
+        chosen = cache.get(batch_size)
+        if chosen is None:
+            candidates = self.orders(batch_size)
+            chosen = min(candidates, key=lambda o: (o.cost, o.peak))
+            if len(cache) >= ORDER_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[batch_size] = chosen
+        return chosen
+
+    def _structured_orders(self, batch_size: int) -> Sequence[Order]:
+        """The kind's own evaluation orders at this batch size (at least one).
+
+        A kind implements this and :meth:`_forward_structured`, or else overrides
+        ``forward`` and ``flops`` itself (then it has one order, its own).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither _structured_orders nor flops")
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
+        """Evaluate one of the kind's own orders; x is checked and has a non-empty batch."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _forward_structured nor forward")
+
+    def _rebuild_macs(self) -> Optional[int]:
+        """Multiply-adds of :meth:`to_dense` (all folds), or None when the kind offers no
+        rebuild order. A kind returning a number must override ``to_dense`` (the default
+        one calls the forward) and count exactly what it does."""
+        return None
+
+    def _rebuild_traffic(self) -> int:
+        """Elements :meth:`to_dense` writes (default: W and one permuted copy of it)."""
+        return 2 * self.num_folds * self.out_features * self.in_features
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(F, 0, out) for an empty batch, attached to x and the parameters so that a
+        backward runs (every gradient is zero)."""
+        dtype = torch.promote_types(x.dtype, self.dtype)
+        anchor = x.sum() * 0
+        for p in self.parameters():
+            anchor = anchor + p.sum() * 0
+        return x.new_zeros((self.num_folds, 0, self.out_features), dtype=dtype) + anchor
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.

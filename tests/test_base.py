@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers as sl
+from structlayers.base import MEMORY_WEIGHT, REBUILD
 from structlayers.linalg import kron_dense
 
 from .helpers import decaying_matrix, generator, random_factors, rel
@@ -245,3 +247,84 @@ def test_every_choose_option_builds_on_kronecker_input(kind):
         request = {} if cls.exact_from_kronecker else {"params_share": 0.5, **cls.budget_options}
         layer = cls.from_kronecker(a, b, **{**options, **request})
         assert layer.relative_error_kronecker(a, b) < 1.0
+
+
+# ------------------------------------------------------------------ evaluation orders
+def _some_layers(kind):
+    """Layers of this kind from the spec's exact constructions (every structure it lists)."""
+    a, b = random_factors(2, (3, 4), (4, 3), seed=26)
+    w = torch.randn(2, 12, 10, generator=generator(27), dtype=torch.float64)
+    layers = [sl.from_kronecker(kind, a, b, **o) for o in SPECS[kind]["full_kron"](a, b)]
+    layers += [sl.from_dense(kind, w, **o) for o in SPECS[kind]["full_dense"](w)]
+    return layers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_order_is_exact_and_counts_what_it_does(kind):
+    """Each order the forward can choose gives x W^T to 1e-10 with exactly the multiply-adds
+    it states (torch's counter counts 2 per multiply-add); flops() is the count of the order
+    the cost model picks (multiply-adds plus weighted memory traffic)."""
+    for layer in _some_layers(kind):
+        w = layer.to_dense().detach()
+        for batch in (1, 7, 300):
+            x = torch.randn(2, batch, layer.in_features, generator=generator(28), dtype=torch.float64)
+            orders = layer.orders(batch)
+            chosen = layer.order(batch)
+            assert chosen in orders and layer.flops(batch) == chosen.macs
+            assert chosen.cost == min(o.cost for o in orders)
+            for order in orders:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    y = layer.forward_in(order, x)
+                assert rel(y, x @ w.transpose(1, 2)) < EXACT, (order.name, batch)
+                assert counter.get_total_flops() == 2 * order.macs, (order.name, batch)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_order_has_the_same_gradients(kind):
+    for layer in _some_layers(kind)[:2]:
+        x = torch.randn(2, 5, layer.in_features, generator=generator(29), dtype=torch.float64, requires_grad=True)
+        reference = None
+        for order in layer.orders(5):
+            layer.zero_grad()
+            (gx,) = torch.autograd.grad(layer.forward_in(order, x).square().sum(), x, retain_graph=False)
+            layer.forward_in(order, x.detach()).square().sum().backward()
+            grads = [gx] + [p.grad.clone() for p in layer.parameters()]
+            if reference is None:
+                reference = grads
+            else:
+                assert all(rel(g, r) < EXACT for g, r in zip(grads, reference)), order.name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rebuild_wins_on_large_batches_of_small_weights(kind):
+    """Rebuilding W costs a fixed number of multiply-adds; past some batch size W x costs
+    less than any structured order that is costlier per sample than dense."""
+    for layer in _some_layers(kind):
+        names = [o.name for o in layer.orders(1)]
+        if REBUILD not in names:
+            assert kind == "dense"
+            continue
+        per_sample = min(o.cost for o in layer.orders(1) if o.name != REBUILD)
+        dense = layer.num_folds * layer.out_features * (layer.in_features + MEMORY_WEIGHT)
+        if per_sample > dense:
+            assert layer.order(10 ** 7).name == REBUILD
+
+
+def test_the_rebuild_order_is_never_offered_for_huge_weights():
+    a, b = random_factors(1, (3, 3), (3, 3), seed=30)
+    small = sl.LowRank.from_kronecker(a, b, rank=9)
+    assert REBUILD in [o.name for o in small.orders(4)]
+    big_a = torch.zeros(1, 2 ** 7, 2 ** 7)
+    big = sl.Kronecker.from_kronecker(big_a, big_a)  # W would have 2^28 entries
+    assert [o.name for o in big.orders(10 ** 9)] == ["Kronecker factors"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch(kind):
+    layer = _some_layers(kind)[0]
+    x = torch.zeros(2, 0, layer.in_features, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, layer.out_features)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int, check_rank_range, make_generator
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, random_normal
 from ..linalg.kron import (
     FactorShapes,
     check_factor_shapes,
@@ -206,23 +206,34 @@ class FactoredLayer(StructuredSumLayer):
                 "factor_ranks": self.factor_ranks, "tied": self.tied}
 
     # ---------------------------------------------------------- compute
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _structured_orders(self, batch_size: int):
+        batch = batch_size * self.num_folds
+        if self.structure == "flat":
+            return (Order("two GEMMs", batch * self.rank * (self.in_features + self.out_features),
+                          batch * max(self.rank, self.out_features), batch * (self.rank + self.out_features)),)
+        (a1, a2), (b1, b2) = self.factor_shapes
+        hidden = max(a1, a2) * max(b1, b2)
+        return (Order("Kronecker factors", batch * kron_chain_flops(*self._chains()),
+                      batch * hidden, batch * (2 * hidden + self.out_features)),)
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.structure == "flat":
             return torch.matmul(torch.matmul(x, self.right.transpose(1, 2)), self.left.transpose(1, 2))
         chain_a, chain_b = self._chains()
         return kron_apply(chain_a, chain_b, x)
 
+    def _rebuild_macs(self) -> int:
+        f = self.num_folds
+        if self.structure == "flat":
+            return f * self.out_features * self.rank * self.in_features
+        (a1, a2), (b1, b2) = self.factor_shapes
+        ka, kb = self.factor_ranks
+        return f * (a1 * ka * a2 + b1 * kb * b2) + f * self.out_features * self.in_features
+
     def to_dense(self) -> torch.Tensor:
         if self.structure == "flat":
             return self.left @ self.right
         return kron_dense(*self.factors())
-
-    def flops(self, batch_size: int) -> int:
-        batch = check_positive_int(batch_size, "batch_size") * self.num_folds
-        if self.structure == "flat":
-            return batch * self.rank * (self.in_features + self.out_features)
-        return batch * kron_chain_flops(*self._chains())
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.structure == "flat":

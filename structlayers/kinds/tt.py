@@ -4,13 +4,16 @@ The format, the automatic mode layouts, TT-SVD and the sweep costs are in
 :mod:`structlayers.linalg.tt`. Each core is stored folded as an ``nn.Parameter`` of
 shape (F, r_{k-1}, m_k, n_k, r_k), in ``layer.cores``.
 
-Forward. One sweep over the cores, each step a single batched GEMM of the running
-state with one core (reshaped to a matrix) followed by one transpose copy; the
-sweep runs right-to-left or left-to-right, whichever needs fewer multiply-adds
-(:func:`~structlayers.linalg.tt.sweep_costs`); ``flops`` reports exactly that count.
-The intermediates are up to about r times the size of x, so large batches are
-processed in chunks whose intermediates stay in cache (``CHUNK_ELEMENTS``); chunking
-changes no arithmetic. With two cores and bond rank 1 this is the Kronecker fast
+Forward. The cheapest of several orders at the batch size (see
+:meth:`~structlayers.base.StructuredSumLayer.order`): the two sweeps over the cores, each
+step a single batched GEMM of the running state with one core followed by one transpose
+copy (right-to-left or left-to-right, :func:`~structlayers.linalg.tt.sweep_costs`); the
+order an opt_einsum search finds over the network of x and the cores, which may contract
+some cores with each other first (within the sweeps' memory); and rebuilding W from the
+cores (itself in a searched order) followed by one GEMM, which wins for small weights
+and large batches. ``flops`` reports the chosen order's count. Large batches are
+processed in chunks that bound the intermediates' memory (``CHUNK_ELEMENTS``); chunking
+changes no arithmetic. With two cores and bond rank 1 the sweep is the Kronecker fast
 path; with two cores and bond rank r it is a sum of r Kronecker products.
 
 From a dense weight: TT-SVD; a ``tolerance`` is split evenly, tol/sqrt(d-1) per
@@ -38,13 +41,16 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, random_normal
+from ..linalg.contract import contract, dependent_peak, plan
 from ..linalg.kron import frobenius_sq
 from ..linalg.tt import (
     Modes,
     bond_limits,
     chain_dense,
+    core_views,
     interleave,
+    mpo_network,
     mpo_frobenius_sq,
     resolve_modes,
     sweep_costs,
@@ -57,10 +63,11 @@ RankSpec = Union[int, Sequence[int], None]
 #: bond dimension used when ``tt_rank`` is not given (capped per bond, see
 #: :func:`~structlayers.linalg.tt.bond_limits`).
 DEFAULT_TT_RANK = 8
-#: forward processes the batch in chunks whose largest intermediate has about this many
-#: elements (1 MiB in float32, the size of a common per-core L2 cache); 0 chunks one
-#: sample at a time.
-CHUNK_ELEMENTS = 1 << 18
+#: the forward processes the batch in chunks whose largest intermediate has at most about this
+#: many elements (64 MiB in float32), so memory stays bounded at any batch size; chunks much
+#: smaller than this cost more in per-call overhead (and in repeated permuted copies of
+#: contracted cores) than they gain in cache locality. 0 chunks one sample at a time.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
@@ -198,10 +205,22 @@ class TT(StructuredSumLayer, kind="tt"):
         """Multiply-adds per sample of the right-to-left and left-to-right sweeps."""
         return sweep_costs(self.out_modes, self.in_modes, self.tt_ranks)
 
+    def _network(self, batch_size: Optional[int] = None):
+        """(operand subscripts, output subscripts, sizes) of the forward (x first) for a batch
+        size, or of W (cores only) for None."""
+        cores, ins, outs, sizes = mpo_network(self.out_modes, self.in_modes, self.tt_ranks)
+        if batch_size is None:
+            return cores, "f" + outs + ins, {**sizes, "f": self.num_folds}
+        return ("fb" + ins,) + cores, "fb" + outs, {**sizes, "f": self.num_folds, "b": batch_size}
+
+    def _per_sample_cost(self) -> int:
+        """Multiply-adds per sample and fold of the cheapest of the kind's own orders (no rebuild)."""
+        return min(o.macs for o in self._structured_orders(1)) // self.num_folds
+
     def _warn_if_costlier(self, reference: int, what: str, advice: str) -> "TT":
         """A UserWarning when one sample costs more multiply-adds than ``reference`` (per
         fold): the layout is valid, but slower than the layer it stands in for."""
-        cost = min(self._sweep_costs())
+        cost = self._per_sample_cost()
         if cost > reference:
             warnings.warn(
                 f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks} "
@@ -209,8 +228,37 @@ class TT(StructuredSumLayer, kind="tt"):
                 f"of {what}; {advice}", UserWarning, stacklevel=3)
         return self
 
-    def flops(self, batch_size: int) -> int:
-        return check_positive_int(batch_size, "batch_size") * self.num_folds * min(self._sweep_costs())
+    def _structured_orders(self, batch_size: int):
+        """The two sweeps and the order a contraction-order search finds (within the sweeps'
+        memory); ties go to the sweeps, whose GEMMs need no permuted copies of the cores."""
+        bf = batch_size * self.num_folds
+        rtl, ltr = self._sweep_costs()
+        sweeps = tuple(
+            Order(f"sweep {name}", bf * cost, bf * self._largest_intermediate(rtl_first),
+                  2 * bf * self._sweep_traffic(rtl_first))
+            for name, cost, rtl_first in (("right-to-left", rtl, True), ("left-to-right", ltr, False)))
+        inputs, output, sizes = self._network(batch_size)
+        limit = max(o.peak for o in sweeps)
+        found = plan(inputs, output, tuple(sorted(sizes.items())), limit)
+        return sweeps + (Order("searched order", found.macs, found.peak, found.traffic, found),)
+
+    def _rebuild_macs(self) -> int:
+        return self._dense_plan().macs
+
+    def _rebuild_traffic(self) -> int:
+        return self._dense_plan().traffic
+
+    def _sweep_traffic(self, right_to_left: bool) -> int:
+        """Elements per sample and fold of all GEMM outputs of a sweep."""
+        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
+        d = len(om)
+        if right_to_left:
+            return sum(r[k] * math.prod(om[k:]) * math.prod(im[:k]) for k in range(d))
+        return sum(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
+
+    def _dense_plan(self):
+        inputs, output, sizes = self._network()
+        return plan(inputs, output, tuple(sorted(sizes.items())))
 
     def _largest_intermediate(self, right_to_left: bool) -> int:
         """Elements per sample and fold of the largest GEMM output of a sweep."""
@@ -220,16 +268,22 @@ class TT(StructuredSumLayer, kind="tt"):
             return max(r[k] * math.prod(om[k:]) * math.prod(im[:k]) for k in range(d))
         return max(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        rtl, ltr = self._sweep_costs()
-        sweep = self._right_to_left if rtl <= ltr else self._left_to_right
-        # The intermediates are up to ~r times larger than x; in batch chunks of at most
-        # CHUNK_ELEMENTS they stay in cache instead of streaming through memory (the same
-        # multiply-adds either way).
-        per_sample = self.num_folds * self._largest_intermediate(rtl <= ltr)
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
+        f, b, _ = x.shape
+        # The intermediates are up to ~r times larger than x; batch chunks of at most
+        # CHUNK_ELEMENTS bound their memory (the same multiply-adds either way).
+        if order.plan is not None:
+            _, _, sizes = self._network(b)
+            per_sample = dependent_peak(order.plan, sizes, 0) // b
+            chunk = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
+            xs = x.reshape(f, b, *self.in_modes)
+            y = contract(order.plan, [xs] + core_views(self.cores), chunk=(0, "b", chunk))
+            return y.reshape(f, b, self.out_features)
+        right_to_left = order.name == "sweep right-to-left"
+        sweep = self._right_to_left if right_to_left else self._left_to_right
+        per_sample = self.num_folds * self._largest_intermediate(right_to_left)
         chunk = max(1, CHUNK_ELEMENTS // per_sample)
-        if x.shape[1] <= chunk:
+        if b <= chunk:
             return sweep(x)
         return torch.cat([sweep(part) for part in torch.split(x, chunk, dim=1)], dim=1)
 
@@ -267,8 +321,9 @@ class TT(StructuredSumLayer, kind="tt"):
         raise AssertionError("unreachable")
 
     def to_dense(self) -> torch.Tensor:
-        """Core by core contraction, cost sum_k r_{k-1} r_k prod_{i<=k} m_i n_i per fold."""
-        return chain_dense(list(self.cores))[:, 0, :, :, 0]
+        """The cores contracted in the cheapest order found (``_rebuild_macs`` multiply-adds)."""
+        w = contract(self._dense_plan(), core_views(self.cores))
+        return w.reshape(self.num_folds, self.out_features, self.in_features)
 
     def _frobenius_sq(self) -> torch.Tensor:
         return mpo_frobenius_sq(list(self.cores))
