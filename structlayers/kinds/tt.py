@@ -16,9 +16,10 @@ processed in chunks that bound the intermediates' memory (``CHUNK_ELEMENTS``); c
 changes no arithmetic. With two cores and bond rank 1 the sweep is the Kronecker fast
 path; with two cores and bond rank r it is a sum of r Kronecker products.
 
-From a dense weight: TT-SVD; a ``tolerance`` is split evenly, tol/sqrt(d-1) per
-step. From A ⊗ B: the two-core MPO [A, B] of bond dimension 1, exact; optionally
-each factor is itself split by TT-SVD (``factor_cores``).
+From a dense weight: TT-SVD by tensorly (``tensor_train_matrix``, PyTorch backend, see
+:mod:`structlayers.linalg.decompose`) at bond ranks chosen here; a ``tolerance`` is split
+evenly, tol/sqrt(d-1) per step. From A ⊗ B: the two-core MPO [A, B] of bond dimension 1,
+exact; optionally each factor is itself split by TT-SVD (``factor_cores``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .._checks import (
 )
 from ..base import Order, StructuredSumLayer, random_normal
 from ..linalg.contract import contract, dependent_peak, plan
+from ..linalg.decompose import tt_matrix
 from ..linalg.kron import frobenius_sq
 from ..linalg.tt import (
     Modes,
@@ -352,14 +354,15 @@ class TT(StructuredSumLayer, kind="tt"):
         in_modes: Optional[Sequence[int]] = None,
         num_cores: Optional[int] = None,
     ) -> "TT":
-        """TT-SVD of W (F, out, in) or (out, in).
+        """TT-SVD of W (F, out, in) or (out, in), by tensorly's TT-matrix decomposition.
 
         rank: maximal bond dimension (bond k gets min(rank, bond limit k); rank must
             fit at least one bond). tolerance: relative Frobenius error over all folds
             <= tolerance, budget tol/sqrt(d-1) per SVD step, each bond the smallest rank
-            shared by the folds that meets its step budget. params_share: the largest
-            maximal bond dimension whose parameter count fits. No budget: full bond
-            ranks, exact up to rounding.
+            shared by the folds that meets its step budget (found from the singular values
+            of a TT-SVD sweep, then decomposed by tensorly at those ranks). params_share:
+            the largest maximal bond dimension whose parameter count fits. No budget: full
+            bond ranks, exact up to rounding.
         """
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share)
@@ -367,10 +370,17 @@ class TT(StructuredSumLayer, kind="tt"):
         om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
         rank = _resolve_budget(rank, tolerance, params_share, [(om, im)], f * out * inp, f)
         d = len(om)
-        step_tol = None if tolerance is None else tolerance / math.sqrt(d - 1)
-        flat, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
-                         rank=rank, step_tolerance=step_tol, total_sq=frobenius_sq(w))
-        layer = cls._from_cores(unflatten_cores(flat, om, im))
+        limits = bond_limits(om, im)
+        if tolerance is None:
+            ranks = (1,) + tuple(lim if rank is None else min(rank, lim) for lim in limits) + (1,)
+        else:
+            # the bond ranks that meet the per-step budgets come from the singular values of a
+            # TT-SVD sweep (shared by the folds); tensorly then decomposes at those ranks
+            step_tol = tolerance / math.sqrt(d - 1)
+            found, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
+                              step_tolerance=step_tol, total_sq=frobenius_sq(w))
+            ranks = (1,) + tuple(int(g.shape[-1]) for g in found)
+        layer = cls._from_cores(tt_matrix(w, om, im, ranks))
         return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
 
     @classmethod

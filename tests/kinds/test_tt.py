@@ -14,7 +14,7 @@ import structlayers.kinds.tt as tt_module  # registers the kind
 from structlayers import get
 from structlayers.kinds.tt import TT
 from structlayers.linalg import kron_dense
-from structlayers.linalg.tt import bond_limits, chain_dense, sweep_costs
+from structlayers.linalg.tt import bond_limits, chain_dense, interleave, sweep_costs, tt_svd, unflatten_cores
 
 from ..helpers import decaying_matrix, generator, random_factors, rel
 
@@ -427,3 +427,32 @@ def test_bad_inputs_raise_with_clear_messages():
     layer = TT(10, 12, seed=0)
     with pytest.raises(ValueError, match=r"expects input of shape \(F=1, B, in_features=10\)"):
         layer(torch.randn(1, 3, 12))
+
+
+# ------------------------------------------------------------------ tensorly
+@pytest.mark.parametrize("options", [{"num_cores": 2}, {"num_cores": 3}, {"out_modes": (2, 3, 4, 2), "in_modes": (3, 2, 2, 4)}])
+def test_tensorly_tt_matrix_keeps_the_tt_svd_result(options):
+    """from_dense decomposes with tensorly; at the same bond ranks its error is the one of the
+    project's own TT-SVD (linalg.tt.tt_svd) to 1e-10, and so is the weight it represents."""
+    w = decaying_matrix(2, 48, 48, decay=0.9, seed=17)
+    for rank in (1, 3, 7):
+        layer = TT.from_dense(w, rank=rank, **options)
+        om, im = layer.out_modes, layer.in_modes
+        own, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)], rank=rank)
+        reference = TT._from_cores(unflatten_cores(own, om, im))
+        assert reference.tt_ranks == layer.tt_ranks
+        assert abs(layer.relative_error(w) - reference.relative_error(w)) < 1e-10
+        assert rel(layer.to_dense(), reference.to_dense()) < 1e-10
+
+
+def test_tensorly_backend_is_left_as_the_user_set_it():
+    import tensorly as tl
+
+    w = decaying_matrix(1, 16, 16, decay=0.8, seed=18)
+    before = tl.get_backend()
+    tl.set_backend("numpy")
+    try:
+        TT.from_dense(w, rank=2)
+        assert tl.get_backend() == "numpy"
+    finally:
+        tl.set_backend(before)
