@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .tt import Modes, interleave
+from .tt import INDEX_LETTERS, Modes, interleave
 
 #: ALS sweeps of :func:`cp_als` unless told otherwise (each costs about 3 * (entries of W) * rank
 #: multiply-adds; from the SVD start the error has mostly settled by then).
@@ -137,6 +137,32 @@ def tucker_hooi(t: torch.Tensor, ranks: Sequence[int], *, iterations: int = TUCK
     return torch.stack(cores), [torch.stack([fold[k] for fold in per_fold]) for k in range(d)]
 
 
+def cp_network(out_modes: Modes, in_modes: Modes, rank: int):
+    """Einsum subscripts of a CP layer: factor k (F, m_k, n_k, R) is ``f`` + m + n + ``r``-letter.
+    Returns (factor subscripts, in subscripts, out subscripts, sizes), as
+    :func:`~structlayers.linalg.tt.mpo_network` does."""
+    d = len(out_modes)
+    letters = iter(INDEX_LETTERS)
+    ms = [next(letters) for _ in range(d)]
+    ns = [next(letters) for _ in range(d)]
+    r = next(letters)
+    sizes = {**dict(zip(ms, out_modes)), **dict(zip(ns, in_modes)), r: rank}
+    return tuple("f" + ms[k] + ns[k] + r for k in range(d)), "".join(ns), "".join(ms), sizes
+
+
+def tucker_network(out_modes: Modes, in_modes: Modes, ranks: Sequence[int]):
+    """Einsum subscripts of a Tucker layer: the core (F, R_1..R_d) first, then factor k
+    (F, m_k, n_k, R_k); as :func:`cp_network` otherwise."""
+    d = len(out_modes)
+    letters = iter(INDEX_LETTERS)
+    ms = [next(letters) for _ in range(d)]
+    ns = [next(letters) for _ in range(d)]
+    rs = [next(letters) for _ in range(d)]
+    sizes = {**dict(zip(ms, out_modes)), **dict(zip(ns, in_modes)), **dict(zip(rs, ranks))}
+    operands = ("f" + "".join(rs),) + tuple("f" + ms[k] + ns[k] + rs[k] for k in range(d))
+    return operands, "".join(ns), "".join(ms), sizes
+
+
 def multilinear_limits(dims: Sequence[int]) -> Tuple[int, ...]:
     """Largest useful multilinear rank per mode: min(p_k, prod of the other modes)."""
     total = math.prod(dims)
@@ -149,5 +175,6 @@ def unfolding_spectra(t: torch.Tensor) -> List[torch.Tensor]:
     return [torch.linalg.svdvals(t.movedim(1 + k, 1).reshape(f, dims[k], -1)) for k in range(len(dims))]
 
 
-__all__ = ["CONVERGENCE_TOL", "CP_ITERATIONS", "TUCKER_ITERATIONS", "cp_als", "cp_exact", "mode_tensor",
+__all__ = ["CONVERGENCE_TOL", "CP_ITERATIONS", "TUCKER_ITERATIONS", "cp_als", "cp_exact", "cp_network", "mode_tensor",
+           "tucker_network",
            "multilinear_limits", "torch_backend", "tt_matrix", "tucker_hooi", "unfolding_spectra"]
