@@ -42,6 +42,9 @@ REBUILD_MAX_ELEMENTS = 1 << 26
 #: so an order that is cheaper in multiply-adds but streams larger intermediates can be
 #: slower; the weight makes the choice see that.
 MEMORY_WEIGHT = 16
+#: the cost model's price of one operator call (a GEMM, a permuted copy), in multiply-adds:
+#: a few microseconds of dispatch, which decide between orders on small weights and batches.
+CALL_WEIGHT = 50_000
 #: orders remembered per layer (one per batch size seen); the oldest is dropped beyond.
 ORDER_CACHE_SIZE = 64
 
@@ -55,6 +58,7 @@ class Order:
     peak: elements of the largest tensor it creates (all folds, whole batch).
     traffic: elements it writes to memory (intermediates and their permuted copies, the
         output), for the cost model (:data:`MEMORY_WEIGHT`).
+    calls: operator calls it makes (GEMMs, copies), for the cost model (:data:`CALL_WEIGHT`).
     plan: whatever the kind needs to run it (e.g. a contraction order).
     """
 
@@ -62,12 +66,13 @@ class Order:
     macs: int
     peak: int
     traffic: int = 0
+    calls: int = 1
     plan: object = field(default=None, compare=False, repr=False)
 
     @property
     def cost(self) -> int:
-        """The cost model: multiply-adds + MEMORY_WEIGHT * elements written."""
-        return self.macs + MEMORY_WEIGHT * self.traffic
+        """The cost model: multiply-adds + MEMORY_WEIGHT * elements written + CALL_WEIGHT * calls."""
+        return self.macs + MEMORY_WEIGHT * self.traffic + CALL_WEIGHT * self.calls
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):
@@ -163,7 +168,7 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         dense = self.num_folds * self.out_features * self.in_features
         if rebuild is not None and dense <= REBUILD_MAX_ELEMENTS:
             traffic = self._rebuild_traffic() + batch * self.num_folds * self.out_features
-            found += (Order(REBUILD, rebuild + batch * dense, dense, traffic),)
+            found += (Order(REBUILD, rebuild + batch * dense, dense, traffic, self._rebuild_calls() + 1),)
         return found
 
     def order(self, batch_size: int) -> Order:
@@ -197,6 +202,10 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         rebuild order. A kind returning a number must override ``to_dense`` (the default
         one calls the forward) and count exactly what it does."""
         return None
+
+    def _rebuild_calls(self) -> int:
+        """Operator calls :meth:`to_dense` makes (default: one product and one copy)."""
+        return 2
 
     def _rebuild_traffic(self) -> int:
         """Elements :meth:`to_dense` writes (default: W and one permuted copy of it)."""

@@ -210,11 +210,11 @@ class FactoredLayer(StructuredSumLayer):
         batch = batch_size * self.num_folds
         if self.structure == "flat":
             return (Order("two GEMMs", batch * self.rank * (self.in_features + self.out_features),
-                          batch * max(self.rank, self.out_features), batch * (self.rank + self.out_features)),)
+                          batch * max(self.rank, self.out_features), batch * (self.rank + self.out_features), 2),)
         (a1, a2), (b1, b2) = self.factor_shapes
         hidden = max(a1, a2) * max(b1, b2)
         return (Order("Kronecker factors", batch * kron_chain_flops(*self._chains()),
-                      batch * hidden, batch * (2 * hidden + self.out_features)),)
+                      batch * hidden, batch * (2 * hidden + self.out_features), 6),)
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.structure == "flat":

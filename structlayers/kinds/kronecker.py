@@ -91,7 +91,7 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
         hidden = self.rank * max(a1 * b2, a2 * b1)
         batch = batch_size * self.num_folds
         return (Order("Kronecker factors", batch * self.rank * per_sample, batch * max(hidden, self.out_features),
-                      batch * (2 * hidden + self.out_features)),)
+                      batch * (2 * hidden + self.out_features), 4),)
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.rank == 1:

@@ -171,7 +171,7 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         batch = batch_size * self.num_folds
         middle = lo * ki * r
         return (Order("block products", batch * per_sample, batch * max(middle, self.out_features),
-                      batch * 2 * (middle + self.out_features)),)
+                      batch * 2 * (middle + self.out_features), 4),)
 
     def _rebuild_macs(self) -> int:
         return self.num_folds * self.block_rank * self.out_features * self.in_features

@@ -245,7 +245,7 @@ class Sketched(StructuredSumLayer, kind="sketched"):
         width = 2 * self.num_terms * self.low_rank
         return (Order("two GEMMs", batch * _stored_per_fold(self.in_features, self.out_features, self.num_terms,
                                                            self.low_rank), batch * max(width, self.out_features),
-                      batch * (width + self.out_features)),)
+                      batch * (width + self.out_features), 4),)
 
     def _rebuild_macs(self) -> int:
         return self.num_folds * self.out_features * 2 * self.num_terms * self.low_rank * self.in_features

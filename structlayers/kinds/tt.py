@@ -237,18 +237,21 @@ class TT(StructuredSumLayer, kind="tt"):
         rtl, ltr = self._sweep_costs()
         sweeps = tuple(
             Order(f"sweep {name}", bf * cost, bf * self._largest_intermediate(rtl_first),
-                  2 * bf * self._sweep_traffic(rtl_first))
+                  2 * bf * self._sweep_traffic(rtl_first), 3 * self.num_cores)
             for name, cost, rtl_first in (("right-to-left", rtl, True), ("left-to-right", ltr, False)))
         inputs, output, sizes = self._network(batch_size)
         limit = max(o.peak for o in sweeps)
         found = plan(inputs, output, tuple(sorted(sizes.items())), limit)
-        return sweeps + (Order("searched order", found.macs, found.peak, found.traffic, found),)
+        return sweeps + (Order("searched order", found.macs, found.peak, found.traffic, found.calls + 2, found),)
 
     def _rebuild_macs(self) -> int:
         return self._dense_plan().macs
 
     def _rebuild_traffic(self) -> int:
         return self._dense_plan().traffic
+
+    def _rebuild_calls(self) -> int:
+        return self._dense_plan().calls + 1
 
     def _sweep_traffic(self, right_to_left: bool) -> int:
         """Elements per sample and fold of all GEMM outputs of a sweep."""

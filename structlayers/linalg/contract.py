@@ -54,7 +54,7 @@ class Step:
 class Plan:
     """A contraction order with its multiply-adds, largest intermediate and traffic (elements
     written: every step's result, counted twice for the permuted copy the next step usually
-    makes of it)."""
+    makes of it) and operator calls (two per step: the copy and the product)."""
 
     inputs: Tuple[str, ...]
     output: str
@@ -62,6 +62,10 @@ class Plan:
     macs: int
     peak: int
     traffic: int
+
+    @property
+    def calls(self) -> int:
+        return 2 * len(self.steps)
 
 
 def _sizes_dict(sizes: Tuple[Tuple[str, int], ...]) -> Dict[str, int]:
