@@ -12,7 +12,7 @@ modes (a1 a2), (b1 b2), so ``from_kronecker`` is exact.
 Forward: the cheapest order at the batch size (see
 :meth:`~structlayers.base.StructuredSumLayer.order`): a contraction order of x and the
 factors found by opt_einsum (intermediates at most ``min(R, 16)`` times the input or
-output, or W's size), or rebuilding W and one GEMM. ``flops`` reports the chosen one.
+output, or W's size; ``kinds/_network.py``), or rebuilding W and one GEMM. ``flops`` reports the chosen one.
 
 From a dense weight: tensorly's CP-ALS (PyTorch backend, SVD start, ``iterations``
 sweeps, random columns from ``seed`` where a mode is smaller than R; see
@@ -25,7 +25,6 @@ the rearranged matrix, so ALS returns the best Kronecker sum (as ``kronecker`` d
 from __future__ import annotations
 
 import math
-import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -40,15 +39,15 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, StructuredSumLayer, random_normal
-from ..linalg.contract import contract, plan
+from ..base import Order, random_normal
 from ..linalg.decompose import CP_ITERATIONS, cp_als, cp_exact, cp_network, mode_tensor
 from ..linalg.tt import Modes, resolve_modes
+from ._network import NetworkLayer
 
 #: rank used when ``rank`` is not given to the constructor (capped at the largest useful rank).
 DEFAULT_CP_RANK = 8
-#: searched orders keep their intermediates within min(R, this) times the input or output.
-MEMORY_RANKS = 16
+
+_LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 
 def max_cp_rank(out_modes: Modes, in_modes: Modes) -> int:
@@ -57,7 +56,7 @@ def max_cp_rank(out_modes: Modes, in_modes: Modes) -> int:
     return math.prod(dims) // max(dims)
 
 
-class CP(StructuredSumLayer, kind="cp"):
+class CP(NetworkLayer, kind="cp"):
     """CP layer; see the module docstring for the format.
 
     Args:
@@ -110,18 +109,6 @@ class CP(StructuredSumLayer, kind="cp"):
 
     # ------------------------------------------------------------ layout
     @property
-    def num_cores(self) -> int:
-        return len(self.factors)
-
-    @property
-    def out_modes(self) -> Modes:
-        return tuple(int(u.shape[1]) for u in self.factors)
-
-    @property
-    def in_modes(self) -> Modes:
-        return tuple(int(u.shape[2]) for u in self.factors)
-
-    @property
     def rank(self) -> int:
         return int(self.factors[0].shape[-1])
 
@@ -132,41 +119,20 @@ class CP(StructuredSumLayer, kind="cp"):
         return f"{super().extra_repr()}, out_modes={self.out_modes}, in_modes={self.in_modes}, rank={self.rank}"
 
     # ----------------------------------------------------------- compute
-    def _network(self, batch_size: Optional[int] = None):
-        factors, ins, outs, sizes = cp_network(self.out_modes, self.in_modes, self.rank)
-        sizes = {**sizes, "f": self.num_folds}
-        if batch_size is None:
-            return factors, "f" + outs + ins, tuple(sorted(sizes.items()))
-        sizes["b"] = batch_size
-        return ("fb" + ins,) + factors, "fb" + outs, tuple(sorted(sizes.items()))
+    def _network_spec(self):
+        return cp_network(self.out_modes, self.in_modes, self.rank)
+
+    def _network_tensors(self) -> List[torch.Tensor]:
+        return list(self.factors)
+
+    def _describe(self) -> str:
+        return f"cp layer with modes {self.out_modes} x {self.in_modes} and rank {self.rank}"
 
     def _structured_orders(self, batch_size: int):
-        inputs, output, sizes = self._network(batch_size)
-        io = batch_size * self.num_folds * max(self.in_features, self.out_features)
-        limit = max(io * min(self.rank, MEMORY_RANKS), self.num_folds * self.out_features * self.in_features)
-        found = plan(inputs, output, sizes, limit)
-        return (Order("searched order", found.macs, found.peak, found.traffic, found.calls + 2, found),)
+        return (self._rank_bounded_order(batch_size, self.rank),)
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
-        f, b, _ = x.shape
-        y = contract(order.plan, [x.reshape(f, b, *self.in_modes)] + list(self.factors))
-        return y.reshape(f, b, self.out_features)
-
-    def _dense_plan(self):
-        return plan(*self._network())
-
-    def _rebuild_macs(self) -> int:
-        return self._dense_plan().macs
-
-    def _rebuild_traffic(self) -> int:
-        return self._dense_plan().traffic
-
-    def _rebuild_calls(self) -> int:
-        return self._dense_plan().calls + 1
-
-    def to_dense(self) -> torch.Tensor:
-        w = contract(self._dense_plan(), list(self.factors))
-        return w.reshape(self.num_folds, self.out_features, self.in_features)
+        return self._run_searched(order, x)
 
     def _frobenius_sq(self) -> torch.Tensor:
         gram = None
@@ -180,10 +146,6 @@ class CP(StructuredSumLayer, kind="cp"):
             return super()._inner_kronecker(a, b)
         u1, u2 = self.factors
         return (torch.einsum("fij,fijr->fr", a.conj(), u1) * torch.einsum("fkl,fklr->fr", b.conj(), u2)).sum(dim=1)
-
-    def _per_sample_cost(self) -> int:
-        """Multiply-adds per sample and fold of the kind's own order at batch 1."""
-        return min(o.macs for o in self._structured_orders(1)) // self.num_folds
 
     # ------------------------------------------------------ constructors
     @classmethod
@@ -233,14 +195,7 @@ class CP(StructuredSumLayer, kind="cp"):
             factors = _smallest_rank_meeting(decompose, w, float(tolerance), largest)
         else:
             factors = decompose(largest)
-        layer = cls._from_factors(factors)
-        cost = layer._per_sample_cost()
-        if cost > out * inp:
-            warnings.warn(
-                f"cp layer with modes {om} x {im} and rank {layer.rank} costs {cost} multiply-adds per sample "
-                f"and fold, {cost / (out * inp):.1f}x the {out * inp} of a dense layer; a lower rank, a looser "
-                f"tolerance or a smaller params_share makes it cheaper", UserWarning, stacklevel=2)
-        return layer
+        return cls._from_factors(factors)._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
 
     @classmethod
     def from_kronecker(cls, a: torch.Tensor, b: torch.Tensor) -> "CP":

@@ -45,7 +45,6 @@ from .._checks import (
     as_folded_factors,
     as_folded_weight,
     check_budget,
-    check_positive_int,
     make_generator,
     rank_for_params_share,
 )

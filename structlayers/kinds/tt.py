@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence as _SequenceABC
 from typing import Optional, Sequence, Tuple, Union
 
@@ -42,12 +41,10 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, StructuredSumLayer, random_normal
-from ..linalg.contract import contract, dependent_peak, plan
+from ..base import Order, random_normal
 from ..linalg.decompose import tt_matrix
 from ..linalg.kron import frobenius_sq
 from ..linalg.tt import (
-    Modes,
     bond_limits,
     chain_dense,
     core_views,
@@ -59,17 +56,13 @@ from ..linalg.tt import (
     tt_svd,
     unflatten_cores,
 )
+from ._network import CHUNK_ELEMENTS, NetworkLayer
 
 RankSpec = Union[int, Sequence[int], None]
 
 #: bond dimension used when ``tt_rank`` is not given (capped per bond, see
 #: :func:`~structlayers.linalg.tt.bond_limits`).
 DEFAULT_TT_RANK = 8
-#: the forward processes the batch in chunks whose largest intermediate has at most about this
-#: many elements (64 MiB in float32), so memory stays bounded at any batch size; chunks much
-#: smaller than this cost more in per-call overhead (and in repeated permuted copies of
-#: contracted cores) than they gain in cache locality. 0 chunks one sample at a time.
-CHUNK_ELEMENTS = 1 << 24
 
 
 def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
@@ -108,7 +101,7 @@ _LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes
 
 
 # -------------------------------------------------------------------- layer
-class TT(StructuredSumLayer, kind="tt"):
+class TT(NetworkLayer, kind="tt"):
     """Tensor-train (MPO) layer; see the module docstring for the format.
 
     Args:
@@ -172,17 +165,10 @@ class TT(StructuredSumLayer, kind="tt"):
         return layer
 
     # ------------------------------------------------------------ layout
-    @property
-    def num_cores(self) -> int:
-        return len(self.cores)
+    _MODE_AXES = (2, 3)
 
-    @property
-    def out_modes(self) -> Modes:
-        return tuple(int(g.shape[2]) for g in self.cores)
-
-    @property
-    def in_modes(self) -> Modes:
-        return tuple(int(g.shape[3]) for g in self.cores)
+    def _mode_tensors(self):
+        return self.cores
 
     @property
     def rank(self) -> int:
@@ -207,28 +193,14 @@ class TT(StructuredSumLayer, kind="tt"):
         """Multiply-adds per sample of the right-to-left and left-to-right sweeps."""
         return sweep_costs(self.out_modes, self.in_modes, self.tt_ranks)
 
-    def _network(self, batch_size: Optional[int] = None):
-        """(operand subscripts, output subscripts, sizes) of the forward (x first) for a batch
-        size, or of W (cores only) for None."""
-        cores, ins, outs, sizes = mpo_network(self.out_modes, self.in_modes, self.tt_ranks)
-        if batch_size is None:
-            return cores, "f" + outs + ins, {**sizes, "f": self.num_folds}
-        return ("fb" + ins,) + cores, "fb" + outs, {**sizes, "f": self.num_folds, "b": batch_size}
+    def _network_spec(self):
+        return mpo_network(self.out_modes, self.in_modes, self.tt_ranks)
 
-    def _per_sample_cost(self) -> int:
-        """Multiply-adds per sample and fold of the cheapest of the kind's own orders (no rebuild)."""
-        return min(o.macs for o in self._structured_orders(1)) // self.num_folds
+    def _network_tensors(self):
+        return core_views(self.cores)
 
-    def _warn_if_costlier(self, reference: int, what: str, advice: str) -> "TT":
-        """A UserWarning when one sample costs more multiply-adds than ``reference`` (per
-        fold): the layout is valid, but slower than the layer it stands in for."""
-        cost = self._per_sample_cost()
-        if cost > reference:
-            warnings.warn(
-                f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks} "
-                f"costs {cost} multiply-adds per sample and fold, {cost / reference:.1f}x the {reference} "
-                f"of {what}; {advice}", UserWarning, stacklevel=3)
-        return self
+    def _describe(self) -> str:
+        return f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks}"
 
     def _structured_orders(self, batch_size: int):
         """The two sweeps and the order a contraction-order search finds (within the sweeps'
@@ -239,19 +211,7 @@ class TT(StructuredSumLayer, kind="tt"):
             Order(f"sweep {name}", bf * cost, bf * self._largest_intermediate(rtl_first),
                   2 * bf * self._sweep_traffic(rtl_first), 3 * self.num_cores)
             for name, cost, rtl_first in (("right-to-left", rtl, True), ("left-to-right", ltr, False)))
-        inputs, output, sizes = self._network(batch_size)
-        limit = max(o.peak for o in sweeps)
-        found = plan(inputs, output, tuple(sorted(sizes.items())), limit)
-        return sweeps + (Order("searched order", found.macs, found.peak, found.traffic, found.calls + 2, found),)
-
-    def _rebuild_macs(self) -> int:
-        return self._dense_plan().macs
-
-    def _rebuild_traffic(self) -> int:
-        return self._dense_plan().traffic
-
-    def _rebuild_calls(self) -> int:
-        return self._dense_plan().calls + 1
+        return sweeps + (self._searched_order(batch_size, max(o.peak for o in sweeps)),)
 
     def _sweep_traffic(self, right_to_left: bool) -> int:
         """Elements per sample and fold of all GEMM outputs of a sweep."""
@@ -260,10 +220,6 @@ class TT(StructuredSumLayer, kind="tt"):
         if right_to_left:
             return sum(r[k] * math.prod(om[k:]) * math.prod(im[:k]) for k in range(d))
         return sum(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
-
-    def _dense_plan(self):
-        inputs, output, sizes = self._network()
-        return plan(inputs, output, tuple(sorted(sizes.items())))
 
     def _largest_intermediate(self, right_to_left: bool) -> int:
         """Elements per sample and fold of the largest GEMM output of a sweep."""
@@ -274,16 +230,11 @@ class TT(StructuredSumLayer, kind="tt"):
         return max(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
-        f, b, _ = x.shape
+        if order.plan is not None:
+            return self._run_searched(order, x)
         # The intermediates are up to ~r times larger than x; batch chunks of at most
         # CHUNK_ELEMENTS bound their memory (the same multiply-adds either way).
-        if order.plan is not None:
-            _, _, sizes = self._network(b)
-            per_sample = dependent_peak(order.plan, sizes, 0) // b
-            chunk = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
-            xs = x.reshape(f, b, *self.in_modes)
-            y = contract(order.plan, [xs] + core_views(self.cores), chunk=(0, "b", chunk))
-            return y.reshape(f, b, self.out_features)
+        b = x.shape[1]
         right_to_left = order.name == "sweep right-to-left"
         sweep = self._right_to_left if right_to_left else self._left_to_right
         per_sample = self.num_folds * self._largest_intermediate(right_to_left)
@@ -324,11 +275,6 @@ class TT(StructuredSumLayer, kind="tt"):
             else:  # rr = 1: (F, m_d, B M_{<d}) -> (F, B, M_{<d}, m_d)
                 return y.transpose(1, 2).reshape(f, b, self.out_features)
         raise AssertionError("unreachable")
-
-    def to_dense(self) -> torch.Tensor:
-        """The cores contracted in the cheapest order found (``_rebuild_macs`` multiply-adds)."""
-        w = contract(self._dense_plan(), core_views(self.cores))
-        return w.reshape(self.num_folds, self.out_features, self.in_features)
 
     def _frobenius_sq(self) -> torch.Tensor:
         return mpo_frobenius_sq(list(self.cores))

@@ -11,7 +11,7 @@ multilinear rank. Stored folded as ``layer.core`` (F, R_1..R_d) and ``layer.fact
 
 Forward: the cheapest order at the batch size (see
 :meth:`~structlayers.base.StructuredSumLayer.order`): a contraction order of x, the core
-and the factors found by opt_einsum, or rebuilding W and one GEMM; ``flops`` reports it.
+and the factors found by opt_einsum (``kinds/_network.py``), or rebuilding W and one GEMM; ``flops`` reports it.
 
 From a dense weight: tensorly's Tucker (HOOI from the HOSVD start, PyTorch backend; see
 :mod:`structlayers.linalg.decompose`). Each mode's rank is at most min(p_k, prod of the
@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -39,8 +38,7 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, StructuredSumLayer, random_normal
-from ..linalg.contract import contract, plan
+from ..base import Order, random_normal
 from ..linalg.decompose import (
     TUCKER_ITERATIONS,
     mode_tensor,
@@ -51,12 +49,12 @@ from ..linalg.decompose import (
 )
 from ..linalg.kron import frobenius_sq
 from ..linalg.svd import smallest_rank_for_tolerance, tail_error_sq
-from ..linalg.tt import Modes, resolve_modes
+from ..linalg.tt import resolve_modes
+from ._network import NetworkLayer
 
 #: multilinear rank per mode used when ``rank`` is not given (capped per mode).
 DEFAULT_TUCKER_RANK = 8
-#: searched orders keep their intermediates within min(largest rank, this) times the input or output.
-MEMORY_RANKS = 16
+_LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 RankSpec = Union[int, Sequence[int], None]
 
@@ -78,7 +76,7 @@ def resolve_ranks(rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
     return ranks
 
 
-class Tucker(StructuredSumLayer, kind="tucker"):
+class Tucker(NetworkLayer, kind="tucker"):
     """Tucker layer; see the module docstring for the format.
 
     Args:
@@ -132,18 +130,6 @@ class Tucker(StructuredSumLayer, kind="tucker"):
 
     # ------------------------------------------------------------ layout
     @property
-    def num_cores(self) -> int:
-        return len(self.factors)
-
-    @property
-    def out_modes(self) -> Modes:
-        return tuple(int(u.shape[1]) for u in self.factors)
-
-    @property
-    def in_modes(self) -> Modes:
-        return tuple(int(u.shape[2]) for u in self.factors)
-
-    @property
     def ranks(self) -> Tuple[int, ...]:
         """The multilinear rank (R_1, ..., R_d)."""
         return tuple(int(u.shape[-1]) for u in self.factors)
@@ -159,41 +145,20 @@ class Tucker(StructuredSumLayer, kind="tucker"):
         return f"{super().extra_repr()}, out_modes={self.out_modes}, in_modes={self.in_modes}, ranks={self.ranks}"
 
     # ----------------------------------------------------------- compute
-    def _network(self, batch_size: Optional[int] = None):
-        operands, ins, outs, sizes = tucker_network(self.out_modes, self.in_modes, self.ranks)
-        sizes = {**sizes, "f": self.num_folds}
-        if batch_size is None:
-            return operands, "f" + outs + ins, tuple(sorted(sizes.items()))
-        sizes["b"] = batch_size
-        return ("fb" + ins,) + operands, "fb" + outs, tuple(sorted(sizes.items()))
+    def _network_spec(self):
+        return tucker_network(self.out_modes, self.in_modes, self.ranks)
+
+    def _network_tensors(self) -> List[torch.Tensor]:
+        return [self.core] + list(self.factors)
+
+    def _describe(self) -> str:
+        return f"tucker layer with modes {self.out_modes} x {self.in_modes} and ranks {self.ranks}"
 
     def _structured_orders(self, batch_size: int):
-        inputs, output, sizes = self._network(batch_size)
-        io = batch_size * self.num_folds * max(self.in_features, self.out_features)
-        limit = max(io * min(self.rank, MEMORY_RANKS), self.num_folds * self.out_features * self.in_features)
-        found = plan(inputs, output, sizes, limit)
-        return (Order("searched order", found.macs, found.peak, found.traffic, found.calls + 2, found),)
+        return (self._rank_bounded_order(batch_size, self.rank),)
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
-        f, b, _ = x.shape
-        y = contract(order.plan, [x.reshape(f, b, *self.in_modes), self.core] + list(self.factors))
-        return y.reshape(f, b, self.out_features)
-
-    def _dense_plan(self):
-        return plan(*self._network())
-
-    def _rebuild_macs(self) -> int:
-        return self._dense_plan().macs
-
-    def _rebuild_traffic(self) -> int:
-        return self._dense_plan().traffic
-
-    def _rebuild_calls(self) -> int:
-        return self._dense_plan().calls + 1
-
-    def to_dense(self) -> torch.Tensor:
-        w = contract(self._dense_plan(), [self.core] + list(self.factors))
-        return w.reshape(self.num_folds, self.out_features, self.in_features)
+        return self._run_searched(order, x)
 
     def _frobenius_sq(self) -> torch.Tensor:
         # ||G x_k U_k||^2 = <G, G x_k (U_k^H U_k)>, from R_k x R_k Gram matrices
@@ -212,10 +177,6 @@ class Tucker(StructuredSumLayer, kind="tucker"):
         ia = torch.einsum("fij,fijs->fs", a.conj(), u1)
         ib = torch.einsum("fkl,fklt->ft", b.conj(), u2)
         return torch.einsum("fs,fst,ft->f", ia, self.core, ib)
-
-    def _per_sample_cost(self) -> int:
-        """Multiply-adds per sample and fold of the kind's own order at batch 1."""
-        return min(o.macs for o in self._structured_orders(1)) // self.num_folds
 
     # ------------------------------------------------------ constructors
     @classmethod
@@ -267,13 +228,7 @@ class Tucker(StructuredSumLayer, kind="tucker"):
         else:
             core, factors = tucker_hooi(t, ranks, iterations=iterations)
         layer = cls._from_parts(core, [u.reshape(f, m, n, u.shape[-1]) for u, m, n in zip(factors, om, im)])
-        cost = layer._per_sample_cost()
-        if cost > out * inp:
-            warnings.warn(
-                f"tucker layer with modes {om} x {im} and ranks {layer.ranks} costs {cost} multiply-adds per "
-                f"sample and fold, {cost / (out * inp):.1f}x the {out * inp} of a dense layer; a lower rank, a "
-                f"looser tolerance or a smaller params_share makes it cheaper", UserWarning, stacklevel=2)
-        return layer
+        return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
 
     @classmethod
     def from_kronecker(cls, a: torch.Tensor, b: torch.Tensor) -> "Tucker":
