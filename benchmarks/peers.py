@@ -144,13 +144,13 @@ def peers(args) -> List[dict]:
         budgets = [("25 %", 0.25, {"tt": {"params_share": 0.25}}), ("TT rank 16", share16, {"tt": {"rank": 16}})]
         for label, share, special in budgets:
             models: Dict[str, tuple] = {"nn.Linear": (linear, list(linear.parameters()), 0.0, n * n, 0.0)}
-            notes = {}
+            notes, remarks = {}, {}
             for kind in ("tt", "cp", "tucker"):
                 options = dict(special.get(kind, {"params_share": share}))
                 if kind == "cp" and n > args.cp_full_size:
                     # ALS at 4096 and 25 % is rank ~5500 on 16.7 M entries: ~0.3 T multiply-adds a sweep
                     options["iterations"] = args.cp_large_iterations
-                    notes[f"structlayers {kind} iterations"] = f"CP-ALS limited to {args.cp_large_iterations} sweeps"
+                    remarks[f"structlayers {kind}"] = f"CP-ALS limited to {args.cp_large_iterations} sweeps at this size"
                 layer, seconds = _ours(kind, w[None], options)
                 err = layer.relative_error(w[None])
                 models[f"structlayers {kind}"] = (lambda t, layer=layer: layer(t[None])[0], list(layer.parameters()),
@@ -180,6 +180,9 @@ def peers(args) -> List[dict]:
                                  fwd_bwd_vs_linear=fwdbwd[name]["median"] / base_b))
             for name, reason in notes.items():
                 rows.append(dict(size=n, batch=batch, budget=label, share=round(share, 4), layer=name, skipped=reason))
+            for row in rows:
+                if row["size"] == n and row["budget"] == label and row["layer"] in remarks:
+                    row["note"] = remarks[row["layer"]]
             _print_peers([r for r in rows if r["size"] == n and r["budget"] == label])
     return rows
 
@@ -197,7 +200,8 @@ def _print_peers(rows: List[dict]) -> None:
         f, b = r["fwd_ms"], r["fwd_bwd_ms"]
         print(f"{r['layer']:36s} {r['rel_error']:8.4f} {r['params']:9d} {r['build_s']:8.2f} "
               f"{f['median']:9.2f} [{f['min']:.1f}-{f['max']:.1f}] {r['fwd_vs_linear']:6.2f} "
-              f"{b['median']:10.2f} [{b['min']:.1f}-{b['max']:.1f}] {r['fwd_bwd_vs_linear']:6.2f}")
+              f"{b['median']:10.2f} [{b['min']:.1f}-{b['max']:.1f}] {r['fwd_bwd_vs_linear']:6.2f}"
+              + (f"  ({r['note']})" if "note" in r else ""))
     sys.stdout.flush()
 
 

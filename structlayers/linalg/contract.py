@@ -72,6 +72,22 @@ def _sizes_dict(sizes: Tuple[Tuple[str, int], ...]) -> Dict[str, int]:
     return dict(sizes)
 
 
+def _copied(ls: str, rs: str, needed, sizes: Dict[str, int]) -> int:
+    """Elements of the operands that a batched GEMM with ``ls`` on the left must copy: the left
+    wants its indices as (shared, free, contracted), the right as (shared, contracted, free)."""
+    def groups(s: str, other: str, contracted_last: bool):
+        shared = [c for c in s if c in other and c in needed]
+        contracted = [c for c in s if c in other and c not in needed]
+        free = [c for c in s if c not in other]
+        return shared + (free + contracted if contracted_last else contracted + free)
+
+    total = 0
+    for s, other, last in ((ls, rs, True), (rs, ls, False)):
+        if list(s) != groups(s, other, last):
+            total += math.prod(sizes[c] for c in s)
+    return total
+
+
 def steps_from_pairs(inputs: Sequence[str], output: str, sizes: Dict[str, int],
                      pairs: Sequence[Tuple[int, int]]) -> Tuple[Tuple[Step, ...], int, int]:
     """Steps, total multiply-adds and peak size of contracting ``inputs`` in the order
@@ -86,11 +102,15 @@ def steps_from_pairs(inputs: Sequence[str], output: str, sizes: Dict[str, int],
         for pos in sorted((i, j), reverse=True):
             live.pop(pos)
         needed = set(output).union(*(s for _, s in live))
+        if _copied(rs, ls, needed, sizes) < _copied(ls, rs, needed, sizes):
+            (li, ls), (ri, rs) = (ri, rs), (li, ls)
         union = ls + "".join(c for c in rs if c not in ls)
         if not live:
             result = output
-        else:
-            result = "".join(c for c in union if c in needed)
+        else:  # the batched GEMM's own layout: shared, then the left's free, then the right's free
+            shared = [c for c in ls if c in rs and c in needed]
+            result = "".join(shared + [c for c in ls if c not in rs and c in needed]
+                             + [c for c in rs if c not in ls and c in needed])
         macs = math.prod(sizes[c] for c in union)
         contracted = [c for c in union if c not in result]
         if any(sizes[c] > 1 for c in contracted if not (c in ls and c in rs)):
