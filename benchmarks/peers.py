@@ -7,8 +7,9 @@ structlayers rows and the order grid still run. Never imported by the tests.
 Part 1, peers. Decaying-spectrum weights (σ_i = 0.995^i, ``structlayers.testing``) of
 4096 x 4096 at batch 1024 and 1024 x 1024 at batch 256, float32. For each size two
 budgets: 25 % of the dense parameters, and the parameters of a tensor train of bond
-rank 16 (``tt`` at rank 16, the others at that parameter share). Every peer gets the
-same mode layout as ``tt``'s (out and in modes); tltorch is timed in both of its
+rank 16 (``tt`` at rank 16, the others at that parameter share); ``tucker`` also in its
+split-modes layout (order 2d, as tltorch tensorizes). Every peer gets the same mode
+layout as ``tt``'s (out and in modes); tltorch is timed in both of its
 implementations (``factorized``: contract x with the factors; ``reconstructed``:
 rebuild W, then one GEMM) and its faster one is its score. Columns: relative Frobenius
 error of the weight, parameters, build time, forward and forward+backward median (ms)
@@ -145,17 +146,20 @@ def peers(args) -> List[dict]:
         for label, share, special in budgets:
             models: Dict[str, tuple] = {"nn.Linear": (linear, list(linear.parameters()), 0.0, n * n, 0.0)}
             notes, remarks = {}, {}
-            for kind in ("tt", "cp", "tucker"):
+            for kind in ("tt", "cp", "tucker", "tucker split"):
                 options = dict(special.get(kind, {"params_share": share}))
+                if kind == "tucker split":
+                    kind, options["split_modes"] = "tucker", True
                 if kind == "cp" and n > args.cp_full_size:
                     # ALS at 4096 and 25 % is rank ~5500 on 16.7 M entries: ~0.3 T multiply-adds a sweep
                     options["iterations"] = args.cp_large_iterations
                     remarks[f"structlayers {kind}"] = f"CP-ALS limited to {args.cp_large_iterations} sweeps at this size"
                 layer, seconds = _ours(kind, w[None], options)
                 err = layer.relative_error(w[None])
-                models[f"structlayers {kind}"] = (lambda t, layer=layer: layer(t[None])[0], list(layer.parameters()),
-                                                  err, layer.num_params, seconds)
-                if tltorch is None:
+                label_ours = f"structlayers {kind}" + (" (split modes)" if options.get("split_modes") else "")
+                models[label_ours] = (lambda t, layer=layer: layer(t[None])[0], list(layer.parameters()),
+                                      err, layer.num_params, seconds)
+                if tltorch is None or options.get("split_modes"):
                     continue
                 # the same layout as ours; tltorch's rank: the same TT rank, else the same share
                 rank = 16 if (kind == "tt" and label == "TT rank 16") else share
@@ -212,7 +216,8 @@ def _grid_layer(kind: str, n: int, share: float):
     if cls.exact_from_dense:
         return sl.from_dense(kind, w)
     options = {"params_share": share}
-    options.update({"sketched": {"fit": "projection", "seed": 0}}.get(kind, {}))
+    # the fit's quality does not matter for timing: CP-ALS gets one sweep
+    options.update({"sketched": {"fit": "projection", "seed": 0}, "cp": {"iterations": 1}}.get(kind, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sl.from_dense(kind, w, **options)
@@ -226,7 +231,7 @@ def orders(args) -> List[dict]:
     for n in args.grid_sizes:
         for kind in sl.available():
             layer = _grid_layer(kind, n, args.grid_share)
-            for batch in args.grid_batches:
+            for batch in args.grid_batches if n < 4096 else args.grid_batches_large:
                 x = torch.randn(1, batch, n, generator=torch.Generator().manual_seed(3))
                 chosen = layer.order(batch)
                 candidates = [o for o in layer.orders(batch) if o.cost <= args.skip_factor * chosen.cost]
@@ -264,6 +269,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.sizes = [(256, 64)] if args.quick else [(4096, 1024), (1024, 256)]
     args.grid_sizes = [64, 256] if args.quick else [256, 1024, 4096]
     args.grid_batches = [1, 64] if args.quick else [1, 16, 256, 1024]
+    args.grid_batches_large = [1, 256]  # 4096 x 4096: the slow orders take seconds per call
     torch.set_num_threads(args.threads)
     env = environment()
     print(f"torch {env['torch']}, {args.threads} threads, float32, median of {args.repeats} round-robin repeats")

@@ -40,7 +40,7 @@ from .._checks import (
     rank_for_params_share,
 )
 from ..base import Order, random_normal
-from ..linalg.decompose import CP_ITERATIONS, cp_als, cp_exact, cp_network, mode_tensor
+from ..linalg.decompose import CP_ITERATIONS, cp_als, cp_exact, cp_network, mode_tensor, split_layout
 from ..linalg.tt import Modes, resolve_modes
 from ._network import NetworkLayer
 
@@ -56,11 +56,21 @@ def max_cp_rank(out_modes: Modes, in_modes: Modes) -> int:
     return math.prod(dims) // max(dims)
 
 
+
+def _layout(out: int, inp: int, out_modes, in_modes, num_cores, split_modes: bool):
+    """tt's mode layout, or with ``split_modes`` its separate out and in modes (order 2d)."""
+    om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
+    if not isinstance(split_modes, bool):
+        raise TypeError(f"split_modes must be a bool, got {type(split_modes).__name__}")
+    return split_layout(om, im) if split_modes else (om, im)
+
 class CP(NetworkLayer, kind="cp"):
     """CP layer; see the module docstring for the format.
 
     Args:
         out_modes, in_modes, num_cores: the mode layout, as for ``tt``.
+        split_modes: separate out and in modes (order 2d: factors (F, m_k, 1, R) and
+            (F, 1, n_k, R)), :func:`~structlayers.linalg.decompose.split_layout`.
         rank: R, the number of rank-one terms (default 8, capped at the largest useful rank).
         dtype, device, seed, generator: as for the other kinds.
 
@@ -80,6 +90,7 @@ class CP(NetworkLayer, kind="cp"):
         out_modes: Optional[Sequence[int]] = None,
         in_modes: Optional[Sequence[int]] = None,
         num_cores: Optional[int] = None,
+        split_modes: bool = False,
         rank: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
         device=None,
@@ -87,7 +98,7 @@ class CP(NetworkLayer, kind="cp"):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
-        om, im = resolve_modes(self.out_features, self.in_features, out_modes, in_modes, num_cores)
+        om, im = _layout(self.out_features, self.in_features, out_modes, in_modes, num_cores, split_modes)
         largest = max_cp_rank(om, im)
         if rank is None:
             rank = min(DEFAULT_CP_RANK, largest)
@@ -159,6 +170,7 @@ class CP(NetworkLayer, kind="cp"):
         out_modes: Optional[Sequence[int]] = None,
         in_modes: Optional[Sequence[int]] = None,
         num_cores: Optional[int] = None,
+        split_modes: bool = False,
         iterations: int = CP_ITERATIONS,
         seed: int = 0,
     ) -> "CP":
@@ -176,7 +188,7 @@ class CP(NetworkLayer, kind="cp"):
         iterations = check_positive_int(iterations, "iterations")
         make_generator(seed, None)  # validates the seed
         f, out, inp = w.shape
-        om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
+        om, im = _layout(out, inp, out_modes, in_modes, num_cores, split_modes)
         t = mode_tensor(w, om, im)
         largest = max_cp_rank(om, im)
 

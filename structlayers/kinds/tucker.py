@@ -43,6 +43,7 @@ from ..linalg.decompose import (
     TUCKER_ITERATIONS,
     mode_tensor,
     multilinear_limits,
+    split_layout,
     tucker_hooi,
     tucker_network,
     unfolding_spectra,
@@ -76,11 +77,23 @@ def resolve_ranks(rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
     return ranks
 
 
+
+def _layout(out: int, inp: int, out_modes, in_modes, num_cores, split_modes: bool):
+    """tt's mode layout, or with ``split_modes`` its separate out and in modes (order 2d)."""
+    om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
+    if not isinstance(split_modes, bool):
+        raise TypeError(f"split_modes must be a bool, got {type(split_modes).__name__}")
+    return split_layout(om, im) if split_modes else (om, im)
+
 class Tucker(NetworkLayer, kind="tucker"):
     """Tucker layer; see the module docstring for the format.
 
     Args:
         out_modes, in_modes, num_cores: the mode layout, as for ``tt``.
+        split_modes: separate out and in modes (order 2d,
+            :func:`~structlayers.linalg.decompose.split_layout`): the forward applies small
+            factors to x and the core in between, much cheaper than the merged layout's
+            (whose intermediates are r times x), usually at a larger error for equal parameters.
         rank: an int (each mode gets min(rank, its limit min(p_k, prod of the others)))
             or one rank per mode. Default 8, capped per mode.
         dtype, device, seed, generator: as for the other kinds.
@@ -102,6 +115,7 @@ class Tucker(NetworkLayer, kind="tucker"):
         out_modes: Optional[Sequence[int]] = None,
         in_modes: Optional[Sequence[int]] = None,
         num_cores: Optional[int] = None,
+        split_modes: bool = False,
         rank: RankSpec = None,
         dtype: Optional[torch.dtype] = None,
         device=None,
@@ -109,7 +123,7 @@ class Tucker(NetworkLayer, kind="tucker"):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
-        om, im = resolve_modes(self.out_features, self.in_features, out_modes, in_modes, num_cores)
+        om, im = _layout(self.out_features, self.in_features, out_modes, in_modes, num_cores, split_modes)
         ranks = resolve_ranks(rank, multilinear_limits([m * n for m, n in zip(om, im)]))
         gen = make_generator(seed, generator)
         f = self.num_folds
@@ -190,20 +204,22 @@ class Tucker(NetworkLayer, kind="tucker"):
         out_modes: Optional[Sequence[int]] = None,
         in_modes: Optional[Sequence[int]] = None,
         num_cores: Optional[int] = None,
+        split_modes: bool = False,
         iterations: int = TUCKER_ITERATIONS,
     ) -> "Tucker":
         """Tucker (HOOI) of W (F, out, in) or (out, in) in the tensorized layout.
 
         rank: a cap per mode (each mode min(rank, its limit)). tolerance: per mode the
             smallest rank whose unfolding tail fits tol^2 ||W||^2 / d (error <= tol
-            guaranteed). params_share: the largest cap whose parameters fit. No budget:
+            guaranteed). params_share: the largest uniform cap whose parameters fit, then
+            single modes raised by one (larger modes first) while they still fit. No budget:
             every mode at its limit, exact. iterations: HOOI sweeps.
         """
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share)
         iterations = check_positive_int(iterations, "iterations")
         f, out, inp = w.shape
-        om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
+        om, im = _layout(out, inp, out_modes, in_modes, num_cores, split_modes)
         dims = [m * n for m, n in zip(om, im)]
         limits = multilinear_limits(dims)
         t = mode_tensor(w, om, im)
@@ -215,7 +231,9 @@ class Tucker(NetworkLayer, kind="tucker"):
                 return f * (math.prod(rs) + sum(p * q for p, q in zip(dims, rs)))
 
             cap = rank_for_params_share(params_share, f * out * inp, params_for, max(limits), "Tucker layer")
-            ranks = tuple(min(cap, lim) for lim in limits)
+            ranks = _grow_ranks([min(cap, lim) for lim in limits], limits, dims,
+                                lambda rs: f * (math.prod(rs) + sum(p * q for p, q in zip(dims, rs)))
+                                <= params_share * f * out * inp)
         elif tolerance is not None:
             total = frobenius_sq(w)
             step = float(tolerance) / math.sqrt(len(dims))
@@ -237,5 +255,20 @@ class Tucker(NetworkLayer, kind="tucker"):
         core = torch.ones(a.shape[0], 1, 1, dtype=a.dtype, device=a.device)
         return cls._from_parts(core, [a[..., None], b[..., None]])
 
+
+
+def _grow_ranks(ranks, limits, dims, fits) -> Tuple[int, ...]:
+    """From a uniform cap, raise single modes' ranks by one (larger modes first, round-robin)
+    while the result still ``fits``: the budget is used up to the last rank that fits."""
+    ranks = list(ranks)
+    grown = True
+    while grown:
+        grown = False
+        for k in sorted(range(len(ranks)), key=lambda k: -dims[k]):
+            if ranks[k] < limits[k]:
+                trial = ranks[:k] + [ranks[k] + 1] + ranks[k + 1:]
+                if fits(trial):
+                    ranks, grown = trial, True
+    return tuple(ranks)
 
 __all__ = ["DEFAULT_TUCKER_RANK", "Tucker"]

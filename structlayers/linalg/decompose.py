@@ -55,6 +55,15 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def split_layout(out_modes: Modes, in_modes: Modes) -> Tuple[Modes, Modes]:
+    """The layout with separate out and in modes: out (m_1..m_d, 1..1), in (1..1, n_1..n_d), so
+    the tensorized weight is (m_1, ..., m_d, n_1, ..., n_d), order 2d. Its decompositions
+    have one factor per out mode and per in mode (cheaper to apply, but A ⊗ B is no longer
+    rank one in it)."""
+    d = len(out_modes)
+    return tuple(out_modes) + (1,) * d, (1,) * d + tuple(in_modes)
+
+
 def mode_tensor(w: torch.Tensor, out_modes: Modes, in_modes: Modes) -> torch.Tensor:
     """W (F, out, in) as (F, m_1 n_1, ..., m_d n_d)."""
     return interleave(w, out_modes, in_modes).reshape(w.shape[0], *(m * n for m, n in zip(out_modes, in_modes)))
@@ -175,6 +184,6 @@ def unfolding_spectra(t: torch.Tensor) -> List[torch.Tensor]:
     return [torch.linalg.svdvals(t.movedim(1 + k, 1).reshape(f, dims[k], -1)) for k in range(len(dims))]
 
 
-__all__ = ["CONVERGENCE_TOL", "CP_ITERATIONS", "TUCKER_ITERATIONS", "cp_als", "cp_exact", "cp_network", "mode_tensor",
+__all__ = ["split_layout", "CONVERGENCE_TOL", "CP_ITERATIONS", "TUCKER_ITERATIONS", "cp_als", "cp_exact", "cp_network", "mode_tensor",
            "tucker_network",
            "multilinear_limits", "torch_backend", "tt_matrix", "tucker_hooi", "unfolding_spectra"]

@@ -81,6 +81,13 @@ def test_als_recovers_a_low_cp_rank_weight_and_respects_the_svd_bound():
         assert _unfolding_optimum(noisy, kw["out_modes"], kw["in_modes"], r) - 1e-12 <= err < 1.0
 
 
+def test_split_modes_is_the_order_2d_layout():
+    w = torch.randn(1, 6, 4, generator=generator(12), dtype=F64)
+    layer = CP.from_dense(w, num_cores=2, split_modes=True)  # the exact construction
+    assert layer.out_modes == (2, 3, 1, 1) and layer.in_modes == (1, 1, 2, 2)
+    assert layer.rank == 2 * 2 * 2 and rel(layer.to_dense(), w) < EXACT  # prod(p) / max(p), p = (2, 3, 2, 2)
+
+
 def test_als_is_reproducible():
     w = decaying_matrix(1, 24, 12, decay=0.8, seed=5)
     one = CP.from_dense(w, rank=20, num_cores=3, seed=1)  # above the mode sizes: random start columns

@@ -97,17 +97,34 @@ def test_tolerance_is_met_with_per_mode_ranks_no_larger_than_needed(tol):
         assert r == 1 or fewer[k] > budget
 
 
-def test_params_share_picks_the_largest_fitting_cap():
+def test_params_share_uses_the_budget_up_to_the_last_rank():
+    """No mode's rank can grow by one within the budget."""
     w = decaying_matrix(2, 24, 24, decay=0.85, seed=6)
     kw = {"out_modes": (2, 3, 4), "in_modes": (4, 3, 2)}
     dims = (8, 9, 8)
+
+    def params(ranks):
+        return 2 * (math.prod(ranks) + sum(p * r for p, r in zip(dims, ranks)))
+
     for share in (0.05, 0.2, 0.6):
         layer = Tucker.from_dense(w, params_share=share, **kw)
-        assert layer.num_params <= share * w.numel()
-        cap = max(layer.ranks)
-        bigger = [min(cap + 1, p) for p in dims]
-        if bigger != list(layer.ranks):
-            assert 2 * (math.prod(bigger) + sum(p * r for p, r in zip(dims, bigger))) > share * w.numel()
+        assert layer.num_params == params(layer.ranks) <= share * w.numel()
+        for k in range(3):
+            grown = list(layer.ranks)
+            grown[k] += 1
+            assert grown[k] > dims[k] or params(grown) > share * w.numel()
+
+
+def test_split_modes_is_the_order_2d_layout():
+    w = torch.randn(2, 24, 12, generator=generator(14), dtype=F64)
+    split = Tucker.from_dense(w, num_cores=2, split_modes=True)
+    assert split.out_modes == (4, 6, 1, 1) and split.in_modes == (1, 1, 4, 3)
+    assert rel(split.to_dense(), w) < EXACT  # full multilinear rank: exact
+    explicit = Tucker.from_dense(w, rank=3, out_modes=(4, 6, 1, 1), in_modes=(1, 1, 4, 3))
+    assert torch.equal(Tucker.from_dense(w, rank=3, num_cores=2, split_modes=True).to_dense(), explicit.to_dense())
+    assert Tucker(24, 12, num_cores=2, split_modes=True, rank=2, seed=0).ranks == (2, 2, 2, 2)
+    with pytest.raises(TypeError, match="split_modes must be a bool"):
+        Tucker(24, 12, split_modes="yes")
 
 
 @pytest.mark.parametrize("batch", [1, 64, 4096])
