@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._checks import as_folded_factors, as_folded_weight, check_positive_int
+from .linalg.contract import gemm_work
 from .linalg.kron import frobenius_sq
 from .registry import available, create, from_dense, from_kronecker, get, register  # noqa: F401  (re-exported)
 
@@ -60,6 +61,8 @@ class Order:
         output), for the cost model (:data:`MEMORY_WEIGHT`).
     calls: operator calls it makes (GEMMs, copies), for the cost model (:data:`CALL_WEIGHT`).
     plan: whatever the kind needs to run it (e.g. a contraction order).
+    work: the multiply-adds as the cost model weighs them (GEMMs with a small dimension run
+        slower, :func:`~structlayers.linalg.contract.gemm_work`); None: ``macs``.
     """
 
     name: str
@@ -68,11 +71,14 @@ class Order:
     traffic: int = 0
     calls: int = 1
     plan: object = field(default=None, compare=False, repr=False)
+    work: Optional[float] = None
 
     @property
-    def cost(self) -> int:
-        """The cost model: multiply-adds + MEMORY_WEIGHT * elements written + CALL_WEIGHT * calls."""
-        return self.macs + MEMORY_WEIGHT * self.traffic + CALL_WEIGHT * self.calls
+    def cost(self) -> float:
+        """The cost model: multiply-adds (``work``: weighted for small GEMMs where the kind
+        says so) + MEMORY_WEIGHT * elements written + CALL_WEIGHT * calls."""
+        work = self.macs if self.work is None else self.work
+        return work + MEMORY_WEIGHT * self.traffic + CALL_WEIGHT * self.calls
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):
@@ -171,7 +177,9 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         dense = self.num_folds * self.out_features * self.in_features
         if rebuild is not None and dense <= REBUILD_MAX_ELEMENTS:
             traffic = self._rebuild_traffic() + batch * self.num_folds * self.out_features
-            found += (Order(REBUILD, rebuild + batch * dense, dense, traffic, self._rebuild_calls() + 1),)
+            gemm = gemm_work(batch * dense, batch, self.in_features, self.out_features)
+            found += (Order(REBUILD, rebuild + batch * dense, dense, traffic, self._rebuild_calls() + 1,
+                            work=self._rebuild_work() + gemm),)
         return found
 
     def order(self, batch_size: int) -> Order:
@@ -205,6 +213,10 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         rebuild order. A kind returning a number must override ``to_dense`` (the default
         one calls the forward) and count exactly what it does."""
         return None
+
+    def _rebuild_work(self) -> float:
+        """The cost model's weight of :meth:`to_dense`'s multiply-adds (default: as counted)."""
+        return self._rebuild_macs()
 
     def _rebuild_calls(self) -> int:
         """Operator calls :meth:`to_dense` makes (default: one product and one copy)."""

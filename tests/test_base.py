@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers as sl
-from structlayers.base import MEMORY_WEIGHT, REBUILD
+from structlayers.base import REBUILD
 from structlayers.linalg import kron_dense
 
 from .helpers import decaying_matrix, generator, random_factors, rel
@@ -306,10 +306,15 @@ def test_rebuild_wins_on_large_batches_of_small_weights(kind):
         if REBUILD not in names:
             assert kind == "dense"
             continue
-        per_sample = min(o.cost for o in layer.orders(1) if o.name != REBUILD)
-        dense = layer.num_folds * layer.out_features * (layer.in_features + MEMORY_WEIGHT)
-        if per_sample > dense:
-            assert layer.order(10 ** 7).name == REBUILD
+        n = 10 ** 6
+
+        def marginal(name_is_rebuild):  # cost of n more samples at a large batch
+            def cost(batch):
+                return min(o.cost for o in layer.orders(batch) if (o.name == REBUILD) == name_is_rebuild)
+            return cost(2 * n) - cost(n)
+
+        if marginal(False) > marginal(True):
+            assert layer.order(10 ** 9).name == REBUILD
 
 
 def test_the_rebuild_order_is_never_offered_for_huge_weights():

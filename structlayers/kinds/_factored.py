@@ -21,6 +21,7 @@ from torch import nn
 
 from .._checks import check_positive_int, check_rank_range, make_generator
 from ..base import Order, StructuredSumLayer, random_normal
+from ..linalg.contract import gemm_work
 from ..linalg.kron import (
     FactorShapes,
     check_factor_shapes,
@@ -213,8 +214,10 @@ class FactoredLayer(StructuredSumLayer):
                           batch * max(self.rank, self.out_features), batch * (self.rank + self.out_features), 2),)
         (a1, a2), (b1, b2) = self.factor_shapes
         hidden = max(a1, a2) * max(b1, b2)
-        return (Order("Kronecker factors", batch * kron_chain_flops(*self._chains()),
-                      batch * hidden, batch * (2 * hidden + self.out_features), 6),)
+        macs = batch * kron_chain_flops(*self._chains())
+        # products of the thin factors: small matmuls (see linalg.contract.gemm_work)
+        return (Order("Kronecker factors", macs, batch * hidden, batch * (2 * hidden + self.out_features), 6,
+                      work=gemm_work(macs, min(a1, b1), min(self.factor_ranks), min(a2, b2))),)
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.structure == "flat":

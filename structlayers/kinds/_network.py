@@ -81,7 +81,7 @@ class NetworkLayer(StructuredSumLayer):
         """The order opt_einsum finds for x and the tensors (intermediates within the limit
         when some order fits it)."""
         found = plan(*self._network(batch_size), memory_limit)
-        return Order("searched order", found.macs, found.peak, found.traffic, found.calls + 2, found)
+        return Order("searched order", found.macs, found.peak, found.traffic, found.calls + 2, found, found.work)
 
     def _rank_bounded_order(self, batch_size: int, rank: int) -> Order:
         """:meth:`_searched_order` with intermediates within min(rank, MEMORY_RANKS) times the
@@ -108,6 +108,9 @@ class NetworkLayer(StructuredSumLayer):
 
     def _rebuild_traffic(self) -> int:
         return self._dense_plan().traffic
+
+    def _rebuild_work(self) -> float:
+        return self._dense_plan().work
 
     def _rebuild_calls(self) -> int:
         return self._dense_plan().calls + 1

@@ -25,7 +25,7 @@ from .._checks import (
     rank_for_params_share,
 )
 from ..base import Order, StructuredSumLayer, random_normal
-from ..linalg.contract import contract_dense
+from ..linalg.contract import contract_dense, gemm_work
 from ..linalg.kron import (
     FactorShapes,
     balanced_factor_shapes,
@@ -90,8 +90,10 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
         (a1, a2), (b1, b2) = self.factor_shapes
         hidden = self.rank * max(a1 * b2, a2 * b1)
         batch = batch_size * self.num_folds
-        return (Order("Kronecker factors", batch * self.rank * per_sample, batch * max(hidden, self.out_features),
-                      batch * (2 * hidden + self.out_features), 4),)
+        macs = batch * self.rank * per_sample
+        # one of the two products runs as many small matmuls of the factors' size
+        return (Order("Kronecker factors", macs, batch * max(hidden, self.out_features),
+                      batch * (2 * hidden + self.out_features), 4, work=gemm_work(macs, a1, min(a2, b2), b1)),)
 
     def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.rank == 1:

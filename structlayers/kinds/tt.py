@@ -42,6 +42,7 @@ from .._checks import (
     rank_for_params_share,
 )
 from ..base import Order, random_normal
+from ..linalg.contract import gemm_work
 from ..linalg.decompose import tt_matrix
 from ..linalg.kron import frobenius_sq
 from ..linalg.tt import (
@@ -209,9 +210,22 @@ class TT(NetworkLayer, kind="tt"):
         rtl, ltr = self._sweep_costs()
         sweeps = tuple(
             Order(f"sweep {name}", bf * cost, bf * self._largest_intermediate(rtl_first),
-                  2 * bf * self._sweep_traffic(rtl_first), 3 * self.num_cores)
+                  2 * bf * self._sweep_traffic(rtl_first), 3 * self.num_cores,
+                  work=self._sweep_work(rtl_first, bf))
             for name, cost, rtl_first in (("right-to-left", rtl, True), ("left-to-right", ltr, False)))
         return sweeps + (self._searched_order(batch_size, max(o.peak for o in sweeps)),)
+
+    def _sweep_work(self, right_to_left: bool, batch: int) -> float:
+        """The cost model's weight of a sweep's GEMMs (see linalg.contract.gemm_work)."""
+        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
+        work = 0.0
+        for k in range(len(om)):
+            if right_to_left:  # (M_{>k} B N_{<k} r_{k-1}) x (n_k r_k) @ (n_k r_k) x (r_{k-1} m_k)
+                rows, inner, cols = batch * math.prod(om[k + 1:]) * math.prod(im[:k]), im[k] * r[k + 1], r[k] * om[k]
+            else:  # (r_k m_k) x (r_{k-1} n_k) @ (r_{k-1} n_k) x (N_{>k} B M_{<k})
+                rows, inner, cols = r[k + 1] * om[k], r[k] * im[k], batch * math.prod(im[k + 1:]) * math.prod(om[:k])
+            work += gemm_work(rows * inner * cols, rows, inner, cols)
+        return work
 
     def _sweep_traffic(self, right_to_left: bool) -> int:
         """Elements per sample and fold of all GEMM outputs of a sweep."""

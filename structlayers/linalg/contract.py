@@ -35,6 +35,16 @@ import torch
 
 #: the exhaustive ``optimal`` search is used up to this many operands, ``dp`` beyond.
 OPTIMAL_MAX_OPERANDS = 6
+#: a batched GEMM whose smallest dimension (rows, columns or inner) is below this runs at
+#: about that dimension / GEMM_FULL_SPEED of full speed (many small products, or too few
+#: multiply-adds per element read): :func:`gemm_work` weighs its multiply-adds accordingly.
+GEMM_FULL_SPEED = 64
+
+
+def gemm_work(macs: int, rows: int, inner: int, cols: int) -> int:
+    """The cost model's weight of a (batched) GEMM: its multiply-adds, scaled up by
+    GEMM_FULL_SPEED / min(rows, inner, cols) when that is below 1."""
+    return macs * max(1.0, GEMM_FULL_SPEED / max(1, min(rows, inner, cols)))
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,16 @@ class Step:
     result: str
     macs: int
     outer: bool
+    copied: int = 0  # elements of the operands permuted into the GEMM's layout first
+    work: float = 0.0  # the cost model's weight of its multiply-adds (see gemm_work)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A contraction order with its multiply-adds, largest intermediate and traffic (elements
-    written: every step's result, counted twice for the permuted copy the next step usually
-    makes of it) and operator calls (two per step: the copy and the product)."""
+    """A contraction order with its multiply-adds, largest intermediate, traffic (elements
+    written: every step's result, the operands it must permute into the batched GEMM's
+    layout, and the output once more for its final layout) and operator calls (two per step:
+    the copy and the product)."""
 
     inputs: Tuple[str, ...]
     output: str
@@ -66,6 +79,10 @@ class Plan:
     @property
     def calls(self) -> int:
         return 2 * len(self.steps)
+
+    @property
+    def work(self) -> float:
+        return sum(s.work for s in self.steps)
 
 
 def _sizes_dict(sizes: Tuple[Tuple[str, int], ...]) -> Dict[str, int]:
@@ -104,6 +121,7 @@ def steps_from_pairs(inputs: Sequence[str], output: str, sizes: Dict[str, int],
         needed = set(output).union(*(s for _, s in live))
         if _copied(rs, ls, needed, sizes) < _copied(ls, rs, needed, sizes):
             (li, ls), (ri, rs) = (ri, rs), (li, ls)
+        copied = _copied(ls, rs, needed, sizes)
         union = ls + "".join(c for c in rs if c not in ls)
         if not live:
             result = output
@@ -116,7 +134,11 @@ def steps_from_pairs(inputs: Sequence[str], output: str, sizes: Dict[str, int],
         if any(sizes[c] > 1 for c in contracted if not (c in ls and c in rs)):
             raise ValueError(f"index summed within one operand in step {ls},{rs}->{result}")
         outer = all(sizes[c] == 1 for c in contracted)
-        steps.append(Step(li, ri, f"{ls},{rs}->{result}", result, macs, outer))
+        rows = math.prod(sizes[c] for c in ls if c not in rs)
+        cols = math.prod(sizes[c] for c in rs if c not in ls)
+        inner = math.prod(sizes[c] for c in contracted)
+        work = macs if outer else gemm_work(macs, rows, inner, cols)  # outer steps: memory-bound, in traffic
+        steps.append(Step(li, ri, f"{ls},{rs}->{result}", result, macs, outer, copied, work))
         total += macs
         peak = max(peak, math.prod(sizes[c] for c in result))
         live.append((next_id, result))
@@ -147,7 +169,10 @@ def plan(inputs: Tuple[str, ...], output: str, sizes: Tuple[Tuple[str, int], ...
     if any(len(p) != 2 for p in pairs):  # no pairwise order within the limit
         pairs, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=method)
     steps, macs, peak = steps_from_pairs(inputs, output, size_of, [tuple(p) for p in pairs])
-    traffic = 2 * sum(math.prod(size_of[c] for c in s.result) for s in steps)
+    # every result is written once, the operands a step must permute are copied once more,
+    # and the final result usually once more into the caller's layout
+    traffic = sum(math.prod(size_of[c] for c in s.result) + s.copied for s in steps)
+    traffic += math.prod(size_of[c] for c in output)
     return Plan(tuple(inputs), output, steps, macs, peak, traffic)
 
 
@@ -240,4 +265,4 @@ def dependent_peak(p: Plan, sizes: Dict[str, int], position: int) -> int:
     return peak
 
 
-__all__ = ["OPTIMAL_MAX_OPERANDS", "Plan", "Step", "contract", "contract_dense", "dependent_peak", "plan", "steps_from_pairs"]
+__all__ = ["GEMM_FULL_SPEED", "gemm_work", "OPTIMAL_MAX_OPERANDS", "Plan", "Step", "contract", "contract_dense", "dependent_peak", "plan", "steps_from_pairs"]
