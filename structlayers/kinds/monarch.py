@@ -59,7 +59,7 @@ from ..linalg.blocks import (
     per_block,
     svd_dtype,
 )
-from ..linalg.contract import contract_dense
+from ..linalg.contract import contract_dense, gemm_work
 from ..linalg.kron import frobenius_sq
 from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
 
@@ -169,8 +169,12 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         per_sample = r * (lo * self.in_features + ki * self.out_features)
         batch = batch_size * self.num_folds
         middle = lo * ki * r
+        (s, p) = self.block_shape
+        # two batched GEMMs per (fold, block): (N x P) @ (P x Lb r), then (N x K r) @ (K r x S)
+        work = (gemm_work(batch * r * lo * self.in_features, batch_size, p, lo * r)
+                + gemm_work(batch * r * ki * self.out_features, batch_size, ki * r, s))
         return (Order("block products", batch * per_sample, batch * max(middle, self.out_features),
-                      batch * 2 * (middle + self.out_features), 4),)
+                      batch * 2 * (middle + self.out_features), 4, work=work),)
 
     def _rebuild_macs(self) -> int:
         return self.num_folds * self.block_rank * self.out_features * self.in_features
