@@ -2,13 +2,13 @@
 
 >>> import structlayers
 >>> structlayers.available()
-['dense', 'kronecker', 'lowrank', 'monarch', 'nystrom', 'sketched', 'tt']
+['cp', 'dense', 'kronecker', 'lowrank', 'monarch', 'nystrom', 'sketched', 'tt', 'tucker']
 >>> layer = structlayers.from_kronecker("lowrank", A, B, rank=16)   # doctest: +SKIP
 """
 
 from .base import StructuredSumLayer
 from .registry import available, create, from_dense, from_kronecker, get
-from .kinds import TT, Dense, Kronecker, LowRank, Monarch, Nystrom, Sketched
+from .kinds import CP, TT, Dense, Kronecker, LowRank, Monarch, Nystrom, Sketched, Tucker
 from .linalg import PIVOT_STRATEGIES, optimal_relative_error, optimal_relative_error_kronecker
 from .nn import Linear, ReplacementReport, replace_linear
 from .choose import Choice, choose
@@ -29,6 +29,8 @@ __all__ = [
     "TT",
     "Sketched",
     "Monarch",
+    "CP",
+    "Tucker",
     "PIVOT_STRATEGIES",
     "Linear",
     "replace_linear",

@@ -21,7 +21,8 @@ import abc
 import copy
 import functools
 import math
-from typing import ClassVar, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,9 +36,59 @@ from ._checks import (
     check_positive_int,
     is_meta,
 )
+from .linalg.contract import gemm_work
 from .linalg.kron import frobenius_sq
 from .linalg.scale import conditioning_scale, fold_scales, ratio_of_squares, relative_error, working_dtype
 from .registry import available, create, from_dense, from_kronecker, get, register  # noqa: F401  (re-exported)
+
+#: name of the order that rebuilds the dense weight (``to_dense``) and applies it in one GEMM.
+REBUILD = "rebuild + GEMM"
+#: the rebuild order is only considered while the dense weight of all folds has at most this
+#: many elements (256 MiB in float32): beyond, forming W is the memory problem a structured
+#: layer exists to avoid (e.g. A ⊗ B with 1024 x 1024 factors).
+REBUILD_MAX_ELEMENTS = 1 << 26
+#: the cost model's price of one element written to memory (an intermediate or a permuted
+#: copy), in multiply-adds. On CPUs a GEMM retires a multiply-add far faster than memory
+#: takes an element (here about 25 G multiply-adds/s against 1-2 G elements/s on 2 cores),
+#: so an order that is cheaper in multiply-adds but streams larger intermediates can be
+#: slower; the weight makes the choice see that.
+MEMORY_WEIGHT = 16
+#: the cost model's price of one operator call (a GEMM, a permuted copy), in multiply-adds:
+#: a few microseconds of dispatch, which decide between orders on small weights and batches.
+CALL_WEIGHT = 50_000
+#: orders remembered per layer (one per batch size seen); the oldest is dropped beyond.
+ORDER_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Order:
+    """One way of evaluating a layer's forward for a given batch size.
+
+    name: what it does (e.g. ``"sweep right-to-left"``, :data:`REBUILD`).
+    macs: multiply-adds of one forward over the batch, all folds.
+    peak: elements of the largest tensor it creates (all folds, whole batch).
+    traffic: elements it writes to memory (intermediates and their permuted copies, the
+        output), for the cost model (:data:`MEMORY_WEIGHT`).
+    calls: operator calls it makes (GEMMs, copies), for the cost model (:data:`CALL_WEIGHT`).
+    plan: whatever the kind needs to run it (e.g. a contraction order).
+    work: the multiply-adds as the cost model weighs them (GEMMs with a small dimension run
+        slower, :func:`~structlayers.linalg.contract.gemm_work`); None: ``macs``.
+    """
+
+    name: str
+    macs: int
+    peak: int
+    traffic: int = 0
+    calls: int = 1
+    plan: object = field(default=None, compare=False, repr=False)
+    work: Optional[float] = None
+
+    @property
+    def cost(self) -> float:
+        """The cost model: multiply-adds (``work``: weighted for small GEMMs where the kind
+        says so) + MEMORY_WEIGHT * elements written + CALL_WEIGHT * calls."""
+        work = self.macs if self.work is None else self.work
+        return work + MEMORY_WEIGHT * self.traffic + CALL_WEIGHT * self.calls
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):
@@ -73,6 +124,15 @@ class StructuredSumLayer(nn.Module, abc.ABC):
             option promises that.
         meets_tolerance: ``from_dense(W, tolerance=t)`` guarantees a relative error <= t
             (False where the tolerance is an expectation over random draws).
+
+    Evaluation orders. A kind lists the ways it can evaluate its forward for a batch size
+    (``_structured_orders``: e.g. a tensor train's sweeps and a searched contraction
+    order) and how many multiply-adds rebuilding W costs (``_rebuild_macs``); the base
+    class adds the order :data:`REBUILD` (``to_dense`` then one GEMM) when W is small
+    enough, picks the cheapest by multiply-adds and memory traffic (:attr:`Order.cost`)
+    once per batch size, and
+    ``forward`` runs it. :meth:`flops` reports the chosen order's count, so it is what the
+    forward does. Every order is differentiable.
     """
 
     kind: ClassVar[str] = ""
@@ -104,18 +164,99 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         self.num_folds = check_positive_int(num_folds, "num_folds")
 
     # ----------------------------------------------------------------- compute
-    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (F, B, in_features) -> (F, B, out_features)."""
+        """x: (F, B, in_features) -> (F, B, out_features), in the order :meth:`order` picks."""
+        self.check_input(x)
+        if x.shape[1] == 0:
+            return self._empty_output(x)
+        return self.forward_in(self.order(x.shape[1]), x)
 
-    @abc.abstractmethod
+    def forward_in(self, order: Order, x: torch.Tensor) -> torch.Tensor:
+        """The forward evaluated in ``order`` (one of :meth:`orders`), whatever is cheapest."""
+        if order.name == REBUILD:
+            w = self.to_dense()
+            if self.num_folds == 1:  # one GEMM whose weight gradient comes out in W's own layout
+                return torch.nn.functional.linear(x[0], w[0])[None]
+            return torch.matmul(x, w.transpose(1, 2))
+        return self._forward_structured(order, x)
+
     def flops(self, batch_size: int) -> int:
         """Multiply-adds (MACs) of one forward over a batch of ``batch_size`` per fold, all folds.
 
-        Counted from the structure, not measured. The name is kept for compatibility: one
+        Counted from the structure, not measured: the count of the order the forward uses at
+        that batch size (:meth:`order`). The name is kept for compatibility: one
         multiply-add counts 1, so FLOP counters that count multiplications and additions
         apart (``torch.utils.flop_counter``) report twice this number.
         """
+        return self.order(batch_size).macs
+
+    def orders(self, batch_size: int) -> Tuple[Order, ...]:
+        """Every order the forward can use at this batch size: the kind's own, then
+        :data:`REBUILD` when the kind can rebuild W and W has at most
+        :data:`REBUILD_MAX_ELEMENTS` elements."""
+        batch = check_positive_int(batch_size, "batch_size")
+        found = tuple(self._structured_orders(batch))
+        rebuild = self._rebuild_macs()
+        dense = self.num_folds * self.out_features * self.in_features
+        if rebuild is not None and dense <= REBUILD_MAX_ELEMENTS:
+            traffic = self._rebuild_traffic() + batch * self.num_folds * self.out_features
+            gemm = gemm_work(batch * dense, batch, self.in_features, self.out_features)
+            found += (Order(REBUILD, rebuild + batch * dense, dense, traffic, self._rebuild_calls() + 1,
+                            work=self._rebuild_work() + gemm),)
+        return found
+
+    def order(self, batch_size: int) -> Order:
+        """The order the forward uses at this batch size: the lowest :attr:`Order.cost`
+        (multiply-adds and memory traffic), then the smallest peak memory, then the first
+        listed; computed once per batch size."""
+        cache = self.__dict__.setdefault("_order_cache", {})
+        chosen = cache.get(batch_size)
+        if chosen is None:
+            candidates = self.orders(batch_size)
+            chosen = min(candidates, key=lambda o: (o.cost, o.peak))
+            if len(cache) >= ORDER_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[batch_size] = chosen
+        return chosen
+
+    def _structured_orders(self, batch_size: int) -> Sequence[Order]:
+        """The kind's own evaluation orders at this batch size (at least one).
+
+        A kind implements this and :meth:`_forward_structured`, or else overrides
+        ``forward`` and ``flops`` itself (then it has one order, its own).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither _structured_orders nor flops")
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
+        """Evaluate one of the kind's own orders; x is checked and has a non-empty batch."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _forward_structured nor forward")
+
+    def _rebuild_macs(self) -> Optional[int]:
+        """Multiply-adds of :meth:`to_dense` (all folds), or None when the kind offers no
+        rebuild order. A kind returning a number must override ``to_dense`` (the default
+        one calls the forward) and count exactly what it does."""
+        return None
+
+    def _rebuild_work(self) -> float:
+        """The cost model's weight of :meth:`to_dense`'s multiply-adds (default: as counted)."""
+        return self._rebuild_macs()
+
+    def _rebuild_calls(self) -> int:
+        """Operator calls :meth:`to_dense` makes (default: one product and one copy)."""
+        return 2
+
+    def _rebuild_traffic(self) -> int:
+        """Elements :meth:`to_dense` writes (default: W and one permuted copy of it)."""
+        return 2 * self.num_folds * self.out_features * self.in_features
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(F, 0, out) for an empty batch, attached to x and the parameters so that a
+        backward runs (every gradient is zero)."""
+        dtype = torch.promote_types(x.dtype, self.dtype)
+        anchor = x.sum() * 0
+        for p in self.parameters():
+            anchor = anchor + p.sum() * 0
+        return x.new_zeros((self.num_folds, 0, self.out_features), dtype=dtype) + anchor
 
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.

@@ -77,6 +77,19 @@ SPECS = {
         init=lambda i, o: {"num_terms": 1, "low_rank": max(1, i * o // (2 * (i + o)))},
         budget=lambda r: {"rank": r, "seed": 0},
     ),
+    "cp": dict(
+        # no budget: the largest useful rank, built exactly (not by ALS)
+        full_dense=lambda w: [{}, {"num_cores": 3}, {"num_cores": 1}],
+        full_kron=lambda a, b: [{}],
+        init=lambda i, o: {"rank": 3},
+        budget=None,  # A ⊗ B is exact at rank 1; budgets apply to from_dense
+    ),
+    "tucker": dict(
+        full_dense=lambda w: [{}, {"num_cores": 3}, {"num_cores": 1}],
+        full_kron=lambda a, b: [{}],
+        init=lambda i, o: {"rank": 3},
+        budget=None,  # A ⊗ B is exact at multilinear rank (1, 1); budgets apply to from_dense
+    ),
     "monarch": dict(
         full_dense=lambda w: [{}, {"num_blocks": 1}],
         full_kron=lambda a, b: [{}, {"num_blocks": 1}],

@@ -15,7 +15,7 @@ A, B = random_factors(2, (3, 2), (2, 3), seed=1)
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda: sl.get("fourier"), ValueError, "unknown structured layer kind 'fourier'; available: dense"),
+        (lambda: sl.get("fourier"), ValueError, "unknown structured layer kind 'fourier'; available: cp, dense"),
         (lambda: sl.get(3), TypeError, "kind name must be a str"),
         (lambda: sl.from_dense("lowrank", W.numpy(), rank=2), TypeError, "W must be a torch.Tensor"),
         (lambda: sl.from_dense("lowrank", W[0, 0], rank=2), ValueError, r"W must have shape \(F, out, in\) or \(out, in\), got \(5,\)"),

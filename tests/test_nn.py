@@ -221,13 +221,16 @@ def trained_mlp(digits):
 # Each kind gets about 30 % of the dense parameters of the two converted layers.
 # (options, max accuracy drop right after conversion or None, fine-tune epochs, lr, max drop after it)
 # Measured drops (torch 2.13, 1 thread): lowrank -0.005/+0.005, nystrom 0.05/0.007,
-# kronecker 0.15/0.017, tt 0.37/0.025, monarch 0.43/0.037, sketched (projection fit) 0.78/0.020.
+# kronecker 0.15/0.017, tt 0.37/0.025, monarch 0.43/0.037, sketched (projection fit) 0.78/0.020,
+# cp 0.16/0.015, tucker 0.31/0.023.
 CONVERSIONS = {
     "lowrank": ({}, 0.02, 3, 1e-3, 0.03),
     "nystrom": ({}, 0.08, 3, 1e-3, 0.03),
     "kronecker": ({}, None, 3, 1e-3, 0.04),
     "tt": ({}, None, 3, 1e-3, 0.05),
     "monarch": ({}, None, 3, 1e-3, 0.06),
+    "cp": ({}, None, 3, 1e-3, 0.04),
+    "tucker": ({}, None, 3, 1e-3, 0.05),
     # The sketched layer is meant to be trained: its conversion is far off, so it gets 10 epochs.
     "sketched": ({"fit": "projection", "seed": 0}, None, 10, 3e-3, 0.05),
 }

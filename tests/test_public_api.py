@@ -22,6 +22,8 @@ PUBLIC = [
     "TT",
     "Sketched",
     "Monarch",
+    "CP",
+    "Tucker",
     "PIVOT_STRATEGIES",
     "Linear",
     "replace_linear",
@@ -35,7 +37,8 @@ PUBLIC = [
 #: Public modules besides the package itself (imported by name, not listed in __all__).
 MODULES = ["structlayers.registry", "structlayers.testing", "structlayers.cli", "structlayers.demo",
            "structlayers.benchmarking", "structlayers.linalg", "structlayers.linalg.tt",
-           "structlayers.linalg.blocks", "structlayers.linalg.sketch", "structlayers.linalg.cur"]
+           "structlayers.linalg.blocks", "structlayers.linalg.sketch", "structlayers.linalg.cur",
+           "structlayers.linalg.contract", "structlayers.linalg.decompose"]
 
 
 def test_all_is_the_pinned_list():

@@ -17,7 +17,7 @@ import structlayers.registry as registry
 
 from .helpers import random_factors, rel
 
-KINDS = ["dense", "kronecker", "lowrank", "monarch", "nystrom", "sketched", "tt"]
+KINDS = ["cp", "dense", "kronecker", "lowrank", "monarch", "nystrom", "sketched", "tt", "tucker"]
 
 
 def test_available_lists_every_kind_sorted():

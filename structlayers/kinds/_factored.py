@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .._checks import check_bool, check_positive_int, check_rank_range, make_generator
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, random_normal
+from ..linalg.contract import gemm_work
 from ..linalg.kron import (
     FactorShapes,
     check_factor_shapes,
@@ -207,23 +208,36 @@ class FactoredLayer(StructuredSumLayer):
                 "factor_ranks": self.factor_ranks, "tied": self.tied}
 
     # ---------------------------------------------------------- compute
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _structured_orders(self, batch_size: int):
+        batch = batch_size * self.num_folds
+        if self.structure == "flat":
+            return (Order("two GEMMs", batch * self.rank * (self.in_features + self.out_features),
+                          batch * max(self.rank, self.out_features), batch * (self.rank + self.out_features), 2),)
+        (a1, a2), (b1, b2) = self.factor_shapes
+        hidden = max(a1, a2) * max(b1, b2)
+        macs = batch * kron_chain_flops(*self._chains())
+        # products of the thin factors: small matmuls (see linalg.contract.gemm_work)
+        return (Order("Kronecker factors", macs, batch * hidden, batch * (2 * hidden + self.out_features), 6,
+                      work=gemm_work(macs, min(a1, b1), min(self.factor_ranks), min(a2, b2))),)
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.structure == "flat":
             return torch.matmul(torch.matmul(x, self.right.transpose(1, 2)), self.left.transpose(1, 2))
         chain_a, chain_b = self._chains()
         return kron_apply(chain_a, chain_b, x)
 
+    def _rebuild_macs(self) -> int:
+        f = self.num_folds
+        if self.structure == "flat":
+            return f * self.out_features * self.rank * self.in_features
+        (a1, a2), (b1, b2) = self.factor_shapes
+        ka, kb = self.factor_ranks
+        return f * (a1 * ka * a2 + b1 * kb * b2) + f * self.out_features * self.in_features
+
     def to_dense(self) -> torch.Tensor:
         if self.structure == "flat":
             return self.left @ self.right
         return kron_dense(*self.factors())
-
-    def flops(self, batch_size: int) -> int:
-        batch = check_positive_int(batch_size, "batch_size") * self.num_folds
-        if self.structure == "flat":
-            return batch * self.rank * (self.in_features + self.out_features)
-        return batch * kron_chain_flops(*self._chains())
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.structure == "flat":

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._checks import as_folded_factors, as_folded_weight, check_positive_int, make_generator
-from ..base import StructuredSumLayer, random_normal
+from .._checks import as_folded_factors, as_folded_weight, make_generator
+from ..base import Order, StructuredSumLayer, random_normal
 from ..linalg.kron import kron_dense
 
 
@@ -41,8 +41,12 @@ class Dense(StructuredSumLayer, kind="dense"):
         shape = (self.num_folds, self.out_features, self.in_features)
         self.weight = nn.Parameter(random_normal(shape, std, dtype=dtype, device=device, generator=gen))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _structured_orders(self, batch_size: int):
+        # W is stored: the GEMM is the only order (there is nothing to rebuild).
+        out = batch_size * self.num_folds * self.out_features
+        return (Order("GEMM", batch_size * self.dense_params, out, out),)
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, self.weight.transpose(1, 2))
 
     def to_dense(self) -> torch.Tensor:
@@ -50,9 +54,6 @@ class Dense(StructuredSumLayer, kind="dense"):
 
     def _scaling(self):
         return [(self.weight, 1.0)]
-
-    def flops(self, batch_size: int) -> int:
-        return check_positive_int(batch_size, "batch_size") * self.dense_params
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> "Dense":

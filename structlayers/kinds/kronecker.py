@@ -24,7 +24,8 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, random_normal
+from ..linalg.contract import contract_dense, gemm_work
 from ..linalg.kron import (
     FactorShapes,
     balanced_factor_shapes,
@@ -86,15 +87,29 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     def config(self) -> dict:
         return {**super().config(), "factor_shapes": self.factor_shapes, "rank": self.rank}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _structured_orders(self, batch_size: int):
+        per_sample = kron_chain_flops([self.a[:, 0]], [self.b[:, 0]])
+        (a1, a2), (b1, b2) = self.factor_shapes
+        hidden = self.rank * max(a1 * b2, a2 * b1)
+        batch = batch_size * self.num_folds
+        macs = batch * self.rank * per_sample
+        # one of the two products runs as many small matmuls of the factors' size
+        return (Order("Kronecker factors", macs, batch * max(hidden, self.out_features),
+                      batch * (2 * hidden + self.out_features), 4, work=gemm_work(macs, a1, min(a2, b2), b1)),)
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         if self.rank == 1:
             return kron_apply([self.a[:, 0]], [self.b[:, 0]], x)
         return kron_sum_apply(self.a, self.b, x)
 
-    def flops(self, batch_size: int) -> int:
-        per_sample = kron_chain_flops([self.a[:, 0]], [self.b[:, 0]])
-        return check_positive_int(batch_size, "batch_size") * self.num_folds * self.rank * per_sample
+    def _rebuild_macs(self) -> int:
+        return self.num_folds * self.rank * self.out_features * self.in_features
+
+    def to_dense(self) -> torch.Tensor:
+        """sum_t A_t ⊗ B_t: one GEMM over the term index per fold."""
+        (a1, a2), (b1, b2) = self.factor_shapes
+        w = contract_dense(("ftij", "ftkl"), "fikjl", (self.a, self.b))
+        return w.reshape(self.num_folds, a1 * b1, a2 * b2)
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.factor_shapes != (tuple(a.shape[1:]), tuple(b.shape[1:])):

@@ -45,11 +45,10 @@ from .._checks import (
     as_folded_factors,
     as_folded_weight,
     check_budget,
-    check_positive_int,
     make_generator,
     rank_for_params_share,
 )
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, random_normal
 from ..linalg.blocks import (
     Blocks,
     block_view,
@@ -60,6 +59,7 @@ from ..linalg.blocks import (
     per_block,
     svd_dtype,
 )
+from ..linalg.contract import contract_dense, gemm_work
 from ..linalg.kron import frobenius_sq
 from ..linalg.svd import smallest_rank_for_tolerance, svd, tail_error_sq
 
@@ -165,8 +165,23 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         return self.left.reshape(f, lo, s, ki, r), self.right.reshape(f, ki, lo, r, p)
 
     # ----------------------------------------------------------- compute
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _structured_orders(self, batch_size: int):
+        """R then L: batch * F * r * (blocks_out * in + blocks_in * out) multiply-adds."""
+        (lo, ki), r = self.num_blocks, self.block_rank
+        per_sample = r * (lo * self.in_features + ki * self.out_features)
+        batch = batch_size * self.num_folds
+        middle = lo * ki * r
+        (s, p) = self.block_shape
+        # two batched GEMMs per (fold, block): (N x P) @ (P x Lb r), then (N x K r) @ (K r x S)
+        work = (gemm_work(batch * r * lo * self.in_features, batch_size, p, lo * r)
+                + gemm_work(batch * r * ki * self.out_features, batch_size, ki * r, s))
+        return (Order("block products", batch * per_sample, batch * max(middle, self.out_features),
+                      batch * 2 * (middle + self.out_features), 4, work=work),)
+
+    def _rebuild_macs(self) -> int:
+        return self.num_folds * self.block_rank * self.out_features * self.in_features
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         f, n, _ = x.shape
         (lo, ki), (s, p), r = self.num_blocks, self.block_shape, self.block_rank
         # R: one GEMM per (fold, input block): (F, K, N, P) @ (F, K, P, Lb*r).
@@ -179,15 +194,9 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         # P_out: (l, s) -> output index s*Lb + l.
         return y.permute(0, 2, 3, 1).reshape(f, n, s * lo)
 
-    def flops(self, batch_size: int) -> int:
-        """Multiply-adds: batch * F * r * (blocks_out * in + blocks_in * out) (R then L)."""
-        (lo, ki), r = self.num_blocks, self.block_rank
-        per_sample = r * (lo * self.in_features + ki * self.out_features)
-        return check_positive_int(batch_size, "batch_size") * self.num_folds * per_sample
-
     def to_dense(self) -> torch.Tensor:
         left, right = self._views()
-        w = torch.einsum("flskt,fkltp->fslkp", left, right)
+        w = contract_dense(("flskt", "fkltp"), "fslkp", (left, right))
         return w.reshape(self.num_folds, self.out_features, self.in_features)
 
     def _scaling(self):

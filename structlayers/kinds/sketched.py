@@ -59,7 +59,7 @@ from .._checks import (
     is_meta,
     make_generator,
 )
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, random_normal
 from ..linalg.kron import kron_apply, kron_inner_lowrank, lowrank_frobenius_sq
 from ..linalg.sketch import (
     FITS,
@@ -239,8 +239,18 @@ class Sketched(StructuredSumLayer, kind="sketched"):
                 f"sketch={self.sketch}, buffers={self.num_buffers}")
 
     # ---------------------------------------------------------- compute
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _structured_orders(self, batch_size: int):
+        # Two GEMMs through the 2Lk-wide bottleneck: 2Lk * in + 2Lk * out per sample.
+        batch = batch_size * self.num_folds
+        width = 2 * self.num_terms * self.low_rank
+        return (Order("two GEMMs", batch * _stored_per_fold(self.in_features, self.out_features, self.num_terms,
+                                                           self.low_rank), batch * max(width, self.out_features),
+                      batch * (width + self.out_features), 4),)
+
+    def _rebuild_macs(self) -> int:
+        return self.num_folds * self.out_features * 2 * self.num_terms * self.low_rank * self.in_features
+
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
         right, left = self._stacked()
         hidden = torch.matmul(x, right.transpose(1, 2))  # (F, B, 2Lk)
         # beta=0: the first argument is ignored (only broadcast); alpha applies 1/(2L) inside the GEMM.
@@ -249,11 +259,6 @@ class Sketched(StructuredSumLayer, kind="sketched"):
     def to_dense(self) -> torch.Tensor:
         left, right = self._factors()
         return left @ right
-
-    def flops(self, batch_size: int) -> int:
-        batch = check_positive_int(batch_size, "batch_size") * self.num_folds
-        # Two GEMMs through the 2Lk-wide bottleneck: 2Lk * in + 2Lk * out per sample.
-        return batch * _stored_per_fold(self.in_features, self.out_features, self.num_terms, self.low_rank)
 
     def _inner_kronecker(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return kron_inner_lowrank(a, b, *self._factors())

@@ -4,25 +4,28 @@ The format, the automatic mode layouts, TT-SVD and the sweep costs are in
 :mod:`structlayers.linalg.tt`. Each core is stored folded as an ``nn.Parameter`` of
 shape (F, r_{k-1}, m_k, n_k, r_k), in ``layer.cores``.
 
-Forward. One sweep over the cores, each step a single batched GEMM of the running
-state with one core (reshaped to a matrix) followed by one transpose copy; the
-sweep runs right-to-left or left-to-right, whichever needs fewer multiply-adds
-(:func:`~structlayers.linalg.tt.sweep_costs`); ``flops`` reports exactly that count.
-The intermediates are up to about r times the size of x, so large batches are
-processed in chunks whose intermediates stay in cache (``CHUNK_ELEMENTS``); chunking
-changes no arithmetic. With two cores and bond rank 1 this is the Kronecker fast
+Forward. The cheapest of several orders at the batch size (see
+:meth:`~structlayers.base.StructuredSumLayer.order`): the two sweeps over the cores, each
+step a single batched GEMM of the running state with one core followed by one transpose
+copy (right-to-left or left-to-right, :func:`~structlayers.linalg.tt.sweep_costs`); the
+order an opt_einsum search finds over the network of x and the cores, which may contract
+some cores with each other first (within the sweeps' memory); and rebuilding W from the
+cores (itself in a searched order) followed by one GEMM, which wins for small weights
+and large batches. ``flops`` reports the chosen order's count. Large batches are
+processed in chunks that bound the intermediates' memory (``CHUNK_ELEMENTS``); chunking
+changes no arithmetic. With two cores and bond rank 1 the sweep is the Kronecker fast
 path; with two cores and bond rank r it is a sum of r Kronecker products.
 
-From a dense weight: TT-SVD; a ``tolerance`` is split evenly, tol/sqrt(d-1) per
-step. From A ⊗ B: the two-core MPO [A, B] of bond dimension 1, exact; optionally
-each factor is itself split by TT-SVD (``factor_cores``).
+From a dense weight: TT-SVD by tensorly (``tensor_train_matrix``, PyTorch backend, see
+:mod:`structlayers.linalg.decompose`) at bond ranks chosen here; a ``tolerance`` is split
+evenly, tol/sqrt(d-1) per step. From A ⊗ B: the two-core MPO [A, B] of bond dimension 1,
+exact; optionally each factor is itself split by TT-SVD (``factor_cores``).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence as _SequenceABC
 from typing import Optional, Sequence, Tuple, Union
 
@@ -38,29 +41,29 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import StructuredSumLayer, random_normal
+from ..base import Order, random_normal
+from ..linalg.contract import gemm_work
+from ..linalg.decompose import tt_matrix
 from ..linalg.kron import frobenius_sq
 from ..linalg.tt import (
-    Modes,
     bond_limits,
     chain_dense,
+    core_views,
     interleave,
+    mpo_network,
     mpo_frobenius_sq,
     resolve_modes,
     sweep_costs,
     tt_svd,
     unflatten_cores,
 )
+from ._network import CHUNK_ELEMENTS, NetworkLayer
 
 RankSpec = Union[int, Sequence[int], None]
 
 #: bond dimension used when ``tt_rank`` is not given (capped per bond, see
 #: :func:`~structlayers.linalg.tt.bond_limits`).
 DEFAULT_TT_RANK = 8
-#: forward processes the batch in chunks whose largest intermediate has about this many
-#: elements (1 MiB in float32, the size of a common per-core L2 cache); 0 chunks one
-#: sample at a time.
-CHUNK_ELEMENTS = 1 << 18
 
 
 def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
@@ -99,7 +102,7 @@ _LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes
 
 
 # -------------------------------------------------------------------- layer
-class TT(StructuredSumLayer, kind="tt"):
+class TT(NetworkLayer, kind="tt"):
     """Tensor-train (MPO) layer; see the module docstring for the format.
 
     Args:
@@ -168,17 +171,10 @@ class TT(StructuredSumLayer, kind="tt"):
         return layer
 
     # ------------------------------------------------------------ layout
-    @property
-    def num_cores(self) -> int:
-        return len(self.cores)
+    _MODE_AXES = (2, 3)
 
-    @property
-    def out_modes(self) -> Modes:
-        return tuple(int(g.shape[2]) for g in self.cores)
-
-    @property
-    def in_modes(self) -> Modes:
-        return tuple(int(g.shape[3]) for g in self.cores)
+    def _mode_tensors(self):
+        return self.cores
 
     @property
     def rank(self) -> int:
@@ -203,19 +199,46 @@ class TT(StructuredSumLayer, kind="tt"):
         """Multiply-adds per sample of the right-to-left and left-to-right sweeps."""
         return sweep_costs(self.out_modes, self.in_modes, self.tt_ranks)
 
-    def _warn_if_costlier(self, reference: int, what: str, advice: str) -> "TT":
-        """A UserWarning when one sample costs more multiply-adds than ``reference`` (per
-        fold): the layout is valid, but slower than the layer it stands in for."""
-        cost = min(self._sweep_costs())
-        if cost > reference:
-            warnings.warn(
-                f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks} "
-                f"costs {cost} multiply-adds per sample and fold, {cost / reference:.1f}x the {reference} "
-                f"of {what}; {advice}", UserWarning, stacklevel=4)  # past the constructor wrapper
-        return self
+    def _network_spec(self):
+        return mpo_network(self.out_modes, self.in_modes, self.tt_ranks)
 
-    def flops(self, batch_size: int) -> int:
-        return check_positive_int(batch_size, "batch_size") * self.num_folds * min(self._sweep_costs())
+    def _network_tensors(self):
+        return core_views(self.cores)
+
+    def _describe(self) -> str:
+        return f"tt layer with modes {self.out_modes} x {self.in_modes} and bond ranks {self.tt_ranks}"
+
+    def _structured_orders(self, batch_size: int):
+        """The two sweeps and the order a contraction-order search finds (within the sweeps'
+        memory); ties go to the sweeps, whose GEMMs need no permuted copies of the cores."""
+        bf = batch_size * self.num_folds
+        rtl, ltr = self._sweep_costs()
+        sweeps = tuple(
+            Order(f"sweep {name}", bf * cost, bf * self._largest_intermediate(rtl_first),
+                  2 * bf * self._sweep_traffic(rtl_first), 3 * self.num_cores,
+                  work=self._sweep_work(rtl_first, bf))
+            for name, cost, rtl_first in (("right-to-left", rtl, True), ("left-to-right", ltr, False)))
+        return sweeps + (self._searched_order(batch_size, max(o.peak for o in sweeps)),)
+
+    def _sweep_work(self, right_to_left: bool, batch: int) -> float:
+        """The cost model's weight of a sweep's GEMMs (see linalg.contract.gemm_work)."""
+        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
+        work = 0.0
+        for k in range(len(om)):
+            if right_to_left:  # (M_{>k} B N_{<k} r_{k-1}) x (n_k r_k) @ (n_k r_k) x (r_{k-1} m_k)
+                rows, inner, cols = batch * math.prod(om[k + 1:]) * math.prod(im[:k]), im[k] * r[k + 1], r[k] * om[k]
+            else:  # (r_k m_k) x (r_{k-1} n_k) @ (r_{k-1} n_k) x (N_{>k} B M_{<k})
+                rows, inner, cols = r[k + 1] * om[k], r[k] * im[k], batch * math.prod(im[k + 1:]) * math.prod(om[:k])
+            work += gemm_work(rows * inner * cols, rows, inner, cols)
+        return work
+
+    def _sweep_traffic(self, right_to_left: bool) -> int:
+        """Elements per sample and fold of all GEMM outputs of a sweep."""
+        om, im, r = self.out_modes, self.in_modes, self.tt_ranks
+        d = len(om)
+        if right_to_left:
+            return sum(r[k] * math.prod(om[k:]) * math.prod(im[:k]) for k in range(d))
+        return sum(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
 
     def _largest_intermediate(self, right_to_left: bool) -> int:
         """Elements per sample and fold of the largest GEMM output of a sweep."""
@@ -225,18 +248,17 @@ class TT(StructuredSumLayer, kind="tt"):
             return max(r[k] * math.prod(om[k:]) * math.prod(im[:k]) for k in range(d))
         return max(r[k + 1] * math.prod(om[:k + 1]) * math.prod(im[k + 1:]) for k in range(d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if x.shape[1] == 0:  # an empty batch: the sweeps' reshapes cannot infer sizes from 0 elements
-            return x.new_zeros(self.num_folds, 0, self.out_features)
-        rtl, ltr = self._sweep_costs()
-        sweep = self._right_to_left if rtl <= ltr else self._left_to_right
-        # The intermediates are up to ~r times larger than x; in batch chunks of at most
-        # CHUNK_ELEMENTS they stay in cache instead of streaming through memory (the same
-        # multiply-adds either way).
-        per_sample = self.num_folds * self._largest_intermediate(rtl <= ltr)
+    def _forward_structured(self, order: Order, x: torch.Tensor) -> torch.Tensor:
+        if order.plan is not None:
+            return self._run_searched(order, x)
+        # The intermediates are up to ~r times larger than x; batch chunks of at most
+        # CHUNK_ELEMENTS bound their memory (the same multiply-adds either way).
+        b = x.shape[1]
+        right_to_left = order.name == "sweep right-to-left"
+        sweep = self._right_to_left if right_to_left else self._left_to_right
+        per_sample = self.num_folds * self._largest_intermediate(right_to_left)
         chunk = max(1, CHUNK_ELEMENTS // per_sample)
-        if x.shape[1] <= chunk:
+        if b <= chunk:
             return sweep(x)
         return torch.cat([sweep(part) for part in torch.split(x, chunk, dim=1)], dim=1)
 
@@ -273,10 +295,6 @@ class TT(StructuredSumLayer, kind="tt"):
                 return y.transpose(1, 2).reshape(f, b, self.out_features)
         raise AssertionError("unreachable")
 
-    def to_dense(self) -> torch.Tensor:
-        """Core by core contraction, cost sum_k r_{k-1} r_k prod_{i<=k} m_i n_i per fold."""
-        return chain_dense(list(self.cores))[:, 0, :, :, 0]
-
     def _frobenius_sq(self) -> torch.Tensor:
         return mpo_frobenius_sq(list(self.cores))
 
@@ -307,14 +325,15 @@ class TT(StructuredSumLayer, kind="tt"):
         in_modes: Optional[Sequence[int]] = None,
         num_cores: Optional[int] = None,
     ) -> "TT":
-        """TT-SVD of W (F, out, in) or (out, in).
+        """TT-SVD of W (F, out, in) or (out, in), by tensorly's TT-matrix decomposition.
 
         rank: maximal bond dimension (bond k gets min(rank, bond limit k); rank must
             fit at least one bond). tolerance: relative Frobenius error over all folds
             <= tolerance, budget tol/sqrt(d-1) per SVD step, each bond the smallest rank
-            shared by the folds that meets its step budget. params_share: the largest
-            maximal bond dimension whose parameter count fits. No budget: full bond
-            ranks, exact up to rounding.
+            shared by the folds that meets its step budget (found from the singular values
+            of a TT-SVD sweep, then decomposed by tensorly at those ranks). params_share:
+            the largest maximal bond dimension whose parameter count fits. No budget: full
+            bond ranks, exact up to rounding.
         """
         w = as_folded_weight(weight).detach()
         check_budget(rank, tolerance, params_share)
@@ -322,10 +341,17 @@ class TT(StructuredSumLayer, kind="tt"):
         om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
         rank = _resolve_budget(rank, tolerance, params_share, [(om, im)], f * out * inp, f)
         d = len(om)
-        step_tol = None if tolerance is None else tolerance / math.sqrt(d - 1)
-        flat, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
-                         rank=rank, step_tolerance=step_tol, total_sq=frobenius_sq(w))
-        layer = cls._from_cores(unflatten_cores(flat, om, im))
+        limits = bond_limits(om, im)
+        if tolerance is None:
+            ranks = (1,) + tuple(lim if rank is None else min(rank, lim) for lim in limits) + (1,)
+        else:
+            # the bond ranks that meet the per-step budgets come from the singular values of a
+            # TT-SVD sweep (shared by the folds); tensorly then decomposes at those ranks
+            step_tol = tolerance / math.sqrt(d - 1)
+            found, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)],
+                              step_tolerance=step_tol, total_sq=frobenius_sq(w))
+            ranks = (1,) + tuple(int(g.shape[-1]) for g in found)
+        layer = cls._from_cores(tt_matrix(w, om, im, ranks))
         return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
 
     @classmethod

@@ -24,11 +24,14 @@ Chain = Sequence[torch.Tensor]
 def kron_dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Materialise A ⊗ B per fold: (F, a1, a2), (F, b1, b2) -> (F, a1*b1, a2*b2).
 
-    Only for references and tests; every other path avoids it.
+    For references, tests and the rebuild order of layers whose W is small; every other
+    path avoids it. Computed as a batched outer product (a matmul with inner dimension 1),
+    so FLOP counters see its F*a1*a2*b1*b2 multiplications.
     """
     f, a1, a2 = a.shape
     _, b1, b2 = b.shape
-    return (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(f, a1 * b1, a2 * b2)
+    outer = torch.matmul(a.reshape(f, a1 * a2, 1), b.reshape(f, 1, b1 * b2))
+    return outer.reshape(f, a1, a2, b1, b2).permute(0, 1, 3, 2, 4).reshape(f, a1 * b1, a2 * b2)
 
 
 def _plan(a_chain: Chain, b_chain: Chain) -> Tuple[int, Tuple[str, ...]]:

@@ -25,14 +25,17 @@ Costs. Applying an MPO is one sweep over the cores, right-to-left or left-to-rig
     right-to-left: sum_k r_{k-1} r_k * (m_k ... m_d) * (n_1 ... n_k)
     left-to-right: sum_k r_{k-1} r_k * (m_1 ... m_k) * (n_k ... n_d)
 
-multiply-adds per sample and fold (:func:`sweep_costs`).
+multiply-adds per sample and fold (:func:`sweep_costs`). Other orders (contracting some
+cores with each other first, or all of them into W) are found by a contraction-order
+search over the network :func:`mpo_network` describes (see :mod:`structlayers.linalg.contract`).
 """
 
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Sequence as _SequenceABC
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -226,6 +229,39 @@ def sweep_costs(out_modes: Modes, in_modes: Modes, ranks: Sequence[int]) -> Tupl
     return rtl, ltr
 
 
+#: einsum letters for network indices; ``f`` (fold) and ``b`` (batch) are reserved.
+INDEX_LETTERS = "".join(c for c in string.ascii_letters if c not in "fb")
+
+
+def mpo_network(out_modes: Modes, in_modes: Modes, ranks: Sequence[int]
+                ) -> Tuple[Tuple[str, ...], str, str, Dict[str, int]]:
+    """Einsum subscripts of an MPO as a tensor network.
+
+    Returns (core subscripts, in subscripts, out subscripts, sizes): core k is the view
+    (F, [r_{k-1}], m_k, n_k, [r_k]) without its boundary bonds (r_0 = r_d = 1), written
+    ``f`` + bond + m + n + bond; ``in`` are the n_k letters and ``out`` the m_k letters, so
+    x (F, B, n_1..n_d) is ``"fb" + in``, y is ``"fb" + out`` and W is ``"f" + out + in``.
+    ``sizes`` holds every letter but ``f`` and ``b``.
+    """
+    d = len(out_modes)
+    letters = iter(INDEX_LETTERS)
+    ms = [next(letters) for _ in range(d)]
+    ns = [next(letters) for _ in range(d)]
+    bonds = [next(letters) for _ in range(d - 1)]
+    sizes = {**dict(zip(ms, out_modes)), **dict(zip(ns, in_modes)), **dict(zip(bonds, ranks[1:-1]))}
+    cores = tuple("f" + (bonds[k - 1] if k > 0 else "") + ms[k] + ns[k] + (bonds[k] if k < d - 1 else "")
+                  for k in range(d))
+    return cores, "".join(ns), "".join(ms), sizes
+
+
+def core_views(cores: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Folded cores (F, r, m, n, r') without the boundary bonds, as :func:`mpo_network` names them."""
+    views = list(cores)
+    views[0] = views[0][:, 0]
+    views[-1] = views[-1][..., 0]
+    return views
+
+
 def unflatten_cores(cores: Sequence[torch.Tensor], om: Modes, im: Modes) -> List[torch.Tensor]:
     """Cores (F, r, m_k * n_k, r') from :func:`tt_svd` as MPO cores (F, r, m_k, n_k, r')."""
     return [g.reshape(g.shape[0], g.shape[1], m, n, g.shape[-1]) for g, m, n in zip(cores, om, im)]
@@ -243,4 +279,4 @@ def mpo_frobenius_sq(cores: Sequence[torch.Tensor]) -> torch.Tensor:
 
 __all__ = ["DEFAULT_MAX_CORES", "Modes", "balanced_modes", "bond_limits", "chain_dense", "check_modes",
            "default_num_cores", "interleave", "mpo_frobenius_sq", "prime_factor_count", "resolve_modes",
-           "sweep_costs", "tt_svd", "unflatten_cores"]
+           "sweep_costs", "tt_svd", "unflatten_cores", "INDEX_LETTERS", "mpo_network", "core_views"]

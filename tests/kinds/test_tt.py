@@ -14,7 +14,7 @@ import structlayers.kinds.tt as tt_module  # registers the kind
 from structlayers import get
 from structlayers.kinds.tt import TT
 from structlayers.linalg import kron_dense
-from structlayers.linalg.tt import bond_limits, chain_dense, sweep_costs
+from structlayers.linalg.tt import bond_limits, chain_dense, interleave, sweep_costs, tt_svd, unflatten_cores
 
 from ..helpers import decaying_matrix, generator, random_factors, rel
 
@@ -280,22 +280,35 @@ def test_params_and_flops_hand_counts():
     # right-to-left: core 2: B*(m2)*(n1 n2)*r1 = 4*10*4 = 160; core 1: (m1 m2)*(n1)*r1 = 12*2*4 = 96
     # left-to-right: core 1: (m1)*(n1 n2)*r1 = 3*10*4 = 120; core 2: (m1 m2)*(n2)*r1 = 12*5*4 = 240
     assert two._sweep_costs() == (256, 360)
-    assert two.flops(bsz) == bsz * f * 256
     three = TT(16, 12, f, out_modes=(2, 3, 2), in_modes=(2, 2, 4), tt_rank=[3, 2], seed=0)
     assert three.num_params == f * (1 * 2 * 2 * 3 + 3 * 3 * 2 * 2 + 2 * 2 * 4 * 1)  # 3 * 64
     # rtl: k1: 12*2*1*3 = 72, k2: 6*4*3*2 = 144, k3: 2*16*2*1 = 64  -> 280
     # ltr: k1: 2*16*3 = 96,   k2: 6*8*3*2 = 288,  k3: 12*4*2 = 96  -> 480
     assert three._sweep_costs() == (280, 480)
-    assert three.flops(bsz) == bsz * f * 280
-    # The reported count is exactly what the forward's GEMMs do, in either sweep.
-    for layer in (two, three, TT(10, 12, f, out_modes=(4, 3), in_modes=(5, 2), tt_rank=4, seed=0)):
+    flipped = TT(10, 12, f, out_modes=(4, 3), in_modes=(5, 2), tt_rank=4, seed=0)
+    rtl, ltr = flipped._sweep_costs()
+    assert ltr < rtl
+    for layer in (two, three, flipped):
+        orders = {o.name: o for o in layer.orders(bsz)}
+        rtl, ltr = layer._sweep_costs()
+        assert orders["sweep right-to-left"].macs == bsz * f * rtl
+        assert orders["sweep left-to-right"].macs == bsz * f * ltr
+        # the search includes both sweeps, so it never does worse
+        assert orders["searched order"].macs <= bsz * f * min(rtl, ltr)
+        assert layer.flops(bsz) == layer.order(bsz).macs
+        assert layer.order(bsz).cost == min(o.cost for o in orders.values())
+        # The reported count is exactly what the forward's GEMMs do, in every order.
         x = _x(f, bsz, layer.in_features, dtype=torch.float32)
+        for order in orders.values():
+            with FlopCounterMode(display=False) as counter:
+                layer.forward_in(order, x)
+            assert counter.get_total_flops() == 2 * order.macs, order.name
         with FlopCounterMode(display=False) as counter:
             layer(x)
         assert counter.get_total_flops() == 2 * layer.flops(bsz)
-    flipped = TT(10, 12, f, out_modes=(4, 3), in_modes=(5, 2), tt_rank=4, seed=0)
-    rtl, ltr = flipped._sweep_costs()
-    assert ltr < rtl and flipped.flops(bsz) == bsz * f * ltr  # the cheaper direction is used
+    # two at batch 5: fewer multiply-adds than either sweep (5 * 3 * 256 = 3840) has contracting
+    # the two cores first (m1 n1 r1 m2 n2 = 480 per fold, once), then applying W (120 per sample)
+    assert min(o.macs for o in two.orders(bsz)) == f * 3 * 2 * 4 * 4 * 5 + bsz * f * 12 * 10 == 3240
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         two.flops(0)
 
@@ -414,3 +427,32 @@ def test_bad_inputs_raise_with_clear_messages():
     layer = TT(10, 12, seed=0)
     with pytest.raises(ValueError, match=r"expects input of shape \(F=1, B, in_features=10\)"):
         layer(torch.randn(1, 3, 12))
+
+
+# ------------------------------------------------------------------ tensorly
+@pytest.mark.parametrize("options", [{"num_cores": 2}, {"num_cores": 3}, {"out_modes": (2, 3, 4, 2), "in_modes": (3, 2, 2, 4)}])
+def test_tensorly_tt_matrix_keeps_the_tt_svd_result(options):
+    """from_dense decomposes with tensorly; at the same bond ranks its error is the one of the
+    project's own TT-SVD (linalg.tt.tt_svd) to 1e-10, and so is the weight it represents."""
+    w = decaying_matrix(2, 48, 48, decay=0.9, seed=17)
+    for rank in (1, 3, 7):
+        layer = TT.from_dense(w, rank=rank, **options)
+        om, im = layer.out_modes, layer.in_modes
+        own, _ = tt_svd(interleave(w, om, im), [m * n for m, n in zip(om, im)], rank=rank)
+        reference = TT._from_cores(unflatten_cores(own, om, im))
+        assert reference.tt_ranks == layer.tt_ranks
+        assert abs(layer.relative_error(w) - reference.relative_error(w)) < 1e-10
+        assert rel(layer.to_dense(), reference.to_dense()) < 1e-10
+
+
+def test_tensorly_backend_is_left_as_the_user_set_it():
+    import tensorly as tl
+
+    w = decaying_matrix(1, 16, 16, decay=0.8, seed=18)
+    before = tl.get_backend()
+    tl.set_backend("numpy")
+    try:
+        TT.from_dense(w, rank=2)
+        assert tl.get_backend() == "numpy"
+    finally:
+        tl.set_backend(before)
