@@ -10,7 +10,7 @@ from .base import StructuredSumLayer
 from .registry import available, create, from_dense, from_kronecker, get
 from .kinds import CP, TT, Dense, Kronecker, LowRank, Monarch, Nystrom, Sketched, Tucker
 from .linalg import PIVOT_STRATEGIES, optimal_relative_error, optimal_relative_error_kronecker
-from .nn import Linear, ReplacementReport, replace_linear
+from .nn import Conv2d, Linear, ReplacementReport, convert_model, replace_linear
 from .choose import Choice, choose
 
 __version__ = "0.1.0"
@@ -33,7 +33,9 @@ __all__ = [
     "Tucker",
     "PIVOT_STRATEGIES",
     "Linear",
+    "Conv2d",
     "replace_linear",
+    "convert_model",
     "ReplacementReport",
     "choose",
     "Choice",

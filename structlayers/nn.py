@@ -1,4 +1,5 @@
-"""Drop-in replacements for ``torch.nn.Linear`` built on structured sum layers."""
+"""Drop-in replacements for ``torch.nn.Linear`` and ``torch.nn.Conv2d`` built on structured
+sum layers, and the conversion of whole models (:func:`convert_model`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_bool, check_nonnegative_int, check_patterns, check_policy, check_policy_choice
+from ._checks import (check_bool, check_choice, check_input, check_nonnegative_int, check_patterns, check_policy,
+                      check_policy_choice, check_positive_int)
 from .base import StructuredSumLayer, create, from_dense
 
-KindPolicy = Union[str, Callable[[str, nn.Linear], Optional[Union[str, Tuple[str, dict]]]]]
+KindPolicy = Union[str, Callable[[str, nn.Module], Optional[Union[str, Tuple[str, dict]]]]]
 
 
 class Linear(nn.Module):
@@ -75,6 +78,143 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(value: object, name: str, *, allow_zero: bool = False) -> Tuple[int, int]:
+    """An int or a pair of ints (height, width), as nn.Conv2d takes them."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2:
+        raise ValueError(f"{name} must be an int or a pair (height, width), got {value!r}")
+    check = check_nonnegative_int if allow_zero else check_positive_int
+    return check(items[0], name), check(items[1], name)
+
+
+class Conv2d(nn.Module):
+    """``nn.Conv2d``-compatible layer: (N, C_in, H, W) or (C_in, H, W) -> (N, C_out, H_out, W_out).
+
+    The kernel of each group is a ``(C_out/groups) x (C_in/groups · kh · kw)`` matrix (input
+    channel major, as ``F.unfold`` lays out a patch); the ``groups`` matrices are the folds
+    of one structured layer (``self.layer``). The forward applies that layer to the unfolded
+    patches, ``(groups, N·H_out·W_out, C_in/groups·kh·kw)``, or, when the kind's cheapest
+    order costs at least the dense kernel, runs ``F.conv2d`` with the materialised kernel.
+    ``Conv2d("lowrank", 64, 128, 3, padding=1, rank=16)`` initialises randomly;
+    :meth:`from_conv` converts a trained ``nn.Conv2d``.
+    """
+
+    def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", **options) -> None:
+        super().__init__()
+        check_bool(bias, "bias")
+        geometry = self._geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                  padding_mode)
+        cin, cout, (kh, kw), groups = geometry["in_channels"], geometry["out_channels"], geometry["kernel_size"], \
+            geometry["groups"]
+        layer = create(kind, cin // groups * kh * kw, cout // groups, groups, **options)
+        self._attach(layer, geometry,
+                     torch.zeros(cout, dtype=layer.dtype, device=layer.device) if bias else None)
+
+    @staticmethod
+    def _geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode) -> dict:
+        in_channels = check_positive_int(in_channels, "in_channels")
+        out_channels = check_positive_int(out_channels, "out_channels")
+        groups = check_positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        kernel_size, stride, dilation = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), \
+            _pair(dilation, "dilation")
+        padding_mode = check_choice(padding_mode, PADDING_MODES, "padding_mode")
+        if isinstance(padding, str):
+            padding = check_choice(padding, ("valid", "same"), "padding")
+            if padding == "same" and stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+        else:
+            padding = _pair(padding, "padding", allow_zero=True)
+        return dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                    padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
+
+    def _attach(self, layer: StructuredSumLayer, geometry: dict, bias: Optional[torch.Tensor]) -> None:
+        for key, value in geometry.items():
+            setattr(self, key, value)
+        self.layer = layer
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        # (left, right, top, bottom) padding applied before unfolding; "same" may be asymmetric
+        if self.padding == "valid":
+            pad = (0, 0, 0, 0)
+        elif self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            pad = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+        else:
+            pad = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+        self._pad = pad
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, kind: str, **options) -> "Conv2d":
+        """Convert a (trained) ``nn.Conv2d``: each group's kernel matrix through
+        ``kind.from_dense`` (one fold per group), the bias and the geometry copied."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        geometry = cls._geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups, conv.padding_mode)
+        layer = from_dense(kind, _kernel_matrix(conv).detach(), **options)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._attach(layer, geometry, None if conv.bias is None else conv.bias.detach().clone())
+        return module
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The represented (out_channels, in_channels/groups, kh, kw) kernel, materialised."""
+        return self.layer.to_dense().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "x", self.layer.dtype, f"this {self.kind} Conv2d")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"Conv2d expects inputs of shape (N, {self.in_channels}, H, W) or "
+                             f"({self.in_channels}, H, W), got {tuple(x.shape)}")
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if any(self._pad):
+            x = F.pad(x, self._pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        # (F.conv2d applies this formula too; unfold needs it to lay the output out)
+        h_out, w_out = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if h_out < 1 or w_out < 1:
+            raise ValueError(f"Conv2d: the (padded) input {h}x{w} is smaller than the dilated kernel "
+                             f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}")
+        layer, g = self.layer, self.groups
+        rows = n * h_out * w_out
+        # Where the kind's cheapest order costs a dense kernel's products or more (dense, or
+        # rebuild + GEMM), torch's own convolution does them without the unfolded copy.
+        if rows == 0 or layer.flops(rows) >= g * rows * layer.out_features * layer.in_features:
+            y = F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, g)
+        else:
+            patches = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (N, C·kh·kw, L)
+            patches = patches.view(n, g, layer.in_features, -1).permute(1, 0, 3, 2).reshape(g, rows, -1)
+            y = layer(patches)  # (groups, N·L, C_out/groups)
+            y = y.view(g, n, h_out * w_out, -1).permute(1, 0, 3, 2).reshape(n, self.out_channels, h_out, w_out)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, padding_mode={self.padding_mode}")
+
+
+def _kernel_matrix(conv: nn.Conv2d) -> torch.Tensor:
+    """An ``nn.Conv2d``'s kernel as (groups, out/groups, in/groups · kh · kw), a view."""
+    return conv.weight.reshape(conv.groups, conv.out_channels // conv.groups, -1)
 
 
 @dataclass
@@ -195,20 +335,27 @@ def _type_name(cls: type) -> str:
     return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
 
 
+@dataclass(frozen=True)
+class _Convertible:
+    """A module type :func:`convert_model` converts: ``convert(module, kind, options)`` builds
+    the replacement, ``matrix(module)`` gives its weight as (F, out, in) (a view)."""
+
+    type: Type[nn.Module]
+    convert: Callable[[nn.Module, str, dict], nn.Module]
+    matrix: Callable[[nn.Module], torch.Tensor]
+
+
 def _replace_modules(
     model: nn.Module,
-    convertible: Type[nn.Module],
-    convert: Callable[[nn.Module, str, dict], nn.Module],
+    convertibles: Tuple[_Convertible, ...],
     kind,
     *,
     include,
     exclude,
     min_features: int,
-    features: Callable[[nn.Module], Tuple[int, int]],
     options: dict,
 ) -> Tuple[nn.Module, ReplacementReport]:
-    """The body of :func:`replace_linear`, for any module type: ``convert(module, kind, options)``
-    builds a replacement, ``features(module)`` gives its (in, out)."""
+    """The body of :func:`convert_model` and :func:`replace_linear`, for any module types."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_policy(kind, "kind", "f(name, module)")
@@ -217,8 +364,17 @@ def _replace_modules(
     new_model = copy.deepcopy(model)
     report = ReplacementReport()
     owners = _parameter_owners(new_model)
+    by_type = {c.type: c for c in convertibles}
+
+    def convertible(module: nn.Module) -> _Convertible:
+        return next(c for t, c in by_type.items() if isinstance(module, t))
+
+    def features(module: nn.Module) -> Tuple[int, int]:
+        shape = convertible(module).matrix(module).shape
+        return shape[-1], shape[-2]
+
     targets = []
-    for site in _sites(new_model, convertible):
+    for site in _sites(new_model, tuple(by_type)):
         module, names, first = site.module, site.names, site.names[0]
         if include is not None and not any(_matches(n, include) for n in names):
             continue
@@ -236,19 +392,20 @@ def _replace_modules(
         if any(t.is_meta for t in module.parameters()):
             raise ValueError(f"model: {first!r} is on the meta device and has no weights to approximate; "
                              f"load them first (model.to_empty(device=...) and load_state_dict), or build "
-                             f"structlayers.Linear(kind, in, out, device='meta') for an untrained model")
+                             f"the structlayers module with device='meta' for an untrained model")
         _check_carryable(site, owners)
         layer_kind, layer_options = choice
         targets.append((site, layer_kind, {**options, **layer_options}))
     if not targets:
+        types = " or ".join(_type_name(t) for t in by_type)
         raise ValueError(
-            f"no {_type_name(convertible)} in the model matches include={include}, exclude={exclude or None}, "
+            f"no {types} in the model matches include={include}, exclude={exclude or None}, "
             f"min_features={min_features}" + (f" (skipped: {report.skipped})" if report.skipped else ""))
     # Build every replacement before touching the copy, so a failure leaves nothing half-done.
     built = []
     for site, layer_kind, layer_options in targets:
         try:
-            new = convert(site.module, layer_kind, layer_options)
+            new = convertible(site.module).convert(site.module, layer_kind, layer_options)
         except (ValueError, TypeError) as exc:
             inp, out = features(site.module)
             raise type(exc)(f"cannot convert {site.names[0]!r} ({out}x{inp}): {exc}") from exc
@@ -264,12 +421,68 @@ def _replace_modules(
             name=site.names[0], kind=new.kind, in_features=inp, out_features=out,
             params_before=sum(p.numel() for p in site.module.parameters()),
             params_after=sum(p.numel() for p in new.parameters()),
-            relative_error=new.layer.relative_error(site.module.weight.detach()), names=tuple(site.names)))
+            relative_error=new.layer.relative_error(convertible(site.module).matrix(site.module).detach()),
+            names=tuple(site.names)))
     return new_model, report
 
 
 def _convert_linear(linear: nn.Linear, kind: str, options: dict) -> "Linear":
     return _carry_state(linear, Linear.from_linear(linear, kind, **options), ("weight",))
+
+
+def _convert_conv(conv: nn.Conv2d, kind: str, options: dict) -> "Conv2d":
+    return _carry_state(conv, Conv2d.from_conv(conv, kind, **options), ("weight",))
+
+
+_LINEAR = _Convertible(nn.Linear, _convert_linear, lambda m: m.weight[None])
+_CONV2D = _Convertible(nn.Conv2d, _convert_conv, _kernel_matrix)
+#: the module types convert_model knows, by the name its ``types`` argument uses
+CONVERTIBLE = {"linear": _LINEAR, "conv2d": _CONV2D}
+
+
+def convert_model(
+    model: nn.Module,
+    kind: KindPolicy,
+    *,
+    types: Union[str, Iterable[str]] = ("linear", "conv2d"),
+    include: Optional[Union[str, Iterable[str]]] = None,
+    exclude: Optional[Union[str, Iterable[str]]] = None,
+    min_features: int = 16,
+    **options,
+) -> Tuple[nn.Module, ReplacementReport]:
+    """A copy of ``model`` whose ``nn.Linear`` and ``nn.Conv2d`` layers are converted to
+    :class:`Linear` and :class:`Conv2d` of ``kind``; ``model`` is untouched.
+
+    Args:
+        model: any module; a bare ``nn.Linear`` or ``nn.Conv2d`` comes back converted.
+        kind: a kind name, or ``policy(name, module)`` returning a kind name, a
+            ``(kind, options)`` pair, or None to keep that layer (a shared module is offered
+            once, under its first name); anything else is a TypeError naming the layer.
+        types: which module types to convert, of ``"linear"``, ``"conv2d"``.
+        include / exclude: glob patterns on qualified module names (``"encoder.*"``); one
+            string is one pattern.
+        min_features: layers whose weight matrix has min(in, out) below this are kept (a
+            structured layer cannot save anything there). A convolution's matrix is
+            ``(out/groups) x (in/groups · kh · kw)`` per group.
+        options: passed to ``from_dense`` of every converted layer (merged under a
+            policy's own options).
+
+    Shared modules stay shared: a module reachable under several names is converted once
+    and the one replacement is installed under every name; it is included when any of its
+    names is, kept when any is excluded, and reported once with all its names
+    (``Replacement.names``). The replacement keeps the module's training mode, dtype,
+    device and ``requires_grad`` flags. A module with hooks, or whose weight or bias is
+    shared with another module (say an ``nn.Embedding``), raises a ValueError naming it:
+    neither can be carried over.
+
+    Returns (new_model, report). Raises ValueError when no layer matches the filters;
+    nothing is modified on any error.
+    """
+    names = [types] if isinstance(types, str) else list(types) if isinstance(types, (list, tuple)) else None
+    if not names or any(not isinstance(n, str) or n not in CONVERTIBLE for n in names):
+        raise ValueError(f"types must be a non-empty list of {', '.join(map(repr, CONVERTIBLE))}, got {types!r}")
+    return _replace_modules(model, tuple(CONVERTIBLE[n] for n in dict.fromkeys(names)), kind, include=include,
+                            exclude=exclude, min_features=min_features, options=options)
 
 
 def replace_linear(
@@ -282,6 +495,8 @@ def replace_linear(
     **options,
 ) -> Tuple[nn.Module, ReplacementReport]:
     """A copy of ``model`` whose ``nn.Linear`` layers are converted; ``model`` is untouched.
+
+    :func:`convert_model` with ``types="linear"`` (it converts ``nn.Conv2d`` as well).
 
     Args:
         model: any module; a bare ``nn.Linear`` comes back converted.
@@ -306,6 +521,5 @@ def replace_linear(
     Returns (new_model, report). Raises ValueError when no layer matches the filters;
     nothing is modified on any error.
     """
-    return _replace_modules(model, nn.Linear, _convert_linear, kind, include=include, exclude=exclude,
-                            min_features=min_features, features=lambda m: (m.in_features, m.out_features),
-                            options=options)
+    return convert_model(model, kind, types="linear", include=include, exclude=exclude,
+                         min_features=min_features, **options)

@@ -241,9 +241,11 @@ class CircuitDensity(nn.Module):
         (frozen structured layers, live square approximations). Then ``|c̃|² / Z̃`` is the
         model, and likelihoods go through the density ``f`` at x.
         """
-        key = tuple(id(layer) for c in (self.base, self.density, self.partition) for layer in c.layers)
-        if key == self.__dict__.get("_follows_base"):
+        layers = self._all_layers()
+        marked = self.__dict__.get("_follows_base")
+        if marked is not None and len(marked) == len(layers) and all(a is b for a, b in zip(marked, layers)):
             return True  # approximations applied to c as well (structured.approximate_density)
+        key = tuple(id(layer) for layer in layers)
         if self._path_cache is None or self._path_cache[0] != key:
             own = not any(isinstance(layer, (TorchStructuredSumLayer, TorchLiveSquareSumLayer))
                           for c in (self.density, self.partition) for layer in c.layers)
@@ -253,7 +255,11 @@ class CircuitDensity(nn.Module):
     def mark_consistent(self) -> None:
         """Declare that ``c`` computes what ``|c|²`` and ``Z`` square, in the circuits' current
         layers (after an approximation applied to all three): likelihoods go through ``c``."""
-        self._follows_base = tuple(id(layer) for c in (self.base, self.density, self.partition) for layer in c.layers)
+        # The layers themselves, not their ids: a deep copy maps them to the copy's layers.
+        self._follows_base = self._all_layers()
+
+    def _all_layers(self) -> tuple:
+        return tuple(layer for c in (self.base, self.density, self.partition) for layer in c.layers)
 
     def log_likelihood(self, x: Tensor, *, signed: bool = False):
         """``log p_o(x)``, ``(B, O)``: ``2 Re log c_o(x) − log Z_o`` (squared) through ``c``,

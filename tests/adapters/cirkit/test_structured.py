@@ -164,3 +164,21 @@ def test_live_approximations_of_c_and_its_square_stay_one_normalised_model(kind)
     with pytest.raises(ValueError, match="deterministic pivot strategy"):
         other = compile_density(circuit(False), dtype=torch.float64, seed=5, num_categories=V, optimize=False)
         approximate_density(other, square_policy("nystrom", 2, strategy="uniform"))
+
+
+def test_a_copy_of_an_approximated_model_still_goes_through_c():
+    """A deep copy of a model approximated in c, |c|² and Z alike keeps scoring through c̃: the
+    mark that c̃ follows the squares survives the copy (through |c̃|² at data, a K=256 digits
+    batch needs tens of GiB)."""
+    import copy
+
+    from adapters.cirkit.structured import approximate_density
+    from adapters.cirkit.swap import square_policy
+
+    model = compile_density(circuit(False, units=4), dtype=torch.float64, seed=5, num_categories=V, optimize=False)
+    approximate_density(model, square_policy("lowrank", 2))
+    x = torch.tensor(list(itertools.product(range(V), repeat=4)))[:20]
+    twin = copy.deepcopy(model)
+    assert twin.through_base
+    torch.testing.assert_close(twin.log_likelihood(x), model.log_likelihood(x), rtol=1e-12, atol=1e-12)
+    assert all(a is not b for a, b in zip(twin.density.layers, model.density.layers))
