@@ -258,6 +258,16 @@ class StructuredSumLayer(nn.Module, abc.ABC):
             anchor = anchor + p.sum() * 0
         return x.new_zeros((self.num_folds, 0, self.out_features), dtype=dtype) + anchor
 
+    def thin_factors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(left (F, out, r), right (F, r, in))`` with ``W = left @ right``, differentiable,
+        when the kind stores W as a product through ``r`` inner units; None otherwise.
+
+        Lets a consumer that applies W on both sides of a block (``W X Wᵀ``, as a squared
+        circuit does) shrink the block to ``r x r`` before expanding it again, instead of
+        applying the whole forward twice.
+        """
+        return None
+
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.
 

@@ -330,18 +330,61 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
             return apply_linear(s, t.conj(), s.dtype).conj()
         return apply_linear(s, t, s.dtype)
 
+    def _factors(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``S = L R`` through r inner units, when that order is the cheaper one (see flops)."""
+        factors = self.structured.thin_factors()
+        if factors is None:
+            return None
+        ki, ko, r = self.structured.in_features, self.structured.out_features, factors[1].shape[1]
+        return factors if self.structured.num_folds * self._factored_macs(ki, ko, r) < self._generic_macs(1) else None
+
+    @staticmethod
+    def _factored_macs(ki: int, ko: int, r: int) -> int:
+        # X Rᵀ, R (.) on the other side, then L on each side: Ki·Ki·r + r·Ki·r + r·r·Ko + Ko·r·Ko
+        return ki * ki * r + r * ki * r + r * r * ko + ko * r * ko
+
+    def _generic_macs(self, batch_size: int) -> int:
+        ki, ko = self.structured.in_features, self.structured.out_features
+        return self.structured.flops(batch_size * ki) + self.structured.flops(batch_size * ko)
+
+    def _sandwich(self, x: Tensor, right: Callable[[Tensor], Tensor], left: Callable[[Tensor], Tensor],
+                  n_in: int, n_mid: int) -> Tensor:
+        """x (F, B, n_in·n_in), a block X (n_in x n_in) per fold and sample -> ``left`` applied
+        to X's first index and ``right`` to its last, (F, B, n_mid·n_mid), first index first."""
+        f, b, _ = x.shape
+        rows = right(x.reshape(f, b * n_in, n_in))  # (F, B·n_in, n_mid): (i1, j2)
+        cols = rows.view(f, b, n_in, n_mid).transpose(2, 3).reshape(f, b * n_mid, n_in)  # (j2, i1)
+        y = left(cols)  # (F, B·n_mid, n_mid): (j2, j1)
+        return y.view(f, b, n_mid, n_mid).transpose(2, 3).reshape(f, b, n_mid * n_mid)
+
     def linear(self, z: Tensor) -> Tensor:
-        """z (F, B, Ki²) -> (F, B, Ko²): ``conj(S) X Sᵀ`` per fold and sample."""
+        """z (F, B, Ki²) -> (F, B, Ko²): ``conj(S) X Sᵀ`` per fold and sample.
+
+        In general ``S``'s own forward on X's rows, then on the columns of the result. A kind
+        whose ``S = L R`` passes through ``r`` inner units (``thin_factors``, e.g. low rank)
+        goes ``R`` on both sides first (an ``r x r`` block), then ``L`` on both sides:
+        ``2·K²·r + 2·K·r²`` per sample instead of ``4·K²·r``.
+        """
         from .plan import _Permute
 
-        f, b, _ = z.shape
         ki, ko = self.structured.in_features, self.structured.out_features
         if not self._identity:  # into the structured layer's fold order
             z = _Permute.apply(z, self.fold_inverse, self.fold_rows)
-        rows = self._apply(z.reshape(f, b * ki, ki), conjugate=not self.conjugate_left)  # X Sᵀ: (F, B·Ki, Ko)
-        cols = rows.view(f, b, ki, ko).transpose(2, 3).reshape(f, b * ko, ki)
-        y = self._apply(cols, conjugate=self.conjugate_left)  # (F, B·Ko(o2), Ko(o1))
-        y = y.view(f, b, ko, ko).transpose(2, 3).reshape(f, b, ko * ko)
+        on_left, on_right = self.conjugate_left, not self.conjugate_left  # which side applies conj(S)
+        factors = self._factors()
+        if factors is None:
+            y = self._sandwich(z, lambda t: self._apply(t, conjugate=on_right),
+                               lambda t: self._apply(t, conjugate=on_left), ki, ko)
+        else:
+            left, right = factors
+            r = right.shape[1]
+
+            def by(w: Tensor, conjugate: bool) -> Callable[[Tensor], Tensor]:
+                w = w.conj() if conjugate and w.is_complex() else w
+                return lambda t: apply_linear(lambda u: torch.matmul(u, w.transpose(1, 2)), t, w.dtype)
+
+            inner = self._sandwich(z, by(right, on_right), by(right, on_left), ki, r)
+            y = self._sandwich(inner, by(left, on_right), by(left, on_left), r, ko)
         if not self._identity:
             y = _Permute.apply(y, self.fold_rows, self.fold_inverse)
         return y
@@ -351,8 +394,11 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
                                self.structured.dtype)
 
     def flops(self, batch_size: int) -> int:
-        ki, ko = self.structured.in_features, self.structured.out_features
-        return self.structured.flops(batch_size * ki) + self.structured.flops(batch_size * ko)
+        factors = self._factors()
+        if factors is None:
+            return self._generic_macs(batch_size)
+        s = self.structured
+        return batch_size * s.num_folds * self._factored_macs(s.in_features, s.out_features, factors[1].shape[1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.structured.kind}, squared"

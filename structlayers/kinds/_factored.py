@@ -201,6 +201,10 @@ class FactoredLayer(StructuredSumLayer):
         (la, ra), (lb, rb) = self._chains()
         return la @ ra, lb @ rb
 
+    def thin_factors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Flat structure: (left, right); the Kronecker structure has no single inner width."""
+        return (self.left, self.right) if self.structure == "flat" else None
+
     def config(self) -> dict:
         if self.structure == "flat":
             return {**super().config(), "rank": self.rank}

@@ -59,7 +59,26 @@ def test_every_kind_equals_the_dense_circuit_of_its_to_dense(kind, complex_weigh
     model, report = compile_structured(c, spec_policy(kind), dtype=torch.float64, seed=1, num_categories=V)
     assert report.rows and all(r.squared_layers == 2 for r in report.rows)  # one layer in |c|², one in Z
     assert any(isinstance(layer, TorchStructuredSquareSumLayer) for layer in model.partition.layers)
-    ref, pairs = dense_twin(model, c, seed=1)
+    assert_equals_dense_twin(model, c, kind, seed=1)
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+@pytest.mark.parametrize("kind", ["lowrank", "nystrom"])
+def test_thin_factors_square_through_an_r_by_r_block(kind, complex_weights):
+    """S = L R of rank 1 on 4 units: the squares go R on both sides, then L (fewer multiply-adds
+    than S's forward twice), with the values and gradients of the dense circuit."""
+    c = circuit(complex_weights)
+    model, _ = compile_structured(c, structure_policy(kind, rank=1), dtype=torch.float64, seed=4, num_categories=V)
+    squares = [layer for layer in model.partition.layers if isinstance(layer, TorchStructuredSquareSumLayer)]
+    assert squares and all(layer._factors() is not None for layer in squares)
+    assert all(layer.flops(1) < layer._generic_macs(1) for layer in squares)
+    assert_equals_dense_twin(model, c, kind, seed=4)
+
+
+def assert_equals_dense_twin(model, c, kind, seed):
+    """log p(x) over every state, |c|²(x), Z and the gradients of ``model`` equal those of the
+    dense circuit holding its structured layers' to_dense() weights (float64)."""
+    ref, pairs = dense_twin(model, c, seed=seed)
     x = torch.tensor(list(itertools.product(range(V), repeat=4)))
     ll, ref_ll = model.log_likelihood(x), ref.log_likelihood(x)
     torch.testing.assert_close(ll, ref_ll, rtol=1e-9, atol=1e-9)
