@@ -57,6 +57,16 @@ def apply_linear(linear: Callable[[Tensor], Tensor], z: Tensor, dtype: torch.dty
     return linear(z.to(dtype) if z.dtype != dtype else z)
 
 
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` where one side may be real and the other complex: the real side multiplies
+    the complex one part by part (two real products instead of a complex one costing four)."""
+    if a.is_complex() == b.is_complex():
+        return torch.matmul(a, b)
+    if a.is_complex():
+        return torch.complex(torch.matmul(a.real, b), torch.matmul(a.imag, b))
+    return torch.complex(torch.matmul(a, b.real), torch.matmul(a, b.imag))
+
+
 def is_kronecker_weight(weight: TorchParameter) -> bool:
     """Whether a cirkit weight graph ends in a Kronecker node (W = A ⊗ B)."""
     return bool(weight.outputs) and isinstance(weight.outputs[0], TorchKroneckerParameter)
@@ -368,26 +378,39 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         from .plan import _Permute
 
         ki, ko = self.structured.in_features, self.structured.out_features
-        if not self._identity:  # into the structured layer's fold order
-            z = _Permute.apply(z, self.fold_inverse, self.fold_rows)
         on_left, on_right = self.conjugate_left, not self.conjugate_left  # which side applies conj(S)
         factors = self._factors()
         if factors is None:
+            if not self._identity:  # into the structured layer's fold order
+                z = _Permute.apply(z, self.fold_inverse, self.fold_rows)
             y = self._sandwich(z, lambda t: self._apply(t, conjugate=on_right),
                                lambda t: self._apply(t, conjugate=on_left), ki, ko)
+            if not self._identity:
+                y = _Permute.apply(y, self.fold_rows, self.fold_inverse)
         else:
             left, right = factors
-            r = right.shape[1]
-
-            def by(w: Tensor, conjugate: bool) -> Callable[[Tensor], Tensor]:
-                w = w.conj() if conjugate and w.is_complex() else w
-                return lambda t: apply_linear(lambda u: torch.matmul(u, w.transpose(1, 2)), t, w.dtype)
-
-            inner = self._sandwich(z, by(right, on_right), by(right, on_left), ki, r)
-            y = self._sandwich(inner, by(left, on_right), by(left, on_left), r, ko)
-        if not self._identity:
-            y = _Permute.apply(y, self.fold_rows, self.fold_inverse)
+            if not self._identity:  # the thin factors into this layer's fold order, not the K² activations
+                left, right = left.index_select(0, self.fold_rows), right.index_select(0, self.fold_rows)
+            y = self._square_factored(z, left, right, on_left, on_right)
         return y
+
+    @staticmethod
+    def _square_factored(z: Tensor, left: Tensor, right: Tensor, on_left: bool, on_right: bool) -> Tensor:
+        """z (F, B, Ki²) -> (F, B, Ko²): ``S_l X S_rᵀ`` with ``S = L R`` (left (F, Ko, r), right
+        (F, r, Ki)), conjugated on the sides flagged, as four batched GEMMs over the folds:
+        ``X R_rᵀ``, then ``R_l (.)`` and ``L_l (.)`` with the samples beside the columns, then
+        ``(.) L_rᵀ``. Only the samples' axis moves (twice), so for ``B = 1`` (``Z``) nothing is copied."""
+        f, b, _ = z.shape
+        ko, r, ki = left.shape[1], left.shape[2], right.shape[2]
+
+        def side(w: Tensor, conjugate: bool) -> Tensor:
+            return w.conj() if conjugate and w.is_complex() else w
+
+        t = _matmul(z.reshape(f, b * ki, ki), side(right, on_right).transpose(1, 2))  # (F, B·Ki, r): (b, i1, j2)
+        t = t.view(f, b, ki, r).transpose(1, 2).reshape(f, ki, b * r)  # (i1, b, j2)
+        t = _matmul(side(left, on_left), _matmul(side(right, on_left), t))  # (F, Ko, B·r): (o1, b, j2)
+        y = _matmul(t.reshape(f, ko * b, r), side(left, on_right).transpose(1, 2))  # (F, Ko·B, Ko): (o1, b, o2)
+        return y.view(f, ko, b, ko).transpose(1, 2).reshape(f, b, ko * ko)
 
     def forward(self, x: Tensor) -> Tensor:
         return semiring_linear(self.semiring, self.linear, x,

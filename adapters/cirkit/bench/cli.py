@@ -151,7 +151,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated K values [default: {','.join(map(str, d.units))}; quick "
                         f"{','.join(map(str, q['units']))}]")
     p.add_argument("--variants", default=None,
-                   help=f"training variants, of {', '.join(TRAINING_VARIANTS)} [default: {','.join(d.variants)}]")
+                   help=f"training variants: {', '.join(TRAINING_VARIANTS)}; a structured circuit "
+                        f"kind[:K/n|rank|share] (kind: a registered kind, e.g. lowrank:K/8, monarch, tt:0.25); "
+                        f"live-lowrank:K/n or live-nystrom:K/n [default: {','.join(d.variants)}]")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs [default: {d.epochs}; quick {q['epochs']}]")
     p.add_argument("--batch", type=int, default=None, help=f"mini-batch size [default: {d.batch}]")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate [default: {d.lr}]")
@@ -203,6 +205,46 @@ def run_train(args: argparse.Namespace, out=None) -> int:
     return 0
 
 
+def _add_choose_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", default=f"{DEFAULT_OUT}/train",
+                   help=f"a 'bench train' output folder or its train.json [default: {DEFAULT_OUT}/train]")
+    p.add_argument("--seconds", type=float, default=None, help="budget: seconds per epoch on the measured machine")
+    p.add_argument("--parameters", type=int, default=None, help="budget: trainable parameters")
+    p.add_argument("--macs", type=int, default=None, help="budget: multiply-adds of c's sum layers per sample")
+
+
+def run_choose(args: argparse.Namespace, out=None) -> int:
+    """Print the measured circuit (structure and K) with the best test bpd within the budget,
+    then every circuit within it, best first."""
+    from .config import BenchError
+    from .outputs import read_train_rows
+    from .train import REFERENCE, best_within
+
+    out = sys.stdout if out is None else out
+    budget = {name: getattr(args, name) for name in ("seconds", "parameters", "macs") if getattr(args, name) is not None}
+    if not budget:
+        raise BenchError("give at least one budget: --seconds, --parameters or --macs", "seconds")
+    for name, value in budget.items():
+        if not value > 0:
+            raise BenchError(f"must be positive, got {value}", name)
+    rows = [r for r in read_train_rows(args.source) if r.variant != REFERENCE]  # cirkit: the exact model, slower
+    best = best_within(rows, **budget)
+    if best is None:
+        cheapest = min(rows, key=lambda r: r.seconds_per_epoch, default=None)
+        print(f"nothing measured in {args.source} fits {budget}" + (
+            f"; the fastest is {cheapest.variant} K={cheapest.units}: {cheapest.seconds_per_epoch:.3f} s/epoch, "
+            f"{cheapest.parameters} parameters, {cheapest.macs_per_sample} MACs/x" if cheapest else ""), file=out)
+        return 1
+    fits = sorted((r for r in rows if best_within([r], **budget) is r), key=lambda r: r.final_test_bpd)
+    print(f"best within {budget}: {best.variant} at K={best.units} ({best.final_test_bpd:.4f} test bpd after "
+          f"{best.epochs} epochs)", file=out)
+    print(f"{'variant':20s} {'K':>4s} {'test bpd':>9s} {'s/epoch':>8s} {'params':>9s} {'MACs/x':>10s}", file=out)
+    for r in fits:
+        print(f"{r.variant:20s} {r.units:4d} {r.final_test_bpd:9.4f} {r.seconds_per_epoch:8.3f} {r.parameters:9d} "
+              f"{r.macs_per_sample:10d}", file=out)
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``bench`` (and ``bench train``) to the ``structlayers`` console script (the
     ``structlayers.commands`` entry point)."""
@@ -214,7 +256,7 @@ def register(subparsers) -> None:
                     "benchmark.")
     _add_bench_options(p)
     p.set_defaults(run=_guarded(run_bench, p))
-    sub = p.add_subparsers(dest="bench_command", metavar="{train}")
+    sub = p.add_subparsers(dest="bench_command", metavar="{train,choose}")
     t = sub.add_parser("train", help="train the squared digits circuit in cirkit's pipeline and this package's",
                        description="Train the squared digits circuit from the same initial values, data order "
                                    "and optimiser in every training variant (cirkit's idiomatic pipeline, this "
@@ -222,3 +264,10 @@ def register(subparsers) -> None:
                                    "bpd, final bpd, peak memory of a step, curves and exact samples.")
     _add_train_options(t)
     t.set_defaults(run=_guarded(run_train, t))
+    c = sub.add_parser("choose", help="the structure and K with the best test bpd within a budget, from a "
+                                      "'bench train' run",
+                       description="Read a 'bench train' result and say which circuit (structure and K) reached "
+                                   "the best test bpd within a budget of seconds per epoch, parameters or "
+                                   "multiply-adds per sample (every budget given must hold).")
+    _add_choose_options(c)
+    c.set_defaults(run=_guarded(run_choose, c))

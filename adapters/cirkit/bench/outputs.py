@@ -242,6 +242,26 @@ def write_train_outputs(result, out_dir: Path, *, plots: bool = True) -> List[Pa
     return files
 
 
+def read_train_rows(path) -> list:
+    """The rows of a ``bench train`` run: ``path`` is its ``train.json`` or the folder holding it."""
+    import json
+
+    from .config import BenchError
+    from .train import TrainRow
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.json"
+    try:
+        with open(path) as fh:
+            rows = json.load(fh)["rows"]
+        return [TrainRow(**row) for row in rows]
+    except FileNotFoundError:
+        raise BenchError(f"no {path}: run 'structlayers bench train --out DIR' first", "from") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"{path} is not a bench train result ({exc})", "from") from None
+
+
 def dataclasses_asdict(row) -> dict:
     import dataclasses
 

@@ -112,3 +112,27 @@ def test_live_square_layer_equals_the_frozen_approximation():
         frozen = structlayers.from_kronecker("lowrank", a.detach(), b.detach(), factor_ranks=(1, 1), square=True)
         z = torch.randn(layer.num_folds, 4, layer.num_input_units * layer.arity, generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(live.linear(z), frozen(z), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("conjugate_left", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("kind, options", [("lowrank", {"rank": 2}), ("monarch", {"num_blocks": 2})])
+def test_structured_square_layer_is_the_kronecker_square_of_its_folds(kind, options, dtype, conjugate_left):
+    """TorchStructuredSquareSumLayer fold f applies conj(S_g) ⊗ S_g (or S_g ⊗ conj(S_g)) with
+    g = fold_rows[f], a 3-cycle here (not its own inverse), through the thin factors (lowrank)
+    or S's own forward (monarch), against the Kronecker product formed in float64."""
+    from adapters.cirkit.layers import TorchStructuredSquareSumLayer
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 6, 8, dtype=dtype, generator=gen)
+    s = structlayers.from_dense(kind, weight, **options)
+    rows = torch.tensor([1, 2, 0])
+    layer = TorchStructuredSquareSumLayer(64, 36, structured=s, fold_rows=rows, conjugate_left=conjugate_left,
+                                          semiring=SumProductSemiring, num_folds=3)
+    assert (layer._factors() is not None) == (kind == "lowrank")
+    z = torch.randn(3, 5, 64, dtype=dtype, generator=gen)
+    w = s.to_dense().detach()
+    expected = torch.stack([
+        z[f] @ (torch.kron(w[g].conj(), w[g]) if conjugate_left else torch.kron(w[g], w[g].conj())).T
+        for f, g in enumerate(rows.tolist())])
+    torch.testing.assert_close(layer.linear(z), expected, rtol=1e-12, atol=1e-12)

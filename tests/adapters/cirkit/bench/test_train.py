@@ -137,6 +137,38 @@ def test_best_within_and_the_front():
     assert sorted(pareto_rows(rows)) == [2, 3]  # the structured circuits dominate both dense ones
 
 
+def test_choose_reads_a_run_and_names_the_best_within_a_budget(quick):
+    """``bench choose`` over the quick run's train.json: the answer is the row with the lowest
+    final bpd among those within every budget given, the listing holds exactly those rows."""
+    rows = [r for r in quick.json["rows"] if r["variant"] != "cirkit"]
+    budget = sorted(r["seconds_per_epoch"] for r in rows)[len(rows) // 2]
+    within = sorted((r for r in rows if r["seconds_per_epoch"] <= budget), key=lambda r: r["final_test_bpd"])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["bench", "choose", "--from", str(quick.out), "--seconds", repr(budget)])
+    lines = stdout.getvalue().splitlines()
+    assert code == 0
+    assert f"{within[0]['variant']} at K={within[0]['units']}" in lines[0]
+    assert [(line.split()[0], int(line.split()[1])) for line in lines[2:]] == [(r["variant"], r["units"]) for r in within]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["bench", "choose", "--from", str(quick.out), "--parameters", "1"]) == 1
+    assert "nothing measured" in stdout.getvalue() and "the fastest is" in stdout.getvalue()
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "--seconds: give at least one budget"),
+    (["--macs", "0"], "--macs: must be positive"),
+    (["--seconds", "1", "--from", "missing-folder"], "--from: no missing-folder/train.json"),
+])
+def test_choose_bad_input_is_named(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "choose"] + argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_live_variant_names():
     from adapters.cirkit.bench.config import BenchError
     from adapters.cirkit.bench.train import training_variant
