@@ -496,30 +496,8 @@ def replace_linear(
 ) -> Tuple[nn.Module, ReplacementReport]:
     """A copy of ``model`` whose ``nn.Linear`` layers are converted; ``model`` is untouched.
 
-    :func:`convert_model` with ``types="linear"`` (it converts ``nn.Conv2d`` as well).
-
-    Args:
-        model: any module; a bare ``nn.Linear`` comes back converted.
-        kind: a kind name, or ``policy(name, linear)`` returning a kind name, a
-            ``(kind, options)`` pair, or None to keep that layer (a shared module is offered
-            once, under its first name); anything else is a TypeError naming the layer.
-        include / exclude: glob patterns on qualified module names (``"encoder.*"``); one
-            string is one pattern.
-        min_features: layers with min(in, out) below this are kept (a structured
-            layer cannot save anything there).
-        options: passed to ``from_dense`` of every converted layer (merged under a
-            policy's own options).
-
-    Shared modules stay shared: a Linear reachable under several names is converted once
-    and the one replacement is installed under every name; it is included when any of its
-    names is, kept when any is excluded, and reported once with all its names
-    (``Replacement.names``). The replacement keeps the Linear's training mode, dtype,
-    device and ``requires_grad`` flags. A Linear with hooks, or whose weight or bias is
-    shared with another module (say an ``nn.Embedding``), raises a ValueError naming it:
-    neither can be carried over.
-
-    Returns (new_model, report). Raises ValueError when no layer matches the filters;
-    nothing is modified on any error.
+    :func:`convert_model` with ``types="linear"`` (it converts ``nn.Conv2d`` as well): the
+    same arguments, guarantees, report and errors; ``policy(name, linear)`` sees Linears only.
     """
     return convert_model(model, kind, types="linear", include=include, exclude=exclude,
                          min_features=min_features, **options)

@@ -359,26 +359,33 @@ CONVERSIONS = {
 }
 
 
-def test_every_kind_has_a_digits_conversion():
-    assert set(CONVERSIONS) == set(sl.available()) - {"dense"}
+@pytest.mark.parametrize("table", ["CONVERSIONS", "CNN_CONVERSIONS"])
+def test_every_kind_has_a_digits_conversion(table):
+    assert set(globals()[table]) == set(sl.available()) - {"dense"}
 
 
-@pytest.mark.parametrize("kind", sorted(CONVERSIONS))
-def test_digits_mlp_conversion_and_fine_tune(digits, trained_mlp, kind):
-    """The dense MLP reaches >= 0.95 test accuracy; each kind's accuracy after conversion
-    and after a short fine-tune stays within the drop stated in CONVERSIONS."""
-    options, max_drop, epochs, lr, max_drop_tuned = CONVERSIONS[kind]
-    base = _accuracy(trained_mlp, digits)
+def _convert_and_fine_tune(model, digits, convert, conversions, kind, names):
+    """The dense model reaches >= 0.95 test accuracy; ``kind``'s accuracy after
+    ``convert(model, kind, params_share=0.3)`` (exactly the layers ``names``) and after a short
+    fine-tune stays within the drops stated in ``conversions``; the model is untouched."""
+    options, max_drop, epochs, lr, max_drop_tuned = conversions[kind]
+    base = _accuracy(model, digits)
     assert base >= 0.95
-    converted, report = sl.replace_linear(trained_mlp, kind, params_share=0.3, **options)
-    assert [r.name for r in report.replaced] == ["0", "2"]
+    converted, report = convert(model, kind, params_share=0.3, **options)
+    assert [r.name for r in report.replaced] == names
     assert report.params_after <= 0.31 * report.params_before
     after = _accuracy(converted, digits)
     if max_drop is not None:
         assert after >= base - max_drop, (kind, base, after)
     tuned = _accuracy(_train(converted, digits, epochs=epochs, lr=lr), digits)
     assert tuned >= base - max_drop_tuned, (kind, base, after, tuned)
-    assert _accuracy(trained_mlp, digits) == base  # the original is untouched by all of this
+    assert _accuracy(model, digits) == base  # the original is untouched by all of this
+    return converted
+
+
+@pytest.mark.parametrize("kind", sorted(CONVERSIONS))
+def test_digits_mlp_conversion_and_fine_tune(digits, trained_mlp, kind):
+    _convert_and_fine_tune(trained_mlp, digits, sl.replace_linear, CONVERSIONS, kind, ["0", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -404,25 +411,9 @@ CNN_CONVERSIONS = {
 }
 
 
-def test_every_kind_has_a_digits_cnn_conversion():
-    assert set(CNN_CONVERSIONS) == set(sl.available()) - {"dense"}
-
-
 @pytest.mark.parametrize("kind", sorted(CNN_CONVERSIONS))
 def test_digits_cnn_conversion_and_fine_tune(digits, trained_cnn, kind):
-    """The dense CNN reaches >= 0.95 test accuracy; each kind's accuracy after converting its
-    convolution and hidden linear layer, and after a short fine-tune, stays within the drop
-    stated in CNN_CONVERSIONS."""
-    options, max_drop, epochs, lr, max_drop_tuned = CNN_CONVERSIONS[kind]
-    base = _accuracy(trained_cnn, digits)
-    assert base >= 0.95
-    converted, report = sl.convert_model(trained_cnn, kind, params_share=0.3, **options)
-    assert [r.name for r in report.replaced] == ["features.2", "head.1"]
+    """convert_model on the CNN: its second convolution and hidden linear layer."""
+    converted = _convert_and_fine_tune(trained_cnn, digits, sl.convert_model, CNN_CONVERSIONS, kind,
+                                       ["features.2", "head.1"])
     assert isinstance(converted.features[2], sl.Conv2d)
-    assert report.params_after <= 0.31 * report.params_before
-    after = _accuracy(converted, digits)
-    if max_drop is not None:
-        assert after >= base - max_drop, (kind, base, after)
-    tuned = _accuracy(_train(converted, digits, epochs=epochs, lr=lr), digits)
-    assert tuned >= base - max_drop_tuned, (kind, base, after, tuned)
-    assert _accuracy(trained_cnn, digits) == base

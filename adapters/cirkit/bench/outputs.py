@@ -257,7 +257,8 @@ def read_train_rows(path) -> list:
             rows = json.load(fh)["rows"]
         return [TrainRow(**row) for row in rows]
     except FileNotFoundError:
-        raise BenchError(f"no {path}: run 'structlayers bench train --out DIR' first", "from") from None
+        raise BenchError(f"nothing at {path}: give a 'bench train' output folder or its train.json "
+                         f"('structlayers bench train --out DIR' writes one)", "from") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise BenchError(f"{path} is not a bench train result ({exc})", "from") from None
 

@@ -34,17 +34,23 @@ def quick(tmp_path_factory):
     return types.SimpleNamespace(code=code, out=root, rows=rows, json=blob, stdout=stdout.getvalue())
 
 
-def test_both_pipelines_start_from_the_same_values():
-    """cirkit's pipeline and the fast path, compiled from one symbolic c with one seed:
-    the same initial log-likelihoods (float64), so their curves are comparable."""
+def both_pipelines(seed: int):
+    """(spec, cirkit's pipeline, the fast path) of one 4x4 digits circuit, K=4, in float64."""
     spec = digits_squared_circuit(4, image_shape=(4, 4), num_categories=17)
     with torch.random.fork_rng():
         torch.set_default_dtype(torch.float64)
         try:
-            reference = CirkitPipeline(spec.circuit, num_categories=17, seed=3, dtype=torch.float64)
-            fast = compile_density(spec.circuit, seed=3, num_categories=17, dtype=torch.float64)
+            reference = CirkitPipeline(spec.circuit, num_categories=17, seed=seed, dtype=torch.float64)
+            fast = compile_density(spec.circuit, seed=seed, num_categories=17, dtype=torch.float64)
         finally:
             torch.set_default_dtype(torch.float32)
+    return spec, reference, fast
+
+
+def test_both_pipelines_start_from_the_same_values():
+    """cirkit's pipeline and the fast path, compiled from one symbolic c with one seed:
+    the same initial log-likelihoods (float64), so their curves are comparable."""
+    spec, reference, fast = both_pipelines(seed=3)
     x = torch.randint(0, 17, (9, 16), generator=torch.Generator().manual_seed(0))
     reference.eval()
     fast.eval()
@@ -159,7 +165,7 @@ def test_choose_reads_a_run_and_names_the_best_within_a_budget(quick):
 @pytest.mark.parametrize("argv,message", [
     ([], "--seconds: give at least one budget"),
     (["--macs", "0"], "--macs: must be positive"),
-    (["--seconds", "1", "--from", "missing-folder"], "--from: no missing-folder/train.json"),
+    (["--seconds", "1", "--from", "missing-folder"], "--from: nothing at missing-folder: give a 'bench train' output folder"),
 ])
 def test_choose_bad_input_is_named(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -183,14 +189,7 @@ def test_both_pipelines_follow_one_trajectory():
     """Same start, same batches, same Adam: the parameters stay equal step after step (float64),
     so a gap in final bpd between the pipelines is the training's sensitivity to rounding,
     not a different model or gradient."""
-    spec = digits_squared_circuit(4, image_shape=(4, 4), num_categories=17)
-    with torch.random.fork_rng():
-        torch.set_default_dtype(torch.float64)
-        try:
-            reference = CirkitPipeline(spec.circuit, num_categories=17, seed=1, dtype=torch.float64)
-            fast = compile_density(spec.circuit, seed=1, num_categories=17, dtype=torch.float64)
-        finally:
-            torch.set_default_dtype(torch.float32)
+    spec, reference, fast = both_pipelines(seed=1)
     x = torch.randint(0, 17, (40, 16), generator=torch.Generator().manual_seed(1))
     optimisers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (reference, fast)]
     for step in range(8):
