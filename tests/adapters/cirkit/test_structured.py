@@ -201,3 +201,23 @@ def test_a_copy_of_an_approximated_model_still_goes_through_c():
     assert twin.through_base
     torch.testing.assert_close(twin.log_likelihood(x), model.log_likelihood(x), rtol=1e-12, atol=1e-12)
     assert all(a is not b for a, b in zip(twin.density.layers, model.density.layers))
+
+
+@pytest.mark.parametrize("kind", structlayers.available())
+def test_every_kind_trains_as_a_circuit_layer_and_stays_normalised(kind):
+    """Adam steps on a circuit whose sum layers are ``kind`` (real weights): finite losses, the
+    parameters move, and the density still sums to one over every state."""
+    model, _ = compile_structured(circuit(False), spec_policy(kind), dtype=torch.float64, seed=6, num_categories=V)
+    states = torch.tensor(list(itertools.product(range(V), repeat=4)))
+    x = states[torch.randint(0, len(states), (32,), generator=torch.Generator().manual_seed(2))]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(3):
+        loss = -model.log_likelihood(x).mean()
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with torch.no_grad():
+        assert abs(float(torch.logsumexp(model.log_likelihood(states)[:, 0], 0))) < 1e-9
