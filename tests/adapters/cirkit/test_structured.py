@@ -35,8 +35,9 @@ def spec_policy(kind):
     return policy
 
 
-def circuit(complex_weights: bool, units: int = 4):
-    return digits_squared_circuit(units, image_shape=(2, 2), num_categories=V, complex=complex_weights).circuit
+def circuit(complex_weights: bool, units: int = 4, layer: str = "cp"):
+    return digits_squared_circuit(units, image_shape=(2, 2), num_categories=V, complex=complex_weights,
+                                  layer=layer).circuit
 
 
 def dense_twin(model, c, seed):
@@ -52,10 +53,11 @@ def dense_twin(model, c, seed):
     return ref, pairs
 
 
+@pytest.mark.parametrize("layer", ["cp", "cp-t"])
 @pytest.mark.parametrize("complex_weights", [False, True])
 @pytest.mark.parametrize("kind", structlayers.available())
-def test_every_kind_equals_the_dense_circuit_of_its_to_dense(kind, complex_weights):
-    c = circuit(complex_weights)
+def test_every_kind_equals_the_dense_circuit_of_its_to_dense(kind, complex_weights, layer):
+    c = circuit(complex_weights, layer=layer)
     model, report = compile_structured(c, spec_policy(kind), dtype=torch.float64, seed=1, num_categories=V)
     assert report.rows and all(r.squared_layers == 2 for r in report.rows)  # one layer in |c|², one in Z
     assert any(isinstance(layer, TorchStructuredSquareSumLayer) for layer in model.partition.layers)
