@@ -402,6 +402,11 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         ``(.) L_rᵀ``. Only the samples' axis moves (twice), so for ``B = 1`` (``Z``) nothing is copied."""
         f, b, _ = z.shape
         ko, r, ki = left.shape[1], left.shape[2], right.shape[2]
+        # z in the factors' precision, as apply_linear does (a real map keeps complex z complex)
+        if z.is_complex() and not right.is_complex():
+            z = z.to(torch.complex128 if right.dtype == torch.float64 else torch.complex64)
+        else:
+            z = z.to(right.dtype)
 
         def side(w: Tensor, conjugate: bool) -> Tensor:
             return w.conj() if conjugate and w.is_complex() else w
