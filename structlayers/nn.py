@@ -81,6 +81,7 @@ class Linear(nn.Module):
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+Size2d = Union[int, Tuple[int, int]]  # one int for both, or (height, width), as nn.Conv2d takes it
 
 
 def _pair(value: object, name: str, *, allow_zero: bool = False) -> Tuple[int, int]:
@@ -104,8 +105,9 @@ class Conv2d(nn.Module):
     :meth:`from_conv` converts a trained ``nn.Conv2d``.
     """
 
-    def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", **options) -> None:
+    def __init__(self, kind: str, in_channels: int, out_channels: int, kernel_size: Size2d, stride: Size2d = 1,
+                 padding: Union[Size2d, str] = 0, dilation: Size2d = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", **options) -> None:
         super().__init__()
         check_bool(bias, "bias")
         geometry = self._geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
