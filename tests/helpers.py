@@ -40,3 +40,30 @@ def svd_optimal_error(w: torch.Tensor, rank: int) -> float:
     arr = arr[None] if arr.ndim == 2 else arr
     s = np.linalg.svd(arr, compute_uv=False)
     return float(np.sqrt((s[:, rank:] ** 2).sum() / (np.abs(arr) ** 2).sum()))
+
+
+def assert_flops_are_the_forwards(layer, batch: int, *, seed: int = 8, tol: float = 1e-10) -> None:
+    """``layer.flops(batch)`` equals the multiply-adds torch counts in its forward, and the
+    forward equals x Wᵀ with W = ``layer.to_dense()``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(layer.num_folds, batch, layer.in_features, generator=generator(seed), dtype=layer.dtype)
+    with FlopCounterMode(display=False) as counter:
+        y = layer(x)
+    assert counter.get_total_flops() == 2 * layer.flops(batch)
+    assert rel(y, x @ layer.to_dense().transpose(1, 2)) < tol
+
+
+def assert_warns_only_when_costlier(costly, cheap, match: str, dense_macs: int) -> None:
+    """``costly()`` warns (``match``) that it costs more than dense; ``cheap()`` warns nothing
+    and costs at most ``dense_macs`` per sample and fold."""
+    import warnings
+
+    import pytest
+
+    with pytest.warns(UserWarning, match=match):
+        costly()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer = cheap()
+    assert layer._per_sample_cost() <= dense_macs  # noqa: SLF001

@@ -27,7 +27,7 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops
 from structlayers.linalg.cur import cur_dense
 
-from .plan import capture_inputs, evaluate_parameter
+from .plan import capture_inputs, evaluate_parameter, is_kronecker_weight
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -65,11 +65,6 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.is_complex():
         return torch.complex(torch.matmul(a.real, b), torch.matmul(a.imag, b))
     return torch.complex(torch.matmul(a, b.real), torch.matmul(a, b.imag))
-
-
-def is_kronecker_weight(weight: TorchParameter) -> bool:
-    """Whether a cirkit weight graph ends in a Kronecker node (W = A ⊗ B)."""
-    return bool(weight.outputs) and isinstance(weight.outputs[0], TorchKroneckerParameter)
 
 
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
@@ -329,6 +324,12 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         self.register_buffer("fold_rows", rows, persistent=False)
         self.register_buffer("fold_inverse", inverse, persistent=False)
         self._identity = identity
+        # The order is a matter of shapes: decided once. S = L R through r inner units is
+        # squared as R on both sides, then L, where that costs fewer multiply-adds.
+        factors = structured.thin_factors()
+        self._inner = None if factors is None else int(factors[1].shape[1])
+        if self._inner is not None and num_folds * self._factored_macs(ki, ko, self._inner) >= self._generic_macs(1):
+            self._inner = None
 
     @property
     def params(self) -> Mapping[str, TorchParameter]:
@@ -341,12 +342,8 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         return apply_linear(s, t, s.dtype)
 
     def _factors(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """``S = L R`` through r inner units, when that order is the cheaper one (see flops)."""
-        factors = self.structured.thin_factors()
-        if factors is None:
-            return None
-        ki, ko, r = self.structured.in_features, self.structured.out_features, factors[1].shape[1]
-        return factors if self.structured.num_folds * self._factored_macs(ki, ko, r) < self._generic_macs(1) else None
+        """``(L, R)`` with ``S = L R`` when this layer squares through them (see ``__init__``)."""
+        return None if self._inner is None else self.structured.thin_factors()
 
     @staticmethod
     def _factored_macs(ki: int, ko: int, r: int) -> int:
@@ -422,11 +419,10 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
                                self.structured.dtype)
 
     def flops(self, batch_size: int) -> int:
-        factors = self._factors()
-        if factors is None:
+        if self._inner is None:
             return self._generic_macs(batch_size)
         s = self.structured
-        return batch_size * s.num_folds * self._factored_macs(s.in_features, s.out_features, factors[1].shape[1])
+        return batch_size * s.num_folds * self._factored_macs(s.in_features, s.out_features, self._inner)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.structured.kind}, squared"

@@ -31,11 +31,22 @@ def _log_output(circuit: TorchCircuit, x: Optional[Tensor], linear_space: bool) 
     return y
 
 
-def _split_sign(y: Tensor) -> Tuple[Tensor, Tensor]:
-    """(log|value|, sign ±1) of a log-output (see :func:`_log_output`)."""
+def split_log_sign(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """(log|value|, sign ±1) of a log-semiring output: real (lse-sum, positive values) or
+    complex, whose imaginary part is pi (mod 2 pi) where the value is negative."""
     if not y.is_complex():
         return y, torch.ones_like(y)
     return y.real, torch.where(torch.cos(y.imag) < 0, -1.0, 1.0).to(y.real.dtype)
+
+
+def nan_where_negative(value: Tensor, sign: Tensor, describe, stacklevel: int = 3) -> Tensor:
+    """``value`` with NaN where ``sign < 0`` (a ratio that is no density), and one UserWarning
+    ``describe(negative)`` (a message from the boolean mask) when there is any."""
+    negative = sign < 0
+    if not bool(negative.any()):
+        return value
+    warnings.warn(describe(negative), UserWarning, stacklevel=stacklevel + 1)
+    return torch.where(negative, torch.full_like(value, float("nan")), value)
 
 
 def log_value(circuit: TorchCircuit, x: Optional[Tensor] = None, *, linear_space: bool = False) -> Tensor:
@@ -49,7 +60,7 @@ def log_value(circuit: TorchCircuit, x: Optional[Tensor] = None, *, linear_space
     """
     _check_circuit(circuit, "circuit")
     check_evidence(circuit, x)
-    return _split_sign(_log_output(circuit, x, linear_space))[0]
+    return split_log_sign(_log_output(circuit, x, linear_space))[0]
 
 
 def _check_circuit(circuit: object, name: str) -> TorchCircuit:
@@ -74,7 +85,7 @@ def _log_partition(partition: object, linear_space: bool) -> Tuple[Tensor, Tenso
     if log_z.numel() != 1:
         raise ValueError(f"partition must hold one log Z, got a tensor of shape {tuple(log_z.shape)}; pass the "
                          f"element that is log Z (e.g. log_z[0, 0])")
-    log_abs, sign = _split_sign(log_z.reshape(()))
+    log_abs, sign = split_log_sign(log_z.reshape(()))
     return log_abs, sign
 
 
@@ -112,20 +123,19 @@ def log_likelihood(squared: TorchCircuit, x: Tensor, partition: Union[TorchCircu
                              + (" (the partition circuit?)" if not base.scope else ""))
         values, sign = 2 * log_value(base, x, linear_space=linear_space), None
     else:
-        values, sign = _split_sign(_log_output(squared, x, linear_space))
+        values, sign = split_log_sign(_log_output(squared, x, linear_space))
     ll = values[:, 0, 0] - log_z
     sign = sign_z.expand_as(ll) if sign is None else sign[:, 0, 0] * sign_z
     if signed:
         return ll, sign
-    negative = sign < 0
-    if bool(negative.any()):
+
+    def describe(negative: Tensor) -> str:
         what = "Z̃ < 0" if bool(sign_z < 0) else f"c̃²(x) < 0 for {int(negative.sum())} of {ll.numel()} samples"
-        warnings.warn(
-            f"log_likelihood: {what}, so c̃²(x)/Z̃ is negative there and no density (the circuit is no longer "
-            f"a square, e.g. after rank_policy's flat approximations; square_policy keeps it one); NaN is "
-            f"returned for those samples; signed=True gives log|c̃²(x)/Z̃| and the sign", UserWarning, stacklevel=2)
-        ll = torch.where(negative, torch.full_like(ll, float("nan")), ll)
-    return ll
+        return (f"log_likelihood: {what}, so c̃²(x)/Z̃ is negative there and no density (the circuit is no longer "
+                f"a square, e.g. after rank_policy's flat approximations; square_policy keeps it one); NaN is "
+                f"returned for those samples; signed=True gives log|c̃²(x)/Z̃| and the sign")
+
+    return nan_where_negative(ll, sign, describe, stacklevel=2)
 
 
 def nll_to_bpd(nll: float, num_variables: int) -> float:

@@ -38,6 +38,7 @@ from .accelerate import accelerate, cirkit_evaluation
 from .compile import use_structured_layers
 from .internals import address_book
 from .layers import TorchLiveSquareSumLayer, TorchStructuredSumLayer
+from .likelihood import nan_where_negative, split_log_sign
 from .linear_space import evaluate_graph
 
 __all__ = ["CircuitDensity", "compile_density", "EVALUATIONS", "default_dtype"]
@@ -155,9 +156,7 @@ class CircuitDensity(nn.Module):
         if self.semiring == "sum-product":
             value = y.real if y.is_complex() else y
             return torch.log(value.abs()), torch.where(value < 0, -1.0, 1.0).to(value.dtype)
-        if not y.is_complex():
-            return y, torch.ones_like(y)
-        return y.real, torch.where(torch.cos(y.imag) < 0, -1.0, 1.0).to(y.real.dtype)
+        return split_log_sign(y)
 
     def _real_log(self, y: Tensor) -> Tensor:
         return self._signed_log(y)[0]
@@ -170,15 +169,15 @@ class CircuitDensity(nn.Module):
         value, sign = logf - logz, sign * sign_z
         if signed:
             return value, sign
-        negative = sign < 0
-        if bool(negative.any()):
+
+        def describe(negative: Tensor) -> str:
             cause = (f"rounding: a square's values are never negative, but cancellation in {self.dtype} can "
                      "take tiny ones below zero (float64 avoids it)" if self.through_base else
                      "f is no longer a square, e.g. after rank_policy's flat approximations")
-            warnings.warn(f"{what}: f/Z < 0 for {int(negative.sum())} of {negative.numel()} values ({cause}): NaN "
-                          "there; signed=True gives log|f/Z| and the sign", UserWarning, stacklevel=3)
-            value = torch.where(negative, torch.full_like(value, float("nan")), value)
-        return value
+            return (f"{what}: f/Z < 0 for {int(negative.sum())} of {negative.numel()} values ({cause}): NaN "
+                    "there; signed=True gives log|f/Z| and the sign")
+
+        return nan_where_negative(value, sign, describe)
 
     def _check_x(self, x: Tensor, observed: Optional[Tensor] = None) -> Tensor:
         if not isinstance(x, Tensor):

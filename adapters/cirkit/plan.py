@@ -26,13 +26,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cirkit.backend.torch.parameters.nodes import TorchPointerParameter
+from cirkit.backend.torch.parameters.nodes import (
+    TorchConjugateParameter,
+    TorchKroneckerParameter,
+    TorchPointerParameter,
+)
 from cirkit.backend.torch.parameters.parameter import TorchParameter
 
 from .internals import address_book, pointer_fold_index
 
 __all__ = ["Fetch", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
-           "capture_inputs", "cached_plan"]
+           "capture_inputs", "cached_plan", "is_kronecker_weight", "kronecker_leaf_factors"]
 
 
 @dataclass(frozen=True)
@@ -145,11 +149,10 @@ def plan_fetch(sources: Sequence[int], idx, source_rows: Sequence[int], commutat
         which = np.searchsorted(offsets, flat, side="right") - 1
         pieces = tuple((int(sources[w]), int(r - offsets[w])) for w, r in zip(which, flat))
         return Fetch("pieces", sources, shape, pieces=pieces)
-    if flat.size == total and bool(np.array_equal(np.sort(flat), np.arange(total))):
+    if len(sources) == 1 and flat.size == total and bool(np.array_equal(np.sort(flat), np.arange(total))):
         inverse = torch.empty_like(index)
         inverse[index] = torch.arange(total)
-        return Fetch("permute" if len(sources) == 1 else "index", sources, shape, index=index,
-                     inverse=inverse if len(sources) == 1 else None)
+        return Fetch("permute", sources, shape, index=index, inverse=inverse)
     return Fetch("index", sources, shape, index=index)
 
 
@@ -352,14 +355,17 @@ def _rows_of(fetch: Fetch, source_rows: int) -> Optional[np.ndarray]:
     return None
 
 
+def is_kronecker_weight(weight: TorchParameter) -> bool:
+    """Whether a cirkit weight graph ends in a Kronecker node (W = A ⊗ B)."""
+    return bool(weight.outputs) and isinstance(weight.outputs[0], TorchKroneckerParameter)
+
+
 def kronecker_leaf_factors(parameter: TorchParameter):
     """For a weight graph ``A ⊗ B`` whose factors are (conjugated) folds of parameter
     tensors: ``[(leaf, rows, conjugated), (leaf, rows, conjugated)]`` for A and B, where
     fold f of the factor is row ``rows[f]`` of ``leaf`` (a ``TorchTensorParameter``),
     conjugated or not. None for any other graph."""
-    from cirkit.backend.torch.parameters.nodes import TorchConjugateParameter, TorchKroneckerParameter
-
-    if not parameter.outputs or not isinstance(parameter.outputs[0], TorchKroneckerParameter):
+    if not is_kronecker_weight(parameter):
         return None
     plan = parameter_plan(parameter)
     modules = [m for m, _ in plan.steps]

@@ -23,9 +23,9 @@ from .layers import (
     TorchKroneckerSumLayer,
     TorchLiveSquareSumLayer,
     TorchStructuredSumLayer,
-    is_kronecker_weight,
     kronecker_factors,
 )
+from .plan import is_kronecker_weight
 
 SUPPORTED_SEMIRINGS = (SumProductSemiring, LSESumSemiring, ComplexLSESumSemiring)
 MODES = ("frozen", "live")

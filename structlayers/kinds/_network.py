@@ -19,6 +19,8 @@ import torch
 
 from ..base import Order, StructuredSumLayer
 from ..linalg.contract import Plan, contract, dependent_peak, plan
+from ..linalg.decompose import split_layout
+from ..linalg.tt import Modes, resolve_modes
 
 #: the forward processes the batch in chunks whose largest intermediate has at most about this
 #: many elements (64 MiB in float32), so memory stays bounded at any batch size; chunks much
@@ -28,6 +30,16 @@ CHUNK_ELEMENTS = 1 << 24
 #: searched orders of cp and tucker keep their intermediates within min(largest rank, this)
 #: times the input or output, or W's size.
 MEMORY_RANKS = 16
+#: what the cost warning advises when a layer costs more than dense
+LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
+
+
+def network_layout(out: int, inp: int, out_modes, in_modes, num_cores, split_modes: bool) -> Tuple[Modes, Modes]:
+    """tt's mode layout, or with ``split_modes`` its separate out and in modes (order 2d)."""
+    om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
+    if not isinstance(split_modes, bool):
+        raise TypeError(f"split_modes must be a bool, got {type(split_modes).__name__}")
+    return split_layout(om, im) if split_modes else (om, im)
 
 
 class NetworkLayer(StructuredSumLayer):
@@ -124,7 +136,7 @@ class NetworkLayer(StructuredSumLayer):
         """Multiply-adds per sample and fold of the cheapest of the kind's own orders (no rebuild)."""
         return min(o.macs for o in self._structured_orders(1)) // self.num_folds
 
-    def _warn_if_costlier(self, reference: int, what: str, advice: str, stacklevel: int = 4):
+    def _warn_if_costlier(self, reference: int, what: str, advice: str = LOWER_RANKS, stacklevel: int = 4):
         """A UserWarning when one sample costs more multiply-adds than ``reference`` (per
         fold): the layout is valid, but slower than the layer it stands in for."""
         cost = self._per_sample_cost()

@@ -40,14 +40,13 @@ from .._checks import (
     rank_for_params_share,
 )
 from ..base import Order, random_normal
-from ..linalg.decompose import CP_ITERATIONS, cp_als, cp_exact, cp_network, mode_tensor, split_layout
-from ..linalg.tt import Modes, resolve_modes
-from ._network import NetworkLayer
+from ..linalg.decompose import CP_ITERATIONS, cp_als, cp_exact, cp_network, mode_tensor
+from ..linalg.tt import Modes
+from ._network import NetworkLayer, network_layout
 
 #: rank used when ``rank`` is not given to the constructor (capped at the largest useful rank).
 DEFAULT_CP_RANK = 8
 
-_LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 
 def max_cp_rank(out_modes: Modes, in_modes: Modes) -> int:
@@ -56,13 +55,6 @@ def max_cp_rank(out_modes: Modes, in_modes: Modes) -> int:
     return math.prod(dims) // max(dims)
 
 
-
-def _layout(out: int, inp: int, out_modes, in_modes, num_cores, split_modes: bool):
-    """tt's mode layout, or with ``split_modes`` its separate out and in modes (order 2d)."""
-    om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
-    if not isinstance(split_modes, bool):
-        raise TypeError(f"split_modes must be a bool, got {type(split_modes).__name__}")
-    return split_layout(om, im) if split_modes else (om, im)
 
 class CP(NetworkLayer, kind="cp"):
     """CP layer; see the module docstring for the format.
@@ -98,7 +90,7 @@ class CP(NetworkLayer, kind="cp"):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
-        om, im = _layout(self.out_features, self.in_features, out_modes, in_modes, num_cores, split_modes)
+        om, im = network_layout(self.out_features, self.in_features, out_modes, in_modes, num_cores, split_modes)
         largest = max_cp_rank(om, im)
         if rank is None:
             rank = min(DEFAULT_CP_RANK, largest)
@@ -193,7 +185,7 @@ class CP(NetworkLayer, kind="cp"):
         iterations = check_positive_int(iterations, "iterations")
         make_generator(seed, None)  # validates the seed
         f, out, inp = w.shape
-        om, im = _layout(out, inp, out_modes, in_modes, num_cores, split_modes)
+        om, im = network_layout(out, inp, out_modes, in_modes, num_cores, split_modes)
         t = mode_tensor(w, om, im)
         largest = max_cp_rank(om, im)
 
@@ -214,7 +206,7 @@ class CP(NetworkLayer, kind="cp"):
             factors = _smallest_rank_meeting(decompose, w, float(tolerance), largest)
         else:
             factors = decompose(largest)
-        return cls._from_factors(factors)._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
+        return cls._from_factors(factors)._warn_if_costlier(out * inp, "a dense layer")
 
     @classmethod
     def from_kronecker(cls, a: torch.Tensor, b: torch.Tensor) -> "CP":

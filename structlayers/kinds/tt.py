@@ -98,7 +98,6 @@ def resolve_ranks(tt_rank: RankSpec, limits: Sequence[int]) -> Tuple[int, ...]:
     return (1,) + tuple(ranks) + (1,)
 
 
-_LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 
 # -------------------------------------------------------------------- layer
@@ -352,7 +351,7 @@ class TT(NetworkLayer, kind="tt"):
                               step_tolerance=step_tol, total_sq=frobenius_sq(w))
             ranks = (1,) + tuple(int(g.shape[-1]) for g in found)
         layer = cls._from_cores(tt_matrix(w, om, im, ranks))
-        return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
+        return layer._warn_if_costlier(out * inp, "a dense layer")
 
     @classmethod
     def from_kronecker(

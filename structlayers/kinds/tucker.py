@@ -43,19 +43,16 @@ from ..linalg.decompose import (
     TUCKER_ITERATIONS,
     mode_tensor,
     multilinear_limits,
-    split_layout,
     tucker_hooi,
     tucker_network,
     unfolding_spectra,
 )
 from ..linalg.kron import frobenius_sq
 from ..linalg.svd import smallest_rank_for_tolerance, tail_error_sq
-from ..linalg.tt import resolve_modes
-from ._network import NetworkLayer
+from ._network import NetworkLayer, network_layout
 
 #: multilinear rank per mode used when ``rank`` is not given (capped per mode).
 DEFAULT_TUCKER_RANK = 8
-_LOWER_RANKS = "a lower rank, a looser tolerance or a smaller params_share makes it cheaper"
 
 RankSpec = Union[int, Sequence[int], None]
 
@@ -79,13 +76,6 @@ def resolve_ranks(rank: RankSpec, limits: Sequence[int], layout: str = "") -> Tu
     return ranks
 
 
-
-def _layout(out: int, inp: int, out_modes, in_modes, num_cores, split_modes: bool):
-    """tt's mode layout, or with ``split_modes`` its separate out and in modes (order 2d)."""
-    om, im = resolve_modes(out, inp, out_modes, in_modes, num_cores)
-    if not isinstance(split_modes, bool):
-        raise TypeError(f"split_modes must be a bool, got {type(split_modes).__name__}")
-    return split_layout(om, im) if split_modes else (om, im)
 
 class Tucker(NetworkLayer, kind="tucker"):
     """Tucker layer; see the module docstring for the format.
@@ -125,7 +115,7 @@ class Tucker(NetworkLayer, kind="tucker"):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__(in_features, out_features, num_folds)
-        om, im = _layout(self.out_features, self.in_features, out_modes, in_modes, num_cores, split_modes)
+        om, im = network_layout(self.out_features, self.in_features, out_modes, in_modes, num_cores, split_modes)
         ranks = resolve_ranks(rank, multilinear_limits([m * n for m, n in zip(om, im)]),
                               f" (out_modes={om}, in_modes={im}: out_features={self.out_features}, "
                               f"in_features={self.in_features})")
@@ -226,21 +216,21 @@ class Tucker(NetworkLayer, kind="tucker"):
         check_budget(rank, tolerance, params_share)
         iterations = check_positive_int(iterations, "iterations")
         f, out, inp = w.shape
-        om, im = _layout(out, inp, out_modes, in_modes, num_cores, split_modes)
+        om, im = network_layout(out, inp, out_modes, in_modes, num_cores, split_modes)
         dims = [m * n for m, n in zip(om, im)]
         limits = multilinear_limits(dims)
         t = mode_tensor(w, om, im)
         if rank is not None:
             ranks = resolve_ranks(rank, limits)
         elif params_share is not None:
-            def params_for(r: int) -> int:
-                rs = [min(r, lim) for lim in limits]
+            def params_of(rs: Sequence[int]) -> int:  # core + factors
                 return f * (math.prod(rs) + sum(p * q for p, q in zip(dims, rs)))
 
-            cap = rank_for_params_share(params_share, f * out * inp, params_for, max(limits), "Tucker layer")
+            cap = rank_for_params_share(params_share, f * out * inp,
+                                        lambda r: params_of([min(r, lim) for lim in limits]), max(limits),
+                                        "Tucker layer")
             ranks = _grow_ranks([min(cap, lim) for lim in limits], limits, dims,
-                                lambda rs: f * (math.prod(rs) + sum(p * q for p, q in zip(dims, rs)))
-                                <= params_share * f * out * inp)
+                                lambda rs: params_of(rs) <= params_share * f * out * inp)
         elif tolerance is not None:
             total = frobenius_sq(w)
             step = float(tolerance) / math.sqrt(len(dims))
@@ -253,7 +243,7 @@ class Tucker(NetworkLayer, kind="tucker"):
         else:
             core, factors = tucker_hooi(t, ranks, iterations=iterations)
         layer = cls._from_parts(core, [u.reshape(f, m, n, u.shape[-1]) for u, m, n in zip(factors, om, im)])
-        return layer._warn_if_costlier(out * inp, "a dense layer", _LOWER_RANKS)
+        return layer._warn_if_costlier(out * inp, "a dense layer")
 
     @classmethod
     def from_kronecker(cls, a: torch.Tensor, b: torch.Tensor) -> "Tucker":

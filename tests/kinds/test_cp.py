@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers as sl
 from structlayers.kinds.cp import CP, max_cp_rank
 from structlayers.linalg import kron_dense
 from structlayers.linalg.decompose import mode_tensor
 
-from ..helpers import decaying_matrix, generator, random_factors, rel
+from ..helpers import (assert_flops_are_the_forwards, assert_warns_only_when_costlier, decaying_matrix,
+                       generator, random_factors, rel)
 
 EXACT = 1e-10
 F64 = torch.float64
@@ -116,22 +115,14 @@ def test_budgets():
 def test_flops_is_what_the_forward_does(batch):
     w = decaying_matrix(2, 24, 24, decay=0.8, seed=7)
     for options in ({"rank": 2}, {"rank": 30}, {}):
-        layer = CP.from_dense(w, num_cores=3, **options)
-        x = torch.randn(2, batch, 24, generator=generator(8), dtype=F64)
-        with FlopCounterMode(display=False) as counter:
-            y = layer(x)
-        assert counter.get_total_flops() == 2 * layer.flops(batch)
-        assert rel(y, x @ layer.to_dense().transpose(1, 2)) < EXACT
+        assert_flops_are_the_forwards(CP.from_dense(w, num_cores=3, **options), batch, tol=EXACT)
 
 
 def test_costlier_than_dense_warns():
     w = decaying_matrix(1, 24, 24, decay=0.8, seed=9)
-    with pytest.warns(UserWarning, match=r"cp layer with modes .* multiply-adds per sample and fold, [0-9.]+x the 576 of a dense layer"):
-        CP.from_dense(w, num_cores=3)  # the exact construction: rank 64 of 576
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        cheap = CP.from_dense(w, rank=2, num_cores=3)
-    assert cheap._per_sample_cost() <= 576  # noqa: SLF001
+    assert_warns_only_when_costlier(lambda: CP.from_dense(w, num_cores=3),  # the exact construction: rank 64 of 576
+                                    lambda: CP.from_dense(w, rank=2, num_cores=3),
+                                    r"cp layer with modes .* multiply-adds per sample and fold, [0-9.]+x the 576 of a dense layer", 576)
 
 
 def test_frobenius_norm_without_materialising():

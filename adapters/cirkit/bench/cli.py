@@ -218,7 +218,7 @@ def run_choose(args: argparse.Namespace, out=None) -> int:
     then every circuit within it, best first."""
     from .config import BenchError
     from .outputs import read_train_rows
-    from .train import REFERENCE, best_within
+    from .train import REFERENCE, within_budget
 
     out = sys.stdout if out is None else out
     budget = {name: getattr(args, name) for name in ("seconds", "parameters", "macs") if getattr(args, name) is not None}
@@ -228,14 +228,14 @@ def run_choose(args: argparse.Namespace, out=None) -> int:
         if not value > 0:
             raise BenchError(f"must be positive, got {value}", name)
     rows = [r for r in read_train_rows(args.source) if r.variant != REFERENCE]  # cirkit: the exact model, slower
-    best = best_within(rows, **budget)
-    if best is None:
+    fits = within_budget(rows, **budget)
+    if not fits:
         cheapest = min(rows, key=lambda r: r.seconds_per_epoch, default=None)
         print(f"nothing measured in {args.source} fits {budget}" + (
             f"; the fastest is {cheapest.variant} K={cheapest.units}: {cheapest.seconds_per_epoch:.3f} s/epoch, "
             f"{cheapest.parameters} parameters, {cheapest.macs_per_sample} MACs/x" if cheapest else ""), file=out)
         return 1
-    fits = sorted((r for r in rows if best_within([r], **budget) is r), key=lambda r: r.final_test_bpd)
+    best = fits[0]
     print(f"best within {budget}: {best.variant} at K={best.units} ({best.final_test_bpd:.4f} test bpd after "
           f"{best.epochs} epochs)", file=out)
     print(f"{'variant':20s} {'K':>4s} {'test bpd':>9s} {'s/epoch':>8s} {'params':>9s} {'MACs/x':>10s}", file=out)

@@ -59,7 +59,7 @@ from .training import evaluate_nll, train_squared_circuit
 
 __all__ = ["TrainConfig", "TrainRow", "TrainResult", "CirkitPipeline", "TRAINING_VARIANTS",
            "register_training_variant", "training_variant", "parse_structure", "run_training", "REFERENCE",
-           "best_within", "pareto_rows"]
+           "best_within", "within_budget", "pareto_rows"]
 
 NAN = float("nan")
 REFERENCE = "cirkit"
@@ -429,13 +429,19 @@ def pareto_rows(rows: List[TrainRow]) -> List[int]:
     return pareto_front([(-r.seconds_per_epoch, r.final_test_bpd) for r in rows])
 
 
-def best_within(rows: List[TrainRow], *, seconds: Optional[float] = None, parameters: Optional[int] = None,
-                macs: Optional[int] = None) -> Optional[TrainRow]:
-    """The row with the best final test bpd among those within every given budget (seconds
-    per epoch on this machine, trainable parameters, multiply-adds per sample), or None."""
+def within_budget(rows: List[TrainRow], *, seconds: Optional[float] = None, parameters: Optional[int] = None,
+                  macs: Optional[int] = None) -> List[TrainRow]:
+    """The rows within every given budget (seconds per epoch on this machine, trainable
+    parameters, multiply-adds per sample), best final test bpd first."""
     ok = [r for r in rows if (seconds is None or r.seconds_per_epoch <= seconds)
           and (parameters is None or r.parameters <= parameters) and (macs is None or r.macs_per_sample <= macs)]
-    return min(ok, key=lambda r: r.final_test_bpd) if ok else None
+    return sorted(ok, key=lambda r: r.final_test_bpd)
+
+
+def best_within(rows: List[TrainRow], **budget) -> Optional[TrainRow]:
+    """The row with the best final test bpd within every given budget (:func:`within_budget`), or None."""
+    ok = within_budget(rows, **budget)
+    return ok[0] if ok else None
 
 
 def _relate(rows: List[TrainRow], notes: List[str]) -> None:

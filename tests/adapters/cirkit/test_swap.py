@@ -17,7 +17,8 @@ from cirkit.backend.torch.layers import TorchSumLayer
 
 from adapters.cirkit.accelerate import is_accelerated
 from adapters.cirkit.internals import entry_modules
-from adapters.cirkit.layers import TorchKroneckerSumLayer, TorchStructuredSumLayer, is_kronecker_weight
+from adapters.cirkit.layers import TorchKroneckerSumLayer, TorchStructuredSumLayer
+from adapters.cirkit.plan import is_kronecker_weight
 from adapters.cirkit.swap import rank_policy, square_policy, swap_kronecker_sum_layers
 
 from .builders import CATEGORIES, NUM_VARIABLES, REGION_GRAPHS, compile_pair, full_rank
