@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 import structlayers as sl
-from structlayers.benchmarking import environment, pinned_threads
+from structlayers.benchmarking import environment, interleaved_timings, pinned_threads
 from structlayers.testing import decaying_matrix
 
 DECAY = 0.995
@@ -62,23 +61,10 @@ def _tltorch():
 MIN_SAMPLE_SECONDS = 0.02
 
 
-def _timed_rounds(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> Dict[str, dict]:
+def _timed_rounds(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, dict]:
     """Round-robin timing: median and spread (min, max) in ms per call, per function."""
-    loops = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        loops[name] = max(1, int(MIN_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7)))
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) * 1e3 / loops[name])
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items()}
+    timings = interleaved_timings(fns, repeats=repeats, warmup=2, min_seconds=MIN_SAMPLE_SECONDS)
+    return {name: {k: v * 1e3 for k, v in t.items()} for name, t in timings.items()}
 
 
 def _forward_backward(module: Callable[[torch.Tensor], torch.Tensor], params: List[torch.Tensor], x: torch.Tensor):

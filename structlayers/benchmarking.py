@@ -55,23 +55,39 @@ def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
     return statistics.median(samples)
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], *, repeats: int = 7,
-                        warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call for several functions timed round-robin.
+def interleaved_timings(fns: Dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2,
+                        min_seconds: float = 0.0) -> Dict[str, Dict[str, float]]:
+    """Seconds per call of several functions timed round-robin: ``{name: {"median", "min",
+    "max"}}`` over ``repeats`` samples after ``warmup`` calls each.
 
     Interleaving spreads slow drifts of a shared machine (other processes, thermal
-    state) evenly over the candidates, so their ratios stay meaningful.
+    state) evenly over the candidates, so their ratios stay meaningful. With
+    ``min_seconds``, a sample of a function shorter than that times a loop of calls long
+    enough to reach it and reports the per-call time.
     """
-    for fn in fns.values():
+    loops: Dict[str, int] = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        loops[name] = 1
+        if min_seconds > 0:
+            start = time.perf_counter()
+            fn()
+            loops[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
     samples: Dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
+            for _ in range(loops[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / loops[name])
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in samples.items()}
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], *, repeats: int = 7,
+                        warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call for several functions timed round-robin (:func:`interleaved_timings`)."""
+    return {name: t["median"] for name, t in interleaved_timings(fns, repeats=repeats, warmup=warmup).items()}
 
 
 def gemm_gflops(size: int = 2048, *, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
