@@ -58,6 +58,13 @@ MEMORY_WEIGHT = 16
 CALL_WEIGHT = 50_000
 #: orders remembered per layer (one per batch size seen); the oldest is dropped beyond.
 ORDER_CACHE_SIZE = 64
+#: where one of a kind's own orders does exactly the multiply-adds of rebuild + GEMM, the
+#: rebuild is chosen only if the model prices it cheaper by more than this factor.
+REBUILD_MARGIN = 1.2
+#: ... for weights of at least this many entries per fold; on smaller ones the rebuild's few
+#: calls beat the contraction's per-step dispatch as modelled (measured below 256 x 256).
+REBUILD_MARGIN_MIN_ELEMENTS = 1 << 16
+_NO_ORDERS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,15 @@ class Order:
     work: Optional[float] = None
 
     @property
+    def weighted_macs(self) -> float:
+        """The multiply-adds as the cost model weighs them: ``work``, else ``macs``."""
+        return self.macs if self.work is None else self.work
+
+    @property
     def cost(self) -> float:
         """The cost model: multiply-adds (``work``: weighted for small GEMMs where the kind
         says so) + MEMORY_WEIGHT * elements written + CALL_WEIGHT * calls."""
-        work = self.macs if self.work is None else self.work
-        return work + MEMORY_WEIGHT * self.traffic + CALL_WEIGHT * self.calls
+        return self.weighted_macs + MEMORY_WEIGHT * self.traffic + CALL_WEIGHT * self.calls
 
 
 class StructuredSumLayer(nn.Module, abc.ABC):
@@ -166,6 +177,14 @@ class StructuredSumLayer(nn.Module, abc.ABC):
     # ----------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (F, B, in_features) -> (F, B, out_features), in the order :meth:`order` picks."""
+        # The common case tested in one expression: on a small layer the checks are a
+        # noticeable share of a call of a few microseconds.
+        if type(x) is torch.Tensor:
+            shape = x.shape
+            if (len(shape) == 3 and shape[0] == self.num_folds and shape[2] == self.in_features and shape[1]
+                    and x.dtype is self.dtype):
+                order = self.__dict__.get("_order_cache", _NO_ORDERS).get(shape[1])
+                return self.forward_in(order if order is not None else self.order(shape[1]), x)
         self.check_input(x)
         if x.shape[1] == 0:
             return self._empty_output(x)
@@ -208,11 +227,25 @@ class StructuredSumLayer(nn.Module, abc.ABC):
     def order(self, batch_size: int) -> Order:
         """The order the forward uses at this batch size: the lowest :attr:`Order.cost`
         (multiply-adds and memory traffic), then the smallest peak memory, then the first
-        listed; computed once per batch size."""
+        listed; computed once per batch size. Where one of the kind's own orders does exactly
+        the multiply-adds of :data:`REBUILD` (and weighs no more), the kind's orders are
+        preferred to it unless it is cheaper by more than :data:`REBUILD_MARGIN` (on weights
+        of at least :data:`REBUILD_MARGIN_MIN_ELEMENTS` entries)."""
         cache = self.__dict__.setdefault("_order_cache", {})
         chosen = cache.get(batch_size)
         if chosen is None:
             candidates = self.orders(batch_size)
+            own = [o for o in candidates if o.name != REBUILD]
+            rebuild = candidates[-1]
+            if (len(own) < len(candidates) and self.out_features * self.in_features >= REBUILD_MARGIN_MIN_ELEMENTS
+                    and any(o.macs == rebuild.macs and o.weighted_macs <= rebuild.weighted_macs
+                            and o.cost <= REBUILD_MARGIN * rebuild.cost for o in own)):
+                # An order of the kind's own does exactly the rebuild's multiply-adds: the
+                # contraction search found the rebuild's products (W first, then the batch), run
+                # as one contraction without the rebuild's separate steps. On weights of this
+                # size their traffic and call terms differ by less than the model can resolve
+                # (measured: the rebuild up to 1.4x slower where it was modelled cheaper).
+                candidates = own
             chosen = min(candidates, key=lambda o: (o.cost, o.peak))
             if len(cache) >= ORDER_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
@@ -290,11 +323,20 @@ class StructuredSumLayer(nn.Module, abc.ABC):
     # ------------------------------------------------------------ bookkeeping
     @property
     def dtype(self) -> torch.dtype:
-        return next(self._tensors()).dtype
+        return self._first_tensor().dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self._tensors()).device
+        return self._first_tensor().device
+
+    def _first_tensor(self) -> torch.Tensor:
+        # The forward asks for the dtype at every call: read the module's own parameters
+        # directly (parameters() walks the module tree, microseconds a call); the same first
+        # tensor as the walk, which a kind without parameters of its own still takes.
+        for tensor in self._parameters.values():
+            if tensor is not None:
+                return tensor
+        return next(self._tensors())
 
     def _tensors(self):
         yield from self.parameters()
