@@ -301,6 +301,16 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         """
         return None
 
+    def kronecker_terms(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(A (F, T, a1, a2), B (F, T, b1, b2))`` with ``W = Σ_t A_t ⊗ B_t`` (out = a1·b1,
+        in = a2·b2), differentiable, when the kind stores W as a sum of Kronecker products;
+        None otherwise.
+
+        Lets a consumer whose input is a low-rank block ``X = L Rᵀ`` (a2 x b2) compute the
+        output block ``Σ_t (A_t L)(B_t R)ᵀ`` from the factors, never forming X.
+        """
+        return None
+
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.
 

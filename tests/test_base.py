@@ -447,6 +447,29 @@ def test_rebuild_wins_on_large_batches_of_small_weights(kind):
             assert chosen.name == REBUILD or chosen.macs == rebuild.macs
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_declared_factorisations_are_the_weight(kind):
+    """``thin_factors`` (W = L R) and ``kronecker_terms`` (W = Σ_t A_t ⊗ B_t), where a layer
+    declares them, are its weight to 1e-10 (float64), and carry gradients."""
+    for layer in _some_layers(kind):
+        w = layer.to_dense().detach()
+        thin, terms = layer.thin_factors(), layer.kronecker_terms()
+        if thin is not None:
+            assert rel(thin[0] @ thin[1], w) < EXACT and thin[0].requires_grad
+        if terms is not None:
+            a, b = terms
+            built = sum(kron_dense(a[:, t], b[:, t]) for t in range(a.shape[1]))
+            assert rel(built, w) < EXACT and (a.requires_grad or b.requires_grad)
+
+
+def test_kronecker_terms_are_declared_by_the_kronecker_kinds():
+    a, b = random_factors(2, (3, 4), (4, 3), seed=26)
+    assert sl.from_kronecker("kronecker", a, b).kronecker_terms() is not None
+    assert sl.from_kronecker("lowrank", a, b, structure="kronecker", factor_ranks=(3, 3)).kronecker_terms() is not None
+    assert sl.from_kronecker("lowrank", a, b, rank=9).kronecker_terms() is None  # flat: W = L R
+    assert sl.from_kronecker("tt", a, b).kronecker_terms() is None
+
+
 def test_an_own_contraction_doing_the_rebuilds_products_is_preferred_on_large_weights():
     """At 256 x 256, Tucker's searched order does exactly the rebuild's multiply-adds at
     batch 256 and the model prices it within REBUILD_MARGIN: the searched order runs (the

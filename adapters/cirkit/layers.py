@@ -67,6 +67,23 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch.complex(torch.matmul(a, b.real), torch.matmul(a, b.imag))
 
 
+def _terms_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``Σ_t A_t X B_tᵀ`` for ``X = left @ rightᵀ``, as factors ``(left', right')`` with
+    ``T·V`` columns: ``[A_1 left, ..., A_T left]`` and ``[B_1 right, ..., B_T right]``.
+    a (F, T, a1, a2), b (F, T, b1, b2), left (F, a2, V), right (F, b2, V); None when the
+    shapes do not fit."""
+    if a.shape[-1] != left.shape[1] or b.shape[-1] != right.shape[1]:
+        return None
+    f, t, v = a.shape[0], a.shape[1], left.shape[2]
+
+    def side(m: Tensor, x: Tensor) -> Tensor:  # (F, T, o, i), (F, i, V) -> (F, o, T·V)
+        # as (xᵀ mᵀ)ᵀ: torch's batched GEMM is several times faster with the thin side first
+        y = _matmul(x.transpose(1, 2).unsqueeze(1), m.transpose(-1, -2))  # (F, T, V, o)
+        return y.permute(0, 3, 1, 2).reshape(f, m.shape[2], t * v)
+
+    return side(a, left), side(b, right)
+
+
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
     """(A, B) with W = A ⊗ B per fold for a weight graph ending in a Kronecker node, else None.
 
@@ -130,6 +147,19 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         a, b = self.factors()
         return batch_size * self.num_folds * kron_chain_flops([a], [b])
 
+    @property
+    def takes_factors(self) -> bool:
+        """:meth:`linear_on_factors` applies (one input)."""
+        return self.arity == 1
+
+    def linear_on_factors(self, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The map on one input block given by factors: units ``vec(left @ rightᵀ)`` (first
+        index first; left (F, Ki1, V), right (F, Ki2, V)) -> ``(A left, B right)``, the
+        factors of the output block ``A X Bᵀ``: ``(Ko1 + Ko2)·Ki·V`` multiply-adds per fold
+        where the block costs ``Ki·Ko·(Ki + Ko)``. None where the factors do not fit A and B."""
+        a, b = self.factors()
+        return _terms_on_factors(a.unsqueeze(1), b.unsqueeze(1), left, right)
+
 
 class TorchStructuredSumLayer(_SumLayerConfig):
     """A cirkit inner layer computing a :class:`structlayers.StructuredSumLayer`.
@@ -157,6 +187,19 @@ class TorchStructuredSumLayer(_SumLayerConfig):
 
     def forward(self, x: Tensor) -> Tensor:
         return semiring_linear(self.semiring, self.structured, x, self.structured.dtype)
+
+    @property
+    def takes_factors(self) -> bool:
+        """:meth:`linear_on_factors` applies: one input, and a kind storing W as a sum of
+        Kronecker products (``kronecker_terms``)."""
+        return self.arity == 1 and self.structured.kronecker_terms() is not None
+
+    def linear_on_factors(self, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The map on one input block ``X = left @ rightᵀ`` (left (F, a2, V), right (F, b2, V))
+        for ``W = Σ_t A_t ⊗ B_t``: the factors of ``Σ_t A_t X B_tᵀ``, (F, a1, T·V) and
+        (F, b1, T·V); None where the kind has no Kronecker terms or they do not fit."""
+        terms = self.structured.kronecker_terms()
+        return None if terms is None else _terms_on_factors(terms[0], terms[1], left, right)
 
     def linear(self, z: Tensor) -> Tensor:
         """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
@@ -390,6 +433,25 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
                 left, right = left.index_select(0, self.fold_rows), right.index_select(0, self.fold_rows)
             y = self._square_factored(z, left, right, on_left, on_right)
         return y
+
+    takes_factors = True  # see linear_on_factors
+
+    def linear_on_factors(self, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The map on one input block given by factors: units ``vec(left @ rightᵀ)`` (first
+        index first; left (F, Ki, V), right (F, Ki, V)) -> the factors ``(S₁ left, S₂ right)``
+        of the output block ``S₁ X S₂ᵀ`` (S₁, S₂: ``S`` or ``conj(S)`` as in :meth:`linear`),
+        through ``S``'s forward on V rows per side."""
+        ki = self.structured.in_features
+        if left.shape[1] != ki or right.shape[1] != ki:
+            return None
+        if not self._identity:  # into the structured layer's fold order, and back
+            left, right = left.index_select(0, self.fold_inverse), right.index_select(0, self.fold_inverse)
+
+        def side(t: Tensor, conjugate: bool) -> Tensor:
+            out = self._apply(t.transpose(1, 2), conjugate=conjugate).transpose(1, 2)  # (F, Ko, V)
+            return out if self._identity else out.index_select(0, self.fold_rows)
+
+        return side(left, self.conjugate_left), side(right, not self.conjugate_left)
 
     @staticmethod
     def _square_factored(z: Tensor, left: Tensor, right: Tensor, on_left: bool, on_right: bool) -> Tensor:

@@ -383,15 +383,46 @@ def _select(mask: Tensor, integrated: Scaled, observed: Scaled) -> Scaled:
 
 
 def _integrated_products(value) -> Optional[Scaled]:
-    """``(v, s)`` of a value graph ``logsumexp_v (a[i, v] + b[j, v])``, else None.
+    """``(v, s)`` of a value graph ``logsumexp_v (a[i, v] + b[j, v])``, else None: the blocks
+    of :func:`_integrated_factors` multiplied out. v (F, 1, Ki·Kj), s (F, 1)."""
+    found = _integrated_pieces(value)
+    if found is None:
+        return None
+    pieces, folds = found
+    blocks = [(_materialise(left, right), s) for left, right, s in pieces]
+    v, s = (torch.cat(column) if len(blocks) > 1 else column[0] for column in zip(*blocks))
+    if folds is not None:
+        v, s = v.index_select(0, folds), s.index_select(0, folds)
+    return normalise(v, s)
+
+
+def _integrated_factors(value) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """``(left, right, s)`` with the integrals ``(left @ rightᵀ) · e^s`` of a value graph
+    ``logsumexp_v (a[i, v] + b[j, v])`` (:func:`_integrated_pieces`), else None (also when
+    the pieces' factors differ in shape). left (F, Ki, V), right (F, Kj, V), s (F, 1)."""
+    found = _integrated_pieces(value)
+    if found is None:
+        return None
+    pieces, folds = found
+    if any(p[0].shape[1:] != pieces[0][0].shape[1:] or p[1].shape[1:] != pieces[0][1].shape[1:] for p in pieces):
+        return None
+    left, right, s = (torch.cat(column) if len(pieces) > 1 else column[0] for column in zip(*pieces))
+    if folds is not None:
+        left, right, s = left.index_select(0, folds), right.index_select(0, folds), s.index_select(0, folds)
+    return left, right, s
+
+
+def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tensor]], Optional[Tensor]]]:
+    """The pieces of a value graph ``logsumexp_v (a[i, v] + b[j, v])``, else None.
 
     That is the graph cirkit builds for the integral of a product of two categorical
     (or other finite-support) layers: outer sums of their log-probabilities over the
     units (a: (F, Ki, V), b: (F, Kj, V), one node per pair of unit counts), folded into
-    one log-sum-exp over the categories. Each outer sum is replaced by the matrix
-    product of :func:`_outer_lse`; the outer sums' folds are tracked through the graph's
-    gathers by a placeholder carrying fold numbers. Any other graph gives None.
-    Returns v (F, 1, Ki·Kj) and s (F, 1).
+    one log-sum-exp over the categories. Each outer sum is replaced by the two factors of
+    :func:`_outer_lse_factors`; the outer sums' folds are tracked through the graph's
+    gathers by a placeholder carrying fold numbers. Any other graph gives None. Returns
+    the pieces ``(left, right, s)`` of :func:`_outer_lse_factors` and the folds (an index
+    into the pieces concatenated; None for all of them in order).
     """
     if len(value.outputs) != 1 or not isinstance(value.outputs[0], TorchReduceLSEParameter):
         return None
@@ -403,37 +434,49 @@ def _integrated_products(value) -> Optional[Scaled]:
             return None
     if reduce.dim != 1 or not outers:
         return None
-    pieces: List[Scaled] = []
+    pieces: List[Tuple[Tensor, Tensor, Tensor]] = []
 
     def fn(node, *inputs):
         if node is reduce:
             return inputs[0]  # the fold numbers, gathered as the outer sums would be
         if any(node is outer for outer in outers):
-            v, s = _outer_lse(*inputs)
+            piece = _outer_lse_factors(*inputs)
             start = sum(p[0].shape[0] for p in pieces)
-            pieces.append((v, s))
+            pieces.append(piece)
             # placeholder: fold numbers, never the K_i·K_j·V outer sum
-            return torch.arange(start, start + v.shape[0], dtype=torch.float64).unsqueeze(-1)
+            return torch.arange(start, start + piece[0].shape[0], dtype=torch.float64).unsqueeze(-1)
         return evaluate_node(node, *inputs)
 
     folds = evaluate_parameter(value, fn).flatten().long()  # (F,) into the pieces' folds
-    v = torch.cat([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
-    s = torch.cat([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
-    if folds.numel() == v.shape[0] and torch.equal(folds, torch.arange(v.shape[0])):
-        return v, s
-    return v.index_select(0, folds), s.index_select(0, folds)
+    total = sum(p[0].shape[0] for p in pieces)
+    if folds.numel() == total and torch.equal(folds, torch.arange(total)):
+        return pieces, None
+    return pieces, folds
 
 
 def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
     """``logsumexp_v (a[i, v] + b[j, v])`` as linear values: a matrix product over v.
+    Returns v (F, 1, Ki·Kj) and s (F, 1), from :func:`_outer_lse_factors`."""
+    left, right, s = _outer_lse_factors(a, b)
+    return normalise(_materialise(left, right), s)
+
+
+def _materialise(left: Tensor, right: Tensor) -> Tensor:
+    """Factors (F, Ki, V), (F, Kj, V) -> the block ``left @ rightᵀ`` as units (F, 1, Ki·Kj)."""
+    return (left @ right.transpose(-1, -2)).flatten(start_dim=1).unsqueeze(1)
+
+
+def _outer_lse_factors(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``logsumexp_v (a[i, v] + b[j, v])`` as ``(left @ rightᵀ)[i, j] · e^s``: a block of rank
+    at most V (the categories), kept as its two factors.
 
     With ``ma_v``, ``mb_v`` the largest (real parts of) a and b in category v and
     ``s = max_v (ma_v + mb_v)``, the entry is ``Σ_v e^(a_iv - ma_v) e^(ma_v + mb_v - s)
     e^(b_jv - mb_v)`` times ``e^s``: three factors at most 1, each at least the term, so
     a term underflows only when it is below ``tiny`` relative to ``e^s``, which is within
     a factor V of the fold's largest entry -- where a sum layer exponentiating cirkit's
-    logs relative to their maximum would flush it too. Returns v (F, 1, Ki·Kj) and
-    s (F, 1).
+    logs relative to their maximum would flush it too. Returns left (F, Ki, V), right
+    (F, Kj, V), entries at most 1, and s (F, 1).
     """
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
@@ -449,8 +492,7 @@ def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
     s = finite(top.amax(dim=-1, keepdim=True))  # (F, 1)
     weight = torch.exp(top - s)  # (F, V), 0 for impossible categories
     left = torch.exp(a - finite(ma).unsqueeze(1)) * weight.unsqueeze(1)
-    v = left @ torch.exp(b - finite(mb).unsqueeze(1)).transpose(-1, -2)  # (F, Ki, Kj)
-    return normalise(v.flatten(start_dim=1).unsqueeze(1), s)
+    return left, torch.exp(b - finite(mb).unsqueeze(1)), s
 
 
 def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Scaled:
@@ -505,6 +547,49 @@ class _Step:
     fetch: Optional[Fetch]
     measure: bool = True  # a product measured at its own output (else at its consumer's)
     after_unmeasured: bool = False  # a sum over an unmeasured product
+    # low-rank blocks: a constant input whose integrals may come as factors (see
+    # _integrated_factors), and whether some consumer needs them multiplied out; a sum
+    # layer that can take all of its inputs as factors (``linear_on_factors``)
+    blocks: bool = False
+    dense_needed: bool = True
+    on_factors: bool = False
+
+
+def _takes_factors(layer) -> bool:
+    return bool(getattr(layer, "takes_factors", False))
+
+
+def _block_input(layer) -> bool:
+    return isinstance(layer, TorchConstantValueLayer) and layer.log_space
+
+
+def _input_blocks(layer: TorchInputLayer, inputs: tuple) -> Optional[Tuple[Tensor, Tensor, Tensor, int]]:
+    """A constant input's integrals as low-rank factors ``(left, right, s, batch)``
+    (:func:`_integrated_factors`), or None."""
+    found = _integrated_factors(layer.value)
+    return None if found is None else (*found, inputs[0])
+
+
+def _dense_blocks(blocks: Tuple[Tensor, Tensor, Tensor, int]) -> Scaled:
+    """Factored integrals multiplied out as the input layer's (v (F, B, Ki·Kj), s (F, B))."""
+    left, right, s, batch = blocks
+    v, s = normalise(_materialise(left, right), s)
+    return v.expand(-1, batch, -1), s.expand(-1, batch)
+
+
+def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple], count: int) -> Optional[Scaled]:
+    """A sum layer over one low-rank block per fold, its inputs' ``blocks`` read through its
+    ``fetch`` (left (F, 1, Ki1, V), right (F, 1, Ki2, V), s (F, 1, 1)): its output block from
+    the factors, multiplied out once; None where the layer cannot take these factors."""
+    left, right, s = (fetch([blocks[j][k] if j in blocks else None for j in range(count)], {}) for k in range(3))
+    if left.dim() != 4 or left.shape[1] != 1:
+        return None
+    factors = layer.linear_on_factors(left[:, 0], right[:, 0])
+    if factors is None:
+        return None
+    v, s = normalise(_materialise(*factors), s[:, 0])
+    batch = blocks[fetch.sources[0]][3]
+    return v.expand(-1, batch, -1), s.expand(-1, batch)
 
 
 class CircuitPlan:
@@ -532,6 +617,17 @@ class CircuitPlan:
                     raise TypeError(f"{type(layer).__name__} has no inputs but is not an input layer")
                 steps.append(_Step(layer, None, None))
             folds.append(layer.num_folds if layer is not None else 0)
+        # sum layers whose inputs are all integrals of input products take them as low-rank
+        # factors (rank <= categories): in Z, the sum layers just above the inputs
+        for i, step in enumerate(steps):
+            if step.rule is _structured and _takes_factors(step.layer) and step.fetch.sources and all(
+                    _block_input(steps[j].layer) for j in step.fetch.sources):
+                step.on_factors = True
+                for j in step.fetch.sources:
+                    steps[j].blocks = True
+        for i, step in enumerate(steps):
+            if step.blocks:
+                step.dense_needed = any(not steps[u].on_factors for u in consumers.get(i, []))
         # products whose only consumer is a sum layer are measured at the sum's output
         for i, step in enumerate(steps):
             users = consumers.get(i, [])
@@ -545,13 +641,23 @@ class CircuitPlan:
             measure_all: bool) -> Tensor:
         complex_values = check_log_semiring(circuit)
         ctx = _Context(complex_values, measure_products=measure_all)
-        values: List[Tensor] = []
-        scales: List[Tensor] = []
+        values: List[Optional[Tensor]] = []
+        scales: List[Optional[Tensor]] = []
         split_values: Dict[int, tuple] = {}  # sources read row by row ('pieces'), split once
         split_scales: Dict[int, tuple] = {}
+        blocks: Dict[int, tuple] = {}  # constant inputs given as low-rank factors
         for step in self.steps:
             layer = step.layer
+            if step.on_factors and all(j in blocks for j in step.fetch.sources):
+                out = _sum_on_blocks(layer, step.fetch, blocks, len(values))
+                if out is not None:
+                    values.append(out[0])
+                    scales.append(out[1])
+                    continue
             if step.fetch is not None:
+                for j in step.fetch.sources:
+                    if values[j] is None:  # factored, and needed multiplied out after all
+                        values[j], scales[j] = _dense_blocks(blocks[j])
                 v, s = step.fetch(values, split_values), step.fetch(scales, split_scales)
                 if layer is None:  # the output entry: (O, B, K)
                     return to_logs(v, s, complex_values)
@@ -562,7 +668,13 @@ class CircuitPlan:
                 else:
                     v, s = step.rule(layer, v, s, ctx)
             else:
-                v, s = _input(layer, *_input_arguments(layer, x, mask))
+                arguments = _input_arguments(layer, x, mask)
+                found = _input_blocks(layer, arguments[0]) if step.blocks else None
+                if found is not None:
+                    blocks[len(values)] = found
+                    v, s = _dense_blocks(found) if step.dense_needed else (None, None)
+                else:
+                    v, s = _input(layer, *arguments)
             values.append(v)
             scales.append(s)
         raise RuntimeError("the circuit's address book has no output entry")

@@ -201,6 +201,13 @@ class FactoredLayer(StructuredSumLayer):
         (la, ra), (lb, rb) = self._chains()
         return la @ ra, lb @ rb
 
+    def kronecker_terms(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Kronecker structure: the one term (A~, B~) of :meth:`factors`."""
+        if self.structure != "kronecker":
+            return None
+        a, b = self.factors()
+        return a.unsqueeze(1), b.unsqueeze(1)
+
     def thin_factors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Flat structure: (left, right); the Kronecker structure has no single inner width."""
         return (self.left, self.right) if self.structure == "flat" else None

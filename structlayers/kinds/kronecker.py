@@ -105,6 +105,9 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     def _rebuild_macs(self) -> int:
         return self.num_folds * self.rank * self.out_features * self.in_features
 
+    def kronecker_terms(self):
+        return self.a, self.b
+
     def to_dense(self) -> torch.Tensor:
         """sum_t A_t ⊗ B_t: one GEMM over the term index per fold."""
         (a1, a2), (b1, b2) = self.factor_shapes

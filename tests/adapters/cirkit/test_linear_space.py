@@ -18,9 +18,13 @@ from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchP
 from cirkit.symbolic.initializers import NormalInitializer
 from cirkit.symbolic.parameters import LogSoftmaxParameter, Parameter, TensorParameter
 
+from adapters.cirkit import linear_space
 from adapters.cirkit import accelerate, cirkit_evaluation, evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
 from adapters.cirkit.bench.circuits import digits_squared_circuit, one_sum_circuit
 from adapters.cirkit.internals import leaf_tensors, node_tensor
+from adapters.cirkit.layers import TorchStructuredSquareSumLayer
+from adapters.cirkit.model import compile_density
+from adapters.cirkit.structured import compile_structured, structure_policy
 from adapters.cirkit.semiring import unclamped
 from adapters.cirkit.bench.variants import (
     CIRKIT_MATERIALISED,
@@ -257,3 +261,69 @@ def test_pair_product_gradients(dtype):
     v = torch.randn(3, 2, 4, 5, dtype=dtype, generator=torch.Generator().manual_seed(0)).requires_grad_()
     assert torch.autograd.gradcheck(_PairProduct.apply, (v,))
     torch.testing.assert_close(_PairProduct.apply(v), v[:, 0] * v[:, 1], rtol=0, atol=0)
+
+
+def _partition_gradients(partition, factored: bool, monkeypatch):
+    """log Z of a copy of ``partition`` and the gradients of its parameters, with the sum
+    layers above integrated inputs on low-rank blocks (``factored``) or on the blocks
+    multiplied out (the plan built with no layer taking factors)."""
+    with monkeypatch.context() as patch:
+        if not factored:
+            patch.setattr(linear_space, "_takes_factors", lambda layer: False)
+        z = copy.deepcopy(partition)  # a new circuit: its plan is built here
+        plan = linear_space.circuit_plan(z)
+        assert any(step.on_factors for step in plan.steps) == factored
+        logz = evaluate_linear_space(z)
+        logz.real.sum().backward()
+    return logz.detach(), {n: p.grad for n, p in z.named_parameters() if p.grad is not None}, plan
+
+
+def kronecker_structured_lowrank(info):
+    """Policy: ``lowrank`` of A and B apart (Kronecker structure), at their full ranks."""
+    return "lowrank", {"structure": "kronecker", "factor_ranks": (min(info.factor_a), min(info.factor_b))}
+
+
+@pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
+@pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank])
+def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring, swap, monkeypatch):
+    """In Z, a sum layer whose inputs are integrals of input products receives per fold a block
+    X = L Rᵀ of rank <= V (categories): it computes (A L)(B R)ᵀ instead of A X Bᵀ, and never
+    multiplies X out. Values equal cirkit's and the blocks-multiplied-out evaluation's, and
+    so do the gradients. None: this package's exact compile (factor-wise Kronecker layers)."""
+    if swap is None:
+        c = two_circuits("quad-tree")[0]
+        partition = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64).partition
+    else:
+        _, partition = compile_pair("quad-tree", "cp", semiring, True, False)
+        swap_kronecker_sum_layers(partition, swap)
+    calls = []
+    original = linear_space._materialise
+    monkeypatch.setattr(linear_space, "_materialise", lambda l, r: calls.append(l.shape) or original(l, r))
+    value, grads, plan = _partition_gradients(partition, True, monkeypatch)
+    # each such sum layer multiplies out its output block once; its input blocks never are
+    assert len(calls) == sum(step.on_factors for step in plan.steps) > 0
+    dense_value, dense_grads, _ = _partition_gradients(partition, False, monkeypatch)
+    with torch.no_grad():
+        assert_same_logs(value, semiring_values(partition))
+    assert_same_logs(value, dense_value)
+    assert grads.keys() == dense_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, dense_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+def test_structured_squares_take_low_rank_blocks_in_their_own_fold_order(complex_weights, monkeypatch):
+    """A structured circuit's squares over integrated inputs (conj(S) ⊗ S, folds permuted
+    against S's own) on low-rank blocks: the same Z and gradients as on the blocks
+    multiplied out."""
+    c = digits_squared_circuit(3, image_shape=(3, 3), num_categories=3, complex=complex_weights).circuit
+    model, _ = compile_structured(c, structure_policy("monarch"), dtype=torch.float64, seed=1, num_categories=3)
+    squares = [s.layer for s in linear_space.circuit_plan(model.partition).steps if s.on_factors]
+    assert squares and all(isinstance(layer, TorchStructuredSquareSumLayer) and not layer._identity
+                           for layer in squares)
+    value, grads, _ = _partition_gradients(model.partition, True, monkeypatch)
+    dense_value, dense_grads, _ = _partition_gradients(model.partition, False, monkeypatch)
+    assert_same_logs(value, dense_value)
+    assert grads.keys() == dense_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, dense_grads[name], rtol=1e-9, atol=1e-12, msg=name)
