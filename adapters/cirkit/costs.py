@@ -4,7 +4,9 @@
 over ``batch`` samples: cirkit's dense sum, CP-T, tensor-dot and Tucker layers by their
 shapes, this package's layers by their own ``flops``. Products and input layers cost no
 multiply-adds of a matrix product and are left out: the count is the work a perfect
-evaluation would still have to do at the matrix-product rate.
+evaluation would still have to do at the matrix-product rate. One exception: in a partition
+function the linear-space evaluator applies the sum layers just above integrated inputs to
+their rank-V blocks (:mod:`~adapters.cirkit.linear_space`), far below the count given here.
 """
 
 from __future__ import annotations

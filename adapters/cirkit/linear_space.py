@@ -28,6 +28,14 @@ before a Kronecker sum layer) is not measured: the sum layer's output is. So a b
 costs its product, its matrix products and one max per fold and sample; a division
 only when the range is left.
 
+**Low-rank blocks.** In ``Z`` of a squared circuit the inputs of the sum layers just above
+the input layers are integrals of input products: per fold a ``Ki x Kj`` block
+``X = L Rᵀ`` of rank at most V (the categories, :func:`_integrated_factors`). A sum layer
+whose weight is a Kronecker product (or a sum of them, ``linear_on_factors``) applies it
+to the factors, ``(A L)(B R)ᵀ``, and multiplies out only its output: about ``3·K²·V``
+multiply-adds per fold instead of ``2·K³``, and X is never formed. (Cost counts such as
+:mod:`~adapters.cirkit.costs` still count those layers as they are defined.)
+
 **Flushed products.** A product whose entries are all tiny (largest below ``sqrt(tiny)``
 of the dtype, where entries far below the largest may have been flushed to zero) is
 recomputed on logarithms for that layer, so the evaluation is never less accurate than
