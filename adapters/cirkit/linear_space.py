@@ -585,11 +585,11 @@ def _dense_blocks(blocks: Tuple[Tensor, Tensor, Tensor, int]) -> Scaled:
     return v.expand(-1, batch, -1), s.expand(-1, batch)
 
 
-def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple], count: int) -> Optional[Scaled]:
+def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Scaled]:
     """A sum layer over one low-rank block per fold, its inputs' ``blocks`` read through its
     ``fetch`` (left (F, 1, Ki1, V), right (F, 1, Ki2, V), s (F, 1, 1)): its output block from
     the factors, multiplied out once; None where the layer cannot take these factors."""
-    left, right, s = (fetch([blocks[j][k] if j in blocks else None for j in range(count)], {}) for k in range(3))
+    left, right, s = (fetch({j: blocks[j][k] for j in fetch.sources}, {}) for k in range(3))
     if left.dim() != 4 or left.shape[1] != 1:
         return None
     factors = layer.linear_on_factors(left[:, 0], right[:, 0])
@@ -657,7 +657,7 @@ class CircuitPlan:
         for step in self.steps:
             layer = step.layer
             if step.on_factors and all(j in blocks for j in step.fetch.sources):
-                out = _sum_on_blocks(layer, step.fetch, blocks, len(values))
+                out = _sum_on_blocks(layer, step.fetch, blocks)
                 if out is not None:
                     values.append(out[0])
                     scales.append(out[1])

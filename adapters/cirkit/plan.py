@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,7 +60,10 @@ class Fetch:
     inverse: Optional[Tensor] = None  # 'permute': the inverse permutation, for the backward
     pieces: Optional[Tuple[Tuple[int, int], ...]] = None  # 'pieces': (source, row) of every requested row
 
-    def __call__(self, outputs: Sequence[Tensor], unbound: Optional[Dict[int, tuple]] = None) -> Tensor:
+    def __call__(self, outputs: Union[Sequence[Tensor], Mapping[int, Tensor]],
+                 unbound: Optional[Dict[int, tuple]] = None) -> Tensor:
+        """The input, from ``outputs`` (indexed by source: a list of every earlier output, or
+        a mapping holding at least the sources)."""
         if self.kind == "pieces":
             # a few rows from large sources: never concatenate the sources; their rows, split
             # once per run (one stack in the backward), are stacked into just the rows asked for
