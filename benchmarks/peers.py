@@ -20,8 +20,9 @@ time (``layer.forward(x)``: the input checks and the order the cost model picks)
 by the fastest of its orders, each timed through ``layer.forward_in(order, x)``; rebuild +
 GEMM is one of them where W is small enough. ``nn.Module.__call__``'s hook dispatch (about
 1.5 µs, the same for every order and for ``nn.Linear``) is left out of both; the table's
-``call`` column shows the module call for reference. Orders whose modelled cost is above ``--skip-factor`` times the chosen one's are
-not timed (their time is not the minimum unless the model is off by that factor). The
+``call`` column shows the module call for reference. Orders whose modelled cost is above
+``--skip-factor`` times the chosen one's are not timed (their time is not the minimum unless
+the model is off by that factor). The
 goal is <= 1.1; the worst case is printed, of the medians' ratio and of the ratio of each
 function's fastest round (on a shared machine the medians of equal work differ by 10-15 %).
 

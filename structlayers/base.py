@@ -234,23 +234,28 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         cache = self.__dict__.setdefault("_order_cache", {})
         chosen = cache.get(batch_size)
         if chosen is None:
-            candidates = self.orders(batch_size)
-            own = [o for o in candidates if o.name != REBUILD]
-            rebuild = candidates[-1]
-            if (len(own) < len(candidates) and self.out_features * self.in_features >= REBUILD_MARGIN_MIN_ELEMENTS
-                    and any(o.macs == rebuild.macs and o.weighted_macs <= rebuild.weighted_macs
-                            and o.cost <= REBUILD_MARGIN * rebuild.cost for o in own)):
-                # An order of the kind's own does exactly the rebuild's multiply-adds: the
-                # contraction search found the rebuild's products (W first, then the batch), run
-                # as one contraction without the rebuild's separate steps. On weights of this
-                # size their traffic and call terms differ by less than the model can resolve
-                # (measured: the rebuild up to 1.4x slower where it was modelled cheaper).
-                candidates = own
-            chosen = min(candidates, key=lambda o: (o.cost, o.peak))
+            chosen = min(self._eligible(self.orders(batch_size)), key=lambda o: (o.cost, o.peak))
             if len(cache) >= ORDER_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
             cache[batch_size] = chosen
         return chosen
+
+    def _eligible(self, orders: Tuple[Order, ...]) -> Tuple[Order, ...]:
+        """The orders :meth:`order` chooses among: all of ``orders``, except :data:`REBUILD`
+        where one of the kind's own does exactly its multiply-adds, weighs no more and costs
+        at most :data:`REBUILD_MARGIN` times as much, on a weight of at least
+        :data:`REBUILD_MARGIN_MIN_ELEMENTS` entries per fold.
+
+        Such an order is the rebuild's products (W first, then the batch) found by the
+        contraction search and run as one contraction; on weights of that size the two differ
+        by less than the model's traffic and call terms can resolve (measured: the rebuild up
+        to 1.4x slower where it was modelled cheaper)."""
+        *own, last = orders
+        if (own and last.name == REBUILD and self.out_features * self.in_features >= REBUILD_MARGIN_MIN_ELEMENTS
+                and any(o.macs == last.macs and o.weighted_macs <= last.weighted_macs
+                        and o.cost <= REBUILD_MARGIN * last.cost for o in own)):
+            return tuple(own)
+        return orders
 
     def _structured_orders(self, batch_size: int) -> Sequence[Order]:
         """The kind's own evaluation orders at this batch size (at least one).

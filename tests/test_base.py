@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers as sl
-from structlayers.base import REBUILD, REBUILD_MARGIN, REBUILD_MARGIN_MIN_ELEMENTS
+from structlayers.base import REBUILD, REBUILD_MARGIN
 from structlayers.linalg import kron_dense
 
 from .helpers import decaying_factors, decaying_matrix, generator, random_factors, rel
@@ -377,18 +377,6 @@ def _some_layers(kind):
     return layers
 
 
-def _eligible(orders, size):
-    """The orders the cost model chooses among: all, except rebuild + GEMM where one of the
-    kind's own does the same multiply-adds with no more weight and costs at most
-    REBUILD_MARGIN times as much, on weights of ``size`` >= REBUILD_MARGIN_MIN_ELEMENTS entries."""
-    *own, last = orders
-    if last.name == REBUILD and size >= REBUILD_MARGIN_MIN_ELEMENTS and any(
-            o.macs == last.macs and o.weighted_macs <= last.weighted_macs and o.cost <= REBUILD_MARGIN * last.cost
-            for o in own):
-        return own
-    return orders
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_order_is_exact_and_counts_what_it_does(kind):
     """Each order the forward can choose gives x W^T to 1e-10 with exactly the multiply-adds
@@ -401,7 +389,7 @@ def test_every_order_is_exact_and_counts_what_it_does(kind):
             orders = layer.orders(batch)
             chosen = layer.order(batch)
             assert chosen in orders and layer.flops(batch) == chosen.macs
-            assert chosen.cost == min(o.cost for o in _eligible(orders, layer.out_features * layer.in_features))
+            assert chosen.cost == min(o.cost for o in layer._eligible(orders))
             for order in orders:
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     y = layer.forward_in(order, x)

@@ -397,10 +397,7 @@ def _integrated_products(value) -> Optional[Scaled]:
     if found is None:
         return None
     pieces, folds = found
-    blocks = [(_materialise(left, right), s) for left, right, s in pieces]
-    v, s = (torch.cat(column) if len(blocks) > 1 else column[0] for column in zip(*blocks))
-    if folds is not None:
-        v, s = v.index_select(0, folds), s.index_select(0, folds)
+    v, s = _folds_of([(_materialise(left, right), s) for left, right, s in pieces], folds)
     return normalise(v, s)
 
 
@@ -414,10 +411,15 @@ def _integrated_factors(value) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     pieces, folds = found
     if any(p[0].shape[1:] != pieces[0][0].shape[1:] or p[1].shape[1:] != pieces[0][1].shape[1:] for p in pieces):
         return None
-    left, right, s = (torch.cat(column) if len(pieces) > 1 else column[0] for column in zip(*pieces))
-    if folds is not None:
-        left, right, s = left.index_select(0, folds), right.index_select(0, folds), s.index_select(0, folds)
+    left, right, s = _folds_of(pieces, folds)
     return left, right, s
+
+
+def _folds_of(pieces: List[tuple], folds: Optional[Tensor]) -> tuple:
+    """The pieces' tensors, each concatenated over the pieces' folds, then gathered by ``folds``
+    (None: all of them in order)."""
+    columns = tuple(torch.cat(column) if len(pieces) > 1 else column[0] for column in zip(*pieces))
+    return columns if folds is None else tuple(t.index_select(0, folds) for t in columns)
 
 
 def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tensor]], Optional[Tensor]]]:
@@ -511,9 +513,8 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
     if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
         integrated = _integrated_products(layer.value)
         if integrated is not None:  # e.g. the integral of a squared categorical layer
-            v, s = integrated
             (batch,) = inputs
-            return v.expand(-1, batch, -1), s.expand(-1, batch)
+            return _over_batch(*integrated, batch)
     observed = from_logs(layer(*inputs))
     if mask is None:
         return observed
@@ -578,11 +579,15 @@ def _input_blocks(layer: TorchInputLayer, inputs: tuple) -> Optional[Tuple[Tenso
     return None if found is None else (*found, inputs[0])
 
 
+def _over_batch(v: Tensor, s: Tensor, batch: int) -> Scaled:
+    """A value the same for every sample, v (F, 1, K), s (F, 1), as (F, B, K), (F, B): views."""
+    return v.expand(-1, batch, -1), s.expand(-1, batch)
+
+
 def _dense_blocks(blocks: Tuple[Tensor, Tensor, Tensor, int]) -> Scaled:
     """Factored integrals multiplied out as the input layer's (v (F, B, Ki·Kj), s (F, B))."""
     left, right, s, batch = blocks
-    v, s = normalise(_materialise(left, right), s)
-    return v.expand(-1, batch, -1), s.expand(-1, batch)
+    return _over_batch(*normalise(_materialise(left, right), s), batch)
 
 
 def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Scaled]:
@@ -590,14 +595,10 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Sc
     ``fetch`` (left (F, 1, Ki1, V), right (F, 1, Ki2, V), s (F, 1, 1)): its output block from
     the factors, multiplied out once; None where the layer cannot take these factors."""
     left, right, s = (fetch({j: blocks[j][k] for j in fetch.sources}, {}) for k in range(3))
-    if left.dim() != 4 or left.shape[1] != 1:
-        return None
-    factors = layer.linear_on_factors(left[:, 0], right[:, 0])
+    factors = layer.linear_on_factors(left[:, 0], right[:, 0])  # arity 1: the one input of each fold
     if factors is None:
         return None
-    v, s = normalise(_materialise(*factors), s[:, 0])
-    batch = blocks[fetch.sources[0]][3]
-    return v.expand(-1, batch, -1), s.expand(-1, batch)
+    return _over_batch(*normalise(_materialise(*factors), s[:, 0]), blocks[fetch.sources[0]][3])
 
 
 class CircuitPlan:
@@ -627,7 +628,7 @@ class CircuitPlan:
             folds.append(layer.num_folds if layer is not None else 0)
         # sum layers whose inputs are all integrals of input products take them as low-rank
         # factors (rank <= categories): in Z, the sum layers just above the inputs
-        for i, step in enumerate(steps):
+        for step in steps:
             if step.rule is _structured and _takes_factors(step.layer) and step.fetch.sources and all(
                     _block_input(steps[j].layer) for j in step.fetch.sources):
                 step.on_factors = True

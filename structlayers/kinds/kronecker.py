@@ -10,7 +10,7 @@ products (Van Loan & Pitsianis: an SVD of the rearranged weight), exact when
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
     def _rebuild_macs(self) -> int:
         return self.num_folds * self.rank * self.out_features * self.in_features
 
-    def kronecker_terms(self):
+    def kronecker_terms(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.a, self.b
 
     def to_dense(self) -> torch.Tensor:
