@@ -77,12 +77,14 @@ from cirkit.backend.torch.layers import (
 from cirkit.backend.torch.layers.input import TorchConstantValueLayer
 from cirkit.backend.torch.layers.optimized import TorchCPTLayer, TorchTensorDotLayer, TorchTuckerLayer
 from cirkit.backend.torch.parameters.nodes import (
+    TorchGaussianProductLogPartition,
     TorchOuterSumParameter,
     TorchReduceLSEParameter,
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
 from .checks import check_evidence
+from .integrals import gaussian_product_integrals
 from .internals import address_book, tensordot_units, tucker_subscripts
 from .layers import (
     TorchKroneckerSumLayer,
@@ -182,8 +184,8 @@ class _Context:
 
 def _align(v: Tensor, s: Tensor) -> Scaled:
     """Bring the H inputs (F, H, B, K) / (F, H, B) to one common scale (F, B)."""
-    if v.shape[1] == 1:
-        return v[:, 0], s[:, 0]
+    if v.shape[1] == 1:  # squeeze, not v[:, 0]: a select's backward fills zeros first
+        return v.squeeze(1), s.squeeze(1)
     top = s.amax(dim=1)
     return v * torch.exp(s - top.unsqueeze(1)).unsqueeze(-1), top
 
@@ -242,9 +244,10 @@ def _hadamard(layer, v: Tensor, s: Tensor, ctx: _Context, measure: bool = True) 
 
 
 def _outer(t: Tensor, mul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    y = t[:, 0]
-    for i in range(1, t.shape[1]):
-        y = mul(y.unsqueeze(-1), t[:, i].unsqueeze(-2)).flatten(start_dim=-2)
+    first, *rest = t.unbind(dim=1)  # one stack in the backward, no zero fill per input
+    y = first
+    for factor in rest:
+        y = mul(y.unsqueeze(-1), factor.unsqueeze(-2)).flatten(start_dim=-2)
     return y
 
 
@@ -273,8 +276,8 @@ def _sum(layer: TorchSumLayer, v: Tensor, s: Tensor, ctx: _Context, after_unmeas
         v, s = _align(v, s)
         ki = v.shape[-1]
         y = None
-        for i in range(h):
-            part = apply_linear(_dense_map(w[:, :, i * ki:(i + 1) * ki]), v[:, i], w.dtype)
+        for i, operand in enumerate(v.unbind(dim=1)):
+            part = apply_linear(_dense_map(w[:, :, i * ki:(i + 1) * ki]), operand, w.dtype)
             y = part if y is None else y + part
         return normalise(y, s, after_unmeasured=after_unmeasured)
     return _weighted(v, s, lambda z: apply_linear(_dense_map(w), z, w.dtype), ctx, after_unmeasured)
@@ -464,6 +467,17 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
     return pieces, folds
 
 
+def _gaussian_integrals(value) -> Optional[Scaled]:
+    """``(v, s)`` of a value graph ending in cirkit's log-integrals of products of Gaussian
+    units, computed in linear space (:func:`~adapters.cirkit.integrals.gaussian_product_integrals`),
+    else None. v (F, 1, K1·K2), s (F, 1)."""
+    if not value.outputs or not isinstance(value.outputs[0], TorchGaussianProductLogPartition) \
+            or any(len(shape) != 1 for shape in value.outputs[0].in_shapes):  # univariate units only
+        return None
+    v, s = gaussian_product_integrals(*capture_inputs(value, TorchGaussianProductLogPartition))
+    return v.flatten(start_dim=1).unsqueeze(1), s.unsqueeze(1)
+
+
 def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
     """``logsumexp_v (a[i, v] + b[j, v])`` as linear values: a matrix product over v.
     Returns v (F, 1, Ki·Kj) and s (F, 1), from :func:`_outer_lse_factors`."""
@@ -512,7 +526,9 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
         return _categorical(layer, x.squeeze(dim=2).long(), mask)
     if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
         integrated = _integrated_products(layer.value)
-        if integrated is not None:  # e.g. the integral of a squared categorical layer
+        if integrated is None:
+            integrated = _gaussian_integrals(layer.value)
+        if integrated is not None:  # e.g. the integral of a squared categorical or Gaussian layer
             (batch,) = inputs
             return _over_batch(*integrated, batch)
     observed = from_logs(layer(*inputs))
@@ -595,10 +611,10 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Sc
     ``fetch`` (left (F, 1, Ki1, V), right (F, 1, Ki2, V), s (F, 1, 1)): its output block from
     the factors, multiplied out once; None where the layer cannot take these factors."""
     left, right, s = (fetch({j: blocks[j][k] for j in fetch.sources}, {}) for k in range(3))
-    factors = layer.linear_on_factors(left[:, 0], right[:, 0])  # arity 1: the one input of each fold
+    factors = layer.linear_on_factors(left.squeeze(1), right.squeeze(1))  # arity 1: the one input of each fold
     if factors is None:
         return None
-    return _over_batch(*normalise(_materialise(*factors), s[:, 0]), blocks[fetch.sources[0]][3])
+    return _over_batch(*normalise(_materialise(*factors), s.squeeze(1)), blocks[fetch.sources[0]][3])
 
 
 class CircuitPlan:
