@@ -27,8 +27,10 @@ class _GaussianProductIntegrals(torch.autograd.Function):
     """(μ1 (F, K1), σ1 (F, K1), μ2 (F, K2), σ2 (F, K2)) -> (v (F, K1, K2), s (F,)) with
     ``v · e^s`` the integrals; ``s`` is a constant to autograd."""
 
+    # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
+    # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
-    def forward(mean1: Tensor, std1: Tensor, mean2: Tensor, std2: Tensor):  # type: ignore[override]
+    def forward(ctx, mean1: Tensor, std1: Tensor, mean2: Tensor, std2: Tensor):  # type: ignore[override]
         total_var = std1.square().unsqueeze(2) + std2.square().unsqueeze(1)  # S (F, K1, K2)
         diff = mean1.unsqueeze(2) - mean2.unsqueeze(1)  # D
         # L = log S + D²/S, so that the log-integral is -(log 2π + L) / 2
@@ -36,15 +38,11 @@ class _GaussianProductIntegrals(torch.autograd.Function):
         least = logs.detach().flatten(start_dim=1).amin(dim=1)  # (F,): the largest integral
         least = torch.where(torch.isfinite(least), least, torch.zeros_like(least))
         values = torch.add(least.view(-1, 1, 1) * 0.5, logs, alpha=-0.5).exp_()
-        return values, -0.5 * (least + _LOG_TWO_PI)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        mean1, std1, mean2, std2 = inputs
-        values, scale = output
+        scale = -0.5 * (least + _LOG_TWO_PI)
         ctx.mark_non_differentiable(scale)
         # D and S again in the backward (two passes) rather than two more saved blocks
         ctx.save_for_backward(mean1, std1, mean2, std2, values)
+        return values, scale
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_scale: Tensor):  # type: ignore[override]

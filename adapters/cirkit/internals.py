@@ -40,6 +40,12 @@ def address_book(graph) -> Iterator[BookEntry]:
         yield BookEntry(entry.module, entry.in_module_ids, entry.in_fold_idx)
 
 
+def module_ids(graph) -> Tuple[int, ...]:
+    """``id`` of the module of every address-book entry, in order (``_entry_modules``): a
+    graph's identity for plan caches, read without building the entries."""
+    return tuple(map(id, graph._address_book._entry_modules))  # noqa: SLF001
+
+
 def pointer_fold_index(node: TorchPointerParameter) -> Optional[Tensor]:
     """The folds a pointer parameter reads from its target (``_fold_idx``), None for all."""
     return node._fold_idx  # noqa: SLF001

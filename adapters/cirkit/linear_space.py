@@ -58,9 +58,10 @@ this package's structured sum layers.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor
@@ -85,7 +86,7 @@ from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
 from .checks import check_evidence
 from .integrals import gaussian_product_integrals
-from .internals import address_book, tensordot_units, tucker_subscripts
+from .internals import address_book, module_ids, tensordot_units, tucker_subscripts
 from .layers import (
     TorchKroneckerSumLayer,
     TorchLiveApproxSumLayer,
@@ -136,16 +137,27 @@ def _rescaled(v: Tensor, s: Tensor, m: Tensor) -> Scaled:
     return v / m.unsqueeze(-1), s + torch.log(m)
 
 
+def _range_of(m: Tensor) -> Tuple[float, float]:
+    """(smallest, largest) entry of m as Python floats: one read for a single entry (one fold,
+    one sample), else one ``aminmax``; a few elementwise comparisons and an ``all`` cost more
+    dispatch than the values they test. NaN entries give NaN, which fails every test."""
+    if m.numel() == 1:
+        x = float(m)
+        return x, x
+    lo, hi = torch.aminmax(m)
+    return float(lo), float(hi)
+
+
 def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
     """Keep v's entries in range: divide by the largest entry per (fold, sample) and move
     its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
     v is a sum over a product that was not measured; a tiny result raises
     :class:`_Unmeasured` (the product may have flushed entries)."""
     m = _max_abs(v).detach()
-    inside = (m >= _LOW) & (m <= _HIGH)
-    if bool(inside.all()):
+    lo, hi = _range_of(m)
+    if _LOW <= lo and hi <= _HIGH:
         return v, s
-    if after_unmeasured and bool((m < _flush_limit(v.dtype)).any()):
+    if after_unmeasured and lo < _flush_limit(v.dtype):
         raise _Unmeasured
     return _rescaled(v, s, m)
 
@@ -190,22 +202,24 @@ def _align(v: Tensor, s: Tensor) -> Scaled:
     return v * torch.exp(s - top.unsqueeze(1)).unsqueeze(-1), top
 
 
-def _product(v: Tensor, s: Tensor, combine: Callable[[Tensor], Tensor],
+def _product(out: Tensor, scale: Tensor, inputs: Callable[[], Scaled],
              log_combine: Callable[[Tensor], Tensor], measure: bool) -> Scaled:
-    """A product layer: ``combine`` multiplies the H inputs; the scales add.
+    """A product layer's output ``(out, scale)``: the H inputs multiplied, the scales added.
 
     Measured (``measure``): if a product's entries are all tiny (largest below
     sqrt(tiny)) the entries far below its largest may have been flushed to zero: that
-    layer is recomputed on logs. Unmeasured: the consuming sum layer checks its output.
+    layer is recomputed on logs, ``log_combine`` of the ``inputs()`` (v (F, H, B, K),
+    s (F, H, B)). Unmeasured: the consuming sum layer checks its output.
     """
-    out, scale = combine(v), s.sum(dim=1)
     if not measure:
         return out, scale
     m = _max_abs(out).detach()
-    if bool((m < _flush_limit(m.dtype)).any()):  # includes products flushed to 0
+    lo, hi = _range_of(m)
+    if lo < _flush_limit(m.dtype):  # includes products flushed to 0
+        v, s = inputs()
         logs = log_combine(to_logs(v, s, complex_values=True))  # complex: v may be signed
         return from_logs(logs)
-    if bool(((m >= _LOW) & (m <= _HIGH)).all()):
+    if _LOW <= lo and hi <= _HIGH:
         return out, scale
     return _rescaled(out, scale, m)
 
@@ -215,13 +229,12 @@ class _PairProduct(torch.autograd.Function):
     input gradients into one tensor of v's shape (two passes), where indexing's backward
     would fill zeros and add, or stack."""
 
+    # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
+    # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
-    def forward(v: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, v: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(v)
         return v[:, 0] * v[:, 1]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
@@ -235,12 +248,16 @@ class _PairProduct(torch.autograd.Function):
         return out
 
 
-def _hadamard(layer, v: Tensor, s: Tensor, ctx: _Context, measure: bool = True) -> Scaled:
-    if v.shape[1] == 2:
-        combine = _PairProduct.apply
-    else:
-        combine = lambda t: t.prod(dim=1)  # noqa: E731
-    return _product(v, s, combine, lambda t: t.sum(dim=1), measure)
+def _hadamard(layer, v: Union[Tensor, List[Tensor]], s: Union[Tensor, List[Tensor]], ctx: _Context,
+              measure: bool = True) -> Scaled:
+    """v (F, H, B, K), s (F, H, B) -- or the H inputs apart (lists of (F, B, K) and (F, B)):
+    multiplied one by one, never stacked."""
+    if isinstance(v, list):
+        out, scale = functools.reduce(torch.mul, v), functools.reduce(torch.add, s)
+        return _product(out, scale, lambda: (torch.stack(v, dim=1), torch.stack(s, dim=1)),
+                        lambda t: t.sum(dim=1), measure)
+    out = _PairProduct.apply(v) if v.shape[1] == 2 else v.prod(dim=1)
+    return _product(out, s.sum(dim=1), lambda: (v, s), lambda t: t.sum(dim=1), measure)
 
 
 def _outer(t: Tensor, mul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -252,7 +269,7 @@ def _outer(t: Tensor, mul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
 
 
 def _kronecker(layer, v: Tensor, s: Tensor, ctx: _Context, measure: bool = True) -> Scaled:
-    return _product(v, s, lambda t: _outer(t, torch.mul), lambda t: _outer(t, torch.add), measure)
+    return _product(_outer(v, torch.mul), s.sum(dim=1), lambda: (v, s), lambda t: _outer(t, torch.add), measure)
 
 
 def _dense_map(w: Tensor) -> Callable[[Tensor], Tensor]:
@@ -578,6 +595,7 @@ class _Step:
     blocks: bool = False
     dense_needed: bool = True
     on_factors: bool = False
+    operands: bool = False  # a product of one fold reading rows of other layers: inputs apart
 
 
 def _takes_factors(layer) -> bool:
@@ -623,7 +641,7 @@ class CircuitPlan:
 
     def __init__(self, circuit: TorchCircuit) -> None:
         entries = list(address_book(circuit))
-        self.signature = tuple(id(e.module) for e in entries)
+        self.signature = module_ids(circuit)
         folds: List[int] = []
         steps: List[_Step] = []
         consumers: Dict[int, List[int]] = {}
@@ -636,7 +654,8 @@ class CircuitPlan:
                 for j in ids:
                     consumers.setdefault(int(j), []).append(i)
                 rule = None if layer is None else RULES.get(type(layer), _in_semiring)
-                steps.append(_Step(layer, rule, fetch))
+                operands = rule is _hadamard and fetch.kind == "pieces" and fetch.shape[0] == 1
+                steps.append(_Step(layer, rule, fetch, operands=operands))
             else:
                 if not isinstance(layer, TorchInputLayer):
                     raise TypeError(f"{type(layer).__name__} has no inputs but is not an input layer")
@@ -683,7 +702,10 @@ class CircuitPlan:
                 for j in step.fetch.sources:
                     if values[j] is None:  # factored, and needed multiplied out after all
                         values[j], scales[j] = _dense_blocks(blocks[j])
-                v, s = step.fetch(values, split_values), step.fetch(scales, split_scales)
+                if step.operands:
+                    v, s = step.fetch.operands(values, split_values), step.fetch.operands(scales, split_scales)
+                else:
+                    v, s = step.fetch(values, split_values), step.fetch(scales, split_scales)
                 if layer is None:  # the output entry: (O, B, K)
                     return to_logs(v, s, complex_values)
                 if step.rule in PRODUCT_RULES:

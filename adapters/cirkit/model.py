@@ -36,7 +36,7 @@ from cirkit.symbolic.circuit import Circuit
 
 from .accelerate import accelerate, cirkit_evaluation
 from .compile import use_structured_layers
-from .internals import address_book
+from .internals import module_ids
 from .layers import TorchLiveSquareSumLayer, TorchStructuredSumLayer
 from .likelihood import nan_where_negative, split_log_sign
 from .linear_space import evaluate_graph
@@ -212,7 +212,7 @@ class CircuitDensity(nn.Module):
 
     def _logz_key(self) -> tuple:
         versions = tuple((id(t), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
-        return versions + tuple(id(e.module) for e in address_book(self.partition)) + (self._evaluation,)
+        return versions + module_ids(self.partition) + (self._evaluation,)
 
     def log_partition(self) -> Tensor:
         """``log |Z|``, ``(O,)``; cached in eval mode when no gradient is needed."""

@@ -30,10 +30,11 @@ from cirkit.backend.torch.parameters.nodes import (
     TorchConjugateParameter,
     TorchKroneckerParameter,
     TorchPointerParameter,
+    TorchTensorParameter,
 )
 from cirkit.backend.torch.parameters.parameter import TorchParameter
 
-from .internals import address_book, pointer_fold_index
+from .internals import address_book, module_ids, node_tensor, pointer_fold_index
 
 __all__ = ["Fetch", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
            "capture_inputs", "cached_plan", "is_kronecker_weight", "kronecker_leaf_factors"]
@@ -67,13 +68,7 @@ class Fetch:
         if self.kind == "pieces":
             # a few rows from large sources: never concatenate the sources; their rows, split
             # once per run (one stack in the backward), are stacked into just the rows asked for
-            cache = {} if unbound is None else unbound
-            rows = []
-            for source, row in self.pieces:
-                if source not in cache:
-                    cache[source] = outputs[source].unbind(0)
-                rows.append(cache[source][row])
-            t = torch.stack(rows)
+            t = torch.stack(self._rows(outputs, unbound))
             return t.view(*self.shape, *t.shape[1:])
         if len(self.sources) == 1:
             t = outputs[self.sources[0]]
@@ -83,6 +78,8 @@ class Fetch:
             return t[self.slices]
         rest = t.shape[1:]
         if self.kind in ("view", "cat"):
+            if len(self.shape) == 1:  # (F,): the tensor as it is
+                return t
             return t.view(*self.shape, *rest)
         if self.kind == "narrow":
             return t.narrow(0, self.start, self.length).view(*self.shape, *rest)
@@ -102,18 +99,42 @@ class Fetch:
         return t.index_select(0, idx).view(*self.shape, *rest)
 
 
+    def operands(self, outputs: Union[Sequence[Tensor], Mapping[int, Tensor]],
+                 unbound: Optional[Dict[int, tuple]] = None) -> List[Tensor]:
+        """A ``'pieces'`` input of one fold (shape (1, H)) as its H inputs apart, each
+        (1, ...): for a consumer that combines them one by one (a product), no stack."""
+        if self.kind != "pieces" or len(self.shape) != 2 or self.shape[0] != 1:
+            raise ValueError(f"operands() reads a 'pieces' input of one fold, not {self.kind!r} of shape {self.shape}")
+        rows = []
+        for source, row in self.pieces:
+            t = outputs[source]
+            # a source of one fold is its own row: no split, and no stack in the backward
+            rows.append(t if t.shape[0] == 1 else self._rows(outputs, unbound, [(source, row)])[0].unsqueeze(0))
+        return rows
+
+    def _rows(self, outputs, unbound: Optional[Dict[int, tuple]], pieces=None) -> List[Tensor]:
+        """The requested rows (``pieces``, default all) of the sources, each source split
+        once per run (``unbound``)."""
+        cache = {} if unbound is None else unbound
+        rows = []
+        for source, row in self.pieces if pieces is None else pieces:
+            if source not in cache:
+                cache[source] = outputs[source].unbind(0)
+            rows.append(cache[source][row])
+        return rows
+
+
 class _Permute(torch.autograd.Function):
     """Rows of ``t`` in the order ``idx``, a permutation of all of them. The backward is the
     inverse permutation, a gather too: no zero fill and no scatter-add, as ``index_select``'s
     backward would need for an arbitrary index."""
 
+    # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
+    # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
-    def forward(t: Tensor, idx: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, t: Tensor, idx: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.inverse = inverse
         return t.index_select(0, idx)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.inverse = inputs[2]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -178,7 +199,7 @@ class ParameterPlan:
 
     def __init__(self, parameter: TorchParameter) -> None:
         entries = list(address_book(parameter))
-        self.signature = tuple(id(e.module) for e in entries)
+        self.signature = module_ids(parameter)
         # where each entry's rows live: ('own', entry) or ('leaf', leaf module, rows)
         self.modules: List[object] = []
         self.leaves: List[object] = []  # leaf modules read by pointers, by slot
@@ -255,7 +276,7 @@ class ParameterPlan:
     def run(self, module_fn: NodeFunction = evaluate_node) -> Tensor:
         """The graph's output; ``module_fn(node, *inputs)`` evaluates each computing node."""
         outputs: List[Optional[Tensor]] = []
-        leaf_values = [leaf() for leaf in self.leaves]
+        leaf_values = [_leaf_value(leaf) for leaf in self.leaves]
         view = _Outputs(outputs, leaf_values)
         fetched: Dict[int, Tensor] = {}
         for module, fetches in self.steps:
@@ -268,6 +289,16 @@ class ParameterPlan:
                 continue
             outputs.append(module_fn(module, *inputs))
         raise RuntimeError("the parameter graph's address book has no output entry")
+
+
+def _leaf_value(leaf) -> Tensor:
+    """``leaf()``; a tensor parameter's tensor read directly (its ``forward`` only returns it,
+    and the module call costs more than the rest of a small graph's bookkeeping)."""
+    if type(leaf) is TorchTensorParameter:
+        value = node_tensor(leaf)
+        if value is not None:
+            return value
+    return leaf()
 
 
 def _fetch_key(f: Fetch) -> tuple:
@@ -301,7 +332,7 @@ def cached_plan(cache: "weakref.WeakKeyDictionary", graph, build: Callable):
     """``cache[graph]``, built by ``build(graph)`` the first time and again whenever the
     graph's address book lists other modules than when the plan was built."""
     plan = cache.get(graph)
-    if plan is None or plan.signature != tuple(id(e.module) for e in address_book(graph)):
+    if plan is None or plan.signature != module_ids(graph):
         plan = build(graph)
         cache[graph] = plan
     return plan
