@@ -59,6 +59,7 @@ this package's structured sum layers.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Type, Union
@@ -69,6 +70,7 @@ from torch import Tensor
 from cirkit.backend.torch.circuits import TorchCircuit
 from cirkit.backend.torch.layers import (
     TorchCategoricalLayer,
+    TorchGaussianLayer,
     TorchHadamardLayer,
     TorchInputLayer,
     TorchKroneckerLayer,
@@ -79,6 +81,8 @@ from cirkit.backend.torch.layers.input import TorchConstantValueLayer
 from cirkit.backend.torch.layers.optimized import TorchCPTLayer, TorchTensorDotLayer, TorchTuckerLayer
 from cirkit.backend.torch.parameters.nodes import (
     TorchGaussianProductLogPartition,
+    TorchGaussianProductMean,
+    TorchGaussianProductStddev,
     TorchOuterSumParameter,
     TorchReduceLSEParameter,
 )
@@ -400,6 +404,50 @@ def _categorical(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]
     return v, s
 
 
+def _gaussian_product_factors(layer: TorchGaussianLayer) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``(μ1, σ1, μ2, σ2)``, each (F, K), when the layer is the product of two Gaussian layers
+    (a squared circuit's input: units (i, j) with cirkit's product mean, standard deviation
+    and log-normaliser of units i and j), else None. Its value at x is then
+    ``N(x; μ1_i, σ1_i²) · N(x; μ2_j, σ2_j²)``: an outer product of two K-unit layers, where
+    cirkit evaluates K1·K2 Gaussians."""
+    if layer.log_partition is None:
+        return None
+    means = capture_inputs(layer.mean, TorchGaussianProductMean)
+    stds = capture_inputs(layer.stddev, TorchGaussianProductStddev)
+    logz = capture_inputs(layer.log_partition, TorchGaussianProductLogPartition)
+    if means is None or stds is None or logz is None or any(t.dim() != 2 for t in means):
+        return None
+    # the three graphs must read the same two layers (always so for cirkit's product rule)
+    same = [(means[1], stds[0]), (means[3], stds[1])] + list(zip(means, logz))
+    if not all(a.shape == b.shape and torch.equal(a.detach(), b.detach()) for a, b in same):
+        return None
+    return means
+
+
+def _gaussian_logs(mean: Tensor, std: Tensor, x: Tensor) -> Tensor:
+    """log N(x; μ_k, σ_k²): mean, std (F, K), x (F, B) -> (F, B, K)."""
+    z = (x.unsqueeze(-1) - mean.unsqueeze(1)) / std.unsqueeze(1)
+    return (-0.5 * z.square() - torch.log(std).unsqueeze(1)) - 0.5 * math.log(2.0 * math.pi)
+
+
+def _gaussian_product(layer: TorchGaussianLayer, x: Tensor, mask: Optional[Tensor]) -> Optional[Scaled]:
+    """A product of two Gaussian layers at x (F, B) as the outer product of their values
+    (:func:`_gaussian_product_factors`); its integral where ``mask`` (F, B) is True; None for
+    any other Gaussian layer."""
+    factors = _gaussian_product_factors(layer)
+    if factors is None:
+        return None
+    mean1, std1, mean2, std2 = factors
+    x = x.to(mean1.dtype)
+    va, sa = from_logs(_gaussian_logs(mean1, std1, x))
+    vb, sb = from_logs(_gaussian_logs(mean2, std2, x))
+    v, s = (va.unsqueeze(-1) * vb.unsqueeze(-2)).flatten(start_dim=-2), sa + sb
+    if mask is not None:
+        vi, si = gaussian_product_integrals(mean1, std1, mean2, std2)
+        v, s = _select(mask, (vi.flatten(start_dim=1).unsqueeze(1), si.unsqueeze(1)), (v, s))
+    return v, s
+
+
 def _select(mask: Tensor, integrated: Scaled, observed: Scaled) -> Scaled:
     """Per (fold, sample): the integral where ``mask`` (F, B) is True, else the value."""
     vi, si = integrated
@@ -541,6 +589,10 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
     if isinstance(layer, TorchCategoricalLayer) and inputs:
         (x,) = inputs  # (F, B, 1)
         return _categorical(layer, x.squeeze(dim=2).long(), mask)
+    if isinstance(layer, TorchGaussianLayer) and inputs and inputs[0].shape[2] == 1:
+        found = _gaussian_product(layer, inputs[0].squeeze(dim=2), mask)
+        if found is not None:  # a squared circuit's Gaussian input
+            return found
     if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
         integrated = _integrated_products(layer.value)
         if integrated is None:

@@ -9,7 +9,7 @@ import torch
 import cirkit.symbolic.functional as SF
 from cirkit.backend.torch.layers import TorchInputLayer
 from cirkit.pipeline import PipelineContext
-from cirkit.symbolic.layers import CategoricalLayer
+from cirkit.symbolic.layers import CategoricalLayer, GaussianLayer
 from cirkit.templates.region_graph import LinearTree, QuadTree, RandomBinaryTree
 from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
@@ -93,3 +93,14 @@ def compile_partition(symbolic_circuit, semiring: str, fold: bool):
     torch.manual_seed(0)
     ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=False)
     return ctx.compile(SF.integrate(symbolic_circuit))
+
+
+@functools.lru_cache(maxsize=None)
+def gaussian_symbolic():
+    """(c², ∫c²) of a signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel."""
+    weights = Parameterization(activation="none", initialization="normal")
+    base = QuadTree((1, 4, 4), num_patch_splits=2).build_circuit(
+        input_factory=GaussianLayer, sum_product="cp", sum_weight_factory=parameterization_to_factory(weights),
+        num_input_units=3, num_sum_units=3)
+    squared = SF.multiply(base, base)
+    return squared, SF.integrate(squared)

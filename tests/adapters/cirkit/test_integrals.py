@@ -7,21 +7,18 @@ order, so values agree to rounding (relative 1e-12) and gradients to 1e-10.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 
-import cirkit.symbolic.functional as SF
 from cirkit.backend.torch.parameters.nodes import TorchGaussianProductLogPartition
 from cirkit.pipeline import PipelineContext
-from cirkit.symbolic.layers import GaussianLayer
-from cirkit.templates.region_graph import QuadTree
-from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
 from adapters.cirkit import evaluate_linear_space, swap_kronecker_sum_layers
 from adapters.cirkit.integrals import gaussian_product_integrals
 from adapters.cirkit.semiring import unclamped
+
+from .builders import gaussian_symbolic
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -77,22 +74,12 @@ def test_gaussian_product_integrals_refuse_mismatched_shapes(shapes):
         gaussian_product_integrals(*tensors)
 
 
-@functools.lru_cache(maxsize=None)
-def gaussian_partition_symbolic():
-    """∫ c² of a signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel."""
-    weights = Parameterization(activation="none", initialization="normal")
-    base = QuadTree((1, 4, 4), num_patch_splits=2).build_circuit(
-        input_factory=GaussianLayer, sum_product="cp", sum_weight_factory=parameterization_to_factory(weights),
-        num_input_units=3, num_sum_units=3)
-    return SF.integrate(SF.multiply(base, base))
-
-
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("swap", [False, True])
 def test_the_partition_of_a_gaussian_squared_circuit_takes_them_and_equals_cirkits(fold, swap, monkeypatch):
     torch.manual_seed(0)
     ctx = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=fold, optimize=False)
-    partition = ctx.compile(gaussian_partition_symbolic())
+    partition = ctx.compile(gaussian_symbolic()[1])
     if swap:
         swap_kronecker_sum_layers(partition, "kronecker")
     reference = copy.deepcopy(partition)
