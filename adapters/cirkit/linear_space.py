@@ -425,9 +425,22 @@ def _gaussian_product_factors(layer: TorchGaussianLayer) -> Optional[Tuple[Tenso
 
 
 def _gaussian_logs(mean: Tensor, std: Tensor, x: Tensor) -> Tensor:
-    """log N(x; μ_k, σ_k²): mean, std (F, K), x (F, B) -> (F, B, K)."""
-    z = (x.unsqueeze(-1) - mean.unsqueeze(1)) / std.unsqueeze(1)
-    return (-0.5 * z.square() - torch.log(std).unsqueeze(1)) - 0.5 * math.log(2.0 * math.pi)
+    """log N(x; μ_k, σ_k²): mean, std (F, K), x (F, B) -> (F, B, K); two passes over the
+    (F, B, K) result: ``z = x/σ - μ/σ``, then ``c - z²/2``, the per-unit terms folded first."""
+    inv = std.reciprocal()
+    z = torch.addcmul((-mean * inv).unsqueeze(1), x.unsqueeze(-1), inv.unsqueeze(1))
+    constant = (-torch.log(std) - 0.5 * math.log(2.0 * math.pi)).unsqueeze(1)
+    return torch.addcmul(constant, z, z, value=-0.5)
+
+
+def _gaussian(layer: TorchGaussianLayer, x: Tensor) -> Tensor:
+    """A univariate Gaussian layer's log-values at x (F, B) -> (F, B, K), in two passes
+    (cirkit's ``Normal.log_prob`` makes about six, and its semiring a complex copy)."""
+    mean, std = evaluate_parameter(layer.mean), evaluate_parameter(layer.stddev)
+    logs = _gaussian_logs(mean, std, x.to(mean.dtype))
+    if layer.log_partition is not None:
+        logs = logs + evaluate_parameter(layer.log_partition).unsqueeze(1)
+    return logs
 
 
 def _gaussian_product(layer: TorchGaussianLayer, x: Tensor, mask: Optional[Tensor]) -> Optional[Scaled]:
@@ -589,10 +602,13 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
     if isinstance(layer, TorchCategoricalLayer) and inputs:
         (x,) = inputs  # (F, B, 1)
         return _categorical(layer, x.squeeze(dim=2).long(), mask)
+    observed = None
     if isinstance(layer, TorchGaussianLayer) and inputs and inputs[0].shape[2] == 1:
-        found = _gaussian_product(layer, inputs[0].squeeze(dim=2), mask)
-        if found is not None:  # a squared circuit's Gaussian input
+        x = inputs[0].squeeze(dim=2)
+        found = _gaussian_product(layer, x, mask)  # a squared circuit's Gaussian input
+        if found is not None:
             return found
+        observed = from_logs(_gaussian(layer, x))
     if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
         integrated = _integrated_products(layer.value)
         if integrated is None:
@@ -600,7 +616,8 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
         if integrated is not None:  # e.g. the integral of a squared categorical or Gaussian layer
             (batch,) = inputs
             return _over_batch(*integrated, batch)
-    observed = from_logs(layer(*inputs))
+    if observed is None:
+        observed = from_logs(layer(*inputs))
     if mask is None:
         return observed
     total = layer.integrate()

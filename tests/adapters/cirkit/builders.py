@@ -97,10 +97,10 @@ def compile_partition(symbolic_circuit, semiring: str, fold: bool):
 
 @functools.lru_cache(maxsize=None)
 def gaussian_symbolic():
-    """(c², ∫c²) of a signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel."""
+    """(c², ∫c², c) of a signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel."""
     weights = Parameterization(activation="none", initialization="normal")
     base = QuadTree((1, 4, 4), num_patch_splits=2).build_circuit(
         input_factory=GaussianLayer, sum_product="cp", sum_weight_factory=parameterization_to_factory(weights),
         num_input_units=3, num_sum_units=3)
     squared = SF.multiply(base, base)
-    return squared, SF.integrate(squared)
+    return squared, SF.integrate(squared), base
