@@ -51,7 +51,9 @@ Layers the evaluator does not know are evaluated in their semiring (logs in, log
 out) and the result converted back, so any circuit evaluates correctly; only the
 known layers are faster. Known: input layers (categorical inputs by a table lookup of
 exponentiated logits, also when the logits are the outer sum of a squared circuit's
-two factors), integrals of products of categorical inputs (as matrix products),
+two factors; univariate Gaussian inputs, and a squared circuit's products of two Gaussian
+layers as the outer product of their values), integrals of products of categorical inputs
+(as matrix products) and of Gaussian inputs (:mod:`~adapters.cirkit.integrals`),
 Hadamard and Kronecker products, cirkit's sum, tensor-dot, CP-T and Tucker layers, and
 this package's structured sum layers.
 """
