@@ -43,6 +43,29 @@ def test_kron_apply_with_chains(len_a, len_b):
     assert 0 < kron_chain_flops(chain_a, chain_b) < naive
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("shapes", [((3, 4), (5, 2)), ((2, 5), (3, 4)), ((4, 4), (4, 4))])  # both product orders
+def test_kron_apply_of_one_sample_per_fold_and_its_gradients(dtype, shapes):
+    """One sample per fold runs ``A X Bᵀ`` as one autograd node with its own backward:
+    values against the materialised product, gradients by finite differences (complex:
+    torch's conjugate convention), and each input's gradient alone."""
+    g = generator(5)
+    (a1, a2), (b1, b2) = shapes
+    a = torch.randn(2, a1, a2, generator=g, dtype=dtype).requires_grad_()
+    b = torch.randn(2, b1, b2, generator=g, dtype=dtype).requires_grad_()
+    x = torch.randn(2, 1, a2 * b2, generator=g, dtype=dtype).requires_grad_()
+    expected = x @ kron_dense(a, b).transpose(1, 2)
+    assert rel(kron_apply([a], [b], x), expected) < 1e-13
+    assert torch.autograd.gradcheck(lambda *t: kron_apply([t[0]], [t[1]], t[2]), (a, b, x))
+    weights = torch.randn(2, 1, a1 * b1, generator=g, dtype=dtype)
+    full = torch.autograd.grad((kron_apply([a], [b], x) * weights).sum().real, (a, b, x))
+    for i in range(3):  # only one input needing a gradient: the same gradient
+        inputs = [t.detach().requires_grad_(j == i) for j, t in enumerate((a, b, x))]
+        (alone,) = torch.autograd.grad((kron_apply([inputs[0]], [inputs[1]], inputs[2]) * weights).sum().real,
+                                       inputs[i])
+        torch.testing.assert_close(alone, full[i], rtol=1e-12, atol=1e-12)
+
+
 def test_columns_rows_and_inner_products():
     a, b = random_factors(2, (3, 4), (5, 2), seed=3)
     w = kron_dense(a, b)

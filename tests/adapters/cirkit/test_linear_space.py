@@ -405,3 +405,15 @@ def test_gaussian_inputs_match_cirkit(fold):
             mask = torch.zeros(16, dtype=torch.bool)
             mask[8:] = True
             assert_same_logs(evaluate_linear_space(base, x, integrate=mask), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_thin_outer_products_and_their_gradients(dtype):
+    """``left @ rightᵀ`` of the low-rank blocks, with the thin-side-first backward: values and
+    finite-difference gradients (complex: torch's conjugate convention)."""
+    g = torch.Generator().manual_seed(4)
+    left = torch.randn(3, 4, 2, generator=g, dtype=dtype).requires_grad_()
+    right = torch.randn(3, 5, 2, generator=g, dtype=dtype).requires_grad_()
+    block = linear_space._materialise(left, right)
+    torch.testing.assert_close(block, (left @ right.transpose(1, 2)).reshape(3, 1, 20), rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda a, b: linear_space._materialise(a, b), (left, right))
