@@ -159,6 +159,8 @@ def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled
     its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
     v is a sum over a product that was not measured; a tiny result raises
     :class:`_Unmeasured` (the product may have flushed entries)."""
+    if v.numel() == v.shape[-1]:  # one fold and sample (a deep chain): Python scalars throughout
+        return _normalise_one(v, s, after_unmeasured)
     m = _max_abs(v).detach()
     lo, hi = _range_of(m)
     if _LOW <= lo and hi <= _HIGH:
@@ -166,6 +168,20 @@ def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled
     if after_unmeasured and lo < _flush_limit(v.dtype):
         raise _Unmeasured
     return _rescaled(v, s, m)
+
+
+def _normalise_one(v: Tensor, s: Tensor, after_unmeasured: bool) -> Scaled:
+    """:func:`normalise` of a single vector: one ``aminmax`` read as two floats, and when the
+    range is left one multiplication by a Python number (no per-entry tensors of scales)."""
+    lo, hi = torch.aminmax((torch.view_as_real(v) if v.is_complex() else v).detach())
+    top = max(float(hi), -float(lo))  # NaN propagates through neither max: test it apart
+    if _LOW <= top <= _HIGH:
+        return v, s
+    if after_unmeasured and top < _flush_limit(v.dtype):
+        raise _Unmeasured
+    if not top > 0 or not math.isfinite(top):  # all zero (stays zero), inf or NaN: as the folded path
+        return _rescaled(v, s, _max_abs(v).detach())
+    return v * (1.0 / top), s + math.log(top)
 
 
 def from_logs(y: Tensor) -> Scaled:
