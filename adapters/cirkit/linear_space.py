@@ -763,7 +763,7 @@ class CircuitPlan:
                 for j in ids:
                     consumers.setdefault(int(j), []).append(i)
                 rule = None if layer is None else RULES.get(type(layer), _in_semiring)
-                operands = rule is _hadamard and fetch.kind == "pieces" and fetch.shape[0] == 1
+                operands = rule is _hadamard and fetch.takes_operands
                 steps.append(_Step(layer, rule, fetch, operands=operands))
             else:
                 if not isinstance(layer, TorchInputLayer):

@@ -101,16 +101,26 @@ class Fetch:
 
     def operands(self, outputs: Union[Sequence[Tensor], Mapping[int, Tensor]],
                  unbound: Optional[Dict[int, tuple]] = None) -> List[Tensor]:
-        """A ``'pieces'`` input of one fold (shape (1, H)) as its H inputs apart, each
-        (1, ...): for a consumer that combines them one by one (a product), no stack."""
-        if self.kind != "pieces" or len(self.shape) != 2 or self.shape[0] != 1:
-            raise ValueError(f"operands() reads a 'pieces' input of one fold, not {self.kind!r} of shape {self.shape}")
+        """A ``'pieces'`` or ``'narrow'`` input of one fold (shape (1, H)) as its H inputs apart,
+        each (1, ...): for a consumer that combines them one by one (a product), no stack;
+        rows of a larger source come from its split (:meth:`takes_operands`)."""
+        if not self.takes_operands:
+            raise ValueError(f"operands() reads a 'pieces' or 'narrow' input of one fold, not {self.kind!r} "
+                             f"of shape {self.shape}")
+        pieces = self.pieces if self.kind == "pieces" else [(self.sources[0], self.start + h) for h in range(self.shape[1])]
         rows = []
-        for source, row in self.pieces:
+        for source, row in pieces:
             t = outputs[source]
             # a source of one fold is its own row: no split, and no stack in the backward
             rows.append(t if t.shape[0] == 1 else self._rows(outputs, unbound, [(source, row)])[0].unsqueeze(0))
         return rows
+
+    @property
+    def takes_operands(self) -> bool:
+        """One fold of H inputs, each a row of some source: :meth:`operands` applies. Rows
+        read this way share their source's split (one stack in the backward for all of
+        them, where a ``narrow`` of the source would add a zero-filled copy of it)."""
+        return self.kind in ("pieces", "narrow") and len(self.shape) == 2 and self.shape[0] == 1
 
     def _rows(self, outputs, unbound: Optional[Dict[int, tuple]], pieces=None) -> List[Tensor]:
         """The requested rows (``pieces``, default all) of the sources, each source split
