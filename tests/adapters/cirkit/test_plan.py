@@ -139,3 +139,29 @@ def test_a_few_rows_out_of_large_sources_are_never_concatenated(monkeypatch):
     probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
     for g, r in zip(torch.autograd.grad((got * probe).sum(), parts), torch.autograd.grad((ref * probe).sum(), parts)):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("idx,kind", [(torch.tensor([[12, 3]]), "pieces"), (torch.tensor([[4, 5]]), "narrow")])
+def test_one_fold_inputs_read_apart_are_the_rows_of_the_fetch(idx, kind):
+    """``operands``: the H inputs of one fold, each (1, ...), equal to the fetch's rows with
+    the same gradients; a one-fold source is passed as it is; other fetches refuse."""
+    parts = [torch.randn(10, 3, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
+    parts.append(torch.randn(1, 3, generator=torch.Generator().manual_seed(9), requires_grad=True))
+    sources = [0, 1] if kind == "pieces" else [1]
+    fetch = plan_fetch(sources, idx, [10] * len(sources))
+    assert fetch.kind == kind and fetch.takes_operands
+    got = fetch.operands(parts, {})
+    ref = fetch(parts)
+    assert len(got) == 2 and all(g.shape == (1, 3) for g in got)
+    for h in range(2):
+        assert torch.equal(got[h], ref[:, h])
+    probe = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    for g, r in zip(torch.autograd.grad((got[0] * probe[0] + got[1] * probe[1]).sum(), parts[:2], allow_unused=True),
+                    torch.autograd.grad((ref[0] * probe).sum(), parts[:2], allow_unused=True)):
+        assert (g is None) == (r is None) and (g is None or torch.equal(g, r))
+    one = plan_fetch([2, 0], torch.tensor([[0, 5]]), [1, 10])
+    assert one.kind == "pieces" and one.operands(parts, {})[0] is parts[2]
+    whole = plan_fetch([0], torch.arange(10).view(5, 2), [10])
+    assert not whole.takes_operands
+    with pytest.raises(ValueError, match="operands\\(\\) reads a 'pieces' or 'narrow' input of one fold"):
+        whole.operands(parts)
