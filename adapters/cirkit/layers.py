@@ -79,7 +79,8 @@ def _terms_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> Opti
     def side(m: Tensor, x: Tensor) -> Tensor:  # (F, T, o, i), (F, i, V) -> (F, o, T·V)
         # as (xᵀ mᵀ)ᵀ: torch's batched GEMM is several times faster with the thin side first
         if t == 1:  # one batched GEMM, the result a transposed view
-            return _matmul(x.transpose(1, 2), m[:, 0].transpose(1, 2)).transpose(1, 2)
+            # squeeze, not m[:, 0]: a select's backward fills a zero tensor of m's shape first
+            return _matmul(x.transpose(1, 2), m.squeeze(1).transpose(1, 2)).transpose(1, 2)
         y = _matmul(x.transpose(1, 2).unsqueeze(1), m.transpose(-1, -2))  # (F, T, V, o)
         return y.permute(0, 3, 1, 2).reshape(f, m.shape[2], t * v)
 
