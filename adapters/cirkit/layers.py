@@ -473,6 +473,9 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         def side(w: Tensor, conjugate: bool) -> Tensor:
             return w.conj() if conjugate and w.is_complex() else w
 
+        if b == 1 and z.dtype == right.dtype:  # one block per fold (Z): one autograd node
+            return kron_apply([side(left, on_left), side(right, on_left)],
+                              [side(left, on_right), side(right, on_right)], z)
         t = _matmul(z.reshape(f, b * ki, ki), side(right, on_right).transpose(1, 2))  # (F, B·Ki, r): (b, i1, j2)
         t = t.view(f, b, ki, r).transpose(1, 2).reshape(f, ki, b * r)  # (i1, b, j2)
         t = _matmul(side(left, on_left), _matmul(side(right, on_left), t))  # (F, Ko, B·r): (o1, b, j2)

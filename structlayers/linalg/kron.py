@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from itertools import permutations
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,8 +91,8 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     """
     f, n, _ = x.shape
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
-    if n == 1 and len(a_chain) == 1 and len(b_chain) == 1:
-        return _kron_apply_one(a_chain[0], b_chain[0], x)
+    if n == 1:
+        return _kron_apply_one(a_chain, b_chain, x)
     # a strided view (e.g. the real part of a complex tensor) would send matmul down a
     # per-sample loop: one copy is far cheaper
     x = x.contiguous()
@@ -113,61 +113,61 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(f, n, a_out * b_out)
 
 
-def _kron_apply_one(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _kron_apply_one(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     """(A ⊗ B) x for one sample per fold, x (F, 1, a2·b2): ``A X Bᵀ`` with X the (a2, b2)
-    block, as two batched products that need no copy (bmm reads the transposed factor in
-    place, and ``A (X Bᵀ)`` lands in the output's row-major layout). The cheaper order.
-    One autograd node with a four-product backward (:class:`_KronOne`)."""
-    return _KronOne.apply(a, b, x)
+    block, the chains' matrices applied in :func:`_plan`'s order as batched products that
+    need no copy (bmm reads transposed operands in place). One autograd node
+    (:class:`_KronChainOne`)."""
+    order = _plan(a_chain, b_chain)[1]
+    remaining = {"a": list(a_chain), "b": list(b_chain)}
+    mats = [remaining[side].pop() for side in order]  # in the order they are applied
+    shape = (a_chain[-1].shape[-1], b_chain[-1].shape[-1])
+    return _KronChainOne.apply(x, order, shape, *mats)
 
 
-class _KronOne(torch.autograd.Function):
-    """``A X Bᵀ`` on blocks of one sample per fold; the backward multiplies the saved middle
-    product instead of differentiating the reshapes and transposes around two bmm calls one
-    autograd node at a time (at K = 128 those nodes cost as much as the products).
+class _KronChainOne(torch.autograd.Function):
+    """``A X Bᵀ`` on blocks of one sample per fold, A and B given as chains of matrices: a
+    sequence of steps ``T <- M T`` (side ``'a'``) or ``T <- T Mᵀ`` (side ``'b'``). The
+    backward replays the steps in reverse on the saved intermediate blocks, two products
+    per step, instead of differentiating the reshapes and transposes around each product
+    one autograd node at a time (at K = 128 those nodes cost as much as the products).
     Gradients follow torch's convention for complex tensors (conjugate transposes)."""
 
     # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
     # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        f = x.shape[0]
-        (a1, a2), (b1, b2) = a.shape[-2:], b.shape[-2:]
-        blocks = x.reshape(f, a2, b2)
-        b_first = a2 * b2 * b1 + a1 * a2 * b1 <= a1 * a2 * b2 + a1 * b2 * b1
-        if b_first:
-            middle = torch.bmm(blocks, b.transpose(-1, -2))  # X Bᵀ (F, a2, b1)
-            y = torch.bmm(a, middle)
-        else:
-            middle = torch.bmm(a, blocks)  # A X (F, a1, b2)
-            y = torch.bmm(middle, b.transpose(-1, -2))
-        ctx.save_for_backward(a, b, blocks, middle)
-        ctx.b_first = b_first
-        return y.reshape(f, 1, a1 * b1)
+    def forward(ctx, x: torch.Tensor, sides: Tuple[str, ...], shape: Tuple[int, int],  # type: ignore[override]
+                *mats: torch.Tensor) -> torch.Tensor:
+        block = x.reshape(x.shape[0], *shape)
+        inputs = []
+        for side, m in zip(sides, mats):
+            inputs.append(block)
+            block = torch.bmm(m, block) if side == "a" else torch.bmm(block, m.transpose(-1, -2))
+        ctx.save_for_backward(*inputs, *mats)
+        ctx.sides, ctx.x_shape, ctx.out_shape = sides, x.shape, block.shape
+        return block.reshape(x.shape[0], 1, -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        a, b, blocks, middle = ctx.saved_tensors
-        need_a, need_b, need_x = ctx.needs_input_grad
-        g = grad.reshape(a.shape[0], a.shape[-2], b.shape[-2])  # (F, a1, b1)
-        ga = gb = gx = None
-        if ctx.b_first:  # y = A M, M = X Bᵀ
-            if need_a:
-                ga = torch.bmm(g, middle.mH)
-            if need_b or need_x:
-                gm = torch.bmm(a.mH, g)  # (F, a2, b1)
-                gx = torch.bmm(gm, b.conj()) if need_x else None
-                gb = torch.bmm(gm.mH, blocks).conj() if need_b else None
-        else:  # y = M Bᵀ, M = A X
-            if need_b:
-                gb = torch.bmm(g.mH, middle).conj()
-            if need_a or need_x:
-                gm = torch.bmm(g, b.conj())  # (F, a1, b2)
-                ga = torch.bmm(gm, blocks.mH) if need_a else None
-                gx = torch.bmm(a.mH, gm) if need_x else None
-        if gx is not None:
-            gx = gx.reshape(grad.shape[0], 1, -1)
-        return ga, gb, gx
+        n = len(ctx.sides)
+        saved = ctx.saved_tensors
+        inputs, mats = saved[:n], saved[n:]
+        need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        g = grad.reshape(ctx.out_shape)
+        grads: List[Optional[torch.Tensor]] = [None] * n
+        for k in reversed(range(n)):
+            block, m = inputs[k], mats[k]
+            if ctx.sides[k] == "a":  # out = M T
+                if need_m[k]:
+                    grads[k] = torch.bmm(g, block.mH)
+                if need_x or any(need_m[:k]):
+                    g = torch.bmm(m.mH, g)
+            else:  # out = T Mᵀ
+                if need_m[k]:
+                    grads[k] = torch.bmm(g.transpose(-1, -2), block.conj())
+                if need_x or any(need_m[:k]):
+                    g = torch.bmm(g, m.conj())
+        return (g.reshape(ctx.x_shape) if need_x else None, None, None, *grads)
 
 
 def kron_sum_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

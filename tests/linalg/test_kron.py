@@ -44,25 +44,37 @@ def test_kron_apply_with_chains(len_a, len_b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-@pytest.mark.parametrize("shapes", [((3, 4), (5, 2)), ((2, 5), (3, 4)), ((4, 4), (4, 4))])  # both product orders
-def test_kron_apply_of_one_sample_per_fold_and_its_gradients(dtype, shapes):
-    """One sample per fold runs ``A X Bᵀ`` as one autograd node with its own backward:
-    values against the materialised product, gradients by finite differences (complex:
-    torch's conjugate convention), and each input's gradient alone."""
+@pytest.mark.parametrize("dims_a,dims_b", [([3, 4], [5, 2]), ([2, 5], [3, 4]), ([4, 4], [4, 4]),  # both orders
+                                           ([5, 2, 4], [3, 6]), ([5, 2, 4], [3, 2, 6])])  # chains (factored)
+def test_kron_apply_of_one_sample_per_fold_and_its_gradients(dtype, dims_a, dims_b):
+    """One sample per fold runs ``A X Bᵀ`` as one autograd node with its own backward, for
+    plain factors and chains: values against the materialised product, gradients by finite
+    differences (complex: torch's conjugate convention), and each input's gradient alone."""
     g = generator(5)
-    (a1, a2), (b1, b2) = shapes
-    a = torch.randn(2, a1, a2, generator=g, dtype=dtype).requires_grad_()
-    b = torch.randn(2, b1, b2, generator=g, dtype=dtype).requires_grad_()
-    x = torch.randn(2, 1, a2 * b2, generator=g, dtype=dtype).requires_grad_()
+    chain_a = [torch.randn(2, dims_a[i], dims_a[i + 1], generator=g, dtype=dtype).requires_grad_()
+               for i in range(len(dims_a) - 1)]
+    chain_b = [torch.randn(2, dims_b[i], dims_b[i + 1], generator=g, dtype=dtype).requires_grad_()
+               for i in range(len(dims_b) - 1)]
+    a, b = chain_a[0], chain_b[0]
+    for m in chain_a[1:]:
+        a = a @ m
+    for m in chain_b[1:]:
+        b = b @ m
+    x = torch.randn(2, 1, dims_a[-1] * dims_b[-1], generator=g, dtype=dtype).requires_grad_()
     expected = x @ kron_dense(a, b).transpose(1, 2)
-    assert rel(kron_apply([a], [b], x), expected) < 1e-13
-    assert torch.autograd.gradcheck(lambda *t: kron_apply([t[0]], [t[1]], t[2]), (a, b, x))
-    weights = torch.randn(2, 1, a1 * b1, generator=g, dtype=dtype)
-    full = torch.autograd.grad((kron_apply([a], [b], x) * weights).sum().real, (a, b, x))
-    for i in range(3):  # only one input needing a gradient: the same gradient
-        inputs = [t.detach().requires_grad_(j == i) for j, t in enumerate((a, b, x))]
-        (alone,) = torch.autograd.grad((kron_apply([inputs[0]], [inputs[1]], inputs[2]) * weights).sum().real,
-                                       inputs[i])
+    n_a = len(chain_a)
+
+    def apply(x, *mats):
+        return kron_apply(list(mats[:n_a]), list(mats[n_a:]), x)
+
+    inputs = (x, *chain_a, *chain_b)
+    assert rel(apply(*inputs), expected) < 1e-13
+    assert torch.autograd.gradcheck(apply, inputs)
+    weights = torch.randn(2, 1, dims_a[0] * dims_b[0], generator=g, dtype=dtype)
+    full = torch.autograd.grad((apply(*inputs) * weights).sum().real, inputs)
+    for i in range(len(inputs)):  # only one input needing a gradient: the same gradient
+        alone_inputs = [t.detach().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        (alone,) = torch.autograd.grad((apply(*alone_inputs) * weights).sum().real, alone_inputs[i])
         torch.testing.assert_close(alone, full[i], rtol=1e-12, atol=1e-12)
 
 
