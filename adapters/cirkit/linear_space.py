@@ -138,20 +138,30 @@ class _Unmeasured(Exception):
     """A sum layer after an unmeasured product came out tiny: evaluate again, measuring."""
 
 
-def _rescaled(v: Tensor, s: Tensor, m: Tensor) -> Scaled:
+def _peaks(v: Tensor) -> Tuple[Optional[Tensor], float, float]:
+    """The largest |entry| of v per (fold, sample), detached, and the smallest and largest of
+    those as Python floats (reading floats costs less dispatch than comparing tensors and
+    ``all``). A single vector (one fold and sample, as in a deep chain) is read with one
+    ``aminmax`` and gives no tensor (None). NaN entries give NaN, which fails every test."""
+    if v.numel() == v.shape[-1]:
+        lo, hi = torch.aminmax((torch.view_as_real(v) if v.is_complex() else v).detach())
+        top = max(float(hi), -float(lo))  # NaN: max keeps its first argument, hi is NaN too
+        return None, top, top
+    m = _max_abs(v).detach()
+    lo, hi = torch.aminmax(m)
+    return m, float(lo), float(hi)
+
+
+def _rescaled(v: Tensor, s: Tensor, m: Optional[Tensor], top: float) -> Scaled:
+    """v divided by its peaks ``m`` (:func:`_peaks`), their logs moved into s. A single vector
+    (m None) is multiplied by a Python number -- unless its peak ``top`` is 0, inf or NaN,
+    which take the tensor path as every other vector does."""
+    if m is None:
+        if top > 0 and math.isfinite(top):
+            return v * (1.0 / top), s + math.log(top)
+        m = _max_abs(v).detach()
     m = torch.where(m > 0, m, torch.ones_like(m))  # an all-zero vector stays zero (log -> -inf)
     return v / m.unsqueeze(-1), s + torch.log(m)
-
-
-def _range_of(m: Tensor) -> Tuple[float, float]:
-    """(smallest, largest) entry of m as Python floats: one read for a single entry (one fold,
-    one sample), else one ``aminmax``; a few elementwise comparisons and an ``all`` cost more
-    dispatch than the values they test. NaN entries give NaN, which fails every test."""
-    if m.numel() == 1:
-        x = float(m)
-        return x, x
-    lo, hi = torch.aminmax(m)
-    return float(lo), float(hi)
 
 
 def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
@@ -159,29 +169,12 @@ def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled
     its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
     v is a sum over a product that was not measured; a tiny result raises
     :class:`_Unmeasured` (the product may have flushed entries)."""
-    if v.numel() == v.shape[-1]:  # one fold and sample (a deep chain): Python scalars throughout
-        return _normalise_one(v, s, after_unmeasured)
-    m = _max_abs(v).detach()
-    lo, hi = _range_of(m)
+    m, lo, hi = _peaks(v)
     if _LOW <= lo and hi <= _HIGH:
         return v, s
     if after_unmeasured and lo < _flush_limit(v.dtype):
         raise _Unmeasured
-    return _rescaled(v, s, m)
-
-
-def _normalise_one(v: Tensor, s: Tensor, after_unmeasured: bool) -> Scaled:
-    """:func:`normalise` of a single vector: one ``aminmax`` read as two floats, and when the
-    range is left one multiplication by a Python number (no per-entry tensors of scales)."""
-    lo, hi = torch.aminmax((torch.view_as_real(v) if v.is_complex() else v).detach())
-    top = max(float(hi), -float(lo))  # NaN propagates through neither max: test it apart
-    if _LOW <= top <= _HIGH:
-        return v, s
-    if after_unmeasured and top < _flush_limit(v.dtype):
-        raise _Unmeasured
-    if not top > 0 or not math.isfinite(top):  # all zero (stays zero), inf or NaN: as the folded path
-        return _rescaled(v, s, _max_abs(v).detach())
-    return v * (1.0 / top), s + math.log(top)
+    return _rescaled(v, s, m, hi)
 
 
 def from_logs(y: Tensor) -> Scaled:
@@ -235,15 +228,14 @@ def _product(out: Tensor, scale: Tensor, inputs: Callable[[], Scaled],
     """
     if not measure:
         return out, scale
-    m = _max_abs(out).detach()
-    lo, hi = _range_of(m)
-    if lo < _flush_limit(m.dtype):  # includes products flushed to 0
+    m, lo, hi = _peaks(out)
+    if lo < _flush_limit(out.dtype):  # includes products flushed to 0
         v, s = inputs()
         logs = log_combine(to_logs(v, s, complex_values=True))  # complex: v may be signed
         return from_logs(logs)
     if _LOW <= lo and hi <= _HIGH:
         return out, scale
-    return _rescaled(out, scale, m)
+    return _rescaled(out, scale, m, hi)
 
 
 class _PairProduct(torch.autograd.Function):
@@ -533,7 +525,7 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
     the pieces ``(left, right, s)`` of :func:`_outer_lse_factors` and the folds (an index
     into the pieces concatenated; None for all of them in order).
     """
-    if len(value.outputs) != 1 or not isinstance(value.outputs[0], TorchReduceLSEParameter):
+    if not _ends_in_reduce(value):
         return None
     reduce = value.outputs[0]
     outers = list(value.node_inputs(reduce))
@@ -642,21 +634,18 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
     if isinstance(layer, TorchCategoricalLayer) and inputs:
         (x,) = inputs  # (F, B, 1)
         return _categorical(layer, x.squeeze(dim=2).long(), mask)
-    observed = None
     if isinstance(layer, TorchGaussianLayer) and inputs and inputs[0].shape[2] == 1:
         x = inputs[0].squeeze(dim=2)
         found = _gaussian_product(layer, x, mask)  # a squared circuit's Gaussian input
         if found is not None:
             return found
         observed = from_logs(_gaussian(layer, x))
-    if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
-        integrated = _integrated_products(layer.value)
-        if integrated is None:
-            integrated = _gaussian_integrals(layer.value)
-        if integrated is not None:  # e.g. the integral of a squared categorical or Gaussian layer
-            (batch,) = inputs
-            return _over_batch(*integrated, batch)
-    if observed is None:
+    else:
+        if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
+            integrated = _integrated_products(layer.value) or _gaussian_integrals(layer.value)
+            if integrated is not None:  # the integral of a squared categorical or Gaussian layer
+                (batch,) = inputs
+                return _over_batch(*integrated, batch)
         observed = from_logs(layer(*inputs))
     if mask is None:
         return observed
@@ -712,7 +701,13 @@ def _takes_factors(layer) -> bool:
 
 
 def _block_input(layer) -> bool:
-    return isinstance(layer, TorchConstantValueLayer) and layer.log_space
+    """A constant input whose value graph may be integrals of categorical products
+    (:func:`_integrated_pieces` decides), not e.g. full-rank Gaussian integrals."""
+    return isinstance(layer, TorchConstantValueLayer) and layer.log_space and _ends_in_reduce(layer.value)
+
+
+def _ends_in_reduce(value) -> bool:
+    return len(value.outputs) == 1 and isinstance(value.outputs[0], TorchReduceLSEParameter)
 
 
 def _input_blocks(layer: TorchInputLayer, inputs: tuple) -> Optional[Tuple[Tensor, Tensor, Tensor, int]]:

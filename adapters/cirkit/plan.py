@@ -68,7 +68,8 @@ class Fetch:
         if self.kind == "pieces":
             # a few rows from large sources: never concatenate the sources; their rows, split
             # once per run (one stack in the backward), are stacked into just the rows asked for
-            t = torch.stack(self._rows(outputs, unbound))
+            cache = {} if unbound is None else unbound
+            t = torch.stack([_row(outputs, cache, source, row) for source, row in self.pieces])
             return t.view(*self.shape, *t.shape[1:])
         if len(self.sources) == 1:
             t = outputs[self.sources[0]]
@@ -98,7 +99,6 @@ class Fetch:
             return _Permute.apply(t, idx, inverse).view(*self.shape, *rest)
         return t.index_select(0, idx).view(*self.shape, *rest)
 
-
     def operands(self, outputs: Union[Sequence[Tensor], Mapping[int, Tensor]],
                  unbound: Optional[Dict[int, tuple]] = None) -> List[Tensor]:
         """A ``'pieces'`` or ``'narrow'`` input of one fold (shape (1, H)) as its H inputs apart,
@@ -108,12 +108,10 @@ class Fetch:
             raise ValueError(f"operands() reads a 'pieces' or 'narrow' input of one fold, not {self.kind!r} "
                              f"of shape {self.shape}")
         pieces = self.pieces if self.kind == "pieces" else [(self.sources[0], self.start + h) for h in range(self.shape[1])]
-        rows = []
-        for source, row in pieces:
-            t = outputs[source]
-            # a source of one fold is its own row: no split, and no stack in the backward
-            rows.append(t if t.shape[0] == 1 else self._rows(outputs, unbound, [(source, row)])[0].unsqueeze(0))
-        return rows
+        cache = {} if unbound is None else unbound
+        # a source of one fold is its own row: no split, and no stack in the backward
+        return [outputs[source] if outputs[source].shape[0] == 1 else _row(outputs, cache, source, row).unsqueeze(0)
+                for source, row in pieces]
 
     @property
     def takes_operands(self) -> bool:
@@ -122,16 +120,12 @@ class Fetch:
         them, where a ``narrow`` of the source would add a zero-filled copy of it)."""
         return self.kind in ("pieces", "narrow") and len(self.shape) == 2 and self.shape[0] == 1
 
-    def _rows(self, outputs, unbound: Optional[Dict[int, tuple]], pieces=None) -> List[Tensor]:
-        """The requested rows (``pieces``, default all) of the sources, each source split
-        once per run (``unbound``)."""
-        cache = {} if unbound is None else unbound
-        rows = []
-        for source, row in self.pieces if pieces is None else pieces:
-            if source not in cache:
-                cache[source] = outputs[source].unbind(0)
-            rows.append(cache[source][row])
-        return rows
+
+def _row(outputs, cache: Dict[int, tuple], source: int, row: int) -> Tensor:
+    """Row ``row`` of ``outputs[source]``, the source split once per run (``cache``)."""
+    if source not in cache:
+        cache[source] = outputs[source].unbind(0)
+    return cache[source][row]
 
 
 class _Permute(torch.autograd.Function):

@@ -75,6 +75,18 @@ def assert_same_logs(got, ref):
         assert float(phase.abs().max()) < 1e-8
 
 
+def parameter_grads(module) -> dict:
+    """Every parameter gradient of ``module``, by name."""
+    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(got: dict, expected: dict, minimum: int = 1) -> None:
+    """The same parameters (at least ``minimum``), their gradients within relative 1e-9."""
+    assert got.keys() == expected.keys() and len(got) >= minimum
+    for name, g in got.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 GRID = [(rg, layer, sr, fold, opt)
         for rg in REGION_GRAPHS for layer in ("cp", "cp-t", "tucker")
         for sr in ("lse-sum", "complex-lse-sum") for fold in (False, True) for opt in (False, True)]
@@ -308,9 +320,7 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
     with torch.no_grad():
         assert_same_logs(value, semiring_values(partition))
     assert_same_logs(value, dense_value)
-    assert grads.keys() == dense_grads.keys() and len(grads) > 0
-    for name, g in grads.items():
-        torch.testing.assert_close(g, dense_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_gradients(grads, dense_grads)
 
 
 @pytest.mark.parametrize("complex_weights", [False, True])
@@ -326,9 +336,7 @@ def test_structured_squares_take_low_rank_blocks_in_their_own_fold_order(complex
     value, grads, _ = _partition_gradients(model.partition, True, monkeypatch)
     dense_value, dense_grads, _ = _partition_gradients(model.partition, False, monkeypatch)
     assert_same_logs(value, dense_value)
-    assert grads.keys() == dense_grads.keys() and len(grads) > 0
-    for name, g in grads.items():
-        torch.testing.assert_close(g, dense_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_gradients(grads, dense_grads)
 
 
 @pytest.mark.parametrize("fold", [False, True])
@@ -363,12 +371,7 @@ def test_squared_gaussian_inputs_are_outer_products_of_their_factors(fold, monke
     got = evaluate_linear_space(squared, x)
     assert_same_logs(got.detach(), expected.detach())
     got.real.sum().backward()
-    grads = dict(squared.named_parameters())
-    checked = [name for name, p in reference.named_parameters() if p.grad is not None]
-    assert len(checked) >= 3
-    for name in checked:
-        torch.testing.assert_close(grads[name].grad, dict(reference.named_parameters())[name].grad,
-                                   rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_gradients(parameter_grads(squared), parameter_grads(reference), minimum=3)
     with torch.no_grad():
         integrated = evaluate_linear_space(squared, x, integrate=mask)
         assert_same_logs(integrated[4:], evaluate_linear_space(partition).unsqueeze(0))
@@ -391,11 +394,7 @@ def test_gaussian_inputs_match_cirkit(fold):
     got = evaluate_linear_space(base, x)
     assert_same_logs(got.detach(), expected.detach())
     got.real.sum().backward()
-    grads = dict(base.named_parameters())
-    checked = [(n, p) for n, p in reference.named_parameters() if p.grad is not None]
-    assert len(checked) >= 3
-    for name, p in checked:
-        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_gradients(parameter_grads(base), parameter_grads(reference), minimum=3)
     if not fold:  # marginals: cirkit 0.3.1's folded IntegrateQuery fails
         from cirkit.backend.torch.queries import IntegrateQuery
         from cirkit.utils.scope import Scope
