@@ -316,6 +316,17 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         """
         return None
 
+    def kronecker_chains(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """``(chain_a, chain_b)``: lists of (F, T, ·, ·) matrices whose products, left to right,
+        are the terms of :meth:`kronecker_terms` (``A_t = chain_a[0][:, t] @ chain_a[1][:, t] @ …``),
+        in the form the kind stores them; None where there are no terms.
+
+        A consumer applying ``A_t`` to a few columns goes through the stored thin factors (a
+        low-rank term: ``L (R x)``) instead of multiplying them out. Default: one-matrix chains.
+        """
+        terms = self.kronecker_terms()
+        return None if terms is None else ([terms[0]], [terms[1]])
+
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.
 

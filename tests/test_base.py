@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -437,8 +439,8 @@ def test_rebuild_wins_on_large_batches_of_small_weights(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_declared_factorisations_are_the_weight(kind):
-    """``thin_factors`` (W = L R) and ``kronecker_terms`` (W = Σ_t A_t ⊗ B_t), where a layer
-    declares them, are its weight to 1e-10 (float64), and carry gradients."""
+    """``thin_factors`` (W = L R), ``kronecker_terms`` (W = Σ_t A_t ⊗ B_t) and their stored
+    form ``kronecker_chains``, where a layer declares them, are its weight to 1e-10 (float64), and carry gradients."""
     for layer in _some_layers(kind):
         w = layer.to_dense().detach()
         thin, terms = layer.thin_factors(), layer.kronecker_terms()
@@ -448,6 +450,11 @@ def test_declared_factorisations_are_the_weight(kind):
             a, b = terms
             built = sum(kron_dense(a[:, t], b[:, t]) for t in range(a.shape[1]))
             assert rel(built, w) < EXACT and (a.requires_grad or b.requires_grad)
+        chains = layer.kronecker_chains()
+        assert (chains is None) == (terms is None)
+        if chains is not None:  # the stored form multiplies out to the terms
+            for chain, term in zip(chains, terms):
+                assert rel(functools.reduce(torch.matmul, chain), term) < EXACT
 
 
 def test_kronecker_terms_are_declared_by_the_kronecker_kinds():

@@ -13,7 +13,7 @@ own sum layers use.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -67,24 +67,31 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch.complex(torch.matmul(a, b.real), torch.matmul(a, b.imag))
 
 
-def _terms_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+def _terms_on_factors(chain_a: List[Tensor], chain_b: List[Tensor], left: Tensor,
+                      right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """``Σ_t A_t X B_tᵀ`` for ``X = left @ rightᵀ``, as factors ``(left', right')`` with
     ``T·V`` columns: ``[A_1 left, ..., A_T left]`` and ``[B_1 right, ..., B_T right]``.
-    a (F, T, a1, a2), b (F, T, b1, b2), left (F, a2, V), right (F, b2, V); None when the
-    shapes do not fit."""
-    if a.shape[-1] != left.shape[1] or b.shape[-1] != right.shape[1]:
+    ``A_t`` is the product of ``chain_a``'s matrices (each (F, T, ·, ·)), applied last one
+    first, so a low-rank term costs ``r·(a1 + a2)·V``, not ``a1·a2·V``; likewise ``B_t``.
+    left (F, a2, V), right (F, b2, V); None when the shapes do not fit."""
+    if chain_a[-1].shape[-1] != left.shape[1] or chain_b[-1].shape[-1] != right.shape[1]:
         return None
-    f, t, v = a.shape[0], a.shape[1], left.shape[2]
+    f, t, v = left.shape[0], chain_a[0].shape[1], left.shape[2]
 
-    def side(m: Tensor, x: Tensor) -> Tensor:  # (F, T, o, i), (F, i, V) -> (F, o, T·V)
+    def side(chain: List[Tensor], x: Tensor) -> Tensor:  # (F, i, V) -> (F, o, T·V)
         # as (xᵀ mᵀ)ᵀ: torch's batched GEMM is several times faster with the thin side first
-        if t == 1:  # one batched GEMM, the result a transposed view
-            # squeeze, not m[:, 0]: a select's backward fills a zero tensor of m's shape first
-            return _matmul(x.transpose(1, 2), m.squeeze(1).transpose(1, 2)).transpose(1, 2)
-        y = _matmul(x.transpose(1, 2).unsqueeze(1), m.transpose(-1, -2))  # (F, T, V, o)
-        return y.permute(0, 3, 1, 2).reshape(f, m.shape[2], t * v)
+        y = x.transpose(1, 2)
+        if t == 1:  # batched GEMMs over the folds, the result a transposed view
+            for m in reversed(chain):
+                # squeeze, not m[:, 0]: a select's backward fills a zero tensor of m's shape first
+                y = _matmul(y, m.squeeze(1).transpose(1, 2))
+            return y.transpose(1, 2)
+        y = y.unsqueeze(1)
+        for m in reversed(chain):
+            y = _matmul(y, m.transpose(-1, -2))  # (F, T, V, ·)
+        return y.permute(0, 3, 1, 2).reshape(f, y.shape[-1], t * v)
 
-    return side(a, left), side(b, right)
+    return side(chain_a, left), side(chain_b, right)
 
 
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
@@ -161,7 +168,7 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         factors of the output block ``A X Bᵀ``: ``(Ko1 + Ko2)·Ki·V`` multiply-adds per fold
         where the block costs ``Ki·Ko·(Ki + Ko)``. None where the factors do not fit A and B."""
         a, b = self.factors()
-        return _terms_on_factors(a.unsqueeze(1), b.unsqueeze(1), left, right)
+        return _terms_on_factors([a.unsqueeze(1)], [b.unsqueeze(1)], left, right)
 
 
 class TorchStructuredSumLayer(_SumLayerConfig):
@@ -194,15 +201,15 @@ class TorchStructuredSumLayer(_SumLayerConfig):
     @property
     def takes_factors(self) -> bool:
         """:meth:`linear_on_factors` applies: one input, and a kind storing W as a sum of
-        Kronecker products (``kronecker_terms``)."""
-        return self.arity == 1 and self.structured.kronecker_terms() is not None
+        Kronecker products (``kronecker_chains``, applied in the stored thin form)."""
+        return self.arity == 1 and self.structured.kronecker_chains() is not None
 
     def linear_on_factors(self, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
         """The map on one input block ``X = left @ rightᵀ`` (left (F, a2, V), right (F, b2, V))
         for ``W = Σ_t A_t ⊗ B_t``: the factors of ``Σ_t A_t X B_tᵀ``, (F, a1, T·V) and
         (F, b1, T·V); None where the kind has no Kronecker terms or they do not fit."""
-        terms = self.structured.kronecker_terms()
-        return None if terms is None else _terms_on_factors(terms[0], terms[1], left, right)
+        chains = self.structured.kronecker_chains()
+        return None if chains is None else _terms_on_factors(chains[0], chains[1], left, right)
 
     def linear(self, z: Tensor) -> Tensor:
         """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""

@@ -208,6 +208,13 @@ class FactoredLayer(StructuredSumLayer):
         a, b = self.factors()
         return a.unsqueeze(1), b.unsqueeze(1)
 
+    def kronecker_chains(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """Kronecker structure: the one term as its thin factors, ``([L_a, R_a], [L_b, R_b])``."""
+        if self.structure != "kronecker":
+            return None
+        chain_a, chain_b = self._chains()
+        return [m.unsqueeze(1) for m in chain_a], [m.unsqueeze(1) for m in chain_b]
+
     def thin_factors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Flat structure: (left, right); the Kronecker structure has no single inner width."""
         return (self.left, self.right) if self.structure == "flat" else None

@@ -27,6 +27,7 @@ from adapters.cirkit.layers import TorchStructuredSquareSumLayer
 from adapters.cirkit.model import compile_density
 from adapters.cirkit.structured import compile_structured, structure_policy
 from adapters.cirkit.semiring import unclamped
+from structlayers.kinds._factored import FactoredLayer
 from adapters.cirkit.bench.variants import (
     CIRKIT_MATERIALISED,
     CIRKIT_OPTIMIZED,
@@ -313,7 +314,9 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
     calls = []
     original = linear_space._materialise
     monkeypatch.setattr(linear_space, "_materialise", lambda l, r: calls.append(l.shape) or original(l, r))
-    value, grads, plan = _partition_gradients(partition, True, monkeypatch)
+    with monkeypatch.context() as patch:  # low rank: the stored thin factors apply, never their product
+        patch.setattr(FactoredLayer, "kronecker_terms", lambda layer: pytest.fail("terms multiplied out"))
+        value, grads, plan = _partition_gradients(partition, True, monkeypatch)
     # each such sum layer multiplies out its output block once; its input blocks never are
     assert len(calls) == sum(step.on_factors for step in plan.steps) > 0
     dense_value, dense_grads, _ = _partition_gradients(partition, False, monkeypatch)
