@@ -100,6 +100,18 @@ def gemm_gflops(size: int = 2048, *, repeats: int = 7, dtype: torch.dtype = torc
     return 2.0 * size**3 / seconds / 1e9
 
 
+def matmul_macs(fn: Callable[[], object]) -> int:
+    """Multiply-adds of the matrix products (mm, bmm, addmm, convolutions, ...) that one call
+    of ``fn`` actually runs, forward and any backward it calls, as torch's flop counter sees
+    them (half its flops). Elementwise work is not counted. Unlike a count from the layers'
+    shapes, it sees what the evaluation skipped (products on low-rank blocks) or added."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
 def environment() -> Dict[str, object]:
     """What a timing depends on: machine, threads, library versions."""
     return {

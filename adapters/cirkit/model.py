@@ -214,13 +214,14 @@ class CircuitDensity(nn.Module):
         versions = tuple((id(t), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
         return versions + module_ids(self.partition) + (self._evaluation,)
 
-    def log_partition(self) -> Tensor:
-        """``log |Z|``, ``(O,)``; cached in eval mode when no gradient is needed."""
-        return self._log_partition_signed()[0]
+    def log_partition(self, *, cached: bool = True) -> Tensor:
+        """``log |Z|``, ``(O,)``; cached in eval mode when no gradient is needed.
+        ``cached=False`` computes it anyway (and leaves the cache alone), e.g. to time it."""
+        return self._log_partition_signed(cached)[0]
 
-    def _log_partition_signed(self) -> Tuple[Tensor, Tensor]:
-        cacheable = not self.training and not (torch.is_grad_enabled()
-                                               and any(p.requires_grad for p in self.parameters()))
+    def _log_partition_signed(self, cached: bool = True) -> Tuple[Tensor, Tensor]:
+        cacheable = cached and not self.training and not (torch.is_grad_enabled()
+                                                          and any(p.requires_grad for p in self.parameters()))
         if cacheable:
             key = self._logz_key()
             if self._logz_cache is not None and self._logz_cache[0] == key:

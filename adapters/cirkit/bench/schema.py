@@ -17,6 +17,10 @@ every baseline ``<base>`` of :data:`BASELINES`:
 ``<call>_gemm_efficiency``                time those multiply-adds take at the machine's
                                           matrix-product rate (measured in the same run)
                                           / the measured time
+``<call>_macs_done``                      multiply-adds of the matrix products the call
+                                          actually ran (torch's flop counter; fewer where
+                                          the evaluation works on low-rank blocks)
+``<call>_gemm_efficiency_done``           the same ratio for those multiply-adds
 ``theory_speedup_vs_<base>``              multiply-adds per sample of the Kronecker sum
                                           layers, baseline / variant
 ========================================  =================================================
@@ -59,6 +63,8 @@ class CallStats:
     ms: float = NAN
     macs: float = NAN
     gemm_efficiency: float = NAN
+    macs_done: float = NAN
+    gemm_efficiency_done: float = NAN
     speedup_vs: Dict[str, float] = field(default_factory=_per_baseline)
     efficiency_vs: Dict[str, float] = field(default_factory=_per_baseline)
     peak_mib: float = NAN
@@ -126,6 +132,8 @@ class Row:
             out[f"{name}_ms"] = stats.ms
             out[f"{name}_macs"] = stats.macs
             out[f"{name}_gemm_efficiency"] = stats.gemm_efficiency
+            out[f"{name}_macs_done"] = stats.macs_done
+            out[f"{name}_gemm_efficiency_done"] = stats.gemm_efficiency_done
             for key in BASELINES:
                 out[f"{name}_speedup_vs_{key}"] = stats.speedup_vs[key]
                 out[f"{name}_beats_{key}"] = stats.beats(key)
@@ -167,6 +175,8 @@ class Row:
             stats.ms = number(flat.get(f"{name}_ms"))
             stats.macs = number(flat.get(f"{name}_macs"))
             stats.gemm_efficiency = number(flat.get(f"{name}_gemm_efficiency"))
+            stats.macs_done = number(flat.get(f"{name}_macs_done"))
+            stats.gemm_efficiency_done = number(flat.get(f"{name}_gemm_efficiency_done"))
             stats.peak_mib = number(flat.get(f"{name}_peak_mib"))
             for key in BASELINES:
                 stats.speedup_vs[key] = number(flat.get(f"{name}_speedup_vs_{key}"))

@@ -33,7 +33,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from structlayers.benchmarking import PEAK_RSS_PROBLEM, gemm_gflops, interleaved_medians, peak_rss_mib, pinned_threads
+from structlayers.benchmarking import (
+    PEAK_RSS_PROBLEM,
+    gemm_gflops,
+    interleaved_medians,
+    matmul_macs,
+    peak_rss_mib,
+    pinned_threads,
+)
 
 from ..costs import circuit_macs
 from ..likelihood import nll_to_bpd
@@ -273,8 +280,8 @@ def _timed_calls(variant: Variant, batch: torch.Tensor) -> Dict[str, Callable[[]
         model.log_partition().sum().backward()
 
     def z_fwd():
-        with torch.no_grad():
-            return model.log_partition()
+        with torch.no_grad():  # computed: a trained model is in eval mode, where log Z is cached
+            return model.log_partition(cached=False)
 
     def logc2_fwd():
         with torch.no_grad():
@@ -297,7 +304,8 @@ def _new_row(config: BenchConfig, k: int, v: Variant) -> Row:
 
 
 def _rows_for(config: BenchConfig, k: int, prepared: Prepared, variants: Sequence[Variant],
-              times: Mapping[str, Mapping[str, float]], gflops: float) -> List[Row]:
+              times: Mapping[str, Mapping[str, float]], gflops: float,
+              calls: Mapping[str, Mapping[str, Callable[[], object]]]) -> List[Row]:
     d = prepared.spec.num_variables
     infos = _layer_infos(variants)
     theory = baseline_macs(infos)
@@ -312,6 +320,8 @@ def _rows_for(config: BenchConfig, k: int, prepared: Prepared, variants: Sequenc
             stats.ms = times[v.name][m] * 1e3
             stats.macs = macs[m]
             stats.gemm_efficiency = ratio(2.0 * macs[m] / (gflops * 1e9), times[v.name][m])
+            stats.macs_done = matmul_macs(calls[v.name][m])  # one more call, counted, not timed
+            stats.gemm_efficiency_done = ratio(2.0 * stats.macs_done / (gflops * 1e9), times[v.name][m])
             for key in BASELINES:
                 base = ref_times[key][m] if ref_times[key] is not None else NAN
                 stats.speedup_vs[key] = ratio(base, times[v.name][m])
@@ -406,7 +416,7 @@ def run_sweep(config: BenchConfig, *, progress: bool = True, arguments: Optional
                 for n, t in medians.items():
                     times.setdefault(n, {})[m] = t
             bar.step(f"K={k}: timed")
-            k_rows = _rows_for(config, k, prepared, variants, times, gflops)
+            k_rows = _rows_for(config, k, prepared, variants, times, gflops, calls)
             rows.extend(k_rows)
             sizes.append(size)
             bar.step(f"K={k}: scored")

@@ -164,6 +164,11 @@ def test_ratios_are_consistent_with_times_and_counts(quick):
                 assert (row[f"{m}_beats_opt"] == "True") == (num(row[f"{m}_speedup_vs_opt"]) > 1)
                 assert num(row[f"{m}_efficiency_vs_opt"]) == pytest.approx(
                     num(row[f"{m}_speedup_vs_opt"]) / num(row["theory_speedup_vs_opt"]), rel=1e-9)
+                # the counted multiply-adds, and the efficiency both counts give for one time; every
+                # call computes (a trained model is in eval mode, where log Z would come from its cache)
+                done, defined = num(row[f"{m}_macs_done"]), num(row[f"{m}_macs"])
+                assert done > 0 and num(row[f"{m}_gemm_efficiency_done"]) == pytest.approx(
+                    num(row[f"{m}_gemm_efficiency"]) * done / defined, rel=1e-9)
                 peak, peak_opt = num(row[f"{m}_peak_mib"]), num(opt[f"{m}_peak_mib"])
                 if peak > 0 and peak_opt > 0:
                     assert num(row[f"{m}_memory_reduction_vs_opt"]) == pytest.approx(peak_opt / peak, rel=1e-9)
