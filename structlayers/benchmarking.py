@@ -104,7 +104,9 @@ def matmul_macs(fn: Callable[[], object]) -> int:
     """Multiply-adds of the matrix products (mm, bmm, addmm, convolutions, ...) that one call
     of ``fn`` actually runs, forward and any backward it calls, as torch's flop counter sees
     them (half its flops). Elementwise work is not counted. Unlike a count from the layers'
-    shapes, it sees what the evaluation skipped (products on low-rank blocks) or added."""
+    shapes, it sees what the evaluation skipped (products on low-rank blocks) or added.
+    Run gradients through ``backward()``: the counter fails inside ``torch.autograd.grad``
+    of leaf tensors (torch 2.13)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:

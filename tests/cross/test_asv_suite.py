@@ -95,7 +95,8 @@ def test_every_benchmark_runs_once(asv):
                  "circuits_quality.SquaredDigitsWeights.track_relative_weight_error",
                  "circuits_quality.SquaredDigitsClassifier.track_error_rate",
                  "jobs.TrainStep.time_step", "jobs.TrainStep.track_step_peak_mib", "jobs.Marginal.time_log_marginal",
-                 "jobs.Sample.time_sample_16", "engine.LogPartition.track_gemm_efficiency"):
+                 "jobs.Sample.time_sample_16", "engine.LogPartition.track_gemm_efficiency",
+                 "engine.LogPartition.track_gemm_efficiency_done"):
         assert name in out, f"{name} did not run:\n{out}"
     assert " failed" not in out, out
 
