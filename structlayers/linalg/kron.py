@@ -84,10 +84,12 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     factor is a chain of length one. x: (F, N, a2*b2) -> (F, N, a1*b1).
     The matrices are applied in the cheapest interleaving (see :func:`_plan`).
 
-    Each sample is a (p, q) block. Rather than permuting blocks between steps, the
-    layout is tracked: a matrix acting on the last axis is one large GEMM over the
-    whole batch; one acting on the other axis multiplies the transposed view (no
-    copy) and leaves that axis last. A single transpose at the end restores order.
+    Each sample is a (p, q) block. A matrix acting on the last axis is one large GEMM
+    over the whole batch. One acting on the other axis multiplies each fold's samples by
+    that fold's matrix, read in place (:func:`_first_axis`), where broadcasting it to every
+    sample would copy ``N`` matrices per fold; a small matrix (below
+    ``PER_FOLD_MIN_ELEMENTS`` entries) multiplies the transposed view instead, broadcast,
+    that axis then last, and a single transpose at the end restores order.
     """
     f, n, _ = x.shape
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
@@ -105,12 +107,39 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
             rows = blocks.shape[2]
             blocks = torch.matmul(blocks.reshape(f, n * rows, blocks.shape[3]), m.transpose(-1, -2))
             blocks = blocks.reshape(f, n, rows, m.shape[-2])
+        elif m.shape[-2] * m.shape[-1] >= PER_FOLD_MIN_ELEMENTS:
+            blocks = _first_axis(m, blocks)
         else:
             blocks = torch.matmul(blocks.transpose(-1, -2), m.transpose(-1, -2).unsqueeze(1))
             swapped = not swapped
     if swapped:
         blocks = blocks.transpose(-1, -2)
     return blocks.reshape(f, n, a_out * b_out)
+
+
+#: kron_apply: a matrix on the blocks' first axis with at least this many entries goes fold
+#: by fold (one batched product per fold, the matrix read in place, no copies); smaller ones
+#: are broadcast, the transposed blocks taking one large GEMM. Measured at 128 x 128 (64
+#: folds, 32 samples): fold by fold 1.6x faster forward, 1.4x forward+backward; at 64 x 64
+#: the two ways are within the noise of each other, one fold with many samples favouring
+#: the broadcast's single GEMM and many folds with two samples the absence of a loop.
+PER_FOLD_MIN_ELEMENTS = 16384
+
+
+def _first_axis(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``m[f] @ blocks[f, s]`` for every fold and sample: m (F, r, p), blocks (F, N, p, q) ->
+    (F, N, r, q), in the blocks' own layout. One batched product per fold over its samples,
+    the fold's matrix expanded (a stride-0 view, never copied). Without autograd the
+    products write into one output; with it, they are stacked."""
+    f, n = blocks.shape[:2]
+    shape = (n, m.shape[-2], m.shape[-1])
+    if torch.is_grad_enabled() and (m.requires_grad or blocks.requires_grad):
+        # unbind, not [i]: each select's backward would zero-fill a tensor of the full shape
+        return torch.stack([torch.bmm(mi.expand(shape), bi) for mi, bi in zip(m.unbind(0), blocks.unbind(0))])
+    out = blocks.new_empty((f, n, m.shape[-2], blocks.shape[-1]), dtype=torch.promote_types(m.dtype, blocks.dtype))
+    for i in range(f):
+        torch.bmm(m[i].expand(shape), blocks[i], out=out[i])
+    return out
 
 
 def _kron_apply_one(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:

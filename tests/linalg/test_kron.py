@@ -43,6 +43,44 @@ def test_kron_apply_with_chains(len_a, len_b):
     assert 0 < kron_chain_flops(chain_a, chain_b) < naive
 
 
+@pytest.mark.parametrize("per_fold", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("dims_a,dims_b", [([3, 4], [5, 2]), ([5, 2, 4], [3, 6]), ([5, 2, 4], [3, 2, 6])])
+def test_kron_apply_on_a_batch_fold_by_fold_or_broadcast(per_fold, dtype, dims_a, dims_b, monkeypatch):
+    """A matrix on the blocks' first axis, applied fold by fold (each fold's matrix read in
+    place; into one output without autograd, stacked with it) or broadcast to the samples:
+    values against the materialised product, with and without autograd, and gradcheck."""
+    from structlayers.linalg import kron as kron_module
+
+    monkeypatch.setattr(kron_module, "PER_FOLD_MIN_ELEMENTS", 0 if per_fold else 10 ** 9)
+    calls = []
+    original = kron_module._first_axis
+    monkeypatch.setattr(kron_module, "_first_axis", lambda m, blocks: calls.append(1) or original(m, blocks))
+    g = generator(6)
+    chain_a = [torch.randn(3, dims_a[i], dims_a[i + 1], generator=g, dtype=dtype).requires_grad_()
+               for i in range(len(dims_a) - 1)]
+    chain_b = [torch.randn(3, dims_b[i], dims_b[i + 1], generator=g, dtype=dtype).requires_grad_()
+               for i in range(len(dims_b) - 1)]
+    a, b = chain_a[0], chain_b[0]
+    for m in chain_a[1:]:
+        a = a @ m
+    for m in chain_b[1:]:
+        b = b @ m
+    x = torch.randn(3, 4, dims_a[-1] * dims_b[-1], generator=g, dtype=dtype).requires_grad_()
+    expected = (x @ kron_dense(a, b).transpose(1, 2)).detach()
+    n_a = len(chain_a)
+
+    def apply(x, *mats):
+        return kron_apply(list(mats[:n_a]), list(mats[n_a:]), x)
+
+    inputs = (x, *chain_a, *chain_b)
+    with torch.no_grad():
+        assert rel(apply(*inputs), expected) < 1e-13
+    assert rel(apply(*inputs), expected) < 1e-13
+    assert bool(calls) == per_fold  # each order has a step on the first axis
+    assert torch.autograd.gradcheck(apply, inputs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("dims_a,dims_b", [([3, 4], [5, 2]), ([2, 5], [3, 4]), ([4, 4], [4, 4]),  # both orders
                                            ([5, 2, 4], [3, 6]), ([5, 2, 4], [3, 2, 6])])  # chains (factored)
