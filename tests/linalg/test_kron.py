@@ -43,6 +43,29 @@ def test_kron_apply_with_chains(len_a, len_b):
     assert 0 < kron_chain_flops(chain_a, chain_b) < naive
 
 
+def _chains_and_apply(seed, folds, samples, dims_a, dims_b, dtype):
+    """Random chains (gradients required) of the given inner dimensions, an input of
+    ``samples`` per fold, the expected output (the materialised product) and the apply."""
+    g = generator(seed)
+    chain_a = [torch.randn(folds, dims_a[i], dims_a[i + 1], generator=g, dtype=dtype).requires_grad_()
+               for i in range(len(dims_a) - 1)]
+    chain_b = [torch.randn(folds, dims_b[i], dims_b[i + 1], generator=g, dtype=dtype).requires_grad_()
+               for i in range(len(dims_b) - 1)]
+    a, b = chain_a[0], chain_b[0]
+    for m in chain_a[1:]:
+        a = a @ m
+    for m in chain_b[1:]:
+        b = b @ m
+    x = torch.randn(folds, samples, dims_a[-1] * dims_b[-1], generator=g, dtype=dtype).requires_grad_()
+    expected = (x @ kron_dense(a, b).transpose(1, 2)).detach()
+    n_a = len(chain_a)
+
+    def apply(x, *mats):
+        return kron_apply(list(mats[:n_a]), list(mats[n_a:]), x)
+
+    return (x, *chain_a, *chain_b), expected, apply, g
+
+
 @pytest.mark.parametrize("per_fold", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("dims_a,dims_b", [([3, 4], [5, 2]), ([5, 2, 4], [3, 6]), ([5, 2, 4], [3, 2, 6])])
@@ -56,24 +79,7 @@ def test_kron_apply_on_a_batch_fold_by_fold_or_broadcast(per_fold, dtype, dims_a
     calls = []
     original = kron_module._first_axis
     monkeypatch.setattr(kron_module, "_first_axis", lambda m, blocks: calls.append(1) or original(m, blocks))
-    g = generator(6)
-    chain_a = [torch.randn(3, dims_a[i], dims_a[i + 1], generator=g, dtype=dtype).requires_grad_()
-               for i in range(len(dims_a) - 1)]
-    chain_b = [torch.randn(3, dims_b[i], dims_b[i + 1], generator=g, dtype=dtype).requires_grad_()
-               for i in range(len(dims_b) - 1)]
-    a, b = chain_a[0], chain_b[0]
-    for m in chain_a[1:]:
-        a = a @ m
-    for m in chain_b[1:]:
-        b = b @ m
-    x = torch.randn(3, 4, dims_a[-1] * dims_b[-1], generator=g, dtype=dtype).requires_grad_()
-    expected = (x @ kron_dense(a, b).transpose(1, 2)).detach()
-    n_a = len(chain_a)
-
-    def apply(x, *mats):
-        return kron_apply(list(mats[:n_a]), list(mats[n_a:]), x)
-
-    inputs = (x, *chain_a, *chain_b)
+    inputs, expected, apply, _ = _chains_and_apply(6, 3, 4, dims_a, dims_b, dtype)
     with torch.no_grad():
         assert rel(apply(*inputs), expected) < 1e-13
     assert rel(apply(*inputs), expected) < 1e-13
@@ -88,24 +94,7 @@ def test_kron_apply_of_one_sample_per_fold_and_its_gradients(dtype, dims_a, dims
     """One sample per fold runs ``A X Bᵀ`` as one autograd node with its own backward, for
     plain factors and chains: values against the materialised product, gradients by finite
     differences (complex: torch's conjugate convention), and each input's gradient alone."""
-    g = generator(5)
-    chain_a = [torch.randn(2, dims_a[i], dims_a[i + 1], generator=g, dtype=dtype).requires_grad_()
-               for i in range(len(dims_a) - 1)]
-    chain_b = [torch.randn(2, dims_b[i], dims_b[i + 1], generator=g, dtype=dtype).requires_grad_()
-               for i in range(len(dims_b) - 1)]
-    a, b = chain_a[0], chain_b[0]
-    for m in chain_a[1:]:
-        a = a @ m
-    for m in chain_b[1:]:
-        b = b @ m
-    x = torch.randn(2, 1, dims_a[-1] * dims_b[-1], generator=g, dtype=dtype).requires_grad_()
-    expected = x @ kron_dense(a, b).transpose(1, 2)
-    n_a = len(chain_a)
-
-    def apply(x, *mats):
-        return kron_apply(list(mats[:n_a]), list(mats[n_a:]), x)
-
-    inputs = (x, *chain_a, *chain_b)
+    inputs, expected, apply, g = _chains_and_apply(5, 2, 1, dims_a, dims_b, dtype)
     assert rel(apply(*inputs), expected) < 1e-13
     assert torch.autograd.gradcheck(apply, inputs)
     weights = torch.randn(2, 1, dims_a[0] * dims_b[0], generator=g, dtype=dtype)
