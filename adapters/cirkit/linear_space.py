@@ -391,18 +391,33 @@ def _integral(table: Tensor, top: Tensor) -> Scaled:
     return v.unsqueeze(1), m
 
 
+def _is_squared_categorical(layer) -> bool:
+    """A squared circuit's categorical input: logits ``a[i, n] + b[j, n]`` (an outer sum)."""
+    if not isinstance(layer, TorchCategoricalLayer) or layer.logits is None or not layer.logits.outputs:
+        return False
+    outer = layer.logits.outputs[0]
+    return isinstance(outer, TorchOuterSumParameter) and outer.dim == 0 and len(outer.in_shape1) == 2
+
+
+def _squared_categorical_factors(layer: TorchCategoricalLayer, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, tuple]:
+    """A squared categorical input at x (F, B): its value at unit (i, j) is ``left[f, b, i]
+    right[f, b, j] e^s[f, b]`` (left, right at most 1); also the two logits tables."""
+    factors = capture_inputs(layer.logits, TorchOuterSumParameter)
+    va, sa = _lookup(*_exp_table(factors[0]), x)
+    vb, sb = _lookup(*_exp_table(factors[1]), x)
+    return va, vb, sa + sb, factors
+
+
+def _sample_outer(left: Tensor, right: Tensor) -> Tensor:
+    """Per (fold, sample) outer products: left (F, B, Ki), right (F, B, Kj) -> (F, B, Ki·Kj)."""
+    return (left.unsqueeze(-1) * right.unsqueeze(-2)).flatten(start_dim=-2)
+
+
 def _categorical(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]) -> Scaled:
     """Values at x (F, B) -- or the integral where ``mask`` (F, B) is True."""
-    factors = capture_inputs(layer.logits, TorchOuterSumParameter) if layer.logits is not None else None
-    outer = layer.logits.outputs[0] if factors is not None else None
-    if factors is not None and outer.dim == 0 and len(outer.in_shape1) == 2:
-        # a squared circuit's input: logits a[i, n] + b[j, n] -> values are outer products
-        ta, pa = _exp_table(factors[0])
-        tb, pb = _exp_table(factors[1])
-        va, sa = _lookup(ta, pa, x)
-        vb, sb = _lookup(tb, pb, x)
-        v = (va.unsqueeze(-1) * vb.unsqueeze(-2)).flatten(start_dim=-2)
-        s = sa + sb
+    if _is_squared_categorical(layer):  # values are outer products
+        va, vb, s, factors = _squared_categorical_factors(layer, x)
+        v = _sample_outer(va, vb)
         if mask is not None:
             vi, si = _outer_lse(factors[0], factors[1])
             v, s = _select(mask, (vi, si), (v, s))
@@ -453,10 +468,10 @@ def _gaussian(layer: TorchGaussianLayer, x: Tensor) -> Tensor:
     return logs
 
 
-def _gaussian_product(layer: TorchGaussianLayer, x: Tensor, mask: Optional[Tensor]) -> Optional[Scaled]:
-    """A product of two Gaussian layers at x (F, B) as the outer product of their values
-    (:func:`_gaussian_product_factors`); its integral where ``mask`` (F, B) is True; None for
-    any other Gaussian layer."""
+def _gaussian_product_values(layer: TorchGaussianLayer, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor, tuple]]:
+    """A product of two Gaussian layers at x (F, B): ``(left, right, s, factors)`` with its
+    value at unit (i, j) ``left[f, b, i] right[f, b, j] e^s[f, b]``
+    (:func:`_gaussian_product_factors`); None for any other Gaussian layer."""
     factors = _gaussian_product_factors(layer)
     if factors is None:
         return None
@@ -464,7 +479,18 @@ def _gaussian_product(layer: TorchGaussianLayer, x: Tensor, mask: Optional[Tenso
     x = x.to(mean1.dtype)
     va, sa = from_logs(_gaussian_logs(mean1, std1, x))
     vb, sb = from_logs(_gaussian_logs(mean2, std2, x))
-    v, s = (va.unsqueeze(-1) * vb.unsqueeze(-2)).flatten(start_dim=-2), sa + sb
+    return va, vb, sa + sb, factors
+
+
+def _gaussian_product(layer: TorchGaussianLayer, x: Tensor, mask: Optional[Tensor]) -> Optional[Scaled]:
+    """A product of two Gaussian layers at x (F, B) as the outer product of their values
+    (:func:`_gaussian_product_factors`); its integral where ``mask`` (F, B) is True; None for
+    any other Gaussian layer."""
+    found = _gaussian_product_values(layer, x)
+    if found is None:
+        return None
+    va, vb, s, (mean1, std1, mean2, std2) = found
+    v = _sample_outer(va, vb)
     if mask is not None:
         vi, si = gaussian_product_integrals(mean1, std1, mean2, std2)
         v, s = _select(mask, (vi.flatten(start_dim=1).unsqueeze(1), si.unsqueeze(1)), (v, s))
@@ -701,20 +727,39 @@ def _takes_factors(layer) -> bool:
 
 
 def _block_input(layer) -> bool:
-    """A constant input whose value graph may be integrals of categorical products
-    (:func:`_integrated_pieces` decides), not e.g. full-rank Gaussian integrals."""
-    return isinstance(layer, TorchConstantValueLayer) and layer.log_space and _ends_in_reduce(layer.value)
+    """An input whose value per fold may come as low-rank factors: a constant whose value
+    graph may be integrals of categorical products (:func:`_integrated_pieces` decides; not
+    e.g. full-rank Gaussian integrals), or a squared circuit's categorical or Gaussian input
+    at data (one rank-1 block per sample)."""
+    if isinstance(layer, TorchConstantValueLayer):
+        return layer.log_space and _ends_in_reduce(layer.value)
+    if isinstance(layer, TorchGaussianLayer):
+        with torch.no_grad():
+            return _gaussian_product_factors(layer) is not None
+    return _is_squared_categorical(layer)
 
 
 def _ends_in_reduce(value) -> bool:
     return len(value.outputs) == 1 and isinstance(value.outputs[0], TorchReduceLSEParameter)
 
 
-def _input_blocks(layer: TorchInputLayer, inputs: tuple) -> Optional[Tuple[Tensor, Tensor, Tensor, int]]:
-    """A constant input's integrals as low-rank factors ``(left, right, s, batch)``
-    (:func:`_integrated_factors`), or None."""
-    found = _integrated_factors(layer.value)
-    return None if found is None else (*found, inputs[0])
+def _input_blocks(layer: TorchInputLayer, inputs: tuple,
+                  mask: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor, Tensor, Optional[int]]]:
+    """An input's value as low-rank factors ``(left, right, s, batch)``, or None (then it is
+    evaluated whole). A constant's integrals (:func:`_integrated_factors`): left (F, Ki, V),
+    right (F, Kj, V), s (F, 1), the same for the ``batch`` samples. A squared input at data,
+    nothing integrated: one rank-1 block per sample, left (F, B, Ki), right (F, B, Kj),
+    s (F, B), batch None."""
+    if isinstance(layer, TorchConstantValueLayer):
+        found = _integrated_factors(layer.value)
+        return None if found is None else (*found, inputs[0])
+    if mask is not None or not inputs or inputs[0].shape[2] != 1:
+        return None
+    x = inputs[0].squeeze(dim=2)
+    if isinstance(layer, TorchGaussianLayer):
+        found = _gaussian_product_values(layer, x)
+        return None if found is None else (*found[:3], None)
+    return (*_squared_categorical_factors(layer, x.long())[:3], None)
 
 
 def _over_batch(v: Tensor, s: Tensor, batch: int) -> Scaled:
@@ -722,21 +767,38 @@ def _over_batch(v: Tensor, s: Tensor, batch: int) -> Scaled:
     return v.expand(-1, batch, -1), s.expand(-1, batch)
 
 
-def _dense_blocks(blocks: Tuple[Tensor, Tensor, Tensor, int]) -> Scaled:
-    """Factored integrals multiplied out as the input layer's (v (F, B, Ki·Kj), s (F, B))."""
+def _dense_blocks(blocks: Tuple[Tensor, Tensor, Tensor, Optional[int]]) -> Scaled:
+    """Factored inputs (:func:`_input_blocks`) multiplied out as the input layer's
+    (v (F, B, Ki·Kj), s (F, B))."""
     left, right, s, batch = blocks
+    if batch is None:  # one rank-1 block per sample, entries at most 1
+        return _sample_outer(left, right), s
     return _over_batch(*normalise(_materialise(left, right), s), batch)
 
 
 def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Scaled]:
-    """A sum layer over one low-rank block per fold, its inputs' ``blocks`` read through its
-    ``fetch`` (left (F, 1, Ki1, V), right (F, 1, Ki2, V), s (F, 1, 1)): its output block from
-    the factors, multiplied out once; None where the layer cannot take these factors."""
+    """A sum layer over low-rank blocks, its inputs' ``blocks`` (:func:`_input_blocks`) read
+    through its ``fetch``: its output blocks from the factors, multiplied out once; None
+    where the layer cannot take these factors. One block per fold (left (F, 1, Ki1, V)):
+    its V columns go through the layer. One rank-1 block per sample (left (F, 1, B, Ki1)):
+    the samples are the columns, ``(A u_b)(B w_b)ᵀ`` for each, where the block would cost
+    ``A X Bᵀ``."""
     left, right, s = (fetch({j: blocks[j][k] for j in fetch.sources}, {}) for k in range(3))
-    factors = layer.linear_on_factors(left.squeeze(1), right.squeeze(1))  # arity 1: the one input of each fold
+    left, right, s = left.squeeze(1), right.squeeze(1), s.squeeze(1)  # arity 1: the one input of each fold
+    batch = blocks[fetch.sources[0]][3]
+    if batch is not None:
+        factors = layer.linear_on_factors(left, right)
+        return None if factors is None else _over_batch(*normalise(_materialise(*factors), s), batch)
+    factors = layer.linear_on_factors(left.transpose(1, 2), right.transpose(1, 2))
     if factors is None:
         return None
-    return _over_batch(*normalise(_materialise(*factors), s.squeeze(1)), blocks[fetch.sources[0]][3])
+    f, b = s.shape
+    out_left, out_right = (t.reshape(f, t.shape[1], -1, b) for t in factors)  # (F, Ko, T, B): T terms
+    if out_left.shape[2] == 1:
+        v = _sample_outer(out_left[:, :, 0].transpose(1, 2), out_right[:, :, 0].transpose(1, 2))
+    else:
+        v = torch.einsum("fitb,fjtb->fbij", out_left, out_right).flatten(start_dim=2)
+    return normalise(v, s)
 
 
 class CircuitPlan:
@@ -820,7 +882,7 @@ class CircuitPlan:
                     v, s = step.rule(layer, v, s, ctx)
             else:
                 arguments = _input_arguments(layer, x, mask)
-                found = _input_blocks(layer, arguments[0]) if step.blocks else None
+                found = _input_blocks(layer, *arguments) if step.blocks else None
                 if found is not None:
                     blocks[len(values)] = found
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)

@@ -326,6 +326,73 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
     assert_same_gradients(grads, dense_grads)
 
 
+def _density_gradients(density, x, factored: bool, monkeypatch, integrate=None):
+    """log |c|²(x) of a copy of ``density`` and its parameter gradients, with the sum layers
+    above squared inputs on one rank-1 block per sample (``factored``) or on the inputs'
+    values multiplied out; also how often a per-sample outer product was formed."""
+    calls = []
+    with monkeypatch.context() as patch:
+        if not factored:
+            patch.setattr(linear_space, "_takes_factors", lambda layer: False)
+        original = linear_space._sample_outer
+        patch.setattr(linear_space, "_sample_outer", lambda l, r: calls.append(l.shape) or original(l, r))
+        c = copy.deepcopy(density)
+        plan = linear_space.circuit_plan(c)
+        assert any(step.on_factors for step in plan.steps) == factored
+        if factored and integrate is None:  # those layers never apply their map to a block
+            for step in plan.steps:
+                if step.on_factors:
+                    patch.setattr(step.layer, "linear", lambda z: pytest.fail("a dense block went through the layer"))
+        value = evaluate_linear_space(c, x, integrate=integrate)
+        value.real.sum().backward()
+    return value.detach(), parameter_grads(c), sum(step.on_factors for step in plan.steps), len(calls)
+
+
+@pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
+@pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank])
+def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(semiring, swap, monkeypatch):
+    """|c|²(x): a squared categorical input's value per sample is ``u ⊗ w`` (rank 1), and the
+    sum layer above computes ``(A u)(B w)ᵀ`` for each sample instead of ``A (u wᵀ) Bᵀ``; the
+    input's outer products are never formed, only the layer's. Values equal cirkit's and the
+    evaluation on the inputs multiplied out, and so do the gradients; with variables
+    integrated out (a marginal) the inputs are evaluated whole."""
+    if swap is None:
+        c = two_circuits("quad-tree")[0]
+        density = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64).density
+    else:
+        density, _ = compile_pair("quad-tree", "cp", semiring, True, False)
+        swap_kronecker_sum_layers(density, swap)
+    x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["quad-tree"]), generator=torch.Generator().manual_seed(2))
+    value, grads, on_factors, outers = _density_gradients(density, x, True, monkeypatch)
+    assert on_factors > 0 and outers == on_factors  # each such layer's output, nothing else
+    dense_value, dense_grads, _, dense_outers = _density_gradients(density, x, False, monkeypatch)
+    assert dense_outers > 0  # the inputs' outer products, formed on the dense path
+    with torch.no_grad():
+        assert_same_logs(value, semiring_values(density, x))
+    assert_same_logs(value, dense_value)
+    assert_same_gradients(grads, dense_grads)
+    mask = torch.zeros(NUM_VARIABLES["quad-tree"], dtype=torch.bool)
+    mask[::3] = True
+    marginal, _, _, marginal_outers = _density_gradients(density, x, True, monkeypatch, integrate=mask)
+    assert marginal_outers == dense_outers  # integrated inputs: evaluated whole, as on the dense path
+    assert_same_logs(marginal, _density_gradients(density, x, False, monkeypatch, integrate=mask)[0])
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+def test_structured_squares_take_rank_one_blocks_per_sample_in_their_own_fold_order(complex_weights, monkeypatch):
+    """A structured circuit's squares (conj(S) ⊗ S, folds permuted against S's own) at data,
+    on one rank-1 block per sample: the same |c|²(x) and gradients as on the inputs
+    multiplied out."""
+    c = digits_squared_circuit(3, image_shape=(3, 3), num_categories=3, complex=complex_weights).circuit
+    model, _ = compile_structured(c, structure_policy("monarch"), dtype=torch.float64, seed=1, num_categories=3)
+    x = torch.randint(0, 3, (4, 9), generator=torch.Generator().manual_seed(3))
+    value, grads, on_factors, _ = _density_gradients(model.density, x, True, monkeypatch)
+    assert on_factors > 0
+    dense_value, dense_grads, _, _ = _density_gradients(model.density, x, False, monkeypatch)
+    assert_same_logs(value, dense_value)
+    assert_same_gradients(grads, dense_grads)
+
+
 @pytest.mark.parametrize("complex_weights", [False, True])
 def test_structured_squares_take_low_rank_blocks_in_their_own_fold_order(complex_weights, monkeypatch):
     """A structured circuit's squares over integrated inputs (conj(S) ⊗ S, folds permuted
