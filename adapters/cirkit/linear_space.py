@@ -64,7 +64,7 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor
@@ -743,23 +743,42 @@ def _ends_in_reduce(value) -> bool:
     return len(value.outputs) == 1 and isinstance(value.outputs[0], TorchReduceLSEParameter)
 
 
-def _input_blocks(layer: TorchInputLayer, inputs: tuple,
-                  mask: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor, Tensor, Optional[int]]]:
-    """An input's value as low-rank factors ``(left, right, s, batch)``, or None (then it is
-    evaluated whole). A constant's integrals (:func:`_integrated_factors`): left (F, Ki, V),
-    right (F, Kj, V), s (F, 1), the same for the ``batch`` samples. A squared input at data,
-    nothing integrated: one rank-1 block per sample, left (F, B, Ki), right (F, B, Kj),
-    s (F, B), batch None."""
+class _Blocks(NamedTuple):
+    """An input layer's value as low-rank factors (:func:`_input_blocks`).
+
+    ``batch`` an int: one block per fold, the same for the ``batch`` samples, ``left @ rightᵀ
+    · e^s`` with left (F, Ki, V), right (F, Kj, V), s (F, 1) (a constant's integrals).
+    ``batch`` None: one rank-1 block per sample, left (F, B, Ki), right (F, B, Kj), s (F, B)
+    (a squared input at data); where ``mask`` (F, B) is True the sample takes instead the
+    block of ``integrated`` = (left (F, Ki, V), right (F, Kj, V), s (F, 1)), the integral.
+    """
+
+    left: Tensor
+    right: Tensor
+    s: Tensor
+    batch: Optional[int]
+    integrated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    mask: Optional[Tensor] = None
+
+
+def _input_blocks(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Optional[_Blocks]:
+    """An input's value as low-rank factors (:class:`_Blocks`), or None (then it is evaluated
+    whole): a constant's integrals (:func:`_integrated_factors`), or a squared categorical or
+    Gaussian input at data, one rank-1 block per sample (a categorical one also with
+    variables integrated out: their integrals have rank V; a Gaussian one's are full rank)."""
     if isinstance(layer, TorchConstantValueLayer):
         found = _integrated_factors(layer.value)
-        return None if found is None else (*found, inputs[0])
-    if mask is not None or not inputs or inputs[0].shape[2] != 1:
+        return None if found is None else _Blocks(*found, inputs[0])
+    if not inputs or inputs[0].shape[2] != 1:
         return None
     x = inputs[0].squeeze(dim=2)
     if isinstance(layer, TorchGaussianLayer):
-        found = _gaussian_product_values(layer, x)
-        return None if found is None else (*found[:3], None)
-    return (*_squared_categorical_factors(layer, x.long())[:3], None)
+        found = _gaussian_product_values(layer, x) if mask is None else None
+        return None if found is None else _Blocks(*found[:3], None)
+    left, right, s, factors = _squared_categorical_factors(layer, x.long())
+    if mask is None:
+        return _Blocks(left, right, s, None)
+    return _Blocks(left, right, s, None, _outer_lse_factors(factors[0], factors[1]), mask)
 
 
 def _over_batch(v: Tensor, s: Tensor, batch: int) -> Scaled:
@@ -767,13 +786,15 @@ def _over_batch(v: Tensor, s: Tensor, batch: int) -> Scaled:
     return v.expand(-1, batch, -1), s.expand(-1, batch)
 
 
-def _dense_blocks(blocks: Tuple[Tensor, Tensor, Tensor, Optional[int]]) -> Scaled:
+def _dense_blocks(blocks: _Blocks) -> Scaled:
     """Factored inputs (:func:`_input_blocks`) multiplied out as the input layer's
     (v (F, B, Ki·Kj), s (F, B))."""
-    left, right, s, batch = blocks
-    if batch is None:  # one rank-1 block per sample, entries at most 1
-        return _sample_outer(left, right), s
-    return _over_batch(*normalise(_materialise(left, right), s), batch)
+    if blocks.batch is not None:
+        return _over_batch(*normalise(_materialise(blocks.left, blocks.right), blocks.s), blocks.batch)
+    observed = _sample_outer(blocks.left, blocks.right), blocks.s  # rank-1 blocks, entries at most 1
+    if blocks.mask is None:
+        return observed
+    return _select(blocks.mask, normalise(_materialise(*blocks.integrated[:2]), blocks.integrated[2]), observed)
 
 
 def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Scaled]:
@@ -783,12 +804,18 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Sc
     its V columns go through the layer. One rank-1 block per sample (left (F, 1, B, Ki1)):
     the samples are the columns, ``(A u_b)(B w_b)ᵀ`` for each, where the block would cost
     ``A X Bᵀ``."""
-    left, right, s = (fetch({j: blocks[j][k] for j in fetch.sources}, {}) for k in range(3))
-    left, right, s = left.squeeze(1), right.squeeze(1), s.squeeze(1)  # arity 1: the one input of each fold
-    batch = blocks[fetch.sources[0]][3]
-    if batch is not None:
+    first = blocks[fetch.sources[0]]
+    if any((blocks[j].batch is None) != (first.batch is None) or (blocks[j].mask is None) != (first.mask is None)
+           for j in fetch.sources):
+        return None  # blocks of different kinds in one layer: multiplied out
+
+    def fetched(part: Callable[[_Blocks], Tensor]) -> Tensor:  # arity 1: the one input of each fold
+        return fetch({j: part(blocks[j]) for j in fetch.sources}, {}).squeeze(1)
+
+    left, right, s = fetched(lambda b: b.left), fetched(lambda b: b.right), fetched(lambda b: b.s)
+    if first.batch is not None:
         factors = layer.linear_on_factors(left, right)
-        return None if factors is None else _over_batch(*normalise(_materialise(*factors), s), batch)
+        return None if factors is None else _over_batch(*normalise(_materialise(*factors), s), first.batch)
     factors = layer.linear_on_factors(left.transpose(1, 2), right.transpose(1, 2))
     if factors is None:
         return None
@@ -798,7 +825,15 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Sc
         v = _sample_outer(out_left[:, :, 0].transpose(1, 2), out_right[:, :, 0].transpose(1, 2))
     else:
         v = torch.einsum("fitb,fjtb->fbij", out_left, out_right).flatten(start_dim=2)
-    return normalise(v, s)
+    observed = normalise(v, s)
+    if first.mask is None:
+        return observed
+    # samples with this fold's variables integrated out: the integral's block, shared
+    integral = layer.linear_on_factors(*(fetched(lambda b, k=k: b.integrated[k]) for k in range(2)))
+    if integral is None:
+        return None
+    shared = normalise(_materialise(*integral), fetched(lambda b: b.integrated[2]))
+    return _select(fetched(lambda b: b.mask), shared, observed)
 
 
 class CircuitPlan:

@@ -339,7 +339,7 @@ def _density_gradients(density, x, factored: bool, monkeypatch, integrate=None):
         c = copy.deepcopy(density)
         plan = linear_space.circuit_plan(c)
         assert any(step.on_factors for step in plan.steps) == factored
-        if factored and integrate is None:  # those layers never apply their map to a block
+        if factored:  # those layers never apply their map to a block
             for step in plan.steps:
                 if step.on_factors:
                     patch.setattr(step.layer, "linear", lambda z: pytest.fail("a dense block went through the layer"))
@@ -354,13 +354,16 @@ def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(semir
     """|c|²(x): a squared categorical input's value per sample is ``u ⊗ w`` (rank 1), and the
     sum layer above computes ``(A u)(B w)ᵀ`` for each sample instead of ``A (u wᵀ) Bᵀ``; the
     input's outer products are never formed, only the layer's. Values equal cirkit's and the
-    evaluation on the inputs multiplied out, and so do the gradients; with variables
-    integrated out (a marginal) the inputs are evaluated whole."""
+    evaluation on the inputs multiplied out, and so do the gradients. Marginals (some
+    variables integrated out, per sample) take the integral's rank-V block where a sample's
+    variable is integrated: the same values and gradients as multiplied out; a sample with
+    nothing integrated has its complete-evidence value, one with everything integrated log Z."""
     if swap is None:
         c = two_circuits("quad-tree")[0]
-        density = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64).density
-    else:
-        density, _ = compile_pair("quad-tree", "cp", semiring, True, False)
+        model = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64)
+        density, partition = model.density, model.partition
+    else:  # the swaps are exact (lowrank at full ranks): Z from cirkit's circuit as it was compiled
+        density, partition = compile_pair("quad-tree", "cp", semiring, True, False)
         swap_kronecker_sum_layers(density, swap)
     x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["quad-tree"]), generator=torch.Generator().manual_seed(2))
     value, grads, on_factors, outers = _density_gradients(density, x, True, monkeypatch)
@@ -371,11 +374,17 @@ def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(semir
         assert_same_logs(value, semiring_values(density, x))
     assert_same_logs(value, dense_value)
     assert_same_gradients(grads, dense_grads)
-    mask = torch.zeros(NUM_VARIABLES["quad-tree"], dtype=torch.bool)
-    mask[::3] = True
-    marginal, _, _, marginal_outers = _density_gradients(density, x, True, monkeypatch, integrate=mask)
-    assert marginal_outers == dense_outers  # integrated inputs: evaluated whole, as on the dense path
-    assert_same_logs(marginal, _density_gradients(density, x, False, monkeypatch, integrate=mask)[0])
+    mask = torch.zeros(5, NUM_VARIABLES["quad-tree"], dtype=torch.bool)
+    mask[:, ::3] = True
+    mask[1] = False  # complete evidence
+    mask[3] = True  # everything integrated
+    marginal, marginal_grads, _, marginal_outers = _density_gradients(density, x, True, monkeypatch, integrate=mask)
+    assert marginal_outers == on_factors
+    dense_marginal, dense_marginal_grads, _, _ = _density_gradients(density, x, False, monkeypatch, integrate=mask)
+    assert_same_logs(marginal, dense_marginal)
+    assert_same_gradients(marginal_grads, dense_marginal_grads)
+    assert_same_logs(marginal[1], value[1])
+    assert_same_logs(marginal[3], semiring_values(partition))
 
 
 @pytest.mark.parametrize("complex_weights", [False, True])
