@@ -33,8 +33,12 @@ the input layers are integrals of input products: per fold a ``Ki x Kj`` block
 ``X = L Rᵀ`` of rank at most V (the categories, :func:`_integrated_factors`). A sum layer
 whose weight is a Kronecker product (or a sum of them, ``linear_on_factors``) applies it
 to the factors, ``(A L)(B R)ᵀ``, and multiplies out only its output: about ``3·K²·V``
-multiply-adds per fold instead of ``2·K³``, and X is never formed. (Cost counts such as
-:mod:`~adapters.cirkit.costs` still count those layers as they are defined.)
+multiply-adds per fold instead of ``2·K³``, and X is never formed. At data (``|c|²(x)``,
+marginals, samples) a squared categorical or Gaussian input is, per sample, the outer
+product ``u ⊗ w`` of its two layers' values: a rank-1 block, and the layer above computes
+``(A u)(B w)ᵀ`` per sample (a categorical input's integrated samples take the integral's
+rank-V block). (Cost counts such as :mod:`~adapters.cirkit.costs` still count those layers
+as they are defined.)
 
 **Flushed products.** A product whose entries are all tiny (largest below ``sqrt(tiny)``
 of the dtype, where entries far below the largest may have been flushed to zero) is
@@ -713,9 +717,9 @@ class _Step:
     fetch: Optional[Fetch]
     measure: bool = True  # a product measured at its own output (else at its consumer's)
     after_unmeasured: bool = False  # a sum over an unmeasured product
-    # low-rank blocks: a constant input whose integrals may come as factors (see
-    # _integrated_factors), and whether some consumer needs them multiplied out; a sum
-    # layer that can take all of its inputs as factors (``linear_on_factors``)
+    # low-rank blocks: an input whose value may come as factors (see _input_blocks), and
+    # whether some consumer needs them multiplied out; a sum layer that can take all of
+    # its inputs as factors (``linear_on_factors``)
     blocks: bool = False
     dense_needed: bool = True
     on_factors: bool = False
@@ -797,7 +801,7 @@ def _dense_blocks(blocks: _Blocks) -> Scaled:
     return _select(blocks.mask, normalise(_materialise(*blocks.integrated[:2]), blocks.integrated[2]), observed)
 
 
-def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Scaled]:
+def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Optional[Scaled]:
     """A sum layer over low-rank blocks, its inputs' ``blocks`` (:func:`_input_blocks`) read
     through its ``fetch``: its output blocks from the factors, multiplied out once; None
     where the layer cannot take these factors. One block per fold (left (F, 1, Ki1, V)):
@@ -822,7 +826,7 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, tuple]) -> Optional[Sc
     f, b = s.shape
     out_left, out_right = (t.reshape(f, t.shape[1], -1, b) for t in factors)  # (F, Ko, T, B): T terms
     if out_left.shape[2] == 1:
-        v = _sample_outer(out_left[:, :, 0].transpose(1, 2), out_right[:, :, 0].transpose(1, 2))
+        v = _sample_outer(out_left.squeeze(2).transpose(1, 2), out_right.squeeze(2).transpose(1, 2))
     else:
         v = torch.einsum("fitb,fjtb->fbij", out_left, out_right).flatten(start_dim=2)
     observed = normalise(v, s)
@@ -890,7 +894,7 @@ class CircuitPlan:
         scales: List[Optional[Tensor]] = []
         split_values: Dict[int, tuple] = {}  # sources read row by row ('pieces'), split once
         split_scales: Dict[int, tuple] = {}
-        blocks: Dict[int, tuple] = {}  # constant inputs given as low-rank factors
+        blocks: Dict[int, _Blocks] = {}  # inputs given as low-rank factors
         for step in self.steps:
             layer = step.layer
             if step.on_factors and all(j in blocks for j in step.fetch.sources):
