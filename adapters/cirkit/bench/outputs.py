@@ -114,15 +114,14 @@ def format_table(result) -> str:
     lines.append("/opt, /mat: speedup over cirkit optimize=True and over cirkit's materialised path "
                  "(optimize=False); >1 is faster. c²: batched log c²(x) forward. MiB: peak memory growth of "
                  "one Z f+b call and of one c² call.")
-    lines.append("eff: the sum layers' multiply-adds at the matrix-product rate measured in this run / the time; "
-                 "done: the same for the multiply-adds the call's matrix products actually ran (fewer where Z "
-                 "works on low-rank blocks, so eff can pass 100 %).")
+    gflops = result.environment.get("gemm_gflops")
+    rate = f" ({gflops:.0f} GFLOP/s)" if gflops else ""
+    lines.append(f"eff: the call's sum-layer multiply-adds, as the layers define them, at this machine's "
+                 f"matrix-product rate measured in this run{rate} / the measured time; done: the same for the "
+                 "multiply-adds the call's matrix products actually ran (fewer where layers work on low-rank "
+                 "blocks, so eff can pass 100 %).")
     lines.append("w.err: largest relative weight error of a swapped layer; Δbpd vs the exact model; "
                  "* on the Pareto front (c² speedup vs optimize=True, error).")
-    gflops = result.environment.get("gemm_gflops")
-    if gflops:
-        lines.append(f"eff: the call's sum-layer multiply-adds at this machine's matrix-product rate "
-                     f"({gflops:.0f} GFLOP/s, measured in this run) / the measured time.")
     if any(not r.is_density for r in result.rows):
         lines.append("flat rows: c̃² is not a square any more (it can go negative) and Z̃ does not normalise "
                      "it, so their bpd is not a likelihood; they are never on the Pareto front.")
