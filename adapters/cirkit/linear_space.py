@@ -395,6 +395,24 @@ def _integral(table: Tensor, top: Tensor) -> Scaled:
     return v.unsqueeze(1), m
 
 
+class _Blocks(NamedTuple):
+    """An input layer's value as low-rank factors (:func:`_input_blocks`).
+
+    ``batch`` an int: one block per fold, the same for the ``batch`` samples, ``left @ rightᵀ
+    · e^s`` with left (F, Ki, V), right (F, Kj, V), s (F, 1) (a constant's integrals).
+    ``batch`` None: one rank-1 block per sample, left (F, B, Ki), right (F, B, Kj), s (F, B)
+    (a squared input at data); where ``mask`` (F, B) is True the sample takes instead the
+    block of ``integrated`` = (left (F, Ki, V), right (F, Kj, V), s (F, 1)), the integral.
+    """
+
+    left: Tensor
+    right: Tensor
+    s: Tensor
+    batch: Optional[int]
+    integrated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    mask: Optional[Tensor] = None
+
+
 def _is_squared_categorical(layer) -> bool:
     """A squared circuit's categorical input: logits ``a[i, n] + b[j, n]`` (an outer sum)."""
     if not isinstance(layer, TorchCategoricalLayer) or layer.logits is None or not layer.logits.outputs:
@@ -403,13 +421,16 @@ def _is_squared_categorical(layer) -> bool:
     return isinstance(outer, TorchOuterSumParameter) and outer.dim == 0 and len(outer.in_shape1) == 2
 
 
-def _squared_categorical_factors(layer: TorchCategoricalLayer, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, tuple]:
-    """A squared categorical input at x (F, B): its value at unit (i, j) is ``left[f, b, i]
-    right[f, b, j] e^s[f, b]`` (left, right at most 1); also the two logits tables."""
-    factors = capture_inputs(layer.logits, TorchOuterSumParameter)
-    va, sa = _lookup(*_exp_table(factors[0]), x)
-    vb, sb = _lookup(*_exp_table(factors[1]), x)
-    return va, vb, sa + sb, factors
+def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]) -> _Blocks:
+    """A squared categorical input at x (F, B) as one rank-1 block per sample: its value at
+    unit (i, j) is ``left[f, b, i] right[f, b, j] e^s[f, b]`` (left, right at most 1); where
+    ``mask`` (F, B) is True, the integral's rank-V block (:func:`_outer_lse_factors`)."""
+    a, b = capture_inputs(layer.logits, TorchOuterSumParameter)
+    va, sa = _lookup(*_exp_table(a), x)
+    vb, sb = _lookup(*_exp_table(b), x)
+    if mask is None:
+        return _Blocks(va, vb, sa + sb, None)
+    return _Blocks(va, vb, sa + sb, None, _outer_lse_factors(a, b), mask)
 
 
 def _sample_outer(left: Tensor, right: Tensor) -> Tensor:
@@ -420,12 +441,7 @@ def _sample_outer(left: Tensor, right: Tensor) -> Tensor:
 def _categorical(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]) -> Scaled:
     """Values at x (F, B) -- or the integral where ``mask`` (F, B) is True."""
     if _is_squared_categorical(layer):  # values are outer products
-        va, vb, s, factors = _squared_categorical_factors(layer, x)
-        v = _sample_outer(va, vb)
-        if mask is not None:
-            vi, si = _outer_lse(factors[0], factors[1])
-            v, s = _select(mask, (vi, si), (v, s))
-        return v, s
+        return _dense_blocks(_squared_categorical_blocks(layer, x, mask))
     table, top = _probability_table(layer)
     v, s = _lookup(table, top, x)
     if mask is not None:
@@ -596,13 +612,6 @@ def _gaussian_integrals(value) -> Optional[Scaled]:
     return v.flatten(start_dim=1).unsqueeze(1), s.unsqueeze(1)
 
 
-def _outer_lse(a: Tensor, b: Tensor) -> Scaled:
-    """``logsumexp_v (a[i, v] + b[j, v])`` as linear values: a matrix product over v.
-    Returns v (F, 1, Ki·Kj) and s (F, 1), from :func:`_outer_lse_factors`."""
-    left, right, s = _outer_lse_factors(a, b)
-    return normalise(_materialise(left, right), s)
-
-
 def _materialise(left: Tensor, right: Tensor) -> Tensor:
     """Factors (F, Ki, V), (F, Kj, V) -> the block ``left @ rightᵀ`` as units (F, 1, Ki·Kj)."""
     return _ThinOuter.apply(left, right).flatten(start_dim=1).unsqueeze(1)
@@ -747,24 +756,6 @@ def _ends_in_reduce(value) -> bool:
     return len(value.outputs) == 1 and isinstance(value.outputs[0], TorchReduceLSEParameter)
 
 
-class _Blocks(NamedTuple):
-    """An input layer's value as low-rank factors (:func:`_input_blocks`).
-
-    ``batch`` an int: one block per fold, the same for the ``batch`` samples, ``left @ rightᵀ
-    · e^s`` with left (F, Ki, V), right (F, Kj, V), s (F, 1) (a constant's integrals).
-    ``batch`` None: one rank-1 block per sample, left (F, B, Ki), right (F, B, Kj), s (F, B)
-    (a squared input at data); where ``mask`` (F, B) is True the sample takes instead the
-    block of ``integrated`` = (left (F, Ki, V), right (F, Kj, V), s (F, 1)), the integral.
-    """
-
-    left: Tensor
-    right: Tensor
-    s: Tensor
-    batch: Optional[int]
-    integrated: Optional[Tuple[Tensor, Tensor, Tensor]] = None
-    mask: Optional[Tensor] = None
-
-
 def _input_blocks(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Optional[_Blocks]:
     """An input's value as low-rank factors (:class:`_Blocks`), or None (then it is evaluated
     whole): a constant's integrals (:func:`_integrated_factors`), or a squared categorical or
@@ -779,10 +770,7 @@ def _input_blocks(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor])
     if isinstance(layer, TorchGaussianLayer):
         found = _gaussian_product_values(layer, x) if mask is None else None
         return None if found is None else _Blocks(*found[:3], None)
-    left, right, s, factors = _squared_categorical_factors(layer, x.long())
-    if mask is None:
-        return _Blocks(left, right, s, None)
-    return _Blocks(left, right, s, None, _outer_lse_factors(factors[0], factors[1]), mask)
+    return _squared_categorical_blocks(layer, x.long(), mask)
 
 
 def _over_batch(v: Tensor, s: Tensor, batch: int) -> Scaled:

@@ -74,23 +74,26 @@ class LogPartition:
     def time_log_partition_backward(self, shape, path):
         self._call()
 
-    def track_gemm_efficiency(self, shape, path):
+    def _efficiency(self, macs: int) -> float:
+        """``macs`` at this machine's matrix-product rate / the median time of the call."""
         from structlayers.benchmarking import gemm_gflops, median_time
 
         seconds = median_time(self._call, repeats=5, warmup=1)
-        return 2.0 * self.macs / (gemm_gflops() * 1e9) / seconds
+        return 2.0 * macs / (gemm_gflops() * 1e9) / seconds
+
+    def track_gemm_efficiency(self, shape, path):
+        return self._efficiency(self.macs)
 
     track_gemm_efficiency.unit = "fraction"
 
     def track_gemm_efficiency_done(self, shape, path):
         try:
-            from structlayers.benchmarking import gemm_gflops, matmul_macs, median_time
+            from structlayers.benchmarking import matmul_macs
         except ImportError as exc:  # a commit before the counter
             raise NotImplementedError(f"matmul_macs unavailable on this commit: {exc}") from exc
         # counted through backward(): torch's counter fails under autograd.grad of leaves
         macs = matmul_macs(lambda: self.model.log_partition().sum().backward())
         self.model.zero_grad(set_to_none=True)
-        seconds = median_time(self._call, repeats=5, warmup=1)
-        return 2.0 * macs / (gemm_gflops() * 1e9) / seconds
+        return self._efficiency(macs)
 
     track_gemm_efficiency_done.unit = "fraction"

@@ -71,6 +71,14 @@ def _plan_for_shapes(a_shapes: Tuple[Tuple[int, int], ...],
     return best[0][0], best[1]
 
 
+def _steps(a_chain: Chain, b_chain: Chain) -> Tuple[Tuple[str, ...], List[torch.Tensor]]:
+    """:func:`_plan`'s order (the side of each step) and the chains' matrices in the order
+    they are applied (each chain right to left)."""
+    order = _plan(a_chain, b_chain)[1]
+    remaining = {"a": list(a_chain), "b": list(b_chain)}
+    return order, [remaining[side].pop() for side in order]
+
+
 def kron_chain_flops(a_chain: Chain, b_chain: Chain) -> int:
     """Multiply-adds per sample of :func:`kron_apply` (its cheapest ordering)."""
     return _plan(a_chain, b_chain)[0]
@@ -100,9 +108,7 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     blocks = x.reshape(f, n, a_chain[-1].shape[-1], b_chain[-1].shape[-1])
     swapped = False  # False: axes are (A side, B side); True: (B side, A side)
-    remaining = {"a": list(a_chain), "b": list(b_chain)}
-    for side in _plan(a_chain, b_chain)[1]:
-        m = remaining[side].pop()
+    for side, m in zip(*_steps(a_chain, b_chain)):
         if (side == "b") != swapped:  # acting on the last axis
             rows = blocks.shape[2]
             blocks = torch.matmul(blocks.reshape(f, n * rows, blocks.shape[3]), m.transpose(-1, -2))
@@ -147,9 +153,7 @@ def _kron_apply_one(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Te
     block, the chains' matrices applied in :func:`_plan`'s order as batched products that
     need no copy (bmm reads transposed operands in place). One autograd node
     (:class:`_KronChainOne`)."""
-    order = _plan(a_chain, b_chain)[1]
-    remaining = {"a": list(a_chain), "b": list(b_chain)}
-    mats = [remaining[side].pop() for side in order]  # in the order they are applied
+    order, mats = _steps(a_chain, b_chain)
     shape = (a_chain[-1].shape[-1], b_chain[-1].shape[-1])
     return _KronChainOne.apply(x, order, shape, *mats)
 

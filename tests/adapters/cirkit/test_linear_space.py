@@ -278,19 +278,28 @@ def test_pair_product_gradients(dtype):
     torch.testing.assert_close(_PairProduct.apply(v), v[:, 0] * v[:, 1], rtol=0, atol=0)
 
 
-def _partition_gradients(partition, factored: bool, monkeypatch):
-    """log Z of a copy of ``partition`` and the gradients of its parameters, with the sum
-    layers above integrated inputs on low-rank blocks (``factored``) or on the blocks
-    multiplied out (the plan built with no layer taking factors)."""
+def _gradients(circuit, x, factored: bool, monkeypatch, integrate=None):
+    """The output (log Z for x None, else log |c|²(x) or a marginal) of a copy of ``circuit``
+    and its parameter gradients, with the sum layers above squared or integrated inputs on
+    their low-rank blocks (``factored``; they never apply their map to a block) or on the
+    inputs multiplied out (the plan built with no layer taking factors); also the number of
+    such layers and how often a per-sample outer product was formed."""
+    calls = []
     with monkeypatch.context() as patch:
         if not factored:
             patch.setattr(linear_space, "_takes_factors", lambda layer: False)
-        z = copy.deepcopy(partition)  # a new circuit: its plan is built here
-        plan = linear_space.circuit_plan(z)
+        original = linear_space._sample_outer
+        patch.setattr(linear_space, "_sample_outer", lambda l, r: calls.append(l.shape) or original(l, r))
+        c = copy.deepcopy(circuit)  # a new circuit: its plan is built here
+        plan = linear_space.circuit_plan(c)
         assert any(step.on_factors for step in plan.steps) == factored
-        logz = evaluate_linear_space(z)
-        logz.real.sum().backward()
-    return logz.detach(), {n: p.grad for n, p in z.named_parameters() if p.grad is not None}, plan
+        if factored:  # those layers never apply their map to a block
+            for step in plan.steps:
+                if step.on_factors:
+                    patch.setattr(step.layer, "linear", lambda z: pytest.fail("a dense block went through the layer"))
+        value = evaluate_linear_space(c, x, integrate=integrate)
+        value.real.sum().backward()
+    return value.detach(), parameter_grads(c), sum(step.on_factors for step in plan.steps), len(calls)
 
 
 def kronecker_structured_lowrank(info):
@@ -316,36 +325,14 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
     monkeypatch.setattr(linear_space, "_materialise", lambda l, r: calls.append(l.shape) or original(l, r))
     with monkeypatch.context() as patch:  # low rank: the stored thin factors apply, never their product
         patch.setattr(FactoredLayer, "kronecker_terms", lambda layer: pytest.fail("terms multiplied out"))
-        value, grads, plan = _partition_gradients(partition, True, monkeypatch)
+        value, grads, on_factors, _ = _gradients(partition, None, True, monkeypatch)
     # each such sum layer multiplies out its output block once; its input blocks never are
-    assert len(calls) == sum(step.on_factors for step in plan.steps) > 0
-    dense_value, dense_grads, _ = _partition_gradients(partition, False, monkeypatch)
+    assert len(calls) == on_factors > 0
+    dense_value, dense_grads, _, _ = _gradients(partition, None, False, monkeypatch)
     with torch.no_grad():
         assert_same_logs(value, semiring_values(partition))
     assert_same_logs(value, dense_value)
     assert_same_gradients(grads, dense_grads)
-
-
-def _density_gradients(density, x, factored: bool, monkeypatch, integrate=None):
-    """log |c|²(x) of a copy of ``density`` and its parameter gradients, with the sum layers
-    above squared inputs on one rank-1 block per sample (``factored``) or on the inputs'
-    values multiplied out; also how often a per-sample outer product was formed."""
-    calls = []
-    with monkeypatch.context() as patch:
-        if not factored:
-            patch.setattr(linear_space, "_takes_factors", lambda layer: False)
-        original = linear_space._sample_outer
-        patch.setattr(linear_space, "_sample_outer", lambda l, r: calls.append(l.shape) or original(l, r))
-        c = copy.deepcopy(density)
-        plan = linear_space.circuit_plan(c)
-        assert any(step.on_factors for step in plan.steps) == factored
-        if factored:  # those layers never apply their map to a block
-            for step in plan.steps:
-                if step.on_factors:
-                    patch.setattr(step.layer, "linear", lambda z: pytest.fail("a dense block went through the layer"))
-        value = evaluate_linear_space(c, x, integrate=integrate)
-        value.real.sum().backward()
-    return value.detach(), parameter_grads(c), sum(step.on_factors for step in plan.steps), len(calls)
 
 
 @pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
@@ -366,9 +353,9 @@ def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(semir
         density, partition = compile_pair("quad-tree", "cp", semiring, True, False)
         swap_kronecker_sum_layers(density, swap)
     x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["quad-tree"]), generator=torch.Generator().manual_seed(2))
-    value, grads, on_factors, outers = _density_gradients(density, x, True, monkeypatch)
+    value, grads, on_factors, outers = _gradients(density, x, True, monkeypatch)
     assert on_factors > 0 and outers == on_factors  # each such layer's output, nothing else
-    dense_value, dense_grads, _, dense_outers = _density_gradients(density, x, False, monkeypatch)
+    dense_value, dense_grads, _, dense_outers = _gradients(density, x, False, monkeypatch)
     assert dense_outers > 0  # the inputs' outer products, formed on the dense path
     with torch.no_grad():
         assert_same_logs(value, semiring_values(density, x))
@@ -378,9 +365,9 @@ def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(semir
     mask[:, ::3] = True
     mask[1] = False  # complete evidence
     mask[3] = True  # everything integrated
-    marginal, marginal_grads, _, marginal_outers = _density_gradients(density, x, True, monkeypatch, integrate=mask)
+    marginal, marginal_grads, _, marginal_outers = _gradients(density, x, True, monkeypatch, integrate=mask)
     assert marginal_outers == on_factors
-    dense_marginal, dense_marginal_grads, _, _ = _density_gradients(density, x, False, monkeypatch, integrate=mask)
+    dense_marginal, dense_marginal_grads, _, _ = _gradients(density, x, False, monkeypatch, integrate=mask)
     assert_same_logs(marginal, dense_marginal)
     assert_same_gradients(marginal_grads, dense_marginal_grads)
     assert_same_logs(marginal[1], value[1])
@@ -395,9 +382,9 @@ def test_structured_squares_take_rank_one_blocks_per_sample_in_their_own_fold_or
     c = digits_squared_circuit(3, image_shape=(3, 3), num_categories=3, complex=complex_weights).circuit
     model, _ = compile_structured(c, structure_policy("monarch"), dtype=torch.float64, seed=1, num_categories=3)
     x = torch.randint(0, 3, (4, 9), generator=torch.Generator().manual_seed(3))
-    value, grads, on_factors, _ = _density_gradients(model.density, x, True, monkeypatch)
+    value, grads, on_factors, _ = _gradients(model.density, x, True, monkeypatch)
     assert on_factors > 0
-    dense_value, dense_grads, _, _ = _density_gradients(model.density, x, False, monkeypatch)
+    dense_value, dense_grads, _, _ = _gradients(model.density, x, False, monkeypatch)
     assert_same_logs(value, dense_value)
     assert_same_gradients(grads, dense_grads)
 
@@ -412,8 +399,8 @@ def test_structured_squares_take_low_rank_blocks_in_their_own_fold_order(complex
     squares = [s.layer for s in linear_space.circuit_plan(model.partition).steps if s.on_factors]
     assert squares and all(isinstance(layer, TorchStructuredSquareSumLayer) and not layer._identity
                            for layer in squares)
-    value, grads, _ = _partition_gradients(model.partition, True, monkeypatch)
-    dense_value, dense_grads, _ = _partition_gradients(model.partition, False, monkeypatch)
+    value, grads, _, _ = _gradients(model.partition, None, True, monkeypatch)
+    dense_value, dense_grads, _, _ = _gradients(model.partition, None, False, monkeypatch)
     assert_same_logs(value, dense_value)
     assert_same_gradients(grads, dense_grads)
 
