@@ -37,8 +37,13 @@ multiply-adds per fold instead of ``2·K³``, and X is never formed. At data (``
 marginals, samples) a squared categorical or Gaussian input is, per sample, the outer
 product ``u ⊗ w`` of its two layers' values: a rank-1 block, and the layer above computes
 ``(A u)(B w)ᵀ`` per sample (a categorical input's integrated samples take the integral's
-rank-V block). (Cost counts such as :mod:`~adapters.cirkit.costs` still count those layers
-as they are defined.)
+rank-V block). With nothing integrated out that output is rank 1 again, and so is the
+Hadamard product of two such blocks, ``(u₁ ∘ u₂) ⊗ (w₁ ∘ w₂)``: the blocks stay factored
+through every such sum and product layer (each factor rescaled to largest entry 1), so
+``|c|²(x)`` costs about what ``c(x)`` costs twice, and only what another layer reads is
+multiplied out (:func:`_hadamard_on_blocks`). In ``Z`` the products' ranks multiply
+(``V²`` and up), so there the sum layers' outputs are multiplied out. (Cost counts such
+as :mod:`~adapters.cirkit.costs` still count those layers as they are defined.)
 
 **Flushed products.** A product whose entries are all tiny (largest below ``sqrt(tiny)``
 of the dtype, where entries far below the largest may have been flushed to zero) is
@@ -732,6 +737,7 @@ class _Step:
     blocks: bool = False
     dense_needed: bool = True
     on_factors: bool = False
+    product_on_factors: bool = False  # a Hadamard product whose inputs may all come factored
     operands: bool = False  # a product of one fold reading rows of other layers: inputs apart
 
 
@@ -789,13 +795,26 @@ def _dense_blocks(blocks: _Blocks) -> Scaled:
     return _select(blocks.mask, normalise(_materialise(*blocks.integrated[:2]), blocks.integrated[2]), observed)
 
 
-def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Optional[Scaled]:
-    """A sum layer over low-rank blocks, its inputs' ``blocks`` (:func:`_input_blocks`) read
-    through its ``fetch``: its output blocks from the factors, multiplied out once; None
-    where the layer cannot take these factors. One block per fold (left (F, 1, Ki1, V)):
-    its V columns go through the layer. One rank-1 block per sample (left (F, 1, B, Ki1)):
-    the samples are the columns, ``(A u_b)(B w_b)ᵀ`` for each, where the block would cost
-    ``A X Bᵀ``."""
+def _unit_factors(left: Tensor, right: Tensor, s: Tensor) -> _Blocks:
+    """One rank-1 block per sample, ``left[f, b] ⊗ right[f, b] · e^s[f, b]`` (left (F, B, Ki),
+    right (F, B, Kj), s (F, B)), as :class:`_Blocks` with each factor scaled to largest entry
+    1: the block's largest entry is then 1, as the multiplied-out value would be scaled."""
+    # a conjugate view has no real view (the peaks read one)
+    left, right = (t.resolve_conj() if t.is_conj() else t for t in (left, right))
+    left, s = _rescaled(left, s, *_peaks(left)[::2])
+    right, s = _rescaled(right, s, *_peaks(right)[::2])
+    return _Blocks(left, right, s, None)
+
+
+def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Blocks, Scaled, None]:
+    """A sum layer over low-rank blocks, its inputs' ``blocks`` (:func:`_input_blocks`, or the
+    factored output of a sum or product over them) read through its ``fetch``: its output
+    from the factors; None where the layer cannot take these factors. One block per fold
+    (left (F, 1, Ki1, V)): its V columns go through the layer, the output block is multiplied
+    out once. One rank-1 block per sample (left (F, 1, B, Ki1)): the samples are the columns,
+    ``(A u_b)(B w_b)ᵀ`` for each, where the block would cost ``A X Bᵀ``; the output stays
+    factored (:class:`_Blocks`) where it has rank 1 (a single Kronecker term, no variable
+    integrated out)."""
     first = blocks[fetch.sources[0]]
     if any((blocks[j].batch is None) != (first.batch is None) or (blocks[j].mask is None) != (first.mask is None)
            for j in fetch.sources):
@@ -814,7 +833,10 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Optional[
     f, b = s.shape
     out_left, out_right = (t.reshape(f, t.shape[1], -1, b) for t in factors)  # (F, Ko, T, B): T terms
     if out_left.shape[2] == 1:
-        v = _sample_outer(out_left.squeeze(2).transpose(1, 2), out_right.squeeze(2).transpose(1, 2))
+        u, w = out_left.squeeze(2).transpose(1, 2), out_right.squeeze(2).transpose(1, 2)  # (F, B, Ko)
+        if first.mask is None:
+            return _unit_factors(u, w, s)
+        v = _sample_outer(u, w)
     else:
         v = torch.einsum("fitb,fjtb->fbij", out_left, out_right).flatten(start_dim=2)
     observed = normalise(v, s)
@@ -826,6 +848,38 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Optional[
         return None
     shared = normalise(_materialise(*integral), fetched(lambda b: b.integrated[2]))
     return _select(fetched(lambda b: b.mask), shared, observed)
+
+
+def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks],
+                        split: Dict[Tuple[int, int], tuple]) -> Optional[_Blocks]:
+    """A Hadamard product of rank-1 blocks per sample, ``(u_1 ⊗ w_1) ∘ (u_2 ⊗ w_2) =
+    (u_1 ∘ u_2) ⊗ (w_1 ∘ w_2)``: rank 1 again, from two products of the K-unit factors instead
+    of one of the K²-unit blocks. ``operands``: a product of one fold, reading rows of its
+    sources (split once per run, ``split``). None for other blocks (one per fold, or with
+    variables integrated out): those are multiplied out."""
+    if any(blocks[j].batch is not None or blocks[j].mask is not None for j in fetch.sources):
+        return None
+    if operands:
+        def row(j: int, part: int, r: int) -> Tensor:
+            t = blocks[j][part]
+            if t.shape[0] == 1:
+                return t
+            if (j, part) not in split:
+                split[j, part] = t.unbind(0)  # one stack in the backward, no zero fill per row
+            return split[j, part][r].unsqueeze(0)
+
+        factors = [(row(j, 0, r), row(j, 1, r), row(j, 2, r)) for j, r in fetch.rows]
+    else:
+        def fetched(part: int) -> Tuple[Tensor, ...]:  # the H inputs, each (F, B, K) or (F, B)
+            return fetch({j: blocks[j][part] for j in fetch.sources}, {}).unbind(1)
+
+        factors = list(zip(fetched(0), fetched(1), fetched(2)))
+    left, right, s = factors[0]
+    if any(u.shape != left.shape or w.shape != right.shape for u, w, _ in factors):
+        return None
+    for u, w, scale in factors[1:]:
+        left, right, s = left * u, right * w, s + scale
+    return _unit_factors(left, right, s)
 
 
 class CircuitPlan:
@@ -854,17 +908,31 @@ class CircuitPlan:
                     raise TypeError(f"{type(layer).__name__} has no inputs but is not an input layer")
                 steps.append(_Step(layer, None, None))
             folds.append(layer.num_folds if layer is not None else 0)
-        # sum layers whose inputs are all integrals of input products take them as low-rank
-        # factors (rank <= categories): in Z, the sum layers just above the inputs
-        for step in steps:
-            if step.rule is _structured and _takes_factors(step.layer) and step.fetch.sources and all(
-                    _block_input(steps[j].layer) for j in step.fetch.sources):
-                step.on_factors = True
-                for j in step.fetch.sources:
-                    steps[j].blocks = True
+        # factored values: inputs that may come as low-rank blocks -- in Z the integrals of input
+        # products (one block per fold), at data squared inputs (one rank-1 block per sample) --
+        # and the sum layers that can take them as factors. At data the blocks stay rank 1
+        # through such sums and through Hadamard products of their outputs (per call: where
+        # some variable is integrated out they are multiplied out).
+        per_sample: List[bool] = []  # the value may come as rank-1 blocks per sample
         for i, step in enumerate(steps):
-            if step.blocks:
-                step.dense_needed = any(not steps[u].on_factors for u in consumers.get(i, []))
+            sources = step.fetch.sources if step.fetch is not None else ()
+            if step.fetch is None:
+                per_sample.append(not isinstance(step.layer, TorchConstantValueLayer) and _block_input(step.layer))
+            elif sources and step.rule is _structured and _takes_factors(step.layer) and all(
+                    per_sample[j] or (steps[j].fetch is None and _block_input(steps[j].layer)) for j in sources):
+                step.on_factors = True
+                per_sample.append(all(per_sample[j] for j in sources))
+            elif sources and step.rule is _hadamard and all(per_sample[j] for j in sources):
+                step.product_on_factors = True
+                per_sample.append(True)
+            else:
+                per_sample.append(False)
+        for i, step in enumerate(steps):
+            users = consumers.get(i, [])
+            takers = [u for u in users if steps[u].on_factors or steps[u].product_on_factors]
+            if takers:
+                step.blocks = True
+                step.dense_needed = len(takers) < len(users)
         # products whose only consumer is a sum layer are measured at the sum's output
         for i, step in enumerate(steps):
             users = consumers.get(i, [])
@@ -882,15 +950,25 @@ class CircuitPlan:
         scales: List[Optional[Tensor]] = []
         split_values: Dict[int, tuple] = {}  # sources read row by row ('pieces'), split once
         split_scales: Dict[int, tuple] = {}
-        blocks: Dict[int, _Blocks] = {}  # inputs given as low-rank factors
+        blocks: Dict[int, _Blocks] = {}  # values given as low-rank factors
+        split_blocks: Dict[Tuple[int, int], tuple] = {}  # their factors read row by row, split once
         for step in self.steps:
             layer = step.layer
-            if step.on_factors and all(j in blocks for j in step.fetch.sources):
+            factored = step.fetch is not None and all(j in blocks for j in step.fetch.sources)
+            out: Union[_Blocks, Scaled, None] = None
+            if step.on_factors and factored:
                 out = _sum_on_blocks(layer, step.fetch, blocks)
-                if out is not None:
-                    values.append(out[0])
-                    scales.append(out[1])
-                    continue
+            elif step.product_on_factors and factored:
+                out = _hadamard_on_blocks(step.fetch, step.operands, blocks, split_blocks)
+            if isinstance(out, _Blocks) and not step.blocks:  # no consumer takes factors
+                out = _dense_blocks(out)
+            if isinstance(out, _Blocks):
+                blocks[len(values)] = out
+                out = _dense_blocks(out) if step.dense_needed else (None, None)
+            if out is not None:
+                values.append(out[0])
+                scales.append(out[1])
+                continue
             if step.fetch is not None:
                 for j in step.fetch.sources:
                     if values[j] is None:  # factored, and needed multiplied out after all

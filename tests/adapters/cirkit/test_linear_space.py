@@ -278,12 +278,17 @@ def test_pair_product_gradients(dtype):
     torch.testing.assert_close(_PairProduct.apply(v), v[:, 0] * v[:, 1], rtol=0, atol=0)
 
 
+def _over_inputs(plan, step) -> bool:
+    return step.on_factors and all(plan.steps[j].fetch is None for j in step.fetch.sources)
+
+
 def _gradients(circuit, x, factored: bool, monkeypatch, integrate=None):
     """The output (log Z for x None, else log |c|²(x) or a marginal) of a copy of ``circuit``
     and its parameter gradients, with the sum layers above squared or integrated inputs on
-    their low-rank blocks (``factored``; they never apply their map to a block) or on the
-    inputs multiplied out (the plan built with no layer taking factors); also the number of
-    such layers and how often a per-sample outer product was formed."""
+    their low-rank blocks (``factored``; they never apply their map to a block, nor, at data
+    with nothing integrated, does any layer taking rank-1 blocks) or on the inputs
+    multiplied out (the plan built with no layer taking factors); also the plan and how
+    often a per-sample outer product was formed."""
     calls = []
     with monkeypatch.context() as patch:
         if not factored:
@@ -293,13 +298,13 @@ def _gradients(circuit, x, factored: bool, monkeypatch, integrate=None):
         c = copy.deepcopy(circuit)  # a new circuit: its plan is built here
         plan = linear_space.circuit_plan(c)
         assert any(step.on_factors for step in plan.steps) == factored
-        if factored:  # those layers never apply their map to a block
+        if factored:
             for step in plan.steps:
-                if step.on_factors:
+                if _over_inputs(plan, step) or (step.on_factors and x is not None and integrate is None):
                     patch.setattr(step.layer, "linear", lambda z: pytest.fail("a dense block went through the layer"))
         value = evaluate_linear_space(c, x, integrate=integrate)
         value.real.sum().backward()
-    return value.detach(), parameter_grads(c), sum(step.on_factors for step in plan.steps), len(calls)
+    return value.detach(), parameter_grads(c), plan, len(calls)
 
 
 def kronecker_structured_lowrank(info):
@@ -325,9 +330,10 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
     monkeypatch.setattr(linear_space, "_materialise", lambda l, r: calls.append(l.shape) or original(l, r))
     with monkeypatch.context() as patch:  # low rank: the stored thin factors apply, never their product
         patch.setattr(FactoredLayer, "kronecker_terms", lambda layer: pytest.fail("terms multiplied out"))
-        value, grads, on_factors, _ = _gradients(partition, None, True, monkeypatch)
+        value, grads, plan, _ = _gradients(partition, None, True, monkeypatch)
     # each such sum layer multiplies out its output block once; its input blocks never are
-    assert len(calls) == on_factors > 0
+    assert len(calls) == sum(step.on_factors for step in plan.steps) > 0
+    assert all(_over_inputs(plan, step) for step in plan.steps if step.on_factors)
     dense_value, dense_grads, _, _ = _gradients(partition, None, False, monkeypatch)
     with torch.no_grad():
         assert_same_logs(value, semiring_values(partition))
@@ -335,43 +341,74 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
     assert_same_gradients(grads, dense_grads)
 
 
+@pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
 @pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
 @pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank])
-def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(semiring, swap, monkeypatch):
+def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(region_graph, semiring, swap, monkeypatch):
     """|c|²(x): a squared categorical input's value per sample is ``u ⊗ w`` (rank 1), and the
-    sum layer above computes ``(A u)(B w)ᵀ`` for each sample instead of ``A (u wᵀ) Bᵀ``; the
-    input's outer products are never formed, only the layer's. Values equal cirkit's and the
-    evaluation on the inputs multiplied out, and so do the gradients. Marginals (some
-    variables integrated out, per sample) take the integral's rank-V block where a sample's
-    variable is integrated: the same values and gradients as multiplied out; a sample with
-    nothing integrated has its complete-evidence value, one with everything integrated log Z."""
+    sum layer above computes ``(A u)(B w)ᵀ`` for each sample instead of ``A (u wᵀ) Bᵀ``: rank 1
+    again, as is the Hadamard product of two such blocks, ``(u₁ ∘ u₂) ⊗ (w₁ ∘ w₂)``. So the
+    whole circuit runs on rank-1 blocks and only its output is multiplied out. Values equal
+    cirkit's and the evaluation on the inputs multiplied out, and so do the gradients.
+    Marginals (some variables integrated out, per sample) take the integral's rank-V block
+    where a sample's variable is integrated, and the layers above the inputs multiply out
+    their outputs: the same values and gradients as multiplied out; a sample with nothing
+    integrated has its complete-evidence value, one with everything integrated log Z. The
+    linear tree's products each read one fold of the layers below (rows of their factors)."""
     if swap is None:
-        c = two_circuits("quad-tree")[0]
+        c = two_circuits(region_graph)[0]
         model = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64)
         density, partition = model.density, model.partition
     else:  # the swaps are exact (lowrank at full ranks): Z from cirkit's circuit as it was compiled
-        density, partition = compile_pair("quad-tree", "cp", semiring, True, False)
+        density, partition = compile_pair(region_graph, "cp", semiring, True, False)
         swap_kronecker_sum_layers(density, swap)
-    x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["quad-tree"]), generator=torch.Generator().manual_seed(2))
-    value, grads, on_factors, outers = _gradients(density, x, True, monkeypatch)
-    assert on_factors > 0 and outers == on_factors  # each such layer's output, nothing else
+    num_variables = NUM_VARIABLES[region_graph]
+    x = torch.randint(0, CATEGORIES, (5, num_variables), generator=torch.Generator().manual_seed(2))
+    value, grads, plan, outers = _gradients(density, x, True, monkeypatch)
+    inner = [step for step in plan.steps if step.fetch is not None and step.layer is not None]
+    assert all(step.on_factors or step.product_on_factors for step in inner)  # every layer on rank-1 blocks
+    assert any(step.operands for step in inner) == (region_graph == "linear-tree")
+    assert outers == 1  # the output's block, nothing else
     dense_value, dense_grads, _, dense_outers = _gradients(density, x, False, monkeypatch)
     assert dense_outers > 0  # the inputs' outer products, formed on the dense path
     with torch.no_grad():
         assert_same_logs(value, semiring_values(density, x))
     assert_same_logs(value, dense_value)
     assert_same_gradients(grads, dense_grads)
-    mask = torch.zeros(5, NUM_VARIABLES["quad-tree"], dtype=torch.bool)
+    mask = torch.zeros(5, num_variables, dtype=torch.bool)
     mask[:, ::3] = True
     mask[1] = False  # complete evidence
     mask[3] = True  # everything integrated
     marginal, marginal_grads, _, marginal_outers = _gradients(density, x, True, monkeypatch, integrate=mask)
-    assert marginal_outers == on_factors
+    assert marginal_outers == sum(_over_inputs(plan, step) for step in plan.steps) > 0
     dense_marginal, dense_marginal_grads, _, _ = _gradients(density, x, False, monkeypatch, integrate=mask)
     assert_same_logs(marginal, dense_marginal)
     assert_same_gradients(marginal_grads, dense_marginal_grads)
     assert_same_logs(marginal[1], value[1])
     assert_same_logs(marginal[3], semiring_values(partition))
+
+
+def test_rank_one_blocks_keep_float32_in_range():
+    """|c|²(x) of the 8x8 digits circuit with small positive weights (|w|/100: every sum layer
+    shrinks its values, and the Hadamard products square that) is far below float32's
+    smallest number, and so are the rank-1 factors of the upper layers relative to their
+    inputs': they are rescaled at every layer, so the float32 evaluation agrees with
+    cirkit's float32 evaluation on logs (unscaled factors underflow to 0, log -inf).
+    Positive weights: no cancellation, so the two agree to float32's precision."""
+    torch.set_default_dtype(torch.float32)
+    density = digits_squared_circuit(4).compile(seed=0, dtype=torch.float32).density
+    swap_kronecker_sum_layers(density, "kronecker")
+    factors = [p for name, p in density.named_parameters() if ".structured." in name]  # W = A ⊗ B
+    assert factors
+    with torch.no_grad():
+        for t in factors:
+            t.copy_(t.abs() / 10)
+    assert any(step.product_on_factors for step in linear_space.circuit_plan(density).steps)
+    x = torch.randint(0, 17, (6, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got, reference = evaluate_linear_space(density, x), semiring_values(density, x)
+    assert float(reference.real.max()) < -500  # the regime of the test
+    torch.testing.assert_close(got.real, reference.real, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("complex_weights", [False, True])
@@ -382,8 +419,8 @@ def test_structured_squares_take_rank_one_blocks_per_sample_in_their_own_fold_or
     c = digits_squared_circuit(3, image_shape=(3, 3), num_categories=3, complex=complex_weights).circuit
     model, _ = compile_structured(c, structure_policy("monarch"), dtype=torch.float64, seed=1, num_categories=3)
     x = torch.randint(0, 3, (4, 9), generator=torch.Generator().manual_seed(3))
-    value, grads, on_factors, _ = _gradients(model.density, x, True, monkeypatch)
-    assert on_factors > 0
+    value, grads, plan, _ = _gradients(model.density, x, True, monkeypatch)
+    assert any(step.on_factors for step in plan.steps)
     dense_value, dense_grads, _, _ = _gradients(model.density, x, False, monkeypatch)
     assert_same_logs(value, dense_value)
     assert_same_gradients(grads, dense_grads)
