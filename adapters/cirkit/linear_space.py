@@ -31,7 +31,8 @@ only when the range is left.
 **Low-rank blocks.** In ``Z`` of a squared circuit the inputs of the sum layers just above
 the input layers are integrals of input products: per fold a ``Ki x Kj`` block
 ``X = L Rᵀ`` of rank at most V (the categories, :func:`_integrated_factors`). A sum layer
-whose weight is a Kronecker product (or a sum of them, ``linear_on_factors``) applies it
+whose weight is a Kronecker product (or a sum of them, ``linear_on_factors``; or cirkit's
+tensor-dot layer, one factor of such a product: :func:`_on_factors`) applies it
 to the factors, ``(A L)(B R)ᵀ``, and multiplies out only its output: about ``3·K²·V``
 multiply-adds per fold instead of ``2·K³``, and X is never formed. At data (``|c|²(x)``,
 marginals, samples) a squared categorical or Gaussian input is, per sample, the outer
@@ -742,7 +743,26 @@ class _Step:
 
 
 def _takes_factors(layer) -> bool:
+    """The layer maps a block given by factors to its output's factors (:func:`_on_factors`)."""
+    if isinstance(layer, TorchTensorDotLayer):
+        return layer.arity == 1
     return bool(getattr(layer, "takes_factors", False))
+
+
+def _on_factors(layer, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """A layer's map on one input block ``X = left @ rightᵀ`` (left (F, Ki, C), right (F, Kj, C):
+    C columns, a block's rank or one column per sample): the factors of its output block, or
+    None where they do not fit. This package's sum layers: ``linear_on_factors``. cirkit's
+    tensor-dot layer contracts X's first index with its weight W (F, Kk, Kj) and puts the
+    new index last (as ``_tensor_dot`` orders it): ``Y = right (W left)ᵀ``, so its factors are
+    ``(right, W left)``."""
+    if not isinstance(layer, TorchTensorDotLayer):
+        return layer.linear_on_factors(left, right)
+    kj, kq = tensordot_units(layer)
+    if left.shape[1] != kj or right.shape[1] != kq:
+        return None
+    w = evaluate_parameter(layer.weight)  # (F, Kk, Kj)
+    return right, apply_linear(_dense_map(w), left.transpose(1, 2), w.dtype).transpose(1, 2)
 
 
 def _block_input(layer) -> bool:
@@ -825,9 +845,9 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
 
     left, right, s = fetched(lambda b: b.left), fetched(lambda b: b.right), fetched(lambda b: b.s)
     if first.batch is not None:
-        factors = layer.linear_on_factors(left, right)
+        factors = _on_factors(layer, left, right)
         return None if factors is None else _over_batch(*normalise(_materialise(*factors), s), first.batch)
-    factors = layer.linear_on_factors(left.transpose(1, 2), right.transpose(1, 2))
+    factors = _on_factors(layer, left.transpose(1, 2), right.transpose(1, 2))
     if factors is None:
         return None
     f, b = s.shape
@@ -843,7 +863,7 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
     if first.mask is None:
         return observed
     # samples with this fold's variables integrated out: the integral's block, shared
-    integral = layer.linear_on_factors(*(fetched(lambda b, k=k: b.integrated[k]) for k in range(2)))
+    integral = _on_factors(layer, *(fetched(lambda b, k=k: b.integrated[k]) for k in range(2)))
     if integral is None:
         return None
     shared = normalise(_materialise(*integral), fetched(lambda b: b.integrated[2]))
@@ -918,7 +938,7 @@ class CircuitPlan:
             sources = step.fetch.sources if step.fetch is not None else ()
             if step.fetch is None:
                 per_sample.append(not isinstance(step.layer, TorchConstantValueLayer) and _block_input(step.layer))
-            elif sources and step.rule is _structured and _takes_factors(step.layer) and all(
+            elif sources and step.rule in (_structured, _tensor_dot) and _takes_factors(step.layer) and all(
                     per_sample[j] or (steps[j].fetch is None and _block_input(steps[j].layer)) for j in sources):
                 step.on_factors = True
                 per_sample.append(all(per_sample[j] for j in sources))

@@ -301,7 +301,13 @@ def _gradients(circuit, x, factored: bool, monkeypatch, integrate=None):
         if factored:
             for step in plan.steps:
                 if _over_inputs(plan, step) or (step.on_factors and x is not None and integrate is None):
-                    patch.setattr(step.layer, "linear", lambda z: pytest.fail("a dense block went through the layer"))
+                    def refuse(*_):
+                        pytest.fail("a dense block went through the layer")
+
+                    if hasattr(step.layer, "linear"):  # this package's layers
+                        patch.setattr(step.layer, "linear", refuse)
+                    else:  # cirkit's tensor-dot layer: its dense rule
+                        patch.setattr(step, "rule", refuse)
         value = evaluate_linear_space(c, x, integrate=integrate)
         value.real.sum().backward()
     return value.detach(), parameter_grads(c), plan, len(calls)
@@ -313,15 +319,19 @@ def kronecker_structured_lowrank(info):
 
 
 @pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
-@pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank])
+@pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank, "optimize=True"])
 def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring, swap, monkeypatch):
     """In Z, a sum layer whose inputs are integrals of input products receives per fold a block
     X = L Rᵀ of rank <= V (categories): it computes (A L)(B R)ᵀ instead of A X Bᵀ, and never
     multiplies X out. Values equal cirkit's and the blocks-multiplied-out evaluation's, and
-    so do the gradients. None: this package's exact compile (factor-wise Kronecker layers)."""
+    so do the gradients. None: this package's exact compile (factor-wise Kronecker layers);
+    ``optimize=True``: cirkit's compile, whose first tensor-dot layer of each pair takes the
+    factors (``(R, W L)``)."""
     if swap is None:
         c = two_circuits("quad-tree")[0]
         partition = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64).partition
+    elif swap == "optimize=True":  # cirkit's compile: the first tensor-dot layer of each pair
+        _, partition = compile_pair("quad-tree", "cp", semiring, True, True)
     else:
         _, partition = compile_pair("quad-tree", "cp", semiring, True, False)
         swap_kronecker_sum_layers(partition, swap)
@@ -343,7 +353,7 @@ def test_sum_layers_over_integrated_inputs_run_on_their_low_rank_blocks(semiring
 
 @pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
 @pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
-@pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank])
+@pytest.mark.parametrize("swap", [None, "kronecker", kronecker_structured_lowrank, "optimize=True"])
 def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(region_graph, semiring, swap, monkeypatch):
     """|c|²(x): a squared categorical input's value per sample is ``u ⊗ w`` (rank 1), and the
     sum layer above computes ``(A u)(B w)ᵀ`` for each sample instead of ``A (u wᵀ) Bᵀ``: rank 1
@@ -354,11 +364,15 @@ def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(regio
     where a sample's variable is integrated, and the layers above the inputs multiply out
     their outputs: the same values and gradients as multiplied out; a sample with nothing
     integrated has its complete-evidence value, one with everything integrated log Z. The
-    linear tree's products each read one fold of the layers below (rows of their factors)."""
+    linear tree's products each read one fold of the layers below (rows of their factors).
+    None: this package's exact compile; ``optimize=True``: cirkit's own compile, whose
+    Kronecker sum layers are pairs of tensor-dot layers (each maps ``u ⊗ w`` to ``w ⊗ W u``)."""
     if swap is None:
         c = two_circuits(region_graph)[0]
         model = compile_density(c, semiring=semiring, seed=0, dtype=torch.float64)
         density, partition = model.density, model.partition
+    elif swap == "optimize=True":
+        density, partition = compile_pair(region_graph, "cp", semiring, True, True)
     else:  # the swaps are exact (lowrank at full ranks): Z from cirkit's circuit as it was compiled
         density, partition = compile_pair(region_graph, "cp", semiring, True, False)
         swap_kronecker_sum_layers(density, swap)
