@@ -871,29 +871,21 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
 
 
 def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks],
-                        split: Dict[Tuple[int, int], tuple]) -> Optional[_Blocks]:
+                        split: Dict[int, Dict[int, tuple]]) -> Optional[_Blocks]:
     """A Hadamard product of rank-1 blocks per sample, ``(u_1 ⊗ w_1) ∘ (u_2 ⊗ w_2) =
     (u_1 ∘ u_2) ⊗ (w_1 ∘ w_2)``: rank 1 again, from two products of the K-unit factors instead
     of one of the K²-unit blocks. ``operands``: a product of one fold, reading rows of its
-    sources (split once per run, ``split``). None for other blocks (one per fold, or with
+    sources (split once per run, ``split``: per factor, per source). None for other blocks (one per fold, or with
     variables integrated out): those are multiplied out."""
     if any(blocks[j].batch is not None or blocks[j].mask is not None for j in fetch.sources):
         return None
-    if operands:
-        def row(j: int, part: int, r: int) -> Tensor:
-            t = blocks[j][part]
-            if t.shape[0] == 1:
-                return t
-            if (j, part) not in split:
-                split[j, part] = t.unbind(0)  # one stack in the backward, no zero fill per row
-            return split[j, part][r].unsqueeze(0)
+    def fetched(part: int) -> List[Tensor]:  # the H inputs, each (F, B, K) or (F, B)
+        parts = {j: blocks[j][part] for j in fetch.sources}
+        if operands:  # rows of the sources, each split once per run
+            return fetch.operands(parts, split.setdefault(part, {}))
+        return list(fetch(parts, {}).unbind(1))
 
-        factors = [(row(j, 0, r), row(j, 1, r), row(j, 2, r)) for j, r in fetch.rows]
-    else:
-        def fetched(part: int) -> Tuple[Tensor, ...]:  # the H inputs, each (F, B, K) or (F, B)
-            return fetch({j: blocks[j][part] for j in fetch.sources}, {}).unbind(1)
-
-        factors = list(zip(fetched(0), fetched(1), fetched(2)))
+    factors = list(zip(fetched(0), fetched(1), fetched(2)))
     left, right, s = factors[0]
     if any(u.shape != left.shape or w.shape != right.shape for u, w, _ in factors):
         return None
@@ -971,7 +963,7 @@ class CircuitPlan:
         split_values: Dict[int, tuple] = {}  # sources read row by row ('pieces'), split once
         split_scales: Dict[int, tuple] = {}
         blocks: Dict[int, _Blocks] = {}  # values given as low-rank factors
-        split_blocks: Dict[Tuple[int, int], tuple] = {}  # their factors read row by row, split once
+        split_blocks: Dict[int, Dict[int, tuple]] = {}  # their factors read row by row, split once
         for step in self.steps:
             layer = step.layer
             factored = step.fetch is not None and all(j in blocks for j in step.fetch.sources)

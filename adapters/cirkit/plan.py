@@ -104,20 +104,14 @@ class Fetch:
         """A ``'pieces'`` or ``'narrow'`` input of one fold (shape (1, H)) as its H inputs apart,
         each (1, ...): for a consumer that combines them one by one (a product), no stack;
         rows of a larger source come from its split (:meth:`takes_operands`)."""
-        cache = {} if unbound is None else unbound
-        # a source of one fold is its own row: no split, and no stack in the backward
-        return [outputs[source] if outputs[source].shape[0] == 1 else _row(outputs, cache, source, row).unsqueeze(0)
-                for source, row in self.rows]
-
-    @property
-    def rows(self) -> List[Tuple[int, int]]:
-        """``(source, fold)`` of each of the H inputs of a :meth:`takes_operands` fetch."""
         if not self.takes_operands:
             raise ValueError(f"operands() reads a 'pieces' or 'narrow' input of one fold, not {self.kind!r} "
                              f"of shape {self.shape}")
-        if self.kind == "pieces":
-            return list(self.pieces)
-        return [(self.sources[0], self.start + h) for h in range(self.shape[1])]
+        pieces = self.pieces if self.kind == "pieces" else [(self.sources[0], self.start + h) for h in range(self.shape[1])]
+        cache = {} if unbound is None else unbound
+        # a source of one fold is its own row: no split, and no stack in the backward
+        return [outputs[source] if outputs[source].shape[0] == 1 else _row(outputs, cache, source, row).unsqueeze(0)
+                for source, row in pieces]
 
     @property
     def takes_operands(self) -> bool:

@@ -144,8 +144,7 @@ def test_a_few_rows_out_of_large_sources_are_never_concatenated(monkeypatch):
 @pytest.mark.parametrize("idx,kind", [(torch.tensor([[12, 3]]), "pieces"), (torch.tensor([[4, 5]]), "narrow")])
 def test_one_fold_inputs_read_apart_are_the_rows_of_the_fetch(idx, kind):
     """``operands``: the H inputs of one fold, each (1, ...), equal to the fetch's rows with
-    the same gradients, read from the ``(source, fold)`` pairs of ``rows``; a one-fold source
-    is passed as it is; other fetches refuse."""
+    the same gradients; a one-fold source is passed as it is; other fetches refuse."""
     parts = [torch.randn(10, 3, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
     parts.append(torch.randn(1, 3, generator=torch.Generator().manual_seed(9), requires_grad=True))
     sources = [0, 1] if kind == "pieces" else [1]
@@ -153,7 +152,6 @@ def test_one_fold_inputs_read_apart_are_the_rows_of_the_fetch(idx, kind):
     assert fetch.kind == kind and fetch.takes_operands
     got = fetch.operands(parts, {})
     ref = fetch(parts)
-    assert fetch.rows == ([(1, 2), (0, 3)] if kind == "pieces" else [(1, 4), (1, 5)])
     assert len(got) == 2 and all(g.shape == (1, 3) for g in got)
     for h in range(2):
         assert torch.equal(got[h], ref[:, h])
@@ -167,5 +165,3 @@ def test_one_fold_inputs_read_apart_are_the_rows_of_the_fetch(idx, kind):
     assert not whole.takes_operands
     with pytest.raises(ValueError, match="operands\\(\\) reads a 'pieces' or 'narrow' input of one fold"):
         whole.operands(parts)
-    with pytest.raises(ValueError, match="operands\\(\\) reads a 'pieces' or 'narrow' input of one fold"):
-        whole.rows
