@@ -32,7 +32,7 @@ only when the range is left.
 the input layers are integrals of input products: per fold a ``Ki x Kj`` block
 ``X = L Rᵀ`` of rank at most V (the categories, :func:`_integrated_factors`). A sum layer
 whose weight is a Kronecker product (or a sum of them, ``linear_on_factors``; or cirkit's
-tensor-dot layer, one factor of such a product: :func:`_on_factors`) applies it
+tensor-dot layer, one factor of such a product: :func:`_factor_map`) applies it
 to the factors, ``(A L)(B R)ᵀ``, and multiplies out only its output: about ``3·K²·V``
 multiply-adds per fold instead of ``2·K³``, and X is never formed. At data (``|c|²(x)``,
 marginals, samples) a squared categorical or Gaussian input is, per sample, the outer
@@ -402,13 +402,16 @@ def _integral(table: Tensor, top: Tensor) -> Scaled:
 
 
 class _Blocks(NamedTuple):
-    """An input layer's value as low-rank factors (:func:`_input_blocks`).
+    """A value given as low-rank factors: an input layer's (:func:`_input_blocks`), or the
+    output of a sum or product layer over such values (:func:`_sum_on_blocks`,
+    :func:`_hadamard_on_blocks`).
 
     ``batch`` an int: one block per fold, the same for the ``batch`` samples, ``left @ rightᵀ
     · e^s`` with left (F, Ki, V), right (F, Kj, V), s (F, 1) (a constant's integrals).
     ``batch`` None: one rank-1 block per sample, left (F, B, Ki), right (F, B, Kj), s (F, B)
-    (a squared input at data); where ``mask`` (F, B) is True the sample takes instead the
-    block of ``integrated`` = (left (F, Ki, V), right (F, Kj, V), s (F, 1)), the integral.
+    (a squared input at data, and the layers above it); where ``mask`` (F, B) is True the
+    sample takes instead the block of ``integrated`` = (left (F, Ki, V), right (F, Kj, V),
+    s (F, 1)), the integral.
     """
 
     left: Tensor
@@ -732,37 +735,44 @@ class _Step:
     fetch: Optional[Fetch]
     measure: bool = True  # a product measured at its own output (else at its consumer's)
     after_unmeasured: bool = False  # a sum over an unmeasured product
-    # low-rank blocks: an input whose value may come as factors (see _input_blocks), and
-    # whether some consumer needs them multiplied out; a sum layer that can take all of
-    # its inputs as factors (``linear_on_factors``)
+    # low-rank blocks (_Blocks): the step's value may be kept as factors because some consumer
+    # takes them so, and whether another consumer needs it multiplied out; a sum layer that
+    # can take all of its inputs as factors (_on_factors); a Hadamard product of rank-1 blocks
     blocks: bool = False
     dense_needed: bool = True
     on_factors: bool = False
-    product_on_factors: bool = False  # a Hadamard product whose inputs may all come factored
+    product_on_factors: bool = False
     operands: bool = False  # a product of one fold reading rows of other layers: inputs apart
 
 
 def _takes_factors(layer) -> bool:
-    """The layer maps a block given by factors to its output's factors (:func:`_on_factors`)."""
+    """The layer maps a block given by factors to its output's factors (:func:`_factor_map`)."""
     if isinstance(layer, TorchTensorDotLayer):
         return layer.arity == 1
     return bool(getattr(layer, "takes_factors", False))
 
 
-def _on_factors(layer, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+FactorMap = Callable[[Tensor, Tensor], Optional[Tuple[Tensor, Tensor]]]
+
+
+def _factor_map(layer) -> FactorMap:
     """A layer's map on one input block ``X = left @ rightᵀ`` (left (F, Ki, C), right (F, Kj, C):
-    C columns, a block's rank or one column per sample): the factors of its output block, or
-    None where they do not fit. This package's sum layers: ``linear_on_factors``. cirkit's
+    C columns, a block's rank or one column per sample) -> the factors of its output block,
+    or None where they do not fit. This package's sum layers: ``linear_on_factors``. cirkit's
     tensor-dot layer contracts X's first index with its weight W (F, Kk, Kj) and puts the
     new index last (as ``_tensor_dot`` orders it): ``Y = right (W left)ᵀ``, so its factors are
-    ``(right, W left)``."""
+    ``(right, W left)``; W is evaluated once here, for every block the map is applied to."""
     if not isinstance(layer, TorchTensorDotLayer):
-        return layer.linear_on_factors(left, right)
+        return layer.linear_on_factors
     kj, kq = tensordot_units(layer)
-    if left.shape[1] != kj or right.shape[1] != kq:
-        return None
     w = evaluate_parameter(layer.weight)  # (F, Kk, Kj)
-    return right, apply_linear(_dense_map(w), left.transpose(1, 2), w.dtype).transpose(1, 2)
+
+    def tensor_dot(left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        if left.shape[1] != kj or right.shape[1] != kq:
+            return None
+        return right, apply_linear(_dense_map(w), left.transpose(1, 2), w.dtype).transpose(1, 2)
+
+    return tensor_dot
 
 
 def _block_input(layer) -> bool:
@@ -819,11 +829,13 @@ def _unit_factors(left: Tensor, right: Tensor, s: Tensor) -> _Blocks:
     """One rank-1 block per sample, ``left[f, b] ⊗ right[f, b] · e^s[f, b]`` (left (F, B, Ki),
     right (F, B, Kj), s (F, B)), as :class:`_Blocks` with each factor scaled to largest entry
     1: the block's largest entry is then 1, as the multiplied-out value would be scaled."""
-    # a conjugate view has no real view (the peaks read one)
-    left, right = (t.resolve_conj() if t.is_conj() else t for t in (left, right))
-    left, s = _rescaled(left, s, *_peaks(left)[::2])
-    right, s = _rescaled(right, s, *_peaks(right)[::2])
-    return _Blocks(left, right, s, None)
+    factors = []
+    for t in (left, right):
+        t = t.resolve_conj() if t.is_conj() else t  # a conjugate view has no real view (the peaks read one)
+        peaks, _, top = _peaks(t)
+        t, s = _rescaled(t, s, peaks, top)
+        factors.append(t)
+    return _Blocks(*factors, s, None)
 
 
 def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Blocks, Scaled, None]:
@@ -844,10 +856,11 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
         return fetch({j: part(blocks[j]) for j in fetch.sources}, {}).squeeze(1)
 
     left, right, s = fetched(lambda b: b.left), fetched(lambda b: b.right), fetched(lambda b: b.s)
+    on_factors = _factor_map(layer)
     if first.batch is not None:
-        factors = _on_factors(layer, left, right)
+        factors = on_factors(left, right)
         return None if factors is None else _over_batch(*normalise(_materialise(*factors), s), first.batch)
-    factors = _on_factors(layer, left.transpose(1, 2), right.transpose(1, 2))
+    factors = on_factors(left.transpose(1, 2), right.transpose(1, 2))
     if factors is None:
         return None
     f, b = s.shape
@@ -863,7 +876,7 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
     if first.mask is None:
         return observed
     # samples with this fold's variables integrated out: the integral's block, shared
-    integral = _on_factors(layer, *(fetched(lambda b, k=k: b.integrated[k]) for k in range(2)))
+    integral = on_factors(*(fetched(lambda b, k=k: b.integrated[k]) for k in range(2)))
     if integral is None:
         return None
     shared = normalise(_materialise(*integral), fetched(lambda b: b.integrated[2]))
@@ -875,10 +888,11 @@ def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks]
     """A Hadamard product of rank-1 blocks per sample, ``(u_1 ⊗ w_1) ∘ (u_2 ⊗ w_2) =
     (u_1 ∘ u_2) ⊗ (w_1 ∘ w_2)``: rank 1 again, from two products of the K-unit factors instead
     of one of the K²-unit blocks. ``operands``: a product of one fold, reading rows of its
-    sources (split once per run, ``split``: per factor, per source). None for other blocks (one per fold, or with
-    variables integrated out): those are multiplied out."""
+    sources (each split once per run: ``split``, per factor and source). None for other
+    blocks (one per fold, or with variables integrated out): those are multiplied out."""
     if any(blocks[j].batch is not None or blocks[j].mask is not None for j in fetch.sources):
         return None
+
     def fetched(part: int) -> List[Tensor]:  # the H inputs, each (F, B, K) or (F, B)
         parts = {j: blocks[j][part] for j in fetch.sources}
         if operands:  # rows of the sources, each split once per run
@@ -925,13 +939,14 @@ class CircuitPlan:
         # and the sum layers that can take them as factors. At data the blocks stay rank 1
         # through such sums and through Hadamard products of their outputs (per call: where
         # some variable is integrated out they are multiplied out).
+        block_input = [step.fetch is None and _block_input(step.layer) for step in steps]
         per_sample: List[bool] = []  # the value may come as rank-1 blocks per sample
         for i, step in enumerate(steps):
             sources = step.fetch.sources if step.fetch is not None else ()
             if step.fetch is None:
-                per_sample.append(not isinstance(step.layer, TorchConstantValueLayer) and _block_input(step.layer))
+                per_sample.append(block_input[i] and not isinstance(step.layer, TorchConstantValueLayer))
             elif sources and step.rule in (_structured, _tensor_dot) and _takes_factors(step.layer) and all(
-                    per_sample[j] or (steps[j].fetch is None and _block_input(steps[j].layer)) for j in sources):
+                    per_sample[j] or block_input[j] for j in sources):
                 step.on_factors = True
                 per_sample.append(all(per_sample[j] for j in sources))
             elif sources and step.rule is _hadamard and all(per_sample[j] for j in sources):
@@ -972,9 +987,7 @@ class CircuitPlan:
                 out = _sum_on_blocks(layer, step.fetch, blocks)
             elif step.product_on_factors and factored:
                 out = _hadamard_on_blocks(step.fetch, step.operands, blocks, split_blocks)
-            if isinstance(out, _Blocks) and not step.blocks:  # no consumer takes factors
-                out = _dense_blocks(out)
-            if isinstance(out, _Blocks):
+            if isinstance(out, _Blocks):  # kept for the consumers that take factors
                 blocks[len(values)] = out
                 out = _dense_blocks(out) if step.dense_needed else (None, None)
             if out is not None:

@@ -299,11 +299,11 @@ def _gradients(circuit, x, factored: bool, monkeypatch, integrate=None):
         plan = linear_space.circuit_plan(c)
         assert any(step.on_factors for step in plan.steps) == factored
         if factored:
+            def refuse(*_):
+                pytest.fail("a dense block went through the layer")
+
             for step in plan.steps:
                 if _over_inputs(plan, step) or (step.on_factors and x is not None and integrate is None):
-                    def refuse(*_):
-                        pytest.fail("a dense block went through the layer")
-
                     if hasattr(step.layer, "linear"):  # this package's layers
                         patch.setattr(step.layer, "linear", refuse)
                     else:  # cirkit's tensor-dot layer: its dense rule
@@ -403,10 +403,10 @@ def test_sum_layers_over_squared_inputs_take_one_rank_one_block_per_sample(regio
 
 
 def test_rank_one_blocks_keep_float32_in_range():
-    """|c|²(x) of the 8x8 digits circuit with small positive weights (|w|/100: every sum layer
-    shrinks its values, and the Hadamard products square that) is far below float32's
-    smallest number, and so are the rank-1 factors of the upper layers relative to their
-    inputs': they are rescaled at every layer, so the float32 evaluation agrees with
+    """|c|²(x) of the 8x8 digits circuit with small positive weights (each Kronecker factor
+    |·|/10, so W/100: every sum layer shrinks its values, and the Hadamard products square
+    that) is far below float32's smallest number, and so are the rank-1 factors of the upper
+    layers relative to their inputs': they are rescaled at every layer, so the float32 evaluation agrees with
     cirkit's float32 evaluation on logs (unscaled factors underflow to 0, log -inf).
     Positive weights: no cancellation, so the two agree to float32's precision."""
     torch.set_default_dtype(torch.float32)
