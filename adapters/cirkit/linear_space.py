@@ -114,7 +114,7 @@ from .layers import (
 from .plan import Fetch, cached_plan, capture_inputs, evaluate_node, evaluate_parameter, plan_fetch
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
 
-__all__ = ["evaluate_linear_space", "evaluate_graph", "check_log_semiring", "circuit_plan", "CircuitPlan", "from_logs", "to_logs"]
+__all__ = ["evaluate_linear_space", "evaluate_graph", "categorical_conditionals", "check_log_semiring", "circuit_plan", "CircuitPlan", "from_logs", "to_logs"]
 
 LOG_SEMIRINGS = (LSESumSemiring, ComplexLSESumSemiring, ExactLSESumSemiring, ExactComplexLSESumSemiring)
 
@@ -970,7 +970,10 @@ class CircuitPlan:
         self.steps = steps
 
     def run(self, circuit: TorchCircuit, x: Optional[Tensor], mask: Optional[Tensor], *,
-            measure_all: bool) -> Tensor:
+            measure_all: bool, input_values: Optional[Dict[TorchInputLayer, Scaled]] = None) -> Tensor:
+        """The circuit's output logs (O, B, K). ``input_values``: every input layer with
+        variables is evaluated whole (never as factors) and its ``(v, s)`` recorded there, ``v``
+        a tensor of its own that requires grad (the output's derivative w.r.t. the inputs)."""
         complex_values = check_log_semiring(circuit)
         ctx = _Context(complex_values, measure_products=measure_all)
         values: List[Optional[Tensor]] = []
@@ -1012,12 +1015,16 @@ class CircuitPlan:
                     v, s = step.rule(layer, v, s, ctx)
             else:
                 arguments = _input_arguments(layer, x, mask)
-                found = _input_blocks(layer, *arguments) if step.blocks else None
+                probed = input_values is not None and bool(layer.num_variables)
+                found = _input_blocks(layer, *arguments) if step.blocks and not probed else None
                 if found is not None:
                     blocks[len(values)] = found
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)
                 else:
                     v, s = _input(layer, *arguments)
+                if probed:
+                    v = v.detach().requires_grad_()
+                    input_values[layer] = (v, s)
             values.append(v)
             scales.append(s)
         raise RuntimeError("the circuit's address book has no output entry")
@@ -1082,9 +1089,12 @@ def _check_mask(integrate, x: Optional[Tensor], num_variables: int) -> Optional[
 
 
 def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
-                   integrate: Optional[Tensor] = None) -> Tensor:
+                   integrate: Optional[Tensor] = None,
+                   input_values: Optional[Dict[TorchInputLayer, Scaled]] = None) -> Tensor:
     """``circuit.evaluate(x)`` of an lse-sum / complex-lse-sum circuit, in linear space:
-    (O, B, K) logs, without cirkit's clamp at -708 (see :func:`evaluate_linear_space`)."""
+    (O, B, K) logs, without cirkit's clamp at -708 (see :func:`evaluate_linear_space`).
+    ``input_values``: a dict that receives every input layer's value ``(v, s)`` (v (F, B, K)
+    requiring grad, s (F, B)), for derivatives w.r.t. the inputs (:func:`categorical_conditionals`)."""
     check_evidence(circuit, x, integrate)
     check_log_semiring(circuit)
     if circuit.scope and x is None:
@@ -1094,9 +1104,9 @@ def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
     mask = _check_mask(integrate, x, len(circuit.scope))
     plan = circuit_plan(circuit)
     try:
-        return plan.run(circuit, x, mask, measure_all=False)
+        return plan.run(circuit, x, mask, measure_all=False, input_values=input_values)
     except _Unmeasured:  # an unmeasured product flushed: measure every product this time
-        return plan.run(circuit, x, mask, measure_all=True)
+        return plan.run(circuit, x, mask, measure_all=True, input_values=input_values)
 
 
 def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
@@ -1116,3 +1126,65 @@ def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
     """
     y = evaluate_graph(circuit, x, integrate=integrate).transpose(0, 1)
     return y if circuit.scope else y.squeeze(dim=0)
+
+
+# ------------------------------------------------------------------ conditionals of one variable
+def _category_values(layer: TorchCategoricalLayer, folds: Tensor, categories: int) -> Scaled:
+    """The layer's value at each category, in the given folds: v (F', V, K), s (F', V) --
+    as the evaluator computes it for an observed variable (a squared input as rank-1 blocks
+    multiplied out)."""
+    if _is_squared_categorical(layer):
+        x = torch.arange(categories, device=folds.device).expand(layer.num_folds, -1)
+        blocks = _squared_categorical_blocks(layer, x, None)
+        left, right = blocks.left.index_select(0, folds), blocks.right.index_select(0, folds)
+        return _sample_outer(left, right), blocks.s.index_select(0, folds)
+    table, top = _probability_table(layer)  # (F, N, K), (F, N)
+    return table.index_select(0, folds)[:, :categories], top.index_select(0, folds)[:, :categories]
+
+
+def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Tensor, variable: int,
+                             output: int, categories: int) -> Tensor:
+    """``f_b(x_variable = c) / f_b(x_variable integrated)`` for every sample b and category c,
+    (B, V) real: the conditional distribution of a categorical ``variable`` given the rest of
+    each sample's evidence, from one forward and one backward pass over the B samples.
+
+    ``f_b`` is output ``output`` (an index into the flattened (O·K) outputs) of ``circuit`` at
+    ``x`` (B, D) with the variables of ``integrate`` ((D,) or (B, D), ``variable`` among them)
+    integrated out. A smooth and decomposable circuit is linear in the values of the input
+    units over one variable, jointly: ``f(c) = Σ_i ∂f/∂u_i · u_i(c)`` over those units, the
+    derivative taken anywhere -- here at the integral, ``u_i = Σ_c u_i(c)``, where ``f`` is the
+    denominator. So the V values come from the derivative of ``log f`` w.r.t. the input
+    layers' values (:func:`evaluate_graph`'s ``input_values``) instead of V more evaluations.
+    Entries sum to 1 per sample up to rounding; they may come out slightly negative where
+    the circuit cancels (a square's values never are). Raises ValueError if an input layer
+    over ``variable`` is not categorical over that variable alone.
+    """
+    record: Dict[TorchInputLayer, Scaled] = {}
+    with torch.enable_grad():
+        y = evaluate_graph(circuit, x, integrate=integrate, input_values=record)  # (O, B, K) logs
+        log_f = y.transpose(0, 1).flatten(start_dim=1)[:, output]  # (B,)
+        probes = []
+        for layer, (v, s) in record.items():
+            scope = layer.scope_idx.to(x.device)  # (F, D')
+            folds = (scope == variable).any(dim=1).nonzero().squeeze(1)
+            if folds.numel() == 0:
+                continue
+            if not isinstance(layer, TorchCategoricalLayer) or scope.shape[1] != 1:
+                raise ValueError(f"categorical_conditionals needs categorical inputs over variable {variable} "
+                                 f"alone; {type(layer).__name__} has scope size {scope.shape[1]}")
+            probes.append((layer, folds, v, s))
+        if not probes:
+            raise ValueError(f"no input layer of the circuit is over variable {variable}")
+        grads = torch.autograd.grad((log_f.real if log_f.is_complex() else log_f).sum(), [p[2] for p in probes])
+    with torch.no_grad():
+        total = None
+        for (layer, folds, _, s), g in zip(probes, grads):
+            # ∂ Re log f/∂v (F', B, K): a categorical layer's values are real, and so is f as a
+            # function of them (|c|² even with complex weights), so this is ∂log f/∂v itself
+            g = g.index_select(0, folds)
+            values, scale = _category_values(layer, folds, categories)  # (F', V, K), (F', V)
+            # each category's value relative to the probed value's scale, as the evaluator saw it
+            weight = torch.exp(scale.unsqueeze(1) - s.index_select(0, folds).unsqueeze(2))  # (F', B, V)
+            part = (torch.einsum("fbk,fck->fbc", g, values.to(g.dtype)) * weight).sum(dim=0)
+            total = part if total is None else total + part
+        return total

@@ -39,11 +39,12 @@ from .compile import use_structured_layers
 from .internals import module_ids
 from .layers import TorchLiveSquareSumLayer, TorchStructuredSumLayer
 from .likelihood import nan_where_negative, split_log_sign
-from .linear_space import evaluate_graph
+from .linear_space import categorical_conditionals, evaluate_graph
 
 __all__ = ["CircuitDensity", "compile_density", "EVALUATIONS", "default_dtype"]
 
 EVALUATIONS = ("linear", "semiring")
+SAMPLING_METHODS = ("auto", "gradients", "marginals")
 SEMIRINGS = ("complex-lse-sum", "lse-sum", "sum-product")
 
 
@@ -331,16 +332,27 @@ class CircuitDensity(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               order: Optional[Sequence[int]] = None, max_rows: int = 4096) -> Tensor:
+               order: Optional[Sequence[int]] = None, max_rows: int = 4096, method: str = "auto") -> Tensor:
         """Exact samples ``(num_samples, D)`` of a one-output categorical density.
 
         The chain rule over ``order`` (default ``0..D-1``): variable ``v`` is drawn from
-        ``p(x_v | x_earlier)``, the marginals of all its ``V`` values for every sample in
-        one evaluation (``num_samples · V`` rows, in chunks of at most ``max_rows``).
-        ``generator`` makes the draws reproducible (drawn on the CPU).
+        ``p(x_v | x_earlier)``, all its ``V`` values for every sample at once. ``method``:
+        ``'gradients'`` computes them from one forward and one backward pass over the samples
+        (the circuit is linear in the values of the inputs over ``x_v``:
+        :func:`~adapters.cirkit.linear_space.categorical_conditionals`; linear evaluation
+        only); ``'marginals'`` evaluates ``V`` marginals per sample (``num_samples · V`` rows;
+        either evaluation); ``'auto'`` takes ``'gradients'`` under the linear evaluation with
+        more than 3 categories (a forward and backward cost about 3 forwards of the same rows).
+        Rows go through in chunks of at most ``max_rows``. ``generator`` makes the draws
+        reproducible (drawn on the CPU).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if method not in SAMPLING_METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, SAMPLING_METHODS))}, got {method!r}")
+        if method == "gradients" and self._evaluation != "linear":
+            raise ValueError("method='gradients' needs evaluation='linear' (it differentiates the linear-space "
+                             "evaluation); use method='marginals' or 'auto'")
         if self.num_outputs != 1:
             raise ValueError(f"sample draws from a one-output density; this model has {self.num_outputs} "
                              "outputs (condition on one, e.g. by building the class's circuit)")
@@ -352,27 +364,47 @@ class CircuitDensity(nn.Module):
         if sorted(order) != list(range(d)):
             raise ValueError(f"order must be a permutation of 0..{d - 1}")
         gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
+        if method == "auto":  # one forward and backward cost about as much as 3 forwards of the same rows
+            method = "gradients" if self._evaluation == "linear" and categories > 3 else "marginals"
+        conditionals = self._conditionals_by_gradients if method == "gradients" else self._conditionals_by_marginals
         device = self._index.device
         x = torch.zeros(num_samples, d, dtype=torch.long, device=device)
         observed = torch.zeros(d, dtype=torch.bool, device=device)
-        values = torch.arange(categories, device=device)
         rounded = 0
         for v in order:
-            observed[v] = True
-            rows = x.repeat_interleave(categories, dim=0)  # (n·V, D)
-            rows[:, v] = values.repeat(num_samples)
-            parts = [self.log_marginal(chunk, observed, signed=True) for chunk in rows.split(max_rows)]
-            logp = torch.cat([p[0][:, 0] for p in parts]).view(num_samples, categories)
-            sign = torch.cat([p[1][:, 0] for p in parts]).view(num_samples, categories)
-            rounded += int((sign < 0).sum())
-            logp = torch.where(sign > 0, logp, torch.full_like(logp, -float("inf")))
-            probs = torch.softmax(logp.double(), dim=1).cpu()
+            probs = conditionals(x, observed, v, categories, max_rows)  # (n, V), up to a factor per row
+            rounded += int((probs < 0).sum())
+            probs = probs.double().clamp_min(0.0)
+            probs = (probs / probs.sum(dim=1, keepdim=True)).cpu()
             x[:, v] = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
+            observed[v] = True
         if rounded:
-            warnings.warn(f"sample: {rounded} marginal values came out below zero -- a square's values are never "
-                          f"negative, so rounding (cancellation in {self.dtype}) -- and were given probability 0; "
-                          "dtype=torch.float64 samples without it", UserWarning, stacklevel=2)
+            warnings.warn(f"sample: {rounded} conditional probabilities came out below zero -- a square's values "
+                          f"are never negative, so rounding (cancellation in {self.dtype}) -- and were given "
+                          "probability 0; dtype=torch.float64 samples without it", UserWarning, stacklevel=2)
         return x
+
+    def _conditionals_by_marginals(self, x: Tensor, observed: Tensor, v: int, categories: int,
+                                   max_rows: int) -> Tensor:
+        """``p(x_v = c, x_observed)`` (n, V) up to a factor per sample, negative where the
+        evaluation rounded below zero: one marginal per sample and category."""
+        n = x.shape[0]
+        seen = observed.clone()
+        seen[v] = True
+        rows = x.repeat_interleave(categories, dim=0)  # (n·V, D)
+        rows[:, v] = torch.arange(categories, device=x.device).repeat(n)
+        parts = [self.log_marginal(chunk, seen, signed=True) for chunk in rows.split(max_rows)]
+        logp = torch.cat([p[0][:, 0] for p in parts]).view(n, categories)
+        sign = torch.cat([p[1][:, 0] for p in parts]).view(n, categories)
+        return sign.double() * torch.exp((logp - logp.amax(dim=1, keepdim=True)).double())
+
+    def _conditionals_by_gradients(self, x: Tensor, observed: Tensor, v: int, categories: int,
+                                   max_rows: int) -> Tensor:
+        """``p(x_v = c | x_observed)`` (n, V) from one forward and backward per chunk."""
+        output = int(self._index[0])
+        with default_dtype(self.dtype):
+            return torch.cat([categorical_conditionals(self.density, chunk, ~observed, v, output, categories)
+                              for chunk in x.split(max_rows)])
 
 
 def _categories_of(circuit) -> Optional[int]:

@@ -88,6 +88,15 @@ def two_circuits(region_graph: str, **categorical_options):
         num_input_units=units, num_sum_units=units) for units in (2, 3))
 
 
+def complex_circuit(region_graph: str, units: int = 2):
+    """A categorical circuit on one region graph with complex weights (for |c|² with phases)."""
+    param = Parameterization(activation="none", initialization="normal", dtype="complex")
+    return REGION_GRAPHS[region_graph]().build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES),
+        sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
+        num_input_units=units, num_sum_units=units)
+
+
 def compile_partition(symbolic_circuit, semiring: str, fold: bool):
     """Compiled ∫ of a symbolic circuit (seeded)."""
     torch.manual_seed(0)

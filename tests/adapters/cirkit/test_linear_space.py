@@ -43,6 +43,7 @@ from .builders import (
     REGION_GRAPHS,
     compile_pair,
     compile_partition,
+    complex_circuit,
     full_rank,
     gaussian_symbolic,
     image_circuits,
@@ -533,3 +534,56 @@ def test_thin_outer_products_and_their_gradients(dtype):
     block = linear_space._materialise(left, right)
     torch.testing.assert_close(block, (left @ right.transpose(1, 2)).reshape(3, 1, 20), rtol=1e-14, atol=1e-14)
     assert torch.autograd.gradcheck(lambda a, b: linear_space._materialise(a, b), (left, right))
+
+
+@pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
+@pytest.mark.parametrize("circuit", ["lse-sum", "complex-lse-sum", "kronecker", kronecker_structured_lowrank,
+                                     "optimize=True", "monotone", "complex weights"])
+def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit):
+    """``p(x_v = c | evidence)`` for every category from one forward and backward (the circuit is
+    linear in the inputs over x_v) equals the ratio of the two marginals, per sample with its
+    own evidence (one row everything else observed, one row nothing), and sums to 1. Squared
+    circuits in both semirings (signed: complex-lse-sum), swapped to this package's exact and
+    structured layers, cirkit's optimize=True layers, complex weights (complex values: the
+    gradient's conjugate convention), and a monotone circuit (plain categorical inputs)."""
+    if circuit == "monotone":
+        density = compile_density(two_circuits(region_graph)[0], squared=False, seed=0, dtype=torch.float64).density
+    elif circuit == "complex weights":
+        density = compile_density(complex_circuit(region_graph), seed=0, dtype=torch.float64).density
+    else:
+        semiring = "lse-sum" if circuit == "lse-sum" else "complex-lse-sum"
+        density, _ = compile_pair(region_graph, "cp", semiring, True, circuit == "optimize=True")
+        if circuit not in ("lse-sum", "complex-lse-sum", "optimize=True"):
+            swap_kronecker_sum_layers(density, circuit)
+    d = NUM_VARIABLES[region_graph]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, CATEGORIES, (6, d), generator=g)
+    integrate = torch.rand(6, d, generator=g) < 0.5
+    integrate[0], integrate[1] = False, True
+    for v in (0, d // 2, d - 1):
+        mask = integrate.clone()
+        mask[:, v] = True
+        got = linear_space.categorical_conditionals(density, x, mask, v, 0, CATEGORIES)
+        with torch.no_grad():
+            denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
+            expected = []
+            for c in range(CATEGORIES):
+                xc, observed = x.clone(), mask.clone()
+                xc[:, v], observed[:, v] = c, False
+                expected.append(torch.exp(evaluate_linear_space(density, xc, integrate=observed)[:, 0, 0].real
+                                          - denominator))
+        assert got.shape == (6, CATEGORIES) and got.dtype == torch.float64
+        torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.sum(dim=1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_categorical_conditionals_need_categorical_inputs():
+    squared_symbolic, _, _ = gaussian_symbolic()
+    torch.manual_seed(0)
+    squared = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True, optimize=False).compile(
+        squared_symbolic)
+    x = torch.randn(2, 16)
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[3] = True
+    with pytest.raises(ValueError, match="categorical inputs over variable 3"):
+        linear_space.categorical_conditionals(squared, x, mask, 3, 0, 3)

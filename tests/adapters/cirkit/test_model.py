@@ -191,11 +191,13 @@ def test_marginals_far_below_the_clamp_match_a_float64_reference():
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-8)
 
 
-def test_samples_follow_the_distribution():
-    """χ² test against the exact probabilities of all 81 states (fixed seed)."""
+@pytest.mark.parametrize("method", ["gradients", "marginals"])
+def test_samples_follow_the_distribution(method):
+    """χ² test against the exact probabilities of all 81 states (fixed seed), for both ways
+    of computing the conditionals."""
     model = compile_density(tiny_circuit(), dtype=torch.float64, seed=6, num_categories=V)
     n = 4000
-    x = model.sample(n, generator=torch.Generator().manual_seed(7))
+    x = model.sample(n, generator=torch.Generator().manual_seed(7), method=method)
     assert x.shape == (n, 4) and x.dtype == torch.long and int(x.min()) >= 0 and int(x.max()) < V
     with torch.no_grad():
         p = model.log_likelihood(states(4))[:, 0].exp()
@@ -211,8 +213,44 @@ def test_samples_follow_the_distribution():
     z = 3.09
     bound = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
     assert stat < bound, (stat, bound, dof)
-    again = model.sample(n, generator=torch.Generator().manual_seed(7))
+    again = model.sample(n, generator=torch.Generator().manual_seed(7), method=method)
     assert torch.equal(again, x)  # same seed, same samples
+
+
+@pytest.mark.parametrize("order", [None, [3, 0, 2, 1]])
+def test_both_sampling_methods_draw_the_same_samples(tiny, order):
+    """The conditionals from one forward and backward (``'gradients'``) equal the ratios of
+    marginals (``'marginals'``) to rounding, so one seed gives the same samples (float64;
+    real and complex weights; in chunks smaller than the batch)."""
+    draws = {method: tiny.sample(300, generator=torch.Generator().manual_seed(3), order=order, max_rows=128,
+                                 method=method)
+             for method in ("gradients", "marginals")}
+    assert torch.equal(draws["gradients"], draws["marginals"])
+    assert len(torch.unique(draws["gradients"], dim=0)) > 20  # not one repeated state
+
+
+def test_sampling_methods_by_evaluation_and_categories(tiny, monkeypatch):
+    """'auto' differentiates under the linear evaluation when there are more than 3 categories
+    (else V marginals cost less), and evaluates marginals under cirkit's own evaluation;
+    'gradients' needs the linear evaluation."""
+    used = []
+    for name in ("_conditionals_by_gradients", "_conditionals_by_marginals"):
+        original = getattr(type(tiny), name)
+        monkeypatch.setattr(type(tiny), name, lambda self, *a, _f=original, _n=name: used.append(_n) or _f(self, *a))
+    tiny.sample(2)
+    assert set(used) == {"_conditionals_by_marginals"}  # V = 3
+    five = compile_density(tiny_circuit(categories=5), dtype=torch.float64, seed=0, num_categories=5)
+    used.clear()
+    five.sample(2)
+    assert set(used) == {"_conditionals_by_gradients"}
+    five.evaluation = "semiring"
+    used.clear()
+    five.sample(2)
+    assert set(used) == {"_conditionals_by_marginals"}
+    with pytest.raises(ValueError, match="method='gradients' needs evaluation='linear'"):
+        five.sample(2, method="gradients")
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'gradients', 'marginals'"):
+        tiny.sample(2, method="backward")
 
 
 def test_bad_queries_are_named(tiny):
