@@ -111,7 +111,7 @@ from .layers import (
     TorchStructuredSumLayer,
     apply_linear,
 )
-from .plan import Fetch, cached_plan, capture_inputs, evaluate_node, evaluate_parameter, plan_fetch
+from .plan import Fetch, cached_plan, fetched_rows, capture_inputs, evaluate_node, evaluate_parameter, plan_fetch
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
 
 __all__ = ["evaluate_linear_space", "evaluate_graph", "categorical_conditionals", "check_log_semiring", "circuit_plan", "CircuitPlan", "from_logs", "to_logs"]
@@ -971,10 +971,14 @@ class CircuitPlan:
 
     def run(self, circuit: TorchCircuit, x: Optional[Tensor], mask: Optional[Tensor], *,
             measure_all: bool, input_values: Optional[Dict[TorchInputLayer, Scaled]] = None) -> Tensor:
-        """The circuit's output logs (O, B, K). ``input_values``: every input layer with
-        variables is evaluated whole (never as factors) and its ``(v, s)`` recorded there, ``v``
-        a tensor of its own that requires grad (the output's derivative w.r.t. the inputs)."""
+        """The circuit's output logs (O, B, K). ``input_values`` (:func:`evaluate_graph`): each
+        value that depends on the input layers with variables only through one such layer, and
+        that the rest of the circuit reads, is made a tensor of its own that requires grad and
+        recorded there: an input layer's multiplied-out value ``(v, s)``, and the output of a
+        sum layer that took an input's factors, ``(v, s, (input layer, input fold of each of
+        its folds))`` (that input is then never multiplied out for it)."""
         complex_values = check_log_semiring(circuit)
+        probing = input_values is not None
         ctx = _Context(complex_values, measure_products=measure_all)
         values: List[Optional[Tensor]] = []
         scales: List[Optional[Tensor]] = []
@@ -986,8 +990,12 @@ class CircuitPlan:
             layer = step.layer
             factored = step.fetch is not None and all(j in blocks for j in step.fetch.sources)
             out: Union[_Blocks, Scaled, None] = None
-            if step.on_factors and factored:
+            source = _probed_source(self.steps, step) if probing and step.on_factors else None
+            if step.on_factors and factored and (not probing or source is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks)
+                if probing and out is not None and not isinstance(out, _Blocks):
+                    out = (out[0].detach().requires_grad_(), out[1])
+                    input_values[layer] = (*out, source)
             elif step.product_on_factors and factored:
                 out = _hadamard_on_blocks(step.fetch, step.operands, blocks, split_blocks)
             if isinstance(out, _Blocks):  # kept for the consumers that take factors
@@ -1001,6 +1009,9 @@ class CircuitPlan:
                 for j in step.fetch.sources:
                     if values[j] is None:  # factored, and needed multiplied out after all
                         values[j], scales[j] = _dense_blocks(blocks[j])
+                        if probing and self.steps[j].fetch is None and self.steps[j].layer.num_variables:
+                            values[j] = values[j].detach().requires_grad_()
+                            input_values[self.steps[j].layer] = (values[j], scales[j])
                 if step.operands:
                     v, s = step.fetch.operands(values, split_values), step.fetch.operands(scales, split_scales)
                 else:
@@ -1015,19 +1026,31 @@ class CircuitPlan:
                     v, s = step.rule(layer, v, s, ctx)
             else:
                 arguments = _input_arguments(layer, x, mask)
-                probed = input_values is not None and bool(layer.num_variables)
-                found = _input_blocks(layer, *arguments) if step.blocks and not probed else None
+                found = _input_blocks(layer, *arguments) if step.blocks else None
                 if found is not None:
                     blocks[len(values)] = found
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)
                 else:
                     v, s = _input(layer, *arguments)
-                if probed:
+                if probing and v is not None and layer.num_variables:
                     v = v.detach().requires_grad_()
                     input_values[layer] = (v, s)
             values.append(v)
             scales.append(s)
         raise RuntimeError("the circuit's address book has no output entry")
+
+
+def _probed_source(steps: List[_Step], step: _Step) -> Optional[Tuple[TorchInputLayer, Tensor]]:
+    """For a sum layer over one input layer's factors, one input per fold: (that input layer, the
+    input fold each of its folds reads (F,)); None for any other step."""
+    fetch = step.fetch
+    if len(fetch.sources) != 1 or steps[fetch.sources[0]].fetch is not None:
+        return None
+    source = steps[fetch.sources[0]].layer
+    rows = fetched_rows(fetch, source.num_folds)
+    if rows is None or rows.size != step.layer.num_folds:  # several inputs per fold
+        return None
+    return source, torch.as_tensor(rows, dtype=torch.long)
 
 
 def _input_arguments(layer: TorchInputLayer, x: Optional[Tensor], mask: Optional[Tensor]):
@@ -1129,17 +1152,32 @@ def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
 
 
 # ------------------------------------------------------------------ conditionals of one variable
-def _category_values(layer: TorchCategoricalLayer, folds: Tensor, categories: int) -> Scaled:
-    """The layer's value at each category, in the given folds: v (F', V, K), s (F', V) --
-    as the evaluator computes it for an observed variable (a squared input as rank-1 blocks
-    multiplied out)."""
+def _category_values(layer: TorchCategoricalLayer, categories: int) -> Scaled:
+    """The layer's value at each category: v (F, V, K), s (F, V) -- as the evaluator computes
+    it for an observed variable (a squared input as rank-1 blocks multiplied out)."""
     if _is_squared_categorical(layer):
-        x = torch.arange(categories, device=folds.device).expand(layer.num_folds, -1)
-        blocks = _squared_categorical_blocks(layer, x, None)
-        left, right = blocks.left.index_select(0, folds), blocks.right.index_select(0, folds)
-        return _sample_outer(left, right), blocks.s.index_select(0, folds)
+        return _dense_blocks(_category_factors(layer, categories))
     table, top = _probability_table(layer)  # (F, N, K), (F, N)
-    return table.index_select(0, folds)[:, :categories], top.index_select(0, folds)[:, :categories]
+    return table[:, :categories], top[:, :categories]
+
+
+def _category_factors(layer: TorchCategoricalLayer, categories: int) -> _Blocks:
+    """A squared categorical layer's value at each category as rank-1 blocks, left (F, V, Ki),
+    right (F, V, Kj), s (F, V) (the categories in place of samples)."""
+    x = torch.arange(categories, device=layer.scope_idx.device).expand(layer.num_folds, -1)
+    return _squared_categorical_blocks(layer, x, None)
+
+
+def _category_outputs(layer, source: TorchCategoricalLayer, rows: Tensor, categories: int) -> Scaled:
+    """A sum layer's output (v (F, V, Ko), s (F, V)) for each category of the squared
+    categorical input it reads, fold f reading input fold ``rows[f]``: the layer applied to
+    the category's rank-1 block, as :func:`_sum_on_blocks` applies it to a sample's."""
+    blocks = _category_factors(source, categories)
+    left, right, s = (t.index_select(0, rows.to(t.device)) for t in blocks[:3])
+    out_left, out_right = _factor_map(layer)(left.transpose(1, 2), right.transpose(1, 2))
+    f = s.shape[0]
+    out_left, out_right = (t.reshape(f, t.shape[1], -1, categories) for t in (out_left, out_right))
+    return torch.einsum("fitc,fjtc->fcij", out_left, out_right).flatten(start_dim=2), s
 
 
 def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Tensor, variable: int,
@@ -1151,40 +1189,49 @@ def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Tensor
     ``f_b`` is output ``output`` (an index into the flattened (O·K) outputs) of ``circuit`` at
     ``x`` (B, D) with the variables of ``integrate`` ((D,) or (B, D), ``variable`` among them)
     integrated out. A smooth and decomposable circuit is linear in the values of the input
-    units over one variable, jointly: ``f(c) = Σ_i ∂f/∂u_i · u_i(c)`` over those units, the
-    derivative taken anywhere -- here at the integral, ``u_i = Σ_c u_i(c)``, where ``f`` is the
-    denominator. So the V values come from the derivative of ``log f`` w.r.t. the input
-    layers' values (:func:`evaluate_graph`'s ``input_values``) instead of V more evaluations.
-    Entries sum to 1 per sample up to rounding; they may come out slightly negative where
-    the circuit cancels (a square's values never are). Raises ValueError if an input layer
-    over ``variable`` is not categorical over that variable alone.
+    units over one variable, jointly, and so in any value that depends on them linearly
+    and on nothing else: ``f(c) = Σ_i ∂f/∂y_i · y_i(c)``, the derivative taken anywhere --
+    here at the integral, ``y_i = Σ_c y_i(c)``, where ``f`` is the denominator. The ``y`` are
+    the input layers' values, or where a sum layer takes an input's factors that layer's
+    output (:func:`evaluate_graph`'s ``input_values``), so the V values come from the
+    derivative of ``log f`` instead of V more evaluations. Entries sum to 1 per sample up to
+    rounding; they may come out slightly negative where the circuit cancels (a square's
+    values never are). Raises ValueError if an input layer over ``variable`` is not
+    categorical over that variable alone.
     """
-    record: Dict[TorchInputLayer, Scaled] = {}
+    record: Dict[TorchLayer, tuple] = {}
     with torch.enable_grad():
         y = evaluate_graph(circuit, x, integrate=integrate, input_values=record)  # (O, B, K) logs
         log_f = y.transpose(0, 1).flatten(start_dim=1)[:, output]  # (B,)
-        probes = []
-        for layer, (v, s) in record.items():
-            scope = layer.scope_idx.to(x.device)  # (F, D')
-            folds = (scope == variable).any(dim=1).nonzero().squeeze(1)
-            if folds.numel() == 0:
+        probes = []  # (layer, its source input or None, input fold of each probed fold, folds, v, s)
+        for layer, (v, s, *through) in record.items():
+            source, rows = through[0] if through else (layer, torch.arange(layer.num_folds))
+            scope = source.scope_idx.to(x.device)  # (F_in, D')
+            if not (scope == variable).any():
                 continue
-            if not isinstance(layer, TorchCategoricalLayer) or scope.shape[1] != 1:
+            if not isinstance(source, TorchCategoricalLayer) or scope.shape[1] != 1:
                 raise ValueError(f"categorical_conditionals needs categorical inputs over variable {variable} "
-                                 f"alone; {type(layer).__name__} has scope size {scope.shape[1]}")
-            probes.append((layer, folds, v, s))
+                                 f"alone; {type(source).__name__} has scope size {scope.shape[1]}")
+            folds = (scope[rows.to(x.device), 0] == variable).nonzero().squeeze(1)
+            probes.append((layer, source if through else None, rows, folds, v, s))
         if not probes:
             raise ValueError(f"no input layer of the circuit is over variable {variable}")
-        grads = torch.autograd.grad((log_f.real if log_f.is_complex() else log_f).sum(), [p[2] for p in probes])
+        grads = torch.autograd.grad((log_f.real if log_f.is_complex() else log_f).sum(), [p[4] for p in probes])
     with torch.no_grad():
         total = None
-        for (layer, folds, _, s), g in zip(probes, grads):
-            # ∂ Re log f/∂v (F', B, K): a categorical layer's values are real, and so is f as a
-            # function of them (|c|² even with complex weights), so this is ∂log f/∂v itself
+        for (layer, source, rows, folds, _, s), g in zip(probes, grads):
+            # torch's gradient of Re log f w.r.t. a complex v is the conjugate of ∂log f/∂v (log f is
+            # holomorphic in v); a real v's is ∂log f/∂v itself (f is real in the real inputs)
             g = g.index_select(0, folds)
-            values, scale = _category_values(layer, folds, categories)  # (F', V, K), (F', V)
+            g = g.conj() if g.is_complex() else g
+            if source is None:
+                values, scale = _category_values(layer, categories)  # (F, V, K), (F, V)
+            else:
+                values, scale = _category_outputs(layer, source, rows, categories)
+            values, scale = values.index_select(0, folds), scale.index_select(0, folds)
             # each category's value relative to the probed value's scale, as the evaluator saw it
             weight = torch.exp(scale.unsqueeze(1) - s.index_select(0, folds).unsqueeze(2))  # (F', B, V)
             part = (torch.einsum("fbk,fck->fbc", g, values.to(g.dtype)) * weight).sum(dim=0)
             total = part if total is None else total + part
-        return total
+        # f(c)/f is real (a square, or a monotone circuit); complex weights leave rounding in .imag
+        return total.real if total.is_complex() else total

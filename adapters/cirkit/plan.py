@@ -37,7 +37,7 @@ from cirkit.backend.torch.parameters.parameter import TorchParameter
 from .internals import address_book, module_ids, node_tensor, pointer_fold_index
 
 __all__ = ["Fetch", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
-           "capture_inputs", "cached_plan", "is_kronecker_weight", "kronecker_leaf_factors"]
+           "capture_inputs", "cached_plan", "fetched_rows", "is_kronecker_weight", "kronecker_leaf_factors"]
 
 
 @dataclass(frozen=True)
@@ -376,7 +376,7 @@ def capture_inputs(parameter: TorchParameter, node_type) -> Optional[Tuple[Tenso
     return captured["inputs"]
 
 
-def _rows_of(fetch: Fetch, source_rows: int) -> Optional[np.ndarray]:
+def fetched_rows(fetch: Fetch, source_rows: int) -> Optional[np.ndarray]:
     """The source rows a single-source fetch reads, flattened (None for several sources)."""
     if len(fetch.sources) != 1:
         return None
@@ -418,12 +418,12 @@ def kronecker_leaf_factors(parameter: TorchParameter):
             return None
         if source < 0:
             leaf = plan.leaves[-1 - source]
-            rows = _rows_of(fetch, leaf.num_folds)
+            rows = fetched_rows(fetch, leaf.num_folds)
             return None if rows is None else (leaf, rows, conjugated)
         node, fetches = modules[source], plan.steps[source][1]
         if isinstance(node, TorchConjugateParameter) and len(fetches) == 1:
             inner = trace(fetches[0], not conjugated)
-            rows = _rows_of(fetch, node.num_folds)
+            rows = fetched_rows(fetch, node.num_folds)
             if inner is None or rows is None:
                 return None
             return inner[0], inner[1][rows], inner[2]

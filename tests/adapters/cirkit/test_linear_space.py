@@ -544,8 +544,8 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
     linear in the inputs over x_v) equals the ratio of the two marginals, per sample with its
     own evidence (one row everything else observed, one row nothing), and sums to 1. Squared
     circuits in both semirings (signed: complex-lse-sum), swapped to this package's exact and
-    structured layers, cirkit's optimize=True layers, complex weights (complex values: the
-    gradient's conjugate convention), and a monotone circuit (plain categorical inputs)."""
+    structured layers, cirkit's optimize=True layers, complex weights (complex sum outputs:
+    the gradient's conjugate convention), and a monotone circuit (plain categorical inputs)."""
     if circuit == "monotone":
         density = compile_density(two_circuits(region_graph)[0], squared=False, seed=0, dtype=torch.float64).density
     elif circuit == "complex weights":
@@ -575,6 +575,13 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
         assert got.shape == (6, CATEGORIES) and got.dtype == torch.float64
         torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got.sum(dim=1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-10)
+    # where a sum layer takes the inputs' factors, its output is differentiated (the inputs are
+    # never multiplied out); else the inputs' values
+    record = {}
+    with torch.enable_grad():
+        linear_space.evaluate_graph(density, x, integrate=mask, input_values=record)
+    through_sums = circuit not in ("lse-sum", "complex-lse-sum", "monotone")
+    assert {len(probe) == 3 for probe in record.values()} == {through_sums}
 
 
 def test_categorical_conditionals_need_categorical_inputs():
