@@ -55,7 +55,10 @@ evaluation once more through the measured path.
 
 **Marginals.** ``integrate`` (a boolean mask, per variable or per sample) replaces the
 value of every input layer whose variable is integrated out by its integral, per
-sample, as cirkit's ``IntegrateQuery`` does, in the same pass.
+sample, as cirkit's ``IntegrateQuery`` does, in the same pass. The conditional
+distribution of one categorical variable over all its values
+(:func:`categorical_conditionals`, what sampling needs) comes from one forward and one
+backward pass: the derivative of ``log f`` w.r.t. the values over that variable.
 
 Layers the evaluator does not know are evaluated in their semiring (logs in, logs
 out) and the result converted back, so any circuit evaluates correctly; only the
@@ -74,7 +77,7 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor
@@ -1151,87 +1154,114 @@ def evaluate_linear_space(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
     return y if circuit.scope else y.squeeze(dim=0)
 
 
-# ------------------------------------------------------------------ conditionals of one variable
-def _category_values(layer: TorchCategoricalLayer, categories: int) -> Scaled:
-    """The layer's value at each category: v (F, V, K), s (F, V) -- as the evaluator computes
-    it for an observed variable (a squared input as rank-1 blocks multiplied out)."""
-    if _is_squared_categorical(layer):
-        return _dense_blocks(_category_factors(layer, categories))
-    table, top = _probability_table(layer)  # (F, N, K), (F, N)
-    return table[:, :categories], top[:, :categories]
+# ------------------------------------------------------------------ conditionals of single variables
+class _Probe(NamedTuple):
+    """A value :func:`categorical_conditionals` differentiates: ``value`` (F, B, K) and its scale
+    (F, B), of ``layer`` (an input, ``source`` None, or a sum layer over input ``source``'s
+    factors, fold f reading input fold ``rows[f]``); ``folds`` over the variables asked for,
+    which are ``over``."""
+
+    layer: TorchLayer
+    source: Optional[TorchCategoricalLayer]
+    rows: Tensor
+    folds: Tensor
+    over: Tensor
+    value: Tensor
+    scale: Tensor
 
 
-def _category_factors(layer: TorchCategoricalLayer, categories: int) -> _Blocks:
-    """A squared categorical layer's value at each category as rank-1 blocks, left (F, V, Ki),
-    right (F, V, Kj), s (F, V) (the categories in place of samples)."""
-    x = torch.arange(categories, device=layer.scope_idx.device).expand(layer.num_folds, -1)
-    return _squared_categorical_blocks(layer, x, None)
-
-
-def _category_outputs(layer, source: TorchCategoricalLayer, rows: Tensor, categories: int) -> Scaled:
-    """A sum layer's output (v (F, V, Ko), s (F, V)) for each category of the squared
-    categorical input it reads, fold f reading input fold ``rows[f]``: the layer applied to
-    the category's rank-1 block, as :func:`_sum_on_blocks` applies it to a sample's."""
-    blocks = _category_factors(source, categories)
-    left, right, s = (t.index_select(0, rows.to(t.device)) for t in blocks[:3])
-    out_left, out_right = _factor_map(layer)(left.transpose(1, 2), right.transpose(1, 2))
+def _category_terms(layer, source: Optional[TorchCategoricalLayer], rows: Tensor, folds: Tensor,
+                    categories: int) -> Tuple[Tuple[Tensor, ...], Tensor]:
+    """The value a probe of :func:`categorical_conditionals` takes at each category of its
+    input, fold f reading input fold ``rows[f]``, in the probe's ``folds`` (F' of them; a sum
+    layer maps all of its folds, the rest are dropped after): ``(parts, s (F', V))``, ``parts``
+    either ``(v,)``, v (F', V, K) (a plain categorical input's values), or ``(left, right)``,
+    (F', Ki, T, V) and (F', Kj, T, V): the sum of T outer products per
+    category (a squared input's rank-1 blocks, or the output of the sum layer ``layer`` that
+    takes them; ``source`` its input, None when ``layer`` is the input itself)."""
+    categorical = layer if source is None else source
+    if source is None:  # the input layer itself: only the probed folds
+        rows, folds = rows.index_select(0, folds), torch.arange(folds.numel(), device=folds.device)
+    if not _is_squared_categorical(categorical):
+        table, top = _probability_table(categorical)  # (F, N, K), (F, N)
+        return (table.index_select(0, rows)[:, :categories],), top.index_select(0, rows)[:, :categories]
+    x = torch.arange(categories, device=rows.device).expand(categorical.num_folds, -1)
+    blocks = _squared_categorical_blocks(categorical, x, None)  # the categories in place of samples
+    left, right, s = (t.index_select(0, rows) for t in blocks[:3])  # (F, V, Ki), (F, V, Kj), (F, V)
+    left, right = left.transpose(1, 2), right.transpose(1, 2)
+    if source is not None:  # through the sum layer, as _sum_on_blocks applies it to samples
+        left, right = _factor_map(layer)(left, right)
+    left, right, s = (t.index_select(0, folds) for t in (left, right, s))
     f = s.shape[0]
-    out_left, out_right = (t.reshape(f, t.shape[1], -1, categories) for t in (out_left, out_right))
-    return torch.einsum("fitc,fjtc->fcij", out_left, out_right).flatten(start_dim=2), s
+    return tuple(t.reshape(f, t.shape[1], -1, categories) for t in (left, right)), s
 
 
-def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Tensor, variable: int,
-                             output: int, categories: int) -> Tensor:
-    """``f_b(x_variable = c) / f_b(x_variable integrated)`` for every sample b and category c,
-    (B, V) real: the conditional distribution of a categorical ``variable`` given the rest of
-    each sample's evidence, from one forward and one backward pass over the B samples.
+def _with_categories(g: Tensor, parts: Tuple[Tensor, ...]) -> Tensor:
+    """``Σ_k g[f, b, k] · value_c[f, k]`` (F, B, V) for the values of :func:`_category_terms`."""
+    if len(parts) == 1:
+        return torch.einsum("fbk,fck->fbc", g, parts[0].to(g.dtype))
+    left, right = (t.to(g.dtype) for t in parts)
+    grid = g.reshape(g.shape[0], g.shape[1], left.shape[1], right.shape[1])  # (F, B, Ki, Kj)
+    return torch.einsum("fbij,fitc,fjtc->fbc", grid, left, right)
+
+
+def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Optional[Tensor],
+                             variables: Sequence[int], output: int, categories: int) -> Tensor:
+    """``f_b(x_u = c) / f_b(x)`` for every sample b, variable u of ``variables`` and category c,
+    (B, U, V) real, from one forward and one backward pass over the B samples.
 
     ``f_b`` is output ``output`` (an index into the flattened (O·K) outputs) of ``circuit`` at
-    ``x`` (B, D) with the variables of ``integrate`` ((D,) or (B, D), ``variable`` among them)
-    integrated out. A smooth and decomposable circuit is linear in the values of the input
-    units over one variable, jointly, and so in any value that depends on them linearly
-    and on nothing else: ``f(c) = Σ_i ∂f/∂y_i · y_i(c)``, the derivative taken anywhere --
-    here at the integral, ``y_i = Σ_c y_i(c)``, where ``f`` is the denominator. The ``y`` are
-    the input layers' values, or where a sum layer takes an input's factors that layer's
-    output (:func:`evaluate_graph`'s ``input_values``), so the V values come from the
-    derivative of ``log f`` instead of V more evaluations. Entries sum to 1 per sample up to
-    rounding; they may come out slightly negative where the circuit cancels (a square's
-    values never are). Raises ValueError if an input layer over ``variable`` is not
-    categorical over that variable alone.
+    ``x`` (B, D) with the variables of ``integrate`` ((D,) or (B, D), or None) integrated out.
+    For a variable integrated out in sample b, entry (b, u, c) is ``p(x_u = c | b's evidence)``
+    (they sum to 1); for an observed one, the ratio to its observed value (1 there; normalised
+    over c, ``p(x_u = c | b's other evidence)``). A smooth and decomposable circuit is linear in
+    the values of the input units over one variable, jointly, and so in any value that
+    depends on them linearly and on nothing else: ``f(x_u = c) = Σ_i ∂f/∂y_i · y_i(c)``, the
+    derivative taken anywhere -- here at x. The ``y`` are the input layers' values, or where
+    a sum layer takes an input's factors that layer's output (:func:`evaluate_graph`'s
+    ``input_values``): every variable's V values come from one derivative of ``log f``
+    instead of V more evaluations each. Entries may come out slightly negative where the
+    circuit cancels (a square's values never are). Raises ValueError if an input layer over
+    one of ``variables`` is not categorical over that variable alone.
     """
+    wanted = torch.as_tensor(list(variables), dtype=torch.long, device=x.device)
+    if wanted.dim() != 1 or not wanted.numel() or not (0 <= int(wanted.min()) and int(wanted.max()) < x.shape[1]):
+        raise ValueError(f"variables must be one or more indices in 0..{x.shape[1] - 1}, got {list(variables)}")
+    position = torch.full((x.shape[1],), -1, dtype=torch.long, device=x.device)
+    position[wanted] = torch.arange(wanted.numel(), device=x.device)
     record: Dict[TorchLayer, tuple] = {}
     with torch.enable_grad():
         y = evaluate_graph(circuit, x, integrate=integrate, input_values=record)  # (O, B, K) logs
         log_f = y.transpose(0, 1).flatten(start_dim=1)[:, output]  # (B,)
-        probes = []  # (layer, its source input or None, input fold of each probed fold, folds, v, s)
+        probes: List[_Probe] = []
         for layer, (v, s, *through) in record.items():
             source, rows = through[0] if through else (layer, torch.arange(layer.num_folds))
-            scope = source.scope_idx.to(x.device)  # (F_in, D')
-            if not (scope == variable).any():
+            rows = rows.to(x.device)
+            scope = source.scope_idx.to(x.device)[rows]  # (F, D'): each fold's input's scope
+            folds = (position[scope] >= 0).any(dim=1).nonzero().squeeze(1)
+            if folds.numel() == 0:
                 continue
             if not isinstance(source, TorchCategoricalLayer) or scope.shape[1] != 1:
-                raise ValueError(f"categorical_conditionals needs categorical inputs over variable {variable} "
-                                 f"alone; {type(source).__name__} has scope size {scope.shape[1]}")
-            folds = (scope[rows.to(x.device), 0] == variable).nonzero().squeeze(1)
-            probes.append((layer, source if through else None, rows, folds, v, s))
-        if not probes:
-            raise ValueError(f"no input layer of the circuit is over variable {variable}")
-        grads = torch.autograd.grad((log_f.real if log_f.is_complex() else log_f).sum(), [p[4] for p in probes])
+                raise ValueError(f"categorical_conditionals needs categorical inputs over one variable each; "
+                                 f"{type(source).__name__} has scope size {scope.shape[1]}")
+            probes.append(_Probe(layer, source if through else None, rows, folds, scope[folds, 0], v, s))
+        missing = sorted(set(wanted.tolist()) - {u for p in probes for u in p.over.tolist()})
+        if missing:
+            raise ValueError(f"no input layer of the circuit is over variable(s) {missing}")
+        grads = torch.autograd.grad((log_f.real if log_f.is_complex() else log_f).sum(), [p.value for p in probes])
     with torch.no_grad():
-        total = None
-        for (layer, source, rows, folds, _, s), g in zip(probes, grads):
+        total: Optional[Tensor] = None
+        for p, g in zip(probes, grads):
             # torch's gradient of Re log f w.r.t. a complex v is the conjugate of ∂log f/∂v (log f is
             # holomorphic in v); a real v's is ∂log f/∂v itself (f is real in the real inputs)
-            g = g.index_select(0, folds)
+            g = g.index_select(0, p.folds)
             g = g.conj() if g.is_complex() else g
-            if source is None:
-                values, scale = _category_values(layer, categories)  # (F, V, K), (F, V)
-            else:
-                values, scale = _category_outputs(layer, source, rows, categories)
-            values, scale = values.index_select(0, folds), scale.index_select(0, folds)
+            parts, scale = _category_terms(p.layer, p.source, p.rows, p.folds, categories)
             # each category's value relative to the probed value's scale, as the evaluator saw it
-            weight = torch.exp(scale.unsqueeze(1) - s.index_select(0, folds).unsqueeze(2))  # (F', B, V)
-            part = (torch.einsum("fbk,fck->fbc", g, values.to(g.dtype)) * weight).sum(dim=0)
-            total = part if total is None else total + part
+            weight = torch.exp(scale.unsqueeze(1) - p.scale.index_select(0, p.folds).unsqueeze(2))  # (F', B, V)
+            part = _with_categories(g, parts) * weight  # (F', B, V)
+            if total is None:
+                total = part.new_zeros((x.shape[0], wanted.numel(), categories))
+            total.index_add_(1, position[p.over], part.transpose(0, 1))
         # f(c)/f is real (a square, or a monotone circuit); complex weights leave rounding in .imag
         return total.real if total.is_complex() else total

@@ -330,6 +330,38 @@ class CircuitDensity(nn.Module):
             raise ValueError("query and evidence must be disjoint: a variable is in both")
         return self.log_marginal(x, q | e) - self.log_marginal(x, e.expand_as(q | e))
 
+    def conditionals(self, x: Tensor, observed: Tensor) -> Tensor:
+        """Every variable's distribution given the other observed ones, ``(B, D, V)``: entry
+        ``(b, u, c)`` is ``p(x_u = c | x_observed)`` for a variable not observed in sample b,
+        and ``p(x_u = c | x_observed without u)`` for an observed one (the leave-one-out
+        conditional: Gibbs sampling, pseudo-likelihood).
+
+        One forward and one backward pass over the samples for all variables at once
+        (:func:`~adapters.cirkit.linear_space.categorical_conditionals`), where the marginals
+        would take ``D · V`` evaluations; linear evaluation and a one-output categorical
+        density. ``observed``: boolean, ``(D,)`` or ``(B, D)``; values of ``x`` elsewhere are
+        ignored. Each row sums to 1; in float32 an entry far below the others may come out
+        slightly negative where the square cancels (float64 makes that rounding smaller).
+        """
+        if self.num_outputs != 1:
+            raise ValueError(f"conditionals are of a one-output density; this model has {self.num_outputs} outputs")
+        if self._evaluation != "linear":
+            raise ValueError("conditionals needs evaluation='linear' (it differentiates the linear-space "
+                             "evaluation); log_marginal gives any conditional under either evaluation")
+        categories = self.num_categories or _categories_of(self.density)
+        if categories is None:
+            raise ValueError("conditionals needs categorical inputs with a known number of categories")
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"x must have shape (B, {self.num_variables}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        mask = self._check_mask(observed, "observed", x.shape[0])
+        x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
+        x = torch.where(mask, x, torch.zeros_like(x))
+        with default_dtype(self.dtype):
+            ratios = categorical_conditionals(self.density, x, ~mask, range(self.num_variables),
+                                              int(self._index[0]), categories)
+        return ratios / ratios.sum(dim=2, keepdim=True)
+
     @torch.no_grad()
     def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
                order: Optional[Sequence[int]] = None, max_rows: int = 4096, method: str = "auto") -> Tensor:
@@ -403,7 +435,7 @@ class CircuitDensity(nn.Module):
         """``p(x_v = c | x_observed)`` (n, V) from one forward and backward per chunk."""
         output = int(self._index[0])
         with default_dtype(self.dtype):
-            return torch.cat([categorical_conditionals(self.density, chunk, ~observed, v, output, categories)
+            return torch.cat([categorical_conditionals(self.density, chunk, ~observed, [v], output, categories)[:, 0]
                               for chunk in x.split(max_rows)])
 
 

@@ -536,6 +536,19 @@ def test_thin_outer_products_and_their_gradients(dtype):
     assert torch.autograd.gradcheck(lambda a, b: linear_space._materialise(a, b), (left, right))
 
 
+def _density_for_conditionals(region_graph: str, circuit):
+    """A compiled density of the conditionals' tests (see there)."""
+    if circuit == "monotone":
+        return compile_density(two_circuits(region_graph)[0], squared=False, seed=0, dtype=torch.float64).density
+    if circuit == "complex weights":
+        return compile_density(complex_circuit(region_graph), seed=0, dtype=torch.float64).density
+    semiring = "lse-sum" if circuit == "lse-sum" else "complex-lse-sum"
+    density, _ = compile_pair(region_graph, "cp", semiring, True, circuit == "optimize=True")
+    if circuit not in ("lse-sum", "complex-lse-sum", "optimize=True"):
+        swap_kronecker_sum_layers(density, circuit)
+    return density
+
+
 @pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
 @pytest.mark.parametrize("circuit", ["lse-sum", "complex-lse-sum", "kronecker", kronecker_structured_lowrank,
                                      "optimize=True", "monotone", "complex weights"])
@@ -546,15 +559,7 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
     circuits in both semirings (signed: complex-lse-sum), swapped to this package's exact and
     structured layers, cirkit's optimize=True layers, complex weights (complex sum outputs:
     the gradient's conjugate convention), and a monotone circuit (plain categorical inputs)."""
-    if circuit == "monotone":
-        density = compile_density(two_circuits(region_graph)[0], squared=False, seed=0, dtype=torch.float64).density
-    elif circuit == "complex weights":
-        density = compile_density(complex_circuit(region_graph), seed=0, dtype=torch.float64).density
-    else:
-        semiring = "lse-sum" if circuit == "lse-sum" else "complex-lse-sum"
-        density, _ = compile_pair(region_graph, "cp", semiring, True, circuit == "optimize=True")
-        if circuit not in ("lse-sum", "complex-lse-sum", "optimize=True"):
-            swap_kronecker_sum_layers(density, circuit)
+    density = _density_for_conditionals(region_graph, circuit)
     d = NUM_VARIABLES[region_graph]
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, CATEGORIES, (6, d), generator=g)
@@ -563,7 +568,7 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
     for v in (0, d // 2, d - 1):
         mask = integrate.clone()
         mask[:, v] = True
-        got = linear_space.categorical_conditionals(density, x, mask, v, 0, CATEGORIES)
+        got = linear_space.categorical_conditionals(density, x, mask, [v], 0, CATEGORIES)[:, 0]
         with torch.no_grad():
             denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
             expected = []
@@ -584,7 +589,43 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
     assert {len(probe) == 3 for probe in record.values()} == {through_sums}
 
 
-def test_categorical_conditionals_need_categorical_inputs():
+@pytest.mark.parametrize("circuit", ["kronecker", "optimize=True", "monotone", "complex weights"])
+def test_categorical_conditionals_of_every_variable_at_once(circuit):
+    """One derivative gives every variable's ratio ``f(x_u = c) / f(x)``: for a variable integrated
+    out in a sample, its conditional given that sample's evidence (sums to 1); for an observed
+    one, the ratio to its observed value (1 there). Per-sample evidence; variables asked for
+    in any order, each entry equal to the ratio of two evaluations."""
+    density = _density_for_conditionals("quad-tree", circuit)
+    d = NUM_VARIABLES["quad-tree"]
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(0, CATEGORIES, (5, d), generator=g)
+    mask = torch.rand(5, d, generator=g) < 0.5
+    mask[0], mask[1] = False, True
+    variables = torch.randperm(d, generator=g)[:9].tolist()
+    got = linear_space.categorical_conditionals(density, x, mask, variables, 0, CATEGORIES)
+    assert got.shape == (5, 9, CATEGORIES)
+    with torch.no_grad():
+        denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
+        for i, u in enumerate(variables):
+            for c in range(CATEGORIES):
+                xc, observed = x.clone(), mask.clone()
+                xc[:, u], observed[:, u] = c, False
+                ratio = torch.exp(evaluate_linear_space(density, xc, integrate=observed)[:, 0, 0].real - denominator)
+                torch.testing.assert_close(got[:, i, c], ratio, rtol=1e-9, atol=1e-12)
+    integrated = mask[:, variables]
+    torch.testing.assert_close(got.sum(dim=2)[integrated], torch.ones(int(integrated.sum()), dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+    at_value = got.gather(2, x[:, variables].unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(at_value[~integrated], torch.ones(int((~integrated).sum()), dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+
+
+def test_categorical_conditionals_bad_input():
+    density = _density_for_conditionals("quad-tree", "kronecker")
+    x = torch.zeros(2, 16, dtype=torch.long)
+    for variables in ([16], [], [-1]):
+        with pytest.raises(ValueError, match=r"variables must be one or more indices in 0..15"):
+            linear_space.categorical_conditionals(density, x, None, variables, 0, CATEGORIES)
     squared_symbolic, _, _ = gaussian_symbolic()
     torch.manual_seed(0)
     squared = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True, optimize=False).compile(
@@ -592,5 +633,5 @@ def test_categorical_conditionals_need_categorical_inputs():
     x = torch.randn(2, 16)
     mask = torch.zeros(16, dtype=torch.bool)
     mask[3] = True
-    with pytest.raises(ValueError, match="categorical inputs over variable 3"):
-        linear_space.categorical_conditionals(squared, x, mask, 3, 0, 3)
+    with pytest.raises(ValueError, match="categorical inputs over one variable each; TorchGaussianLayer"):
+        linear_space.categorical_conditionals(squared, x, mask, [3], 0, 3)

@@ -191,6 +191,43 @@ def test_marginals_far_below_the_clamp_match_a_float64_reference():
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-8)
 
 
+def test_conditionals_of_every_variable_against_enumeration(tiny):
+    """``p(x_u = c | x_observed)`` for unobserved u and ``p(x_u = c | x_observed without u)`` for
+    observed u, from the normalised table of all 81 states (per-sample evidence: one row with
+    nothing observed, one with everything)."""
+    table = tiny.log_likelihood(states(4))[:, 0].exp().view(V, V, V, V).detach()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, V, (6, 4), generator=g)
+    observed = torch.rand(6, 4, generator=g) < 0.5
+    observed[0], observed[1] = False, True
+    got = tiny.conditionals(x, observed)
+    assert got.shape == (6, 4, V) and got.dtype == torch.float64
+    for b in range(6):
+        for u in range(4):
+            given = observed[b].clone()
+            given[u] = False
+            index = tuple(x[b, w] if given[w] else slice(None) for w in range(4))
+            joint = table[index]  # the free variables' axes, u among them
+            free = [w for w in range(4) if not given[w]]
+            others = tuple(i for i, w in enumerate(free) if w != u)
+            marginal = joint.sum(dim=others) if others else joint  # (sum over () would sum every axis)
+            torch.testing.assert_close(got[b, u], marginal / marginal.sum(), rtol=1e-9, atol=1e-12)
+
+
+def test_conditionals_are_named_errors(tiny):
+    x = states(4)[:3]
+    with pytest.raises(ValueError, match=r"observed must have shape \(4,\) or \(B, 4\)"):
+        tiny.conditionals(x, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"x must hold categories in 0..2"):
+        tiny.conditionals(x + 5, torch.ones(4, dtype=torch.bool))
+    tiny.evaluation = "semiring"
+    with pytest.raises(ValueError, match="conditionals needs evaluation='linear'"):
+        tiny.conditionals(x, torch.ones(4, dtype=torch.bool))
+    many = compile_density(tiny_circuit(classes=2), dtype=torch.float64, seed=1, num_categories=V)
+    with pytest.raises(ValueError, match="one-output density"):
+        many.conditionals(x, torch.ones(4, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("method", ["gradients", "marginals"])
 def test_samples_follow_the_distribution(method):
     """χ² test against the exact probabilities of all 81 states (fixed seed), for both ways
