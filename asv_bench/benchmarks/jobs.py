@@ -10,6 +10,8 @@ The squared digits circuit ``|c|²/Z`` (``digits_squared_circuit(K)``, untrained
   own evaluation of the query (``cirkit``: its log-space code with the integration layer
   function) and the fast path (``fast``).
 * ``Sample``: 16 exact samples by the chain rule (fast path only).
+* ``Conditionals``: every pixel's distribution given the other observed ones (half of them
+  observed, batch 64; fast path only: one forward and one backward).
 
 Small K only, so the whole asv run stays within its budget. On a commit without these
 APIs ``setup`` raises ``NotImplementedError`` (the benchmarks show as n/a).
@@ -121,3 +123,22 @@ class Sample:
 
     def time_sample_16(self, k):
         self.model.sample(16, generator=torch.Generator().manual_seed(SEED))
+
+
+class Conditionals:
+    params = [[8, 16]]
+    param_names = ("K",)
+    timeout = 300
+
+    def setup(self, k):
+        common.ensure_threads()
+        model, x = _model("fast", k)
+        if not hasattr(model, "conditionals"):
+            raise NotImplementedError("CircuitDensity.conditionals unavailable on this commit")
+        model.eval()
+        model.evaluation = "linear"
+        self.model, self.x = model, x[:QUERY_BATCH]
+        self.observed = torch.arange(64) < 32
+
+    def time_conditionals(self, k):
+        self.model.conditionals(self.x, self.observed)
