@@ -330,7 +330,7 @@ class CircuitDensity(nn.Module):
             raise ValueError("query and evidence must be disjoint: a variable is in both")
         return self.log_marginal(x, q | e) - self.log_marginal(x, e.expand_as(q | e))
 
-    def conditionals(self, x: Tensor, observed: Tensor) -> Tensor:
+    def conditionals(self, x: Tensor, observed: Tensor, *, max_rows: Optional[int] = None) -> Tensor:
         """Every variable's distribution given the other observed ones, ``(B, D, V)``: entry
         ``(b, u, c)`` is ``p(x_u = c | x_observed)`` for a variable not observed in sample b,
         and ``p(x_u = c | x_observed without u)`` for an observed one (the leave-one-out
@@ -340,7 +340,8 @@ class CircuitDensity(nn.Module):
         (:func:`~adapters.cirkit.linear_space.categorical_conditionals`), where the marginals
         would take ``D · V`` evaluations; linear evaluation and a one-output categorical
         density. ``observed``: boolean, ``(D,)`` or ``(B, D)``; values of ``x`` elsewhere are
-        ignored. Each row sums to 1; in float32 an entry far below the others may come out
+        ignored. Rows go through in chunks of at most ``max_rows`` (default
+        :meth:`rows_per_chunk`). Each row sums to 1; in float32 an entry far below the others may come out
         slightly negative where the square cancels (float64 makes that rounding smaller).
         """
         if self.num_outputs != 1:
@@ -354,17 +355,38 @@ class CircuitDensity(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"x must have shape (B, {self.num_variables}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        max_rows = self._check_rows(max_rows)
         mask = self._check_mask(observed, "observed", x.shape[0])
         x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
         x = torch.where(mask, x, torch.zeros_like(x))
+        integrate = ~mask
         with default_dtype(self.dtype):
-            ratios = categorical_conditionals(self.density, x, ~mask, range(self.num_variables),
-                                              int(self._index[0]), categories)
+            ratios = torch.cat([categorical_conditionals(self.density, chunk, part, range(self.num_variables),
+                                                         int(self._index[0]), categories)
+                                for chunk, part in zip(x.split(max_rows), integrate.expand_as(x).split(max_rows))])
         return ratios / ratios.sum(dim=2, keepdim=True)
+
+    def _check_rows(self, max_rows: Optional[int]) -> int:
+        if max_rows is None:
+            return self.rows_per_chunk()
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
+        return max_rows
+
+    def rows_per_chunk(self, budget_bytes: int = 2**31) -> int:
+        """How many rows one evaluation of ``f`` for a query should take at once: every layer
+        holds a value per unit, fold and row (``K²`` units in a squared circuit's layers), and a
+        backward keeps them all, so rows are capped at ``budget_bytes`` over twice their sum
+        (e.g. about 64 rows for the digits circuit at K=128 in float32)."""
+        complex_values = any(p.is_complex() for p in self.density.parameters())
+        itemsize = torch.empty((), dtype=self.dtype).element_size() * (2 if complex_values else 1)
+        per_row = sum(layer.num_folds * layer.num_output_units for layer in self.density.layers) * itemsize
+        return max(1, budget_bytes // (2 * per_row))
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               order: Optional[Sequence[int]] = None, max_rows: int = 4096, method: str = "auto") -> Tensor:
+               order: Optional[Sequence[int]] = None, max_rows: Optional[int] = None,
+               method: str = "auto") -> Tensor:
         """Exact samples ``(num_samples, D)`` of a one-output categorical density.
 
         The chain rule over ``order`` (default ``0..D-1``): variable ``v`` is drawn from
@@ -375,11 +397,13 @@ class CircuitDensity(nn.Module):
         only); ``'marginals'`` evaluates ``V`` marginals per sample (``num_samples · V`` rows;
         either evaluation); ``'auto'`` takes ``'gradients'`` under the linear evaluation with
         more than 3 categories (a forward and backward cost about 3 forwards of the same rows).
-        Rows go through in chunks of at most ``max_rows``. ``generator`` makes the draws
+        Rows go through in chunks of at most ``max_rows`` (default: as many as keep the
+        evaluation's values within about 2 GiB, :meth:`rows_per_chunk`). ``generator`` makes the draws
         reproducible (drawn on the CPU).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        max_rows = self._check_rows(max_rows)
         if method not in SAMPLING_METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, SAMPLING_METHODS))}, got {method!r}")
         if method == "gradients" and self._evaluation != "linear":

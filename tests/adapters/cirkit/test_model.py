@@ -214,6 +214,27 @@ def test_conditionals_of_every_variable_against_enumeration(tiny):
             torch.testing.assert_close(got[b, u], marginal / marginal.sum(), rtol=1e-9, atol=1e-12)
 
 
+def test_queries_in_chunks_equal_one_pass(tiny):
+    """Rows are independent: conditionals and samples in chunks of any size (1 row, the default
+    from the memory budget) equal those of one pass; a budget below one row still gives 1."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, V, (7, 4), generator=g)
+    observed = torch.rand(7, 4, generator=g) < 0.5
+    whole = tiny.conditionals(x, observed, max_rows=7)
+    torch.testing.assert_close(tiny.conditionals(x, observed, max_rows=1), whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tiny.conditionals(x, observed), whole, rtol=1e-12, atol=1e-14)
+    assert tiny.rows_per_chunk(budget_bytes=1) == 1 and tiny.rows_per_chunk() > 7
+    for method in ("gradients", "marginals"):
+        draws = [tiny.sample(20, generator=torch.Generator().manual_seed(1), max_rows=rows, method=method)
+                 for rows in (1, None)]
+        assert torch.equal(draws[0], draws[1])
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="max_rows must be a positive int or None"):
+            tiny.sample(2, max_rows=bad)
+        with pytest.raises(ValueError, match="max_rows must be a positive int or None"):
+            tiny.conditionals(x, observed, max_rows=bad)
+
+
 def test_conditionals_are_named_errors(tiny):
     x = states(4)[:3]
     with pytest.raises(ValueError, match=r"observed must have shape \(4,\) or \(B, 4\)"):
