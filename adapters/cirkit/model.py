@@ -302,21 +302,29 @@ class CircuitDensity(nn.Module):
             raise ValueError(f"{name} must have shape ({d},) or (B, {d}) = ({batch}, {d}), got {tuple(mask.shape)}")
         return mask if mask.dim() == 2 else mask.unsqueeze(0)
 
-    def log_marginal(self, x: Tensor, observed: Tensor, *, signed: bool = False):
+    def log_marginal(self, x: Tensor, observed: Tensor, *, signed: bool = False,
+                     max_rows: Optional[int] = None):
         """``log p_o(x_observed)``, ``(B, O)``: every other variable integrated out of ``f``.
 
         ``observed``: boolean, ``(D,)`` for every sample or ``(B, D)`` per sample; the
         values of ``x`` at unobserved positions are ignored (they must still be integers).
         All observed gives :meth:`log_likelihood` (through ``f``); none gives 0. Negative
-        values (no density) are NaN unless ``signed``, as for :meth:`log_likelihood`.
+        values (no density) are NaN unless ``signed``, as for :meth:`log_likelihood`. Rows go
+        through in chunks of at most ``max_rows`` (default :meth:`rows_per_chunk`: with
+        variables integrated out, the layers above the inputs hold a ``K × K`` block per
+        sample).
         """
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"x must have shape (B, {self.num_variables}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        max_rows = self._check_rows(max_rows)
         mask = self._check_mask(observed, "observed", x.shape[0])
         x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
         x = torch.where(mask, x, torch.zeros_like(x))  # unobserved values are never looked up as data
-        y = self._graph(self.density, x, integrate=~mask).index_select(-1, self._index)
+        integrate = ~mask if mask.shape[0] == 1 else None  # one mask for all rows: one for every chunk
+        y = torch.cat([self._graph(self.density, chunk, integrate=~part if integrate is None else integrate)
+                       for chunk, part in zip(x.split(max_rows), mask.expand_as(x).split(max_rows))])
+        y = y.index_select(-1, self._index)
         return self._densities(*self._signed_log(y), signed, "log_marginal")
 
     def log_conditional(self, x: Tensor, query: Tensor, evidence: Tensor) -> Tensor:
@@ -449,9 +457,8 @@ class CircuitDensity(nn.Module):
         seen[v] = True
         rows = x.repeat_interleave(categories, dim=0)  # (n·V, D)
         rows[:, v] = torch.arange(categories, device=x.device).repeat(n)
-        parts = [self.log_marginal(chunk, seen, signed=True) for chunk in rows.split(max_rows)]
-        logp = torch.cat([p[0][:, 0] for p in parts]).view(n, categories)
-        sign = torch.cat([p[1][:, 0] for p in parts]).view(n, categories)
+        logp, sign = (t[:, 0].view(n, categories) for t in self.log_marginal(rows, seen, signed=True,
+                                                                             max_rows=max_rows))
         return sign.double() * torch.exp((logp - logp.amax(dim=1, keepdim=True)).double())
 
     def _conditionals_by_gradients(self, x: Tensor, observed: Tensor, v: int, categories: int,

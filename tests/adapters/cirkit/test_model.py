@@ -215,11 +215,14 @@ def test_conditionals_of_every_variable_against_enumeration(tiny):
 
 
 def test_queries_in_chunks_equal_one_pass(tiny):
-    """Rows are independent: conditionals and samples in chunks of any size (1 row, the default
+    """Rows are independent: marginals, conditionals and samples in chunks of any size (1 row, the default
     from the memory budget) equal those of one pass; a budget below one row still gives 1."""
     g = torch.Generator().manual_seed(4)
     x = torch.randint(0, V, (7, 4), generator=g)
     observed = torch.rand(7, 4, generator=g) < 0.5
+    for mask in (observed, observed[0]):  # per sample, and one for all rows
+        torch.testing.assert_close(tiny.log_marginal(x, mask, max_rows=2), tiny.log_marginal(x, mask, max_rows=7),
+                                   rtol=1e-12, atol=1e-14)
     whole = tiny.conditionals(x, observed, max_rows=7)
     torch.testing.assert_close(tiny.conditionals(x, observed, max_rows=1), whole, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(tiny.conditionals(x, observed), whole, rtol=1e-12, atol=1e-14)
@@ -233,6 +236,8 @@ def test_queries_in_chunks_equal_one_pass(tiny):
             tiny.sample(2, max_rows=bad)
         with pytest.raises(ValueError, match="max_rows must be a positive int or None"):
             tiny.conditionals(x, observed, max_rows=bad)
+        with pytest.raises(ValueError, match="max_rows must be a positive int or None"):
+            tiny.log_marginal(x, observed, max_rows=bad)
 
 
 def test_conditionals_are_named_errors(tiny):
