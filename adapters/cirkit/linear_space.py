@@ -114,7 +114,7 @@ from .layers import (
     TorchStructuredSumLayer,
     apply_linear,
 )
-from .plan import Fetch, cached_plan, fetched_rows, capture_inputs, evaluate_node, evaluate_parameter, plan_fetch
+from .plan import Fetch, cached_plan, capture_inputs, evaluate_node, evaluate_parameter, fetched_rows, plan_fetch
 from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
 
 __all__ = ["evaluate_linear_space", "evaluate_graph", "categorical_conditionals", "check_log_semiring", "circuit_plan", "CircuitPlan", "from_logs", "to_logs"]
@@ -973,7 +973,7 @@ class CircuitPlan:
         self.steps = steps
 
     def run(self, circuit: TorchCircuit, x: Optional[Tensor], mask: Optional[Tensor], *,
-            measure_all: bool, input_values: Optional[Dict[TorchInputLayer, Scaled]] = None) -> Tensor:
+            measure_all: bool, input_values: Optional[Dict[TorchLayer, tuple]] = None) -> Tensor:
         """The circuit's output logs (O, B, K). ``input_values`` (:func:`evaluate_graph`): each
         value that depends on the input layers with variables only through one such layer, and
         that the rest of the circuit reads, is made a tensor of its own that requires grad and
@@ -997,7 +997,7 @@ class CircuitPlan:
             if step.on_factors and factored and (not probing or source is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks)
                 if probing and out is not None and not isinstance(out, _Blocks):
-                    out = (out[0].detach().requires_grad_(), out[1])
+                    out = (_probe(out[0]), out[1])
                     input_values[layer] = (*out, source)
             elif step.product_on_factors and factored:
                 out = _hadamard_on_blocks(step.fetch, step.operands, blocks, split_blocks)
@@ -1013,7 +1013,7 @@ class CircuitPlan:
                     if values[j] is None:  # factored, and needed multiplied out after all
                         values[j], scales[j] = _dense_blocks(blocks[j])
                         if probing and self.steps[j].fetch is None and self.steps[j].layer.num_variables:
-                            values[j] = values[j].detach().requires_grad_()
+                            values[j] = _probe(values[j])
                             input_values[self.steps[j].layer] = (values[j], scales[j])
                 if step.operands:
                     v, s = step.fetch.operands(values, split_values), step.fetch.operands(scales, split_scales)
@@ -1036,11 +1036,16 @@ class CircuitPlan:
                 else:
                     v, s = _input(layer, *arguments)
                 if probing and v is not None and layer.num_variables:
-                    v = v.detach().requires_grad_()
+                    v = _probe(v)
                     input_values[layer] = (v, s)
             values.append(v)
             scales.append(s)
         raise RuntimeError("the circuit's address book has no output entry")
+
+
+def _probe(v: Tensor) -> Tensor:
+    """v as a tensor of its own whose derivative is asked for (:func:`categorical_conditionals`)."""
+    return v.detach().requires_grad_()
 
 
 def _probed_source(steps: List[_Step], step: _Step) -> Optional[Tuple[TorchInputLayer, Tensor]]:
@@ -1116,11 +1121,12 @@ def _check_mask(integrate, x: Optional[Tensor], num_variables: int) -> Optional[
 
 def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
                    integrate: Optional[Tensor] = None,
-                   input_values: Optional[Dict[TorchInputLayer, Scaled]] = None) -> Tensor:
+                   input_values: Optional[Dict[TorchLayer, tuple]] = None) -> Tensor:
     """``circuit.evaluate(x)`` of an lse-sum / complex-lse-sum circuit, in linear space:
     (O, B, K) logs, without cirkit's clamp at -708 (see :func:`evaluate_linear_space`).
-    ``input_values``: a dict that receives every input layer's value ``(v, s)`` (v (F, B, K)
-    requiring grad, s (F, B)), for derivatives w.r.t. the inputs (:func:`categorical_conditionals`)."""
+    ``input_values``: a dict that receives, by layer, the values the output depends on the
+    inputs with variables through (v (F, B, K) requiring grad, s (F, B); see
+    :meth:`CircuitPlan.run`), for derivatives w.r.t. them (:func:`categorical_conditionals`)."""
     check_evidence(circuit, x, integrate)
     check_log_semiring(circuit)
     if circuit.scope and x is None:

@@ -314,16 +314,9 @@ class CircuitDensity(nn.Module):
         variables integrated out, the layers above the inputs hold a ``K × K`` block per
         sample).
         """
-        if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"x must have shape (B, {self.num_variables}), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        max_rows = self._check_rows(max_rows)
-        mask = self._check_mask(observed, "observed", x.shape[0])
-        x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
-        x = torch.where(mask, x, torch.zeros_like(x))  # unobserved values are never looked up as data
-        integrate = ~mask if mask.shape[0] == 1 else None  # one mask for all rows: one for every chunk
-        y = torch.cat([self._graph(self.density, chunk, integrate=~part if integrate is None else integrate)
-                       for chunk, part in zip(x.split(max_rows), mask.expand_as(x).split(max_rows))])
+        x, mask, max_rows = self._check_query(x, observed, max_rows)
+        y = torch.cat([self._graph(self.density, chunk, integrate=part)
+                       for chunk, part in zip(x.split(max_rows), _row_chunks(~mask, max_rows))])
         y = y.index_select(-1, self._index)
         return self._densities(*self._signed_log(y), signed, "log_marginal")
 
@@ -349,8 +342,9 @@ class CircuitDensity(nn.Module):
         would take ``D · V`` evaluations; linear evaluation and a one-output categorical
         density. ``observed``: boolean, ``(D,)`` or ``(B, D)``; values of ``x`` elsewhere are
         ignored. Rows go through in chunks of at most ``max_rows`` (default
-        :meth:`rows_per_chunk`). Each row sums to 1; in float32 an entry far below the others may come out
-        slightly negative where the square cancels (float64 makes that rounding smaller).
+        :meth:`rows_per_chunk`). Each row sums to 1; in float32 an entry far below the others
+        may come out slightly negative where the square cancels (float64 makes that rounding
+        smaller).
         """
         if self.num_outputs != 1:
             raise ValueError(f"conditionals are of a one-output density; this model has {self.num_outputs} outputs")
@@ -360,19 +354,23 @@ class CircuitDensity(nn.Module):
         categories = self.num_categories or _categories_of(self.density)
         if categories is None:
             raise ValueError("conditionals needs categorical inputs with a known number of categories")
+        x, mask, max_rows = self._check_query(x, observed, max_rows)
+        with default_dtype(self.dtype):
+            ratios = torch.cat([categorical_conditionals(self.density, chunk, part, range(self.num_variables),
+                                                         int(self._index[0]), categories)
+                                for chunk, part in zip(x.split(max_rows), _row_chunks(~mask, max_rows))])
+        return ratios / ratios.sum(dim=2, keepdim=True)
+
+    def _check_query(self, x: Tensor, observed: Tensor, max_rows: Optional[int]) -> Tuple[Tensor, Tensor, int]:
+        """A query's x (zero where unobserved: those values are never looked up as data), its
+        mask (1 or B, D) and chunk size, checked."""
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"x must have shape (B, {self.num_variables}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         max_rows = self._check_rows(max_rows)
         mask = self._check_mask(observed, "observed", x.shape[0])
         x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
-        x = torch.where(mask, x, torch.zeros_like(x))
-        integrate = ~mask
-        with default_dtype(self.dtype):
-            ratios = torch.cat([categorical_conditionals(self.density, chunk, part, range(self.num_variables),
-                                                         int(self._index[0]), categories)
-                                for chunk, part in zip(x.split(max_rows), integrate.expand_as(x).split(max_rows))])
-        return ratios / ratios.sum(dim=2, keepdim=True)
+        return torch.where(mask, x, torch.zeros_like(x)), mask, max_rows
 
     def _check_rows(self, max_rows: Optional[int]) -> int:
         if max_rows is None:
@@ -468,6 +466,11 @@ class CircuitDensity(nn.Module):
         with default_dtype(self.dtype):
             return torch.cat([categorical_conditionals(self.density, chunk, ~observed, [v], output, categories)[:, 0]
                               for chunk in x.split(max_rows)])
+
+
+def _row_chunks(mask: Tensor, rows: int):
+    """A mask (1, D) for every chunk of ``rows`` rows, or (B, D) split with them."""
+    return itertools.repeat(mask) if mask.shape[0] == 1 else mask.split(rows)
 
 
 def _categories_of(circuit) -> Optional[int]:
