@@ -80,7 +80,7 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     samples: int = 64
-    sample_units: int = 32  # draw samples of the trained models up to this K (sampling costs O(K³) per row)
+    sample_units: int = 64  # draw samples of the trained models up to this K (O(K³) per row and variable)
     downsample: int = 1
     train_size: Optional[int] = None
     test_size: Optional[int] = None
@@ -393,7 +393,7 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     skipped = [k for k in config.units if k > config.sample_units]
     if skipped:
         notes.append(f"no samples at K={skipped} (above sample_units={config.sample_units}: exact sampling "
-                     "evaluates the squared circuit D times over samples·V rows)")
+                     "evaluates the squared circuit forward and backward D times over the samples)")
     if PEAK_RSS_PROBLEM:
         notes.append(PEAK_RSS_PROBLEM)
     env.update(timing="seconds per epoch: wall time of the training steps (evaluation excluded), median over "
