@@ -404,8 +404,8 @@ class CircuitDensity(nn.Module):
         either evaluation); ``'auto'`` takes ``'gradients'`` under the linear evaluation with
         more than 3 categories (a forward and backward cost about 3 forwards of the same rows).
         Rows go through in chunks of at most ``max_rows`` (default: as many as keep the
-        evaluation's values within about 2 GiB, :meth:`rows_per_chunk`). ``generator`` makes the draws
-        reproducible (drawn on the CPU).
+        evaluation's values within about 2 GiB, :meth:`rows_per_chunk`). ``generator`` makes
+        the draws reproducible (drawn on the CPU).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")

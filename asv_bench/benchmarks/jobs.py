@@ -9,7 +9,8 @@ The squared digits circuit ``|c|²/Z`` (``digits_squared_circuit(K)``, untrained
 * ``Marginal``: ``log p(x_observed)`` with half of the pixels observed, batch 64: cirkit's
   own evaluation of the query (``cirkit``: its log-space code with the integration layer
   function) and the fast path (``fast``).
-* ``Sample``: 16 exact samples by the chain rule (fast path only).
+* ``Sample``: 16 exact samples by the chain rule (fast path only; K=32 since sampling
+  takes one forward and backward per variable).
 * ``Conditionals``: every pixel's distribution given the other observed ones (half of them
   observed, batch 64; fast path only: one forward and one backward).
 
@@ -111,7 +112,7 @@ class Marginal:
 
 
 class Sample:
-    params = [[8]]
+    params = [[8, 32]]
     param_names = ("K",)
     timeout = 300
 
