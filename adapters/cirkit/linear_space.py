@@ -979,7 +979,9 @@ class CircuitPlan:
         that the rest of the circuit reads, is made a tensor of its own that requires grad and
         recorded there: an input layer's multiplied-out value ``(v, s)``, and the output of a
         sum layer that took an input's factors, ``(v, s, (input layer, input fold of each of
-        its folds))`` (that input is then never multiplied out for it)."""
+        its folds))`` (that input is then never multiplied out for it). No factored value
+        passes such a value (a sum layer's rank-1 output is multiplied out, products never
+        take factors), so every path from the inputs to the output goes through one."""
         complex_values = check_log_semiring(circuit)
         probing = input_values is not None
         ctx = _Context(complex_values, measure_products=measure_all)
@@ -996,10 +998,11 @@ class CircuitPlan:
             source = _probed_source(self.steps, step) if probing and step.on_factors else None
             if step.on_factors and factored and (not probing or source is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks)
-                if probing and out is not None and not isinstance(out, _Blocks):
-                    out = (_probe(out[0]), out[1])
+                if probing and out is not None:  # rank-1 blocks (nothing integrated) multiplied out too:
+                    v, s = _dense_blocks(out) if isinstance(out, _Blocks) else out  # no factors pass a probe
+                    out = (_probe(v), s)
                     input_values[layer] = (*out, source)
-            elif step.product_on_factors and factored:
+            elif step.product_on_factors and factored and not probing:
                 out = _hadamard_on_blocks(step.fetch, step.operands, blocks, split_blocks)
             if isinstance(out, _Blocks):  # kept for the consumers that take factors
                 blocks[len(values)] = out
@@ -1231,8 +1234,13 @@ def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Option
     one of ``variables`` is not categorical over that variable alone.
     """
     wanted = torch.as_tensor(list(variables), dtype=torch.long, device=x.device)
-    if wanted.dim() != 1 or not wanted.numel() or not (0 <= int(wanted.min()) and int(wanted.max()) < x.shape[1]):
-        raise ValueError(f"variables must be one or more indices in 0..{x.shape[1] - 1}, got {list(variables)}")
+    if wanted.dim() != 1 or not wanted.numel() or not (0 <= int(wanted.min()) and int(wanted.max()) < x.shape[1]) \
+            or len(set(wanted.tolist())) != wanted.numel():
+        raise ValueError(f"variables must be one or more distinct indices in 0..{x.shape[1] - 1}, "
+                         f"got {list(variables)}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("categorical_conditionals differentiates the evaluation: call it outside "
+                           "torch.inference_mode() (torch.no_grad() is fine)")
     position = torch.full((x.shape[1],), -1, dtype=torch.long, device=x.device)
     position[wanted] = torch.arange(wanted.numel(), device=x.device)
     record: Dict[TorchLayer, tuple] = {}
@@ -1250,6 +1258,9 @@ def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Option
             if not isinstance(source, TorchCategoricalLayer) or scope.shape[1] != 1:
                 raise ValueError(f"categorical_conditionals needs categorical inputs over one variable each; "
                                  f"{type(source).__name__} has scope size {scope.shape[1]}")
+            if source.num_categories != categories:
+                raise ValueError(f"categories is {categories}, but the circuit's categorical inputs have "
+                                 f"{source.num_categories}")
             probes.append(_Probe(layer, source if through else None, rows, folds, scope[folds, 0], v, s))
         missing = sorted(set(wanted.tolist()) - {u for p in probes for u in p.over.tolist()})
         if missing:

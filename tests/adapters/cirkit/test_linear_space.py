@@ -538,6 +538,8 @@ def test_thin_outer_products_and_their_gradients(dtype):
 
 def _density_for_conditionals(region_graph: str, circuit):
     """A compiled density of the conditionals' tests (see there)."""
+    if circuit == "cp-t":  # inputs feeding Hadamard products directly
+        return compile_pair(region_graph, "cp-t", "complex-lse-sum", True, False)[0]
     if circuit == "monotone":
         return compile_density(two_circuits(region_graph)[0], squared=False, seed=0, dtype=torch.float64).density
     if circuit == "complex weights":
@@ -589,20 +591,25 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
     assert {len(probe) == 3 for probe in record.values()} == {through_sums}
 
 
-@pytest.mark.parametrize("circuit", ["kronecker", "optimize=True", "monotone", "complex weights"])
-def test_categorical_conditionals_of_every_variable_at_once(circuit):
+@pytest.mark.parametrize("circuit", ["kronecker", "optimize=True", "monotone", "complex weights", "cp-t"])
+@pytest.mark.parametrize("evidence", ["per sample", "everything"])
+def test_categorical_conditionals_of_every_variable_at_once(circuit, evidence):
     """One derivative gives every variable's ratio ``f(x_u = c) / f(x)``: for a variable integrated
     out in a sample, its conditional given that sample's evidence (sums to 1); for an observed
-    one, the ratio to its observed value (1 there). Per-sample evidence; variables asked for
-    in any order, each entry equal to the ratio of two evaluations."""
+    one, the ratio to its observed value (1 there). Per-sample evidence, or everything
+    observed (no input integrated: the rank-1 path, which must not bypass the derivative);
+    variables asked for in any order, each entry equal to the ratio of two evaluations."""
     density = _density_for_conditionals("quad-tree", circuit)
     d = NUM_VARIABLES["quad-tree"]
     g = torch.Generator().manual_seed(8)
     x = torch.randint(0, CATEGORIES, (5, d), generator=g)
     mask = torch.rand(5, d, generator=g) < 0.5
     mask[0], mask[1] = False, True
+    if evidence == "everything":
+        mask[:] = False
     variables = torch.randperm(d, generator=g)[:9].tolist()
-    got = linear_space.categorical_conditionals(density, x, mask, variables, 0, CATEGORIES)
+    got = linear_space.categorical_conditionals(density, x, None if evidence == "everything" else mask, variables,
+                                                0, CATEGORIES)
     assert got.shape == (5, 9, CATEGORIES)
     with torch.no_grad():
         denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
@@ -623,9 +630,14 @@ def test_categorical_conditionals_of_every_variable_at_once(circuit):
 def test_categorical_conditionals_bad_input():
     density = _density_for_conditionals("quad-tree", "kronecker")
     x = torch.zeros(2, 16, dtype=torch.long)
-    for variables in ([16], [], [-1]):
-        with pytest.raises(ValueError, match=r"variables must be one or more indices in 0..15"):
+    for variables in ([16], [], [-1], [5, 5]):
+        with pytest.raises(ValueError, match=r"variables must be one or more distinct indices in 0..15"):
             linear_space.categorical_conditionals(density, x, None, variables, 0, CATEGORIES)
+    for categories in (CATEGORIES - 1, CATEGORIES + 1):  # never cut short or read past the table
+        with pytest.raises(ValueError, match=f"categories is {categories}, but the circuit's categorical inputs have 3"):
+            linear_space.categorical_conditionals(density, x, None, [0], 0, categories)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside torch.inference_mode\(\)"):
+        linear_space.categorical_conditionals(density, x, None, [0], 0, CATEGORIES)
     squared_symbolic, _, _ = gaussian_symbolic()
     torch.manual_seed(0)
     squared = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True, optimize=False).compile(

@@ -198,11 +198,17 @@ def test_conditionals_of_every_variable_against_enumeration(tiny):
     table = tiny.log_likelihood(states(4))[:, 0].exp().view(V, V, V, V).detach()
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, V, (6, 4), generator=g)
-    observed = torch.rand(6, 4, generator=g) < 0.5
-    observed[0], observed[1] = False, True
-    got = tiny.conditionals(x, observed)
-    assert got.shape == (6, 4, V) and got.dtype == torch.float64
-    for b in range(6):
+    per_sample = torch.rand(6, 4, generator=g) < 0.5
+    per_sample[0], per_sample[1] = False, True
+    for observed in (per_sample, torch.ones(4, dtype=torch.bool)):  # the second: leave-one-out only
+        got = tiny.conditionals(x, observed)
+        assert got.shape == (6, 4, V) and got.dtype == torch.float64
+        _assert_conditionals(got, table, x, observed.expand(6, 4))
+
+
+def _assert_conditionals(got, table, x, observed):
+    """``got`` (B, 4, V) against the 4-variable probability ``table`` (V, V, V, V)."""
+    for b in range(x.shape[0]):
         for u in range(4):
             given = observed[b].clone()
             given[u] = False
@@ -220,6 +226,7 @@ def test_queries_in_chunks_equal_one_pass(tiny):
     g = torch.Generator().manual_seed(4)
     x = torch.randint(0, V, (7, 4), generator=g)
     observed = torch.rand(7, 4, generator=g) < 0.5
+    observed[0] = True  # a chunk of this row alone integrates nothing
     for mask in (observed, observed[0]):  # per sample, and one for all rows
         torch.testing.assert_close(tiny.log_marginal(x, mask, max_rows=2), tiny.log_marginal(x, mask, max_rows=7),
                                    rtol=1e-12, atol=1e-14)
