@@ -401,8 +401,8 @@ class CircuitDensity(nn.Module):
         (the circuit is linear in the values of the inputs over ``x_v``:
         :func:`~adapters.cirkit.linear_space.categorical_conditionals`; linear evaluation
         only); ``'marginals'`` evaluates ``V`` marginals per sample (``num_samples · V`` rows;
-        either evaluation); ``'auto'`` takes ``'gradients'`` under the linear evaluation with
-        more than 3 categories (a forward and backward cost about 3 forwards of the same rows).
+        either evaluation); ``'auto'`` takes ``'gradients'`` under the linear evaluation (about
+        as fast as the marginals for 2 categories, 1.7-2x faster for 3, 14-18x for 17).
         Rows go through in chunks of at most ``max_rows`` (default: as many as keep the
         evaluation's values within about 2 GiB, :meth:`rows_per_chunk`). ``generator`` makes
         the draws reproducible (drawn on the CPU).
@@ -426,8 +426,8 @@ class CircuitDensity(nn.Module):
         if sorted(order) != list(range(d)):
             raise ValueError(f"order must be a permutation of 0..{d - 1}")
         gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
-        if method == "auto":  # one forward and backward cost about as much as 3 forwards of the same rows
-            method = "gradients" if self._evaluation == "linear" and categories > 3 else "marginals"
+        if method == "auto":
+            method = "gradients" if self._evaluation == "linear" else "marginals"
         conditionals = self._conditionals_by_gradients if method == "gradients" else self._conditionals_by_marginals
         device = self._index.device
         x = torch.zeros(num_samples, d, dtype=torch.long, device=device)
