@@ -746,6 +746,9 @@ class _Step:
     on_factors: bool = False
     product_on_factors: bool = False
     operands: bool = False  # a product of one fold reading rows of other layers: inputs apart
+    # a sum on factors reading one input layer, one input fold per fold: (that layer, the input
+    # fold of each of its folds (F,)); what categorical_conditionals differentiates there
+    reads_input: Optional[Tuple[TorchInputLayer, Tensor]] = None
 
 
 def _takes_factors(layer) -> bool:
@@ -951,6 +954,7 @@ class CircuitPlan:
             elif sources and step.rule in (_structured, _tensor_dot) and _takes_factors(step.layer) and all(
                     per_sample[j] or block_input[j] for j in sources):
                 step.on_factors = True
+                step.reads_input = _read_input(steps, step)
                 per_sample.append(all(per_sample[j] for j in sources))
             elif sources and step.rule is _hadamard and all(per_sample[j] for j in sources):
                 step.product_on_factors = True
@@ -995,13 +999,12 @@ class CircuitPlan:
             layer = step.layer
             factored = step.fetch is not None and all(j in blocks for j in step.fetch.sources)
             out: Union[_Blocks, Scaled, None] = None
-            source = _probed_source(self.steps, step) if probing and step.on_factors else None
-            if step.on_factors and factored and (not probing or source is not None):
+            if step.on_factors and factored and (not probing or step.reads_input is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks)
                 if probing and out is not None:  # rank-1 blocks (nothing integrated) multiplied out too:
                     v, s = _dense_blocks(out) if isinstance(out, _Blocks) else out  # no factors pass a probe
                     out = (_probe(v), s)
-                    input_values[layer] = (*out, source)
+                    input_values[layer] = (*out, step.reads_input)
             elif step.product_on_factors and factored and not probing:
                 out = _hadamard_on_blocks(step.fetch, step.operands, blocks, split_blocks)
             if isinstance(out, _Blocks):  # kept for the consumers that take factors
@@ -1015,9 +1018,8 @@ class CircuitPlan:
                 for j in step.fetch.sources:
                     if values[j] is None:  # factored, and needed multiplied out after all
                         values[j], scales[j] = _dense_blocks(blocks[j])
-                        if probing and self.steps[j].fetch is None and self.steps[j].layer.num_variables:
-                            values[j] = _probe(values[j])
-                            input_values[self.steps[j].layer] = (values[j], scales[j])
+                        if probing and self.steps[j].fetch is None:
+                            values[j] = _probed_input(input_values, self.steps[j].layer, values[j], scales[j])
                 if step.operands:
                     v, s = step.fetch.operands(values, split_values), step.fetch.operands(scales, split_scales)
                 else:
@@ -1038,9 +1040,8 @@ class CircuitPlan:
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)
                 else:
                     v, s = _input(layer, *arguments)
-                if probing and v is not None and layer.num_variables:
-                    v = _probe(v)
-                    input_values[layer] = (v, s)
+                if probing and v is not None:
+                    v = _probed_input(input_values, layer, v, s)
             values.append(v)
             scales.append(s)
         raise RuntimeError("the circuit's address book has no output entry")
@@ -1051,7 +1052,16 @@ def _probe(v: Tensor) -> Tensor:
     return v.detach().requires_grad_()
 
 
-def _probed_source(steps: List[_Step], step: _Step) -> Optional[Tuple[TorchInputLayer, Tensor]]:
+def _probed_input(record: Dict[TorchLayer, tuple], layer: TorchInputLayer, v: Tensor, s: Tensor) -> Tensor:
+    """An input layer's multiplied-out value, probed and recorded if the layer has variables."""
+    if not layer.num_variables:
+        return v
+    v = _probe(v)
+    record[layer] = (v, s)
+    return v
+
+
+def _read_input(steps: List[_Step], step: _Step) -> Optional[Tuple[TorchInputLayer, Tensor]]:
     """For a sum layer over one input layer's factors, one input per fold: (that input layer, the
     input fold each of its folds reads (F,)); None for any other step."""
     fetch = step.fetch

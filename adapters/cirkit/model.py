@@ -351,9 +351,7 @@ class CircuitDensity(nn.Module):
         if self._evaluation != "linear":
             raise ValueError("conditionals needs evaluation='linear' (it differentiates the linear-space "
                              "evaluation); log_marginal gives any conditional under either evaluation")
-        categories = self.num_categories or _categories_of(self.density)
-        if categories is None:
-            raise ValueError("conditionals needs categorical inputs with a known number of categories")
+        categories = self._categories("conditionals")
         x, mask, max_rows = self._check_query(x, observed, max_rows)
         with default_dtype(self.dtype):
             ratios = torch.cat([categorical_conditionals(self.density, chunk, part, range(self.num_variables),
@@ -371,6 +369,12 @@ class CircuitDensity(nn.Module):
         mask = self._check_mask(observed, "observed", x.shape[0])
         x = self._check_x(x, observed=mask.expand(x.shape[0], -1))
         return torch.where(mask, x, torch.zeros_like(x)), mask, max_rows
+
+    def _categories(self, what: str) -> int:
+        categories = self.num_categories or _categories_of(self.density)
+        if categories is None:
+            raise ValueError(f"{what} needs categorical inputs with a known number of categories")
+        return categories
 
     def _check_rows(self, max_rows: Optional[int]) -> int:
         if max_rows is None:
@@ -418,9 +422,7 @@ class CircuitDensity(nn.Module):
         if self.num_outputs != 1:
             raise ValueError(f"sample draws from a one-output density; this model has {self.num_outputs} "
                              "outputs (condition on one, e.g. by building the class's circuit)")
-        categories = self.num_categories or _categories_of(self.density)
-        if categories is None:
-            raise ValueError("sample needs categorical inputs with a known number of categories")
+        categories = self._categories("sample")
         d = self.num_variables
         order = list(range(d)) if order is None else [int(v) for v in order]
         if sorted(order) != list(range(d)):

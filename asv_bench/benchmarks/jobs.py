@@ -84,18 +84,23 @@ class TrainStep:
     track_step_peak_mib.unit = "MiB"
 
 
+def _query(k: int, evaluation: str):
+    """The fast path's model in eval mode with ``evaluation``, a query batch and half the
+    pixels observed."""
+    common.ensure_threads()
+    model, x = _model("fast", k)
+    model.eval()
+    model.evaluation = evaluation
+    return model, x[:QUERY_BATCH], torch.arange(64) < 32
+
+
 class Marginal:
     params = [["cirkit", "fast"], [8, 16]]
     param_names = ("variant", "K")
     timeout = 300
 
     def setup(self, variant, k):
-        common.ensure_threads()
-        model, x = _model("fast", k)
-        model.eval()
-        model.evaluation = "semiring" if variant == "cirkit" else "linear"
-        self.model, self.x = model, x[:QUERY_BATCH]
-        self.observed = torch.arange(64) < 32
+        self.model, self.x, self.observed = _query(k, "semiring" if variant == "cirkit" else "linear")
 
     def time_log_marginal(self, variant, k):
         with torch.no_grad():
@@ -132,14 +137,9 @@ class Conditionals:
     timeout = 300
 
     def setup(self, k):
-        common.ensure_threads()
-        model, x = _model("fast", k)
-        if not hasattr(model, "conditionals"):
+        self.model, self.x, self.observed = _query(k, "linear")
+        if not hasattr(self.model, "conditionals"):
             raise NotImplementedError("CircuitDensity.conditionals unavailable on this commit")
-        model.eval()
-        model.evaluation = "linear"
-        self.model, self.x = model, x[:QUERY_BATCH]
-        self.observed = torch.arange(64) < 32
 
     def time_conditionals(self, k):
         self.model.conditionals(self.x, self.observed)

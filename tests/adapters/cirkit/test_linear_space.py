@@ -551,6 +551,19 @@ def _density_for_conditionals(region_graph: str, circuit):
     return density
 
 
+def _ratios_of_evaluations(density, x, mask, u):
+    """``f(x_u = c) / f(x)`` (B, V) for every category c, from two evaluations each (``mask``:
+    the integrated variables of the denominator; u is observed at c in the numerator)."""
+    with torch.no_grad():
+        denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
+        ratios = []
+        for c in range(CATEGORIES):
+            xc, observed = x.clone(), mask.clone()
+            xc[:, u], observed[:, u] = c, False
+            ratios.append(torch.exp(evaluate_linear_space(density, xc, integrate=observed)[:, 0, 0].real - denominator))
+    return torch.stack(ratios, dim=1)
+
+
 @pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
 @pytest.mark.parametrize("circuit", ["lse-sum", "complex-lse-sum", "kronecker", kronecker_structured_lowrank,
                                      "optimize=True", "monotone", "complex weights"])
@@ -571,16 +584,8 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
         mask = integrate.clone()
         mask[:, v] = True
         got = linear_space.categorical_conditionals(density, x, mask, [v], 0, CATEGORIES)[:, 0]
-        with torch.no_grad():
-            denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
-            expected = []
-            for c in range(CATEGORIES):
-                xc, observed = x.clone(), mask.clone()
-                xc[:, v], observed[:, v] = c, False
-                expected.append(torch.exp(evaluate_linear_space(density, xc, integrate=observed)[:, 0, 0].real
-                                          - denominator))
         assert got.shape == (6, CATEGORIES) and got.dtype == torch.float64
-        torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got, _ratios_of_evaluations(density, x, mask, v), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got.sum(dim=1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-10)
     # where a sum layer takes the inputs' factors, its output is differentiated (the inputs are
     # never multiplied out); else the inputs' values
@@ -611,14 +616,8 @@ def test_categorical_conditionals_of_every_variable_at_once(circuit, evidence):
     got = linear_space.categorical_conditionals(density, x, None if evidence == "everything" else mask, variables,
                                                 0, CATEGORIES)
     assert got.shape == (5, 9, CATEGORIES)
-    with torch.no_grad():
-        denominator = evaluate_linear_space(density, x, integrate=mask)[:, 0, 0].real
-        for i, u in enumerate(variables):
-            for c in range(CATEGORIES):
-                xc, observed = x.clone(), mask.clone()
-                xc[:, u], observed[:, u] = c, False
-                ratio = torch.exp(evaluate_linear_space(density, xc, integrate=observed)[:, 0, 0].real - denominator)
-                torch.testing.assert_close(got[:, i, c], ratio, rtol=1e-9, atol=1e-12)
+    for i, u in enumerate(variables):
+        torch.testing.assert_close(got[:, i], _ratios_of_evaluations(density, x, mask, u), rtol=1e-9, atol=1e-12)
     integrated = mask[:, variables]
     torch.testing.assert_close(got.sum(dim=2)[integrated], torch.ones(int(integrated.sum()), dtype=torch.float64),
                                rtol=0, atol=1e-10)
