@@ -161,6 +161,8 @@ def _peaks(v: Tensor) -> Tuple[Optional[Tensor], float, float]:
         top = max(float(hi), -float(lo))  # NaN: max keeps its first argument, hi is NaN too
         return None, top, top
     m = _max_abs(v).detach()
+    if not m.numel():  # no samples (an empty batch): nothing to rescale
+        return m, 1.0, 1.0
     lo, hi = torch.aminmax(m)
     return m, float(lo), float(hi)
 
@@ -870,7 +872,8 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
     if factors is None:
         return None
     f, b = s.shape
-    out_left, out_right = (t.reshape(f, t.shape[1], -1, b) for t in factors)  # (F, Ko, T, B): T terms
+    terms = factors[0].shape[-1] // b if b else 1  # no samples: any number of terms; one keeps it simple
+    out_left, out_right = (t.reshape(f, t.shape[1], terms, b) for t in factors)  # (F, Ko, T, B): T terms
     if out_left.shape[2] == 1:
         u, w = out_left.squeeze(2).transpose(1, 2), out_right.squeeze(2).transpose(1, 2)  # (F, B, Ko)
         if first.mask is None:

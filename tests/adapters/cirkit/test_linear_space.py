@@ -524,6 +524,36 @@ def test_gaussian_inputs_match_cirkit(fold):
             assert_same_logs(evaluate_linear_space(base, x, integrate=mask), expected)
 
 
+@pytest.mark.parametrize("circuit", ["lse-sum", "complex-lse-sum", "optimize=True", "complex weights", "gaussian"])
+def test_an_empty_batch_gives_what_cirkit_gives(circuit):
+    """Zero samples (e.g. the last chunk of a split that divides evenly, a filtered batch): the
+    shape and dtype cirkit's own evaluation returns, with and without variables integrated out
+    (one mask for all rows, and per sample), and a backward that runs; the range checks of the
+    scaled values found no entry to measure and raised before."""
+    if circuit == "gaussian":
+        torch.manual_seed(0)
+        ctx = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True, optimize=False)
+        density = ctx.compile(gaussian_symbolic()[0])
+        x = torch.randn(0, 16)
+    else:
+        if circuit == "optimize=True":
+            density, _ = compile_pair("quad-tree", "cp", "complex-lse-sum", True, True)
+        else:
+            symbolic_circuit = complex_circuit("quad-tree") if circuit == "complex weights" else two_circuits("quad-tree")[0]
+            semiring = "lse-sum" if circuit == "lse-sum" else "complex-lse-sum"
+            density = compile_density(symbolic_circuit, semiring=semiring, seed=0, dtype=torch.float64).density
+        x = torch.zeros(0, NUM_VARIABLES["quad-tree"], dtype=torch.long)
+    expected = semiring_values(density, x)
+    assert expected.shape[0] == 0
+    got = evaluate_linear_space(density, x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    got.real.sum().backward()
+    shared = torch.zeros(x.shape[1], dtype=torch.bool)
+    shared[::2] = True
+    for mask in (shared, torch.zeros(0, x.shape[1], dtype=torch.bool)):
+        assert evaluate_linear_space(density, x, integrate=mask).shape == expected.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_thin_outer_products_and_their_gradients(dtype):
     """``left @ rightᵀ`` of the low-rank blocks, with the thin-side-first backward: values and

@@ -247,6 +247,22 @@ def test_queries_in_chunks_equal_one_pass(tiny):
             tiny.log_marginal(x, observed, max_rows=bad)
 
 
+@pytest.mark.parametrize("evaluation", ["linear", "semiring"])
+def test_queries_of_no_samples_are_empty(tiny, evaluation):
+    """An empty batch gives empty answers of the right shape under both evaluations (the
+    linear one raised from its range checks), and a backward through them runs."""
+    tiny.evaluation = evaluation
+    x = states(4)[:0]
+    observed = torch.zeros(0, 4, dtype=torch.bool)
+    assert tiny.log_likelihood(x).shape == (0, 1) and tiny.predict(x).shape == (0,)
+    for mask in (observed, torch.tensor([True, False, True, False])):
+        assert tiny.log_marginal(x, mask).shape == (0, 1)
+        assert tiny.log_marginal(x, mask, max_rows=1).shape == (0, 1)
+    tiny.log_likelihood(x).sum().backward()
+    if evaluation == "linear":
+        assert tiny.conditionals(x, observed).shape == (0, 4, V)
+
+
 def test_conditionals_are_named_errors(tiny):
     x = states(4)[:3]
     with pytest.raises(ValueError, match=r"observed must have shape \(4,\) or \(B, 4\)"):
