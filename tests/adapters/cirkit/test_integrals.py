@@ -15,6 +15,7 @@ from cirkit.backend.torch.parameters.nodes import TorchGaussianProductLogPartiti
 from cirkit.pipeline import PipelineContext
 
 from adapters.cirkit import evaluate_linear_space, swap_kronecker_sum_layers
+from adapters.cirkit import integrals
 from adapters.cirkit.integrals import gaussian_product_integrals
 from adapters.cirkit.semiring import unclamped
 
@@ -37,9 +38,12 @@ def cirkit_integrals(mean1, std1, mean2, std2):
     return node(mean1, std1, mean2, std2).exp().view(mean1.shape[0], mean1.shape[1], mean2.shape[1])
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 4 * 5 * 8, 2**30])  # one fold, two folds, all at once
 @pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, True), (True, False, True, False),
                                    (True, True, False, False)])
-def test_gaussian_product_integrals_equal_cirkits_values_and_gradients(needs):
+def test_gaussian_product_integrals_equal_cirkits_values_and_gradients(needs, chunk_bytes, monkeypatch):
+    """Also when the folds are computed a chunk at a time (the last chunk shorter)."""
+    monkeypatch.setattr(integrals, "CHUNK_BYTES", chunk_bytes)
     params = gaussian_parameters()
     for p, need in zip(params, needs):
         p.requires_grad_(need)
@@ -58,11 +62,22 @@ def test_gaussian_product_integrals_equal_cirkits_values_and_gradients(needs):
 
 
 def test_gaussian_product_integrals_pass_gradcheck():
-    def integrals(*params):  # the represented values: v alone moves with the (constant) scale
+    def represented(*params):  # the represented values: v alone moves with the (constant) scale
         v, s = gaussian_product_integrals(*params)
         return v * s.exp().view(-1, 1, 1)
 
-    assert torch.autograd.gradcheck(integrals, gaussian_parameters(folds=2, k1=2, k2=3, seed=4))
+    assert torch.autograd.gradcheck(represented, gaussian_parameters(folds=2, k1=2, k2=3, seed=4))
+
+
+def test_gaussian_product_integrals_take_the_promoted_dtype():
+    """float32 means with float64 deviations give float64 integrals (the differences of the means
+    are float32 roundings: float32 agreement)."""
+    mean1, std1, mean2, std2 = (t.detach() for t in gaussian_parameters())
+    mean1, mean2 = mean1.float(), mean2.float()
+    v, s = gaussian_product_integrals(mean1, std1, mean2, std2)
+    assert v.dtype == s.dtype == torch.float64
+    torch.testing.assert_close(v * s.exp().view(-1, 1, 1), cirkit_integrals(mean1.double(), std1, mean2.double(), std2),
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("shapes", [[(2, 3), (2, 3), (2, 4), (2, 5)], [(2, 3), (2, 4), (2, 4), (2, 4)],
