@@ -147,9 +147,15 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         a, b = self.factors()
         return semiring_linear(self.semiring, lambda t: kron_apply([a], [b], t), x, a.dtype)
 
-    def linear(self, z: Tensor) -> Tensor:
-        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
+    #: :meth:`linear` applies to a subset of the folds
+    fold_subsets = True
+
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko); with
+        ``folds`` (F',), the map of those folds only on z (F', B, H*Ki)."""
         a, b = self.factors()
+        if folds is not None:
+            a, b = a.index_select(0, folds), b.index_select(0, folds)
         return apply_linear(lambda t: kron_apply([a], [b], t), z, a.dtype)
 
     def flops(self, batch_size: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -624,6 +625,104 @@ def test_categorical_conditionals_are_ratios_of_marginals(region_graph, circuit)
         linear_space.evaluate_graph(density, x, integrate=mask, input_values=record)
     through_sums = circuit not in ("lse-sum", "complex-lse-sum", "monotone")
     assert {len(probe) == 3 for probe in record.values()} == {through_sums}
+
+
+def _assert_shared_mask_is_per_sample_mask(circuit, x, mask) -> None:
+    """Values and parameter gradients with ``mask`` (D,) equal those with it for every sample (B, D)."""
+    results = []
+    for integrate in (mask, mask.expand(x.shape[0], -1)):
+        c = copy.deepcopy(circuit)
+        value = evaluate_linear_space(c, x, integrate=integrate)
+        value.real.sum().backward()
+        results.append((value.detach(), parameter_grads(c)))
+    assert_same_logs(*[r[0] for r in results])
+    assert_same_gradients(*[r[1] for r in results])
+
+
+def _shared_masks(d: int, g: torch.Generator) -> dict:
+    return {"last half": torch.arange(d) >= d // 2, "random": torch.rand(d, generator=g) < 0.5,
+            "one variable": torch.arange(d) == d // 3, "everything": torch.ones(d, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
+@pytest.mark.parametrize("circuit", ["lse-sum", "complex-lse-sum", "kronecker", kronecker_structured_lowrank,
+                                     "optimize=True", "monotone", "complex weights", "cp-t"])
+def test_one_mask_for_every_sample_computes_per_sample_only_the_folds_over_both(region_graph, circuit, monkeypatch):
+    """With the same variables integrated out of every sample, a fold over integrated variables
+    alone has one value for all samples (from one evaluation with everything integrated), a
+    fold over observed ones alone its value at x (the evaluation with nothing integrated),
+    and only the folds over both are computed per sample. Values, parameter gradients and
+    the conditionals' derivatives equal those of the same mask given per sample (which
+    computes every fold per sample), for every layer kind: this package's exact layers and
+    cirkit's take fold subsets; a kind that does not computes all of its folds where any is
+    mixed (the Kronecker-structured low-rank swap)."""
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)
+    density = _density_for_conditionals(region_graph, circuit)
+    d = NUM_VARIABLES[region_graph]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, CATEGORIES, (6, d), generator=g)
+    shared_runs = []
+    original = linear_space.CircuitPlan.run_shared_mask
+    monkeypatch.setattr(linear_space.CircuitPlan, "run_shared_mask",
+                        lambda self, *a, **k: shared_runs.append(original(self, *a, **k)) or shared_runs[-1])
+    for name, mask in _shared_masks(d, g).items():
+        _assert_shared_mask_is_per_sample_mask(density, x, mask)
+        assert shared_runs.pop() is not None and not shared_runs  # the shared path ran once, the per-sample one not
+        plan = linear_space.circuit_plan(density)
+        classes = plan.fold_classes(mask.numpy(), np.zeros(d, dtype=bool))
+        inner = [c for c, step in zip(classes, plan.steps) if step.fetch is not None and step.layer is not None]
+        mixed = sum(int((c == linear_space._MIXED).sum()) for c in inner)
+        assert mixed < sum(c.size for c in inner)  # some folds are never computed per sample
+        if name == "everything":
+            assert mixed == 0
+        v = int(mask.nonzero()[0])  # an integrated variable: its conditionals, shared and per sample
+        got = [linear_space.categorical_conditionals(density, x, integrate, [v], 0, CATEGORIES)
+               for integrate in (mask, mask.expand(6, -1))]
+        shared_runs.clear()
+        torch.testing.assert_close(got[0], got[1], rtol=1e-9, atol=1e-12)
+
+
+def test_one_mask_for_every_sample_of_gaussian_inputs(monkeypatch):
+    """The shared-mask evaluation of a squared circuit with Gaussian inputs (their integrals in
+    closed form) equals the per-sample mask's, values and gradients."""
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)
+    torch.manual_seed(0)
+    ctx = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True, optimize=False)
+    squared = ctx.compile(gaussian_symbolic()[0])
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    _assert_shared_mask_is_per_sample_mask(squared, x, torch.arange(16) % 3 == 0)
+
+
+def test_one_mask_for_every_sample_is_taken_where_it_saves_work(monkeypatch):
+    """The shared-mask path runs two more evaluations: it is taken only where the folds it need
+    not compute per sample hold SHARED_MASK_MIN_MACS multiply-adds over the batch; the
+    integrated evaluation a derivative reuses is computed again after a parameter changed."""
+    density = _density_for_conditionals("quad-tree", "kronecker")
+    d = NUM_VARIABLES["quad-tree"]
+    x = torch.randint(0, CATEGORIES, (4, d), generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(d) >= d // 2
+    kept = []
+    original = linear_space.CircuitPlan.run
+    monkeypatch.setattr(linear_space.CircuitPlan, "run",
+                        lambda self, *a, **k: kept.append(k.get("keep", False)) or original(self, *a, **k))
+    evaluate_linear_space(density, x, integrate=mask)  # a tiny circuit: below the default
+    assert kept == [False]
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)
+    kept.clear()
+    evaluate_linear_space(density, x, integrate=mask)
+    assert kept == [True, True]  # everything integrated, and nothing
+    kept.clear()
+    first = linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES)
+    linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES)
+    assert kept == [True, True, True]  # the integrated evaluation once, kept for the second call
+    with torch.no_grad():
+        next(density.parameters()).mul_(1.5)
+    kept.clear()
+    again = linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES)
+    assert kept == [True, True]
+    per_sample = linear_space.categorical_conditionals(density, x, mask.expand(4, -1), [d - 1], 0, CATEGORIES)
+    torch.testing.assert_close(again, per_sample, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(first, again)
 
 
 @pytest.mark.parametrize("circuit", ["kronecker", "optimize=True", "monotone", "complex weights", "cp-t"])

@@ -315,6 +315,38 @@ def test_both_sampling_methods_draw_the_same_samples(tiny, order):
     assert len(torch.unique(draws["gradients"], dim=0)) > 20  # not one repeated state
 
 
+@pytest.mark.parametrize("order", [None, [3, 0, 2, 1]])
+def test_samples_and_marginals_with_one_mask_for_all_rows(tiny, order, monkeypatch):
+    """The sampler's masks are the same for every sample, and so may be a marginal's: computed
+    per sample only where a fold is over both observed and integrated variables
+    (:meth:`~adapters.cirkit.linear_space.CircuitPlan.run_shared_mask`, forced here on the tiny
+    circuit), the same samples from one seed and the same marginals and gradients."""
+    from adapters.cirkit import linear_space
+
+    def draw_and_marginal():
+        model = copy.deepcopy(tiny)
+        x = states(4)[:9]
+        logp = model.log_marginal(x, torch.tensor([False, True, True, False]))
+        logp.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return model.sample(200, generator=torch.Generator().manual_seed(5), order=order), logp.detach(), grads
+
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 2**62)  # never
+    every_fold = draw_and_marginal()
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)  # always
+    calls = []
+    original = linear_space.CircuitPlan.run_shared_mask
+    monkeypatch.setattr(linear_space.CircuitPlan, "run_shared_mask",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    mixed_only = draw_and_marginal()
+    assert len(calls) > 4
+    assert torch.equal(every_fold[0], mixed_only[0])
+    torch.testing.assert_close(every_fold[1], mixed_only[1], rtol=1e-12, atol=1e-12)
+    assert len(every_fold[2]) == len(mixed_only[2]) > 0
+    for a, b in zip(every_fold[2], mixed_only[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_sampling_methods_by_evaluation(tiny, monkeypatch):
     """'auto' differentiates under the linear evaluation and evaluates marginals under cirkit's
     own evaluation; 'gradients' needs the linear evaluation."""
