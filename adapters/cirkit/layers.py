@@ -94,6 +94,17 @@ def _terms_on_factors(chain_a: List[Tensor], chain_b: List[Tensor], left: Tensor
     return side(chain_a, left), side(chain_b, right)
 
 
+def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tensor, folds: Tensor) -> Tensor:
+    """``Σ_t (A_t ⊗ B_t) z`` with the terms of the folds ``folds`` (F',): chains of (F, T, ·, ·)
+    matrices as in :func:`_terms_on_factors`, z (F', B, a2·b2) -> (F', B, a1·b1)."""
+    chain_a, chain_b = ([m.index_select(0, folds) for m in chain] for chain in (chain_a, chain_b))
+    y = None
+    for t in range(chain_a[0].shape[1]):
+        part = kron_apply([m[:, t] for m in chain_a], [m[:, t] for m in chain_b], z)
+        y = part if y is None else y + part
+    return y
+
+
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
     """(A, B) with W = A ⊗ B per fold for a weight graph ending in a Kronecker node, else None.
 
@@ -217,9 +228,19 @@ class TorchStructuredSumLayer(_SumLayerConfig):
         chains = self.structured.kronecker_chains()
         return None if chains is None else _terms_on_factors(chains[0], chains[1], left, right)
 
-    def linear(self, z: Tensor) -> Tensor:
-        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
-        return apply_linear(self.structured, z, self.structured.dtype)
+    @property
+    def fold_subsets(self) -> bool:
+        """:meth:`linear` applies to a subset of the folds: one input, and a kind storing its
+        weight as Kronecker terms (applied through them there)."""
+        return self.arity == 1 and self.structured.kronecker_chains() is not None
+
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko); with ``folds``
+        (F',), the map of those folds on z (F', B, Ki) (:attr:`fold_subsets`)."""
+        if folds is None:
+            return apply_linear(self.structured, z, self.structured.dtype)
+        chain_a, chain_b = self.structured.kronecker_chains()
+        return apply_linear(lambda t: _kronecker_terms_apply(chain_a, chain_b, t, folds), z, chain_a[0].dtype)
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)
@@ -285,9 +306,14 @@ class TorchLiveApproxSumLayer(_LiveApproximation):
         return approximation_chain(evaluate_parameter(self.weight), self.kind, self.factor_rank, self.strategy,
                                    self.oversampling, self.seed)
 
-    def linear(self, z: Tensor) -> Tensor:
-        """z (F, B, Ki) -> (F, B, Ko): ``(z @ rightᵀ) @ leftᵀ``."""
+    fold_subsets = True  # linear applies to a subset of the folds
+
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+        """z (F, B, Ki) -> (F, B, Ko): ``(z @ rightᵀ) @ leftᵀ``; with ``folds`` (F',), the map of
+        those folds on z (F', B, Ki)."""
         left, right = self.factor_chain()
+        if folds is not None:
+            left, right = left.index_select(0, folds), right.index_select(0, folds)
         return apply_linear(lambda t: torch.bmm(torch.bmm(t, right.transpose(1, 2)), left.transpose(1, 2)),
                             z, left.dtype)
 
@@ -325,8 +351,12 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
         a, _ = kronecker_factors(self.weight)  # type: ignore[misc]
         return approximation_chain(a, self.kind, self.factor_rank, self.strategy, self.oversampling, self.seed)
 
-    def _map(self) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
+    fold_subsets = True  # linear applies to a subset of the folds
+
+    def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
         left, right = self.factor_chain()
+        if folds is not None:
+            left, right = left.index_select(0, folds), right.index_select(0, folds)
         chain_a, chain_b = [left, right], [left.conj(), right.conj()]
         return (lambda t: kron_apply(chain_a, chain_b, t)), left.dtype
 
@@ -334,9 +364,10 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
         linear, dtype = self._map()
         return semiring_linear(self.semiring, linear, x, dtype)
 
-    def linear(self, z: Tensor) -> Tensor:
-        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko)."""
-        linear, dtype = self._map()
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+        """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko); with ``folds``
+        (F',), the map of those folds on z (F', B, H*Ki)."""
+        linear, dtype = self._map(folds)
         return apply_linear(linear, z, dtype)
 
     def flops(self, batch_size: int) -> int:
@@ -423,8 +454,15 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         y = left(cols)  # (F, B·n_mid, n_mid): (j2, j1)
         return y.view(f, b, n_mid, n_mid).transpose(2, 3).reshape(f, b, n_mid * n_mid)
 
-    def linear(self, z: Tensor) -> Tensor:
-        """z (F, B, Ki²) -> (F, B, Ko²): ``conj(S) X Sᵀ`` per fold and sample.
+    @property
+    def fold_subsets(self) -> bool:
+        """:meth:`linear` applies to a subset of the folds where it squares through ``S``'s
+        thin factors (the general path runs ``S``'s own forward over all of its folds)."""
+        return self._inner is not None
+
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+        """z (F, B, Ki²) -> (F, B, Ko²): ``conj(S) X Sᵀ`` per fold and sample; with ``folds``
+        (F',), those folds' map on z (F', B, Ki²) (:attr:`fold_subsets`).
 
         In general ``S``'s own forward on X's rows, then on the columns of the result. A kind
         whose ``S = L R`` passes through ``r`` inner units (``thin_factors``, e.g. low rank)
@@ -436,6 +474,8 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         ki, ko = self.structured.in_features, self.structured.out_features
         on_left, on_right = self.conjugate_left, not self.conjugate_left  # which side applies conj(S)
         factors = self._factors()
+        if folds is not None and factors is None:
+            raise ValueError("this squared structured layer computes all of its folds (fold_subsets is False)")
         if factors is None:
             if not self._identity:  # into the structured layer's fold order
                 z = _Permute.apply(z, self.fold_inverse, self.fold_rows)
@@ -447,6 +487,8 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
             left, right = factors
             if not self._identity:  # the thin factors into this layer's fold order, not the K² activations
                 left, right = left.index_select(0, self.fold_rows), right.index_select(0, self.fold_rows)
+            if folds is not None:
+                left, right = left.index_select(0, folds), right.index_select(0, folds)
             y = self._square_factored(z, left, right, on_left, on_right)
         return y
 

@@ -223,3 +223,57 @@ def test_every_kind_trains_as_a_circuit_layer_and_stays_normalised(kind):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     with torch.no_grad():
         assert abs(float(torch.logsumexp(model.log_likelihood(states)[:, 0], 0))) < 1e-9
+
+
+def _marginals_with_one_mask(model, masks_per_row: bool):
+    """Marginals of a copy of ``model`` (6 rows of a 4x4 image, its last column integrated out of
+    every row: ``(D,)``, or the same mask given per row ``(B, D)``) and their gradients. The left
+    2x2 patches are observed, the right ones mixed: layers compute some of their folds."""
+    import copy
+
+    model = copy.deepcopy(model)
+    x = torch.randint(0, V, (6, 16), generator=torch.Generator().manual_seed(3))
+    observed = torch.arange(16) % 4 != 3
+    logp = model.log_marginal(x, observed.expand(x.shape[0], -1) if masks_per_row else observed)
+    logp.sum().backward()
+    return logp.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("kind,build", [(kind, "every kind") for kind in structlayers.available()]
+                         + [(kind, build) for kind in ("lowrank", "nystrom") for build in ("thin squares", "live", "frozen swap")])
+def test_marginals_with_one_mask_for_every_row_take_fold_subsets(kind, build, monkeypatch):
+    """With the same pixels integrated out of every row, only folds over observed and integrated
+    pixels are computed per row (CircuitPlan.run_shared_mask, forced on here): a structured
+    layer computes only those of its folds where it declares ``fold_subsets`` (a square of
+    thin factors, Kronecker terms, live approximations), else all of them. Marginals and
+    gradients equal those of the same mask per row, for every kind as c's layers
+    (compile_structured, exact options), low-rank squares through thin factors, live square
+    approximations of c, |c|² and Z, and frozen swaps."""
+    from adapters.cirkit import linear_space, swap_kronecker_sum_layers
+    from adapters.cirkit.structured import approximate_density
+    from adapters.cirkit.swap import square_policy
+
+    c = digits_squared_circuit(4, image_shape=(4, 4), num_categories=V).circuit  # several mixed folds per layer
+    if build in ("every kind", "thin squares"):
+        policy = spec_policy(kind) if build == "every kind" else structure_policy(kind, rank=2)
+        model, _ = compile_structured(c, policy, dtype=torch.float64, seed=1, num_categories=V)
+    else:
+        model = compile_density(c, dtype=torch.float64, seed=5, num_categories=V, optimize=False)
+        if build == "live":
+            approximate_density(model, square_policy(kind, 2))
+        else:
+            swap_kronecker_sum_layers(model.density, square_policy(kind, 2))
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)
+    subsets = []
+    original = linear_space._takes_fold_subsets
+    monkeypatch.setattr(linear_space, "_takes_fold_subsets",
+                        lambda step: subsets.append((type(step.layer).__name__, original(step))) or subsets[-1][1])
+    shared, per_row = _marginals_with_one_mask(model, False), _marginals_with_one_mask(model, True)
+    torch.testing.assert_close(shared[0], per_row[0], rtol=1e-10, atol=1e-12)
+    assert len(shared[1]) == len(per_row[1]) > 0
+    for a, b in zip(shared[1], per_row[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    structured = {name: taken for name, taken in subsets if "Structured" in name or "Live" in name}
+    assert structured  # the mixed folds reached a structured layer
+    if build != "every kind":  # thin squares, live approximations and Kronecker terms take fold subsets
+        assert all(structured.values())
