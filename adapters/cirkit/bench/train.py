@@ -80,7 +80,7 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     samples: int = 64
-    sample_units: int = 64  # draw samples of the trained models up to this K (O(K³) per row and variable)
+    sample_units: int = 128  # draw samples of the trained models up to this K (64 digits at K=128: about 9 s)
     downsample: int = 1
     train_size: Optional[int] = None
     test_size: Optional[int] = None
