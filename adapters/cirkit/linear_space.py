@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import weakref
 from dataclasses import dataclass
@@ -997,7 +998,6 @@ class CircuitPlan:
         self.origins, self.inputs_axis = _fold_origins(steps, folds)
         self._scopes: Dict[int, List[np.ndarray]] = {}  # by number of variables
         self._classes: Dict[Tuple[bytes, bytes], List[np.ndarray]] = {}
-        self._integrated: Optional[tuple] = None  # (parameter versions, _Pass): see _everything_integrated
         self._fold_macs: Optional[List[int]] = None
 
     def run(self, circuit: TorchCircuit, x: Optional[Tensor], mask: Optional[Tensor], *,
@@ -1134,21 +1134,23 @@ class CircuitPlan:
         return sum(int((c != _MIXED).sum()) * macs for c, macs in zip(classes, self._fold_macs) if macs)
 
     def _everything_integrated(self, circuit: TorchCircuit, x: Tensor, num_variables: int, measure_all: bool,
-                               reuse: bool) -> "_Pass":
-        """Every step's value with every variable integrated out (one sample); ``reuse``: kept
-        (without autograd) for the next call while the parameters are unchanged (their
-        versions), as in a sampler's steps."""
-        key = (tuple((id(p), p._version) for p in circuit.parameters()), x.dtype, x.device, num_variables, measure_all)
-        if reuse and self._integrated is not None and self._integrated[0] == key:
-            return self._integrated[1]
+                               reuse: Optional[dict]) -> "_Pass":
+        """Every step's value with every variable integrated out (one sample). ``reuse``: a dict
+        its caller keeps while the parameters cannot change (a sampler's run), holding the
+        evaluation (made without autograd) for the next call."""
+        key = (id(self), x.dtype, x.device, num_variables, measure_all)
+        if reuse is not None and key in reuse:
+            return reuse[key]
         everything = torch.ones((1, num_variables), dtype=torch.bool, device=x.device)
         evaluated = self.run(circuit, x[:1], everything, measure_all=measure_all, keep=True)
-        self._integrated = (key, evaluated) if reuse else None
+        if reuse is not None:
+            reuse[key] = evaluated
         return evaluated
 
     def run_shared_mask(self, circuit: TorchCircuit, x: Tensor, integrated: Tensor, *, measure_all: bool,
                         probed: Optional[Tensor] = None,
-                        input_values: Optional[Dict[TorchLayer, tuple]] = None) -> Optional[Tensor]:
+                        input_values: Optional[Dict[TorchLayer, tuple]] = None,
+                        reuse: Optional[dict] = None) -> Optional[Tensor]:
         """:meth:`run` for x (B, D) with the variables ``integrated`` (D,) integrated out of every
         sample, computing per sample only the folds that need it (:meth:`fold_classes`): folds
         over integrated variables alone come from one evaluation with everything integrated
@@ -1156,7 +1158,9 @@ class CircuitPlan:
         nothing integrated (rank-1 blocks, as for ``c²(x)``), and only folds over both are
         computed per sample, from their inputs. ``probed`` (D,): variables whose input folds
         are probed (``input_values[layer] = (v, s, (None, folds))``, the layer's folds
-        given). None where every fold would be computed per sample (:meth:`run` is cheaper)."""
+        given); then ``reuse`` (a dict the caller keeps while the parameters cannot change)
+        keeps the evaluation with everything integrated for the next call. None where every
+        fold would be computed per sample (:meth:`run` is cheaper)."""
         integrated_np = integrated.cpu().numpy().astype(bool)
         probed_np = np.zeros_like(integrated_np) if probed is None else probed.cpu().numpy().astype(bool)
         classes = self.fold_classes(integrated_np, probed_np)
@@ -1175,7 +1179,8 @@ class CircuitPlan:
             if kind not in passes:
                 with torch.no_grad() if probing else contextlib.nullcontext():
                     if kind == _SHARED:
-                        passes[kind] = self._everything_integrated(circuit, x, integrated.numel(), measure_all, probing)
+                        passes[kind] = self._everything_integrated(circuit, x, integrated.numel(), measure_all,
+                                                                   reuse if probing else None)
                     else:
                         passes[kind] = self.run(circuit, x, None, measure_all=measure_all, keep=True)
             return passes[kind]
@@ -1407,7 +1412,7 @@ def _check_mask(integrate, x: Optional[Tensor], num_variables: int) -> Optional[
 def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
                    integrate: Optional[Tensor] = None,
                    input_values: Optional[Dict[TorchLayer, tuple]] = None,
-                   probed: Optional[Tensor] = None) -> Tensor:
+                   probed: Optional[Tensor] = None, reuse: Optional[dict] = None) -> Tensor:
     """``circuit.evaluate(x)`` of an lse-sum / complex-lse-sum circuit, in linear space:
     (O, B, K) logs, without cirkit's clamp at -708 (see :func:`evaluate_linear_space`).
     ``input_values``: a dict that receives, by layer, the values the output depends on the
@@ -1416,7 +1421,9 @@ def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
     With one mask for every sample (``integrate`` (D,)) and several samples, only the folds over
     both observed and integrated variables are computed per sample
     (:meth:`CircuitPlan.run_shared_mask`); there ``probed`` (D,) names the variables whose
-    inputs ``input_values`` needs (None: all of them, computed as without the shared mask)."""
+    inputs ``input_values`` needs (None: all of them, computed as without the shared mask),
+    and ``reuse`` a dict that keeps work for the next call while the parameters cannot change.
+    Entries of x that are integrated out are never read (they may be NaN)."""
     check_evidence(circuit, x, integrate)
     check_log_semiring(circuit)
     if circuit.scope and x is None:
@@ -1424,13 +1431,15 @@ def evaluate_graph(circuit: TorchCircuit, x: Optional[Tensor] = None, *,
     if x is not None and x.dim() != 2:
         raise ValueError(f"x must have shape (B, D), got {tuple(x.shape)}")
     mask = _check_mask(integrate, x, len(circuit.scope))
+    if mask is not None:  # integrated entries are never read: not even a discarded branch sees a NaN there
+        x = torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
     plan = circuit_plan(circuit)
     shared = mask is not None and mask.shape[0] == 1 and x.shape[0] > 1 and (input_values is None or probed is not None)
 
     def evaluate(measure_all: bool) -> Tensor:
         if shared:
             out = plan.run_shared_mask(circuit, x, mask[0], measure_all=measure_all, probed=probed,
-                                       input_values=input_values)
+                                       input_values=input_values, reuse=reuse)
             if out is not None:
                 return out
         return plan.run(circuit, x, mask, measure_all=measure_all, input_values=input_values)
@@ -1512,7 +1521,8 @@ def _with_categories(g: Tensor, parts: Tuple[Tensor, ...]) -> Tensor:
 
 
 def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Optional[Tensor],
-                             variables: Sequence[int], output: int, categories: int) -> Tensor:
+                             variables: Sequence[int], output: int, categories: int,
+                             reuse: Optional[dict] = None) -> Tensor:
     """``f_b(x_u = c) / f_b(x)`` for every sample b, variable u of ``variables`` and category c,
     (B, U, V) real, from one forward and one backward pass over the B samples.
 
@@ -1544,7 +1554,8 @@ def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Option
     with torch.enable_grad():
         probed = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
         probed[wanted] = True
-        y = evaluate_graph(circuit, x, integrate=integrate, input_values=record, probed=probed)  # (O, B, K) logs
+        y = evaluate_graph(circuit, x, integrate=integrate, input_values=record, probed=probed,
+                           reuse=reuse)  # (O, B, K) logs
         log_f = y.transpose(0, 1).flatten(start_dim=1)[:, output]  # (B,)
         probes: List[_Probe] = []
         for layer, (v, s, *through) in record.items():

@@ -22,6 +22,7 @@ path: exact factor-wise Kronecker layers and the linear-space evaluation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import warnings
 from typing import Iterator, Optional, Sequence, Tuple
@@ -430,7 +431,9 @@ class CircuitDensity(nn.Module):
         gen = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**63))
         if method == "auto":
             method = "gradients" if self._evaluation == "linear" else "marginals"
-        conditionals = self._conditionals_by_gradients if method == "gradients" else self._conditionals_by_marginals
+        # the parameters cannot change during the run: work shared by its steps is kept in ``reuse``
+        conditionals = functools.partial(self._conditionals_by_gradients, reuse={}) if method == "gradients" \
+            else self._conditionals_by_marginals
         device = self._index.device
         x = torch.zeros(num_samples, d, dtype=torch.long, device=device)
         observed = torch.zeros(d, dtype=torch.bool, device=device)
@@ -462,11 +465,13 @@ class CircuitDensity(nn.Module):
         return sign.double() * torch.exp((logp - logp.amax(dim=1, keepdim=True)).double())
 
     def _conditionals_by_gradients(self, x: Tensor, observed: Tensor, v: int, categories: int,
-                                   max_rows: int) -> Tensor:
-        """``p(x_v = c | x_observed)`` (n, V) from one forward and backward per chunk."""
+                                   max_rows: int, reuse: Optional[dict] = None) -> Tensor:
+        """``p(x_v = c | x_observed)`` (n, V) from one forward and backward per chunk; ``reuse``
+        (:func:`~adapters.cirkit.linear_space.evaluate_graph`) kept by the caller's run."""
         output = int(self._index[0])
         with default_dtype(self.dtype):
-            return torch.cat([categorical_conditionals(self.density, chunk, ~observed, [v], output, categories)[:, 0]
+            return torch.cat([categorical_conditionals(self.density, chunk, ~observed, [v], output, categories,
+                                                       reuse=reuse)[:, 0]
                               for chunk in x.split(max_rows)])
 
 

@@ -695,8 +695,10 @@ def test_one_mask_for_every_sample_of_gaussian_inputs(monkeypatch):
 
 def test_one_mask_for_every_sample_is_taken_where_it_saves_work(monkeypatch):
     """The shared-mask path runs two more evaluations: it is taken only where the folds it need
-    not compute per sample hold SHARED_MASK_MIN_MACS multiply-adds over the batch; the
-    integrated evaluation a derivative reuses is computed again after a parameter changed."""
+    not compute per sample hold SHARED_MASK_MIN_MACS multiply-adds over the batch. The
+    evaluation with everything integrated is kept only in a ``reuse`` dict its caller holds
+    while the parameters cannot change (a sampler's run): a write through ``.data`` (no version
+    bump) between runs is seen by the next one."""
     density = _density_for_conditionals("quad-tree", "kronecker")
     d = NUM_VARIABLES["quad-tree"]
     x = torch.randint(0, CATEGORIES, (4, d), generator=torch.Generator().manual_seed(2))
@@ -711,18 +713,53 @@ def test_one_mask_for_every_sample_is_taken_where_it_saves_work(monkeypatch):
     kept.clear()
     evaluate_linear_space(density, x, integrate=mask)
     assert kept == [True, True]  # everything integrated, and nothing
+
+    def conditionals(reuse):
+        return linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES, reuse=reuse)
+
     kept.clear()
-    first = linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES)
-    linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES)
-    assert kept == [True, True, True]  # the integrated evaluation once, kept for the second call
+    conditionals(None), conditionals(None)
+    assert kept == [True, True] * 2  # nothing kept between calls
+    kept.clear()
+    run: dict = {}
+    first = conditionals(run)
+    conditionals(run)
+    assert kept == [True, True, True]  # the integrated evaluation once in the run
     with torch.no_grad():
-        next(density.parameters()).mul_(1.5)
-    kept.clear()
-    again = linear_space.categorical_conditionals(density, x, mask, [d - 1], 0, CATEGORIES)
-    assert kept == [True, True]
+        next(density.parameters()).data.mul_(1.5)  # no version bump
+    again = conditionals({})
     per_sample = linear_space.categorical_conditionals(density, x, mask.expand(4, -1), [d - 1], 0, CATEGORIES)
     torch.testing.assert_close(again, per_sample, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(first, again)
+
+
+def test_integrated_entries_of_x_are_never_read(monkeypatch):
+    """Entries of x that are integrated out may hold anything (NaN for Gaussian inputs, -1 for
+    categorical ones): values equal those with zeros there, and gradients stay finite, for a
+    shared mask (whose evaluation at x with nothing integrated computes every fold) and per
+    sample (whose inputs compute both branches before selecting)."""
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)
+    torch.manual_seed(0)
+    ctx = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True, optimize=False)
+    squared = ctx.compile(gaussian_symbolic()[0])
+    density = _density_for_conditionals("quad-tree", "kronecker")
+    d = NUM_VARIABLES["quad-tree"]
+    cases = [(squared, torch.randn(5, 16, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3 == 0,
+              float("nan")),
+             (density, torch.randint(0, CATEGORIES, (5, d), generator=torch.Generator().manual_seed(1)),
+              torch.arange(d) % 3 == 0, -1)]
+    for circuit, x, mask, junk in cases:
+        for integrate in (mask, mask.expand(5, -1)):
+            values = []
+            for fill in (0, junk):
+                c = copy.deepcopy(circuit)
+                value = evaluate_linear_space(c, x.masked_fill(mask, fill), integrate=integrate)
+                value.real.sum().backward()
+                grads = parameter_grads(c)
+                assert all(bool(torch.isfinite(g).all()) for g in grads.values())
+                values.append((value.detach(), grads))
+            assert_same_logs(values[0][0], values[1][0])
+            assert_same_gradients(values[0][1], values[1][1])
 
 
 @pytest.mark.parametrize("circuit", ["kronecker", "optimize=True", "monotone", "complex weights", "cp-t"])

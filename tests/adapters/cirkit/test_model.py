@@ -263,6 +263,21 @@ def test_queries_of_no_samples_are_empty(tiny, evaluation):
         assert tiny.conditionals(x, observed).shape == (0, 4, V)
 
 
+def test_samples_after_parameters_written_in_place(tiny, monkeypatch):
+    """Work a sampler's steps share is kept for one run only: after parameters are rewritten
+    without a version bump (through ``.data``, as ``vector_to_parameters`` does), the next run
+    draws what a sampler computing every fold per row draws."""
+    from adapters.cirkit import linear_space
+
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 0)
+    tiny.sample(50, generator=torch.Generator().manual_seed(1))
+    for p in tiny.parameters():
+        p.data = p.data * 1.3
+    shared = tiny.sample(200, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(linear_space, "SHARED_MASK_MIN_MACS", 2**62)
+    assert torch.equal(shared, tiny.sample(200, generator=torch.Generator().manual_seed(2)))
+
+
 def test_conditionals_are_named_errors(tiny):
     x = states(4)[:3]
     with pytest.raises(ValueError, match=r"observed must have shape \(4,\) or \(B, 4\)"):
@@ -353,7 +368,7 @@ def test_sampling_methods_by_evaluation(tiny, monkeypatch):
     used = []
     for name in ("_conditionals_by_gradients", "_conditionals_by_marginals"):
         original = getattr(type(tiny), name)
-        monkeypatch.setattr(type(tiny), name, lambda self, *a, _f=original, _n=name: used.append(_n) or _f(self, *a))
+        monkeypatch.setattr(type(tiny), name, lambda self, *a, _f=original, _n=name, **k: used.append(_n) or _f(self, *a, **k))
     tiny.sample(2)
     assert set(used) == {"_conditionals_by_gradients"}
     tiny.evaluation = "semiring"
