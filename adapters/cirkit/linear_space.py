@@ -999,6 +999,7 @@ class CircuitPlan:
         self._scopes: Dict[int, List[np.ndarray]] = {}  # by number of variables
         self._classes: Dict[Tuple[bytes, bytes], List[np.ndarray]] = {}
         self._fold_macs: Optional[List[int]] = None
+        self._all_macs = 0
 
     def run(self, circuit: TorchCircuit, x: Optional[Tensor], mask: Optional[Tensor], *,
             measure_all: bool, input_values: Optional[Dict[TorchLayer, tuple]] = None,
@@ -1126,11 +1127,15 @@ class CircuitPlan:
             self._classes[key] = classes
         return self._classes[key]
 
-    def _saved_macs(self, classes: List[np.ndarray]) -> int:
-        """Multiply-adds per sample of the sum layers' folds that need no computing per sample."""
+    def _saved_macs(self, classes: Optional[List[np.ndarray]]) -> int:
+        """Multiply-adds per sample of the sum layers' folds that need no computing per sample
+        (``classes`` None: of all folds)."""
         if self._fold_macs is None:  # per fold and sample, of each step (a layer's own count may evaluate it)
             self._fold_macs = [layer_macs(step.layer, 1) // max(1, step.layer.num_folds)
                                if step.layer is not None and step.fetch is not None else 0 for step in self.steps]
+            self._all_macs = sum(macs * step.layer.num_folds for macs, step in zip(self._fold_macs, self.steps) if macs)
+        if classes is None:
+            return self._all_macs
         return sum(int((c != _MIXED).sum()) * macs for c, macs in zip(classes, self._fold_macs) if macs)
 
     def _everything_integrated(self, circuit: TorchCircuit, x: Tensor, num_variables: int, measure_all: bool,
@@ -1161,6 +1166,8 @@ class CircuitPlan:
         given); then ``reuse`` (a dict the caller keeps while the parameters cannot change)
         keeps the evaluation with everything integrated for the next call. None where every
         fold would be computed per sample (:meth:`run` is cheaper)."""
+        if self._saved_macs(None) * x.shape[0] < SHARED_MASK_MIN_MACS:  # even sparing every fold would not pay
+            return None
         integrated_np = integrated.cpu().numpy().astype(bool)
         probed_np = np.zeros_like(integrated_np) if probed is None else probed.cpu().numpy().astype(bool)
         classes = self.fold_classes(integrated_np, probed_np)
