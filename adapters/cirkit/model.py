@@ -213,7 +213,10 @@ class CircuitDensity(nn.Module):
         return self._real_log(y)
 
     def _logz_key(self) -> tuple:
-        versions = tuple((id(t), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+        # storage and dtype as well: ``p.data = ...`` and ``.double()`` bump no version (an
+        # in-place write through ``.data`` is seen by nothing short of reading the values)
+        versions = tuple((id(t), t._version, t.data_ptr(), t.dtype)
+                         for t in itertools.chain(self.parameters(), self.buffers()))
         return versions + module_ids(self.partition) + (self._evaluation,)
 
     def log_partition(self, *, cached: bool = True) -> Tensor:

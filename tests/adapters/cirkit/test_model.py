@@ -120,6 +120,13 @@ def test_log_z_is_cached_in_eval_mode_and_never_stale():
             restored = model.log_partition()
         assert len(calls) == 2
         torch.testing.assert_close(restored, first, rtol=1e-13, atol=0)
+        # parameters replaced through .data (no version bump, as vector_to_parameters does): recomputed
+        for p in model.parameters():
+            p.data = p.data * 1.1
+        with torch.no_grad():
+            rescaled = model.log_partition()
+        assert len(calls) == 3 and not torch.allclose(rescaled, restored)
+        calls.pop()
         # a swap replaces the partition function's layers: recomputed
         swap_kronecker_sum_layers([model.density, model.partition], square_policy("lowrank", 1))
         with torch.no_grad():
