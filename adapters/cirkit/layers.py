@@ -24,7 +24,7 @@ from cirkit.backend.torch.parameters.parameter import TorchParameter
 from cirkit.backend.torch.semiring import Semiring
 
 from structlayers import StructuredSumLayer
-from structlayers.linalg import kron_apply, kron_chain_flops
+from structlayers.linalg import kron_apply, kron_chain_flops, kron_sum_apply
 from structlayers.linalg.cur import cur_dense
 
 from .plan import capture_inputs, evaluate_parameter, is_kronecker_weight
@@ -98,6 +98,8 @@ def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tens
     """``Σ_t (A_t ⊗ B_t) z`` with the terms of the folds ``folds`` (F',): chains of (F, T, ·, ·)
     matrices as in :func:`_terms_on_factors`, z (F', B, a2·b2) -> (F', B, a1·b1)."""
     chain_a, chain_b = ([m.index_select(0, folds) for m in chain] for chain in (chain_a, chain_b))
+    if len(chain_a) == 1 and len(chain_b) == 1:  # one matrix per term: all terms in two GEMMs
+        return kron_sum_apply(chain_a[0], chain_b[0], z)
     y = None
     for t in range(chain_a[0].shape[1]):
         part = kron_apply([m[:, t] for m in chain_a], [m[:, t] for m in chain_b], z)

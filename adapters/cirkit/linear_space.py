@@ -997,7 +997,7 @@ class CircuitPlan:
         self.steps = steps
         self.origins, self.inputs_axis = _fold_origins(steps, folds)
         self._scopes: Dict[int, List[np.ndarray]] = {}  # by number of variables
-        self._classes: Dict[Tuple[bytes, bytes], List[np.ndarray]] = {}
+        self._layouts: Dict[Tuple[bytes, bytes], "_SharedLayout"] = {}
         self._fold_macs: Optional[List[int]] = None
         self._all_macs = 0
 
@@ -1103,16 +1103,29 @@ class CircuitPlan:
         else :data:`_MIXED`. Also mixed: folds over a ``probed`` variable (D,) (their
         derivative is asked per sample), and every fold of a layer with mixed folds that
         computes only all of them (:func:`_takes_fold_subsets`)."""
+        return self._layout(integrated, probed).classes
+
+    def _layout(self, integrated: np.ndarray, probed: np.ndarray) -> "_SharedLayout":
+        """The fold classes of a mask and how :meth:`run_shared_mask` reads the inputs of each
+        step's mixed folds under them: built once per mask (a sampler's masks recur)."""
         key = (integrated.tobytes(), probed.tobytes())
-        if key not in self._classes:
+        if key not in self._layouts:
             scopes = self.scopes(integrated.size)
             classes: List[np.ndarray] = []
+            positions: List[np.ndarray] = []  # each fold's place among its step's mixed folds (-1: not mixed)
+            mixed: List[Tensor] = []  # each step's mixed folds (the output entry: all of its inputs)
+            gathers: List[Optional[_Gather]] = []
             for i, step in enumerate(self.steps):
                 if step.fetch is None:
                     scope = scopes[i]
-                    every = ~(scope & ~integrated).any(axis=1)
-                    c = np.where(every, _SHARED, np.where((scope & integrated).any(axis=1), _MIXED, _OBSERVED))
-                    c[(scope & probed).any(axis=1)] = _MIXED
+                    kinds = np.where(~(scope & ~integrated).any(axis=1), _SHARED,
+                                     np.where((scope & integrated).any(axis=1), _MIXED, _OBSERVED))
+                    c = np.where((scope & probed).any(axis=1), _MIXED, kinds)
+                    wanted = np.nonzero(c == _MIXED)[0]
+                    # a probed fold reads its own value from the evaluation of its kind; a fold over
+                    # integrated and observed variables needs the layer per sample (no gather)
+                    gather = None if (kinds[wanted] == _MIXED).any() else \
+                        _gather(np.full(wanted.size, i), wanted, kinds[wanted], (wanted.size,))
                 else:
                     source, row = self.origins[i]
                     inputs = np.array([classes[j][r] for j, r in zip(source.reshape(-1), row.reshape(-1))]
@@ -1121,11 +1134,25 @@ class CircuitPlan:
                                  np.where((inputs == _OBSERVED).all(axis=1), _OBSERVED, _MIXED))
                     if step.layer is not None and (c == _MIXED).any() and not _takes_fold_subsets(step):
                         c = np.full_like(c, _MIXED)
+                    wanted = np.nonzero(c == _MIXED)[0] if step.layer is not None else np.arange(source.shape[0])
+                    read_source, read_row = source[wanted].reshape(-1), row[wanted].reshape(-1)
+                    read_kinds = np.array([classes[j][r] for j, r in zip(read_source, read_row)], dtype=np.int64)
+                    at = np.array([positions[j][r] if k == _MIXED else r
+                                   for j, r, k in zip(read_source, read_row, read_kinds)], dtype=np.int64)
+                    gather = _gather(read_source, at, read_kinds,
+                                     (wanted.size, source.shape[1]) if self.inputs_axis[i] else (wanted.size,))
+                    if step.layer is not None and wanted.size < c.size:
+                        gather = gather._replace(folds=torch.as_tensor(wanted))
                 classes.append(c.astype(np.int8))
-            if len(self._classes) >= 1024:  # the masks of a long sampling run: start again
-                self._classes.clear()
-            self._classes[key] = classes
-        return self._classes[key]
+                position = np.full(c.size, -1, dtype=np.int64)
+                position[wanted] = np.arange(wanted.size)
+                positions.append(position)
+                gathers.append(gather)
+                mixed.append(torch.as_tensor(wanted))
+            if len(self._layouts) >= 1024:  # the masks of a long sampling run: start again
+                self._layouts.clear()
+            self._layouts[key] = _SharedLayout(classes, mixed, gathers, self._saved_macs(classes))
+        return self._layouts[key]
 
     def _saved_macs(self, classes: Optional[List[np.ndarray]]) -> int:
         """Multiply-adds per sample of the sum layers' folds that need no computing per sample
@@ -1170,13 +1197,13 @@ class CircuitPlan:
             return None
         integrated_np = integrated.cpu().numpy().astype(bool)
         probed_np = np.zeros_like(integrated_np) if probed is None else probed.cpu().numpy().astype(bool)
-        classes = self.fold_classes(integrated_np, probed_np)
-        if self._saved_macs(classes) * x.shape[0] < SHARED_MASK_MIN_MACS:
+        layout = self._layout(integrated_np, probed_np)
+        if layout.saved_macs * x.shape[0] < SHARED_MASK_MIN_MACS:
             return None
         complex_values = check_log_semiring(circuit)
         batch, device = x.shape[0], x.device
         passes: Dict[int, _Pass] = {}
-        mixed: Dict[int, Tuple[Tensor, Tensor, np.ndarray]] = {}  # step -> (v, s, position of each fold)
+        mixed: Dict[int, Scaled] = {}  # step -> its mixed folds' values per sample
 
         # probing: derivatives are asked w.r.t. the probes alone, which are made from these
         # evaluations' values but never lead into them
@@ -1192,67 +1219,48 @@ class CircuitPlan:
                         passes[kind] = self.run(circuit, x, None, measure_all=measure_all, keep=True)
             return passes[kind]
 
-        def rows(j: int, wanted: np.ndarray, kinds: np.ndarray) -> Scaled:
-            """Folds ``wanted`` of step j per sample, (n, B, K) and (n, B), each read from the
-            evaluation of its kind (``kinds``, (n,))."""
-            parts, order = [], []
-            for kind in (_SHARED, _OBSERVED, _MIXED):
-                picked = np.nonzero(kinds == kind)[0]
-                if not picked.size:
-                    continue
+        def read(gather: _Gather) -> Scaled:
+            """The inputs ``gather`` names, per sample, shaped as the step's fetch gives them."""
+            values, scales = [], []
+            for j, kind, rows in gather.parts:
+                rows = rows.to(device)
                 if kind == _MIXED:
-                    v, s, position = mixed[j]
-                    at = torch.as_tensor(position[wanted[picked]], device=device)
-                    v, s = v.index_select(0, at), s.index_select(0, at)
+                    v, s = (t.index_select(0, rows) for t in mixed[j])
                 else:
-                    v, s = evaluated(kind).rows(j, torch.as_tensor(wanted[picked], device=device))
+                    v, s = evaluated(kind).rows(j, rows)
                     if kind == _SHARED:
                         v, s = v.expand(-1, batch, -1), s.expand(-1, batch)
-                parts.append((v, s))
-                order.append(picked)
-            if len(parts) == 1:
-                return parts[0]
-            return _in_order([p[0] for p in parts], [p[1] for p in parts], order, device)
+                values.append(v)
+                scales.append(s)
+            if len(values) == 1:
+                v, s = values[0], scales[0]
+            else:
+                dtype = functools.reduce(torch.promote_types, [t.dtype for t in values])
+                v, s = torch.cat([t.to(dtype) for t in values]), torch.cat(scales)
+            if gather.back is not None:
+                back = gather.back.to(device)
+                v, s = v.index_select(0, back), s.index_select(0, back)
+            return v.view(*gather.shape, *v.shape[1:]), s.view(*gather.shape, *s.shape[1:])
 
         ctx = _Context(complex_values, measure_products=measure_all)
         for i, step in enumerate(self.steps):
-            layer = step.layer
+            layer, wanted, gather = step.layer, layout.mixed[i].to(device), layout.gathers[i]
+            if layer is not None and not wanted.numel():
+                continue
             if step.fetch is None:  # an input layer: mixed folds over probed or several variables
-                wanted = np.nonzero(classes[i] == _MIXED)[0]
-                if not wanted.size:
-                    continue
-                scope = self.scopes(integrated_np.size)[i][wanted]
-                kinds = np.where(~(scope & ~integrated_np).any(axis=1), _SHARED,
-                                 np.where((scope & integrated_np).any(axis=1), -1, _OBSERVED))
-                if (kinds == -1).any():  # over integrated and observed variables: the layer per sample
+                if gather is None:  # over integrated and observed variables: the layer per sample
                     whole = _input(layer, *_input_arguments(layer, x, integrated.unsqueeze(0)))
-                    at = torch.as_tensor(wanted, device=device)
-                    v, s = whole[0].index_select(0, at), whole[1].index_select(0, at)
+                    v, s = (t.index_select(0, wanted) for t in whole)
                 else:
-                    v, s = rows(i, wanted, kinds)
+                    v, s = read(gather)
                 if input_values is not None and layer.num_variables:
                     v = _probe(v.contiguous())
-                    input_values[layer] = (v, s, (None, torch.as_tensor(wanted, device=device)))
+                    input_values[layer] = (v, s, (None, wanted))
             else:
-                source, row = self.origins[i]
-                wanted = None if layer is None else np.nonzero(classes[i] == _MIXED)[0]
-                if wanted is not None:
-                    if not wanted.size:
-                        continue
-                    source, row = source[wanted], row[wanted]
-                flat_source, flat_row = source.reshape(-1), row.reshape(-1)
-                groups = [np.nonzero(flat_source == j)[0] for j in np.unique(flat_source)]
-                pieces = [rows(int(flat_source[g[0]]), flat_row[g], classes[int(flat_source[g[0]])][flat_row[g]])
-                          for g in groups]
-                if len(pieces) == 1:
-                    v, s = pieces[0]
-                else:
-                    v, s = _in_order([p[0] for p in pieces], [p[1] for p in pieces], groups, device)
-                if self.inputs_axis[i]:  # (F, H, B, K) as the fetch gives it
-                    v, s = v.view(*source.shape, *v.shape[1:]), s.view(*source.shape, *s.shape[1:])
+                v, s = read(gather)
                 if layer is None:  # the output entry: (O, B, K)
                     return to_logs(v, s, complex_values)
-                ctx.folds = None if wanted.size == layer.num_folds else torch.as_tensor(wanted, device=device)
+                ctx.folds = None if gather.folds is None else gather.folds.to(device)
                 if step.rule in PRODUCT_RULES:
                     v, s = step.rule(layer, v, s, ctx, True)
                 elif step.rule in SUM_RULES:
@@ -1260,9 +1268,7 @@ class CircuitPlan:
                 else:
                     v, s = step.rule(layer, v, s, ctx)
                 ctx.folds = None
-            position = np.full(classes[i].size, -1, dtype=np.int64)
-            position[wanted] = np.arange(wanted.size)
-            mixed[i] = (v, s, position)
+            mixed[i] = (v, s)
         raise RuntimeError("the circuit's address book has no output entry")
 
 
@@ -1295,12 +1301,43 @@ class _Pass(NamedTuple):
         return _dense_blocks(_Blocks(pick(b.left), pick(b.right), pick(b.s), b.batch, integrated, pick(b.mask)))
 
 
-def _in_order(values: List[Tensor], scales: List[Tensor], order: List[np.ndarray], device) -> Scaled:
-    """Parts of a value gathered apart, ``order[k]`` the positions of part k's rows: one value."""
-    dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
-    back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"), device=device)
-    v = torch.cat([t.to(dtype) for t in values]).index_select(0, back)
-    return v, torch.cat(scales).index_select(0, back)
+class _Gather(NamedTuple):
+    """How :meth:`CircuitPlan.run_shared_mask` reads the inputs of a step's mixed folds:
+    ``parts`` (source step, kind, rows) -- the source's folds in the evaluation of that kind,
+    or their places among its mixed folds --, the permutation from the parts' rows back to
+    the (fold, input) order (None: already in order), the shape the fetch gives the inputs,
+    (n,) or (n, H), and the folds the layer computes (None: all of them)."""
+
+    parts: Tuple[Tuple[int, int, Tensor], ...]
+    back: Optional[Tensor]
+    shape: Tuple[int, ...]
+    folds: Optional[Tensor] = None
+
+
+def _gather(sources: np.ndarray, rows: np.ndarray, kinds: np.ndarray, shape: Tuple[int, ...]) -> _Gather:
+    """A :class:`_Gather` of the (fold, input) pairs read from step ``sources[k]``, row ``rows[k]``
+    in the evaluation of kind ``kinds[k]``: one part per source and kind."""
+    parts, order = [], []
+    for j in np.unique(sources):
+        for kind in (_SHARED, _OBSERVED, _MIXED):
+            picked = np.nonzero((sources == j) & (kinds == kind))[0]
+            if picked.size:
+                parts.append((int(j), kind, torch.as_tensor(rows[picked])))
+                order.append(picked)
+    flat = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+    in_order = bool(np.array_equal(flat, np.arange(flat.size)))
+    return _Gather(tuple(parts), None if in_order else torch.as_tensor(np.argsort(flat, kind="stable")), shape)
+
+
+class _SharedLayout(NamedTuple):
+    """One mask's fold classes (:meth:`CircuitPlan.fold_classes`), each step's mixed folds, how
+    their inputs are read (:class:`_Gather`; None for input folds computed by the layer per
+    sample), and the sum layers' multiply-adds per sample in folds that are not mixed."""
+
+    classes: List[np.ndarray]
+    mixed: List[Tensor]
+    gathers: List[Optional[_Gather]]
+    saved_macs: int
 
 
 def _takes_fold_subsets(step: "_Step") -> bool:
