@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from cirkit.backend.torch.layers import TorchInnerLayer
-from cirkit.backend.torch.parameters.nodes import TorchKroneckerParameter
 from cirkit.backend.torch.parameters.parameter import TorchParameter
 from cirkit.backend.torch.semiring import Semiring
 
@@ -27,7 +26,7 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops, kron_sum_apply
 from structlayers.linalg.cur import cur_dense
 
-from .plan import capture_inputs, evaluate_parameter, is_kronecker_weight
+from .plan import evaluate_parameter, is_kronecker_weight, kronecker_inputs
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -110,12 +109,12 @@ def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tens
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
     """(A, B) with W = A ⊗ B per fold for a weight graph ending in a Kronecker node, else None.
 
-    The graph is evaluated up to the Kronecker node, whose inputs are captured; the
-    product itself is never computed. A: (F, Ko1, Ki1), B: (F, Ko2, Ki2). Gradients
-    flow to the circuit's parameters.
+    The factors are read from the parameter tensors where they are rows of them, else the
+    graph is evaluated up to the Kronecker node, whose inputs are captured
+    (:func:`~adapters.cirkit.plan.kronecker_inputs`); the product itself is never computed.
+    A: (F, Ko1, Ki1), B: (F, Ko2, Ki2). Gradients flow to the circuit's parameters.
     """
-    factors = capture_inputs(weight, TorchKroneckerParameter)
-    return None if factors is None else (factors[0], factors[1])
+    return kronecker_inputs(weight)
 
 
 class _SumLayerConfig(TorchInnerLayer):
@@ -170,6 +169,13 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         if folds is not None:
             a, b = a.index_select(0, folds), b.index_select(0, folds)
         return apply_linear(lambda t: kron_apply([a], [b], t), z, a.dtype)
+
+    def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+        """The map as one Kronecker product of chains, ``([A], [B])`` (see
+        :func:`structlayers.linalg.kron_apply`): what a deep chain of one-fold layers applies
+        in one autograd node (:mod:`~adapters.cirkit.chains`)."""
+        a, b = self.factors()
+        return [a], [b]
 
     def flops(self, batch_size: int) -> int:
         """Multiply-adds of one forward (the linear map only)."""
@@ -243,6 +249,14 @@ class TorchStructuredSumLayer(_SumLayerConfig):
             return apply_linear(self.structured, z, self.structured.dtype)
         chain_a, chain_b = self.structured.kronecker_chains()
         return apply_linear(lambda t: _kronecker_terms_apply(chain_a, chain_b, t, folds), z, chain_a[0].dtype)
+
+    def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+        """The map as one Kronecker product of chains (one input, a kind storing a single
+        Kronecker term), else None; see :meth:`TorchKroneckerSumLayer.kronecker_chain`."""
+        chains = self.structured.kronecker_chains() if self.arity == 1 else None
+        if chains is None or chains[0][0].shape[1] != 1:
+            return None
+        return [m.squeeze(1) for m in chains[0]], [m.squeeze(1) for m in chains[1]]
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)
@@ -355,12 +369,17 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
 
     fold_subsets = True  # linear applies to a subset of the folds
 
-    def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
+    def kronecker_chain(self, folds: Optional[Tensor] = None) -> Tuple[List[Tensor], List[Tensor]]:
+        """``Ã ⊗ conj(Ã)`` as chains ``([left, right], [conj(left), conj(right)])``, of the
+        folds ``folds`` if given; see :meth:`TorchKroneckerSumLayer.kronecker_chain`."""
         left, right = self.factor_chain()
         if folds is not None:
             left, right = left.index_select(0, folds), right.index_select(0, folds)
-        chain_a, chain_b = [left, right], [left.conj(), right.conj()]
-        return (lambda t: kron_apply(chain_a, chain_b, t)), left.dtype
+        return [left, right], [left.conj(), right.conj()]
+
+    def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
+        chain_a, chain_b = self.kronecker_chain(folds)
+        return (lambda t: kron_apply(chain_a, chain_b, t)), chain_a[0].dtype
 
     def forward(self, x: Tensor) -> Tensor:
         linear, dtype = self._map()
@@ -380,6 +399,15 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
         left = torch.empty(f, ko, self.factor_rank, device="meta")
         right = torch.empty(f, self.factor_rank, ki, device="meta")
         return batch_size * self.num_folds * kron_chain_flops([left, right], [left, right])
+
+
+def _conjugated_chains(left: Tensor, right: Tensor, on_left: bool, on_right: bool) -> Tuple[List[Tensor], List[Tensor]]:
+    """``S_l ⊗ S_r`` for ``S = left @ right`` as Kronecker chains, each side's ``S``
+    conjugated where flagged (a real ``S`` is its own conjugate)."""
+    def side(conjugate: bool) -> List[Tensor]:
+        return [w.conj() if conjugate and w.is_complex() else w for w in (left, right)]
+
+    return side(on_left), side(on_right)
 
 
 class TorchStructuredSquareSumLayer(_SumLayerConfig):
@@ -494,6 +522,18 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
             y = self._square_factored(z, left, right, on_left, on_right)
         return y
 
+    def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+        """Where this layer squares through ``S = L R`` (:meth:`linear`): ``S_l ⊗ S_r`` as the
+        chains ``([L_l, R_l], [L_r, R_r])`` (conjugated on the side :meth:`linear` conjugates),
+        in this layer's fold order; else None. See :meth:`TorchKroneckerSumLayer.kronecker_chain`."""
+        factors = self._factors()
+        if factors is None:
+            return None
+        left, right = factors
+        if not self._identity:
+            left, right = left.index_select(0, self.fold_rows), right.index_select(0, self.fold_rows)
+        return _conjugated_chains(left, right, self.conjugate_left, not self.conjugate_left)
+
     takes_factors = True  # see linear_on_factors
 
     def linear_on_factors(self, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
@@ -531,8 +571,7 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
             return w.conj() if conjugate and w.is_complex() else w
 
         if b == 1 and z.dtype == right.dtype:  # one block per fold (Z): one autograd node
-            return kron_apply([side(left, on_left), side(right, on_left)],
-                              [side(left, on_right), side(right, on_right)], z)
+            return kron_apply(*_conjugated_chains(left, right, on_left, on_right), z)
         t = _matmul(z.reshape(f, b * ki, ki), side(right, on_right).transpose(1, 2))  # (F, B·Ki, r): (b, i1, j2)
         t = t.view(f, b, ki, r).transpose(1, 2).reshape(f, ki, b * r)  # (i1, b, j2)
         t = _matmul(side(left, on_left), _matmul(side(right, on_left), t))  # (F, Ko, B·r): (o1, b, j2)

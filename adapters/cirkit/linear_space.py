@@ -26,7 +26,9 @@ through a :class:`~adapters.cirkit.plan.Fetch` (a view wherever cirkit's fold in
 nothing), and a product whose only consumer is a sum layer (a CP block, a Hadamard layer
 before a Kronecker sum layer) is not measured: the sum layer's output is. So a block
 costs its product, its matrix products and one max per fold and sample; a division
-only when the range is left.
+only when the range is left. A run of one-fold layers (a deep, narrow circuit's ``Z``) is
+evaluated as one autograd node with a hand-written backward (:mod:`~adapters.cirkit.chains`),
+where the per-layer Python and autograd work would cost as much as the products.
 
 **Low-rank blocks.** In ``Z`` of a squared circuit the inputs of the sum layers just above
 the input layers are integrals of input products: per fold a ``Ki x Kj`` block
@@ -80,7 +82,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import weakref
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
+from .chains import CHAIN_MIN_LINKS, ChainLink, run_chain
 from .checks import check_evidence
 from .costs import layer_macs
 from .integrals import gaussian_product_integrals
@@ -123,106 +125,33 @@ from .layers import (
     TorchStructuredSumLayer,
     apply_linear,
 )
-from .plan import Fetch, cached_plan, capture_inputs, evaluate_node, evaluate_parameter, fetched_rows, plan_fetch
-from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring, log
+from .plan import (
+    Fetch,
+    cached_plan,
+    capture_inputs,
+    evaluate_node,
+    evaluate_parameter,
+    fetched_rows,
+    operand_row,
+    plan_fetch,
+)
+from .scaling import (
+    _LOW,
+    _HIGH,
+    Scaled,
+    _flush_limit,
+    _peaks,
+    _rescaled,
+    _Unmeasured,
+    from_logs,
+    normalise,
+    to_logs,
+)
+from .semiring import ExactComplexLSESumSemiring, ExactLSESumSemiring
 
 __all__ = ["evaluate_linear_space", "evaluate_graph", "categorical_conditionals", "check_log_semiring", "circuit_plan", "CircuitPlan", "from_logs", "to_logs"]
 
 LOG_SEMIRINGS = (LSESumSemiring, ComplexLSESumSemiring, ExactLSESumSemiring, ExactComplexLSESumSemiring)
-
-Scaled = Tuple[Tensor, Tensor]  # (v (F, [H,] B, K), s (F, [H,] B))
-
-
-# ------------------------------------------------------------------ conversions
-def _max_abs(v: Tensor) -> Tensor:
-    """Largest |entry| over the last axis (the ∞-norm of the real and imaginary parts
-    for complex v, within √2 of the modulus and without a square root)."""
-    if v.is_complex():
-        v = torch.view_as_real(v).flatten(start_dim=-2)
-    # two vectorised reductions and no |v| temporary: torch's fused aminmax over the last
-    # axis is far slower on the CPU than amax and amin apart
-    return torch.maximum(v.amax(dim=-1), v.amin(dim=-1).neg())
-
-
-# Values are rescaled only when their largest entry leaves [2^-16, 2^16]: products of
-# such values keep far from both ends of float32's range, and a sum layer overflows
-# only with weights near 2^100. Layers inside the range cost one max and no division.
-_LOW, _HIGH = 2.0**-16, 2.0**16
-
-
-def _flush_limit(dtype: torch.dtype) -> float:
-    """Below this largest entry a product may have flushed entries to zero."""
-    real = dtype.to_real() if dtype.is_complex else dtype
-    return torch.finfo(real).tiny ** 0.5
-
-
-class _Unmeasured(Exception):
-    """A sum layer after an unmeasured product came out tiny: evaluate again, measuring."""
-
-
-def _peaks(v: Tensor) -> Tuple[Optional[Tensor], float, float]:
-    """The largest |entry| of v per (fold, sample), detached, and the smallest and largest of
-    those as Python floats (reading floats costs less dispatch than comparing tensors and
-    ``all``). A single vector (one fold and sample, as in a deep chain) is read with one
-    ``aminmax`` and gives no tensor (None). NaN entries give NaN, which fails every test."""
-    if v.numel() == v.shape[-1]:
-        lo, hi = torch.aminmax((torch.view_as_real(v) if v.is_complex() else v).detach())
-        top = max(float(hi), -float(lo))  # NaN: max keeps its first argument, hi is NaN too
-        return None, top, top
-    m = _max_abs(v).detach()
-    if not m.numel():  # no samples (an empty batch): nothing to rescale
-        return m, 1.0, 1.0
-    lo, hi = torch.aminmax(m)
-    return m, float(lo), float(hi)
-
-
-def _rescaled(v: Tensor, s: Tensor, m: Optional[Tensor], top: float) -> Scaled:
-    """v divided by its peaks ``m`` (:func:`_peaks`), their logs moved into s. A single vector
-    (m None) is multiplied by a Python number -- unless its peak ``top`` is 0, inf or NaN,
-    which take the tensor path as every other vector does."""
-    if m is None:
-        if top > 0 and math.isfinite(top):
-            return v * (1.0 / top), s + math.log(top)
-        m = _max_abs(v).detach()
-    m = torch.where(m > 0, m, torch.ones_like(m))  # an all-zero vector stays zero (log -> -inf)
-    return v / m.unsqueeze(-1), s + torch.log(m)
-
-
-def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
-    """Keep v's entries in range: divide by the largest entry per (fold, sample) and move
-    its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
-    v is a sum over a product that was not measured; a tiny result raises
-    :class:`_Unmeasured` (the product may have flushed entries)."""
-    m, lo, hi = _peaks(v)
-    if _LOW <= lo and hi <= _HIGH:
-        return v, s
-    if after_unmeasured and lo < _flush_limit(v.dtype):
-        raise _Unmeasured
-    return _rescaled(v, s, m, hi)
-
-
-def from_logs(y: Tensor) -> Scaled:
-    """Semiring-encoded logs y (..., K) -> (v, s) with s the largest real part over K.
-
-    v is real when y is (or when y is complex with zero imaginary parts: positive values).
-    """
-    if y.is_complex() and not bool(y.imag.any()):
-        y = y.real
-    part = y.real if y.is_complex() else y
-    s = part.detach().amax(dim=-1)
-    s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-    return torch.exp(y - s.unsqueeze(-1)), s
-
-
-def to_logs(v: Tensor, s: Tensor, complex_values: bool) -> Tensor:
-    """(v, s) -> logs in the encoding of cirkit's log semirings.
-
-    For complex-lse-sum the log is complex: a signed real v gets ``iπ`` where negative.
-    """
-    if complex_values and not v.is_complex():
-        v = v.to(v.dtype.to_complex())
-    return log(v) + s.unsqueeze(-1)
-
 
 # ------------------------------------------------------------------- the layers
 @dataclass
@@ -934,6 +863,71 @@ def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks]
     return _unit_factors(left, right, s)
 
 
+def _chain_link(steps: List[_Step], consumers: Dict[int, List[int]], p: int) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """Steps ``p`` and ``p + 1`` form a link of a chain (:mod:`.chains`): a product of one fold
+    whose inputs are rows of other steps (multiplied out: not rank-1 blocks per sample, which
+    stay factored), measured at its only consumer, a sum layer of one
+    fold and one input whose map is a Kronecker product (``kronecker_chain``), reading it
+    whole. Returns the product's (source, row) per operand; None for anything else."""
+    if p + 1 >= len(steps):
+        return None
+    product, total = steps[p], steps[p + 1]
+    if product.rule is not _hadamard or not product.operands or product.measure or product.product_on_factors \
+            or consumers.get(p) != [p + 1]:
+        return None
+    layer = total.layer
+    if total.rule is not _structured or not total.after_unmeasured or total.on_factors \
+            or getattr(layer, "num_folds", 0) != 1 or getattr(layer, "arity", 0) != 1 \
+            or not hasattr(layer, "kronecker_chain") or total.fetch.sources != (p,):
+        return None
+    rows = fetched_rows(total.fetch, 1)
+    pieces = product.fetch.operand_pieces
+    if rows is None or rows.tolist() != [0] or len(pieces) < 2:
+        return None
+    return pieces
+
+
+def _find_chains(steps: List[_Step], consumers: Dict[int, List[int]]) -> Dict[int, List[ChainLink]]:
+    """Chains of at least ``CHAIN_MIN_LINKS`` consecutive links (:func:`_chain_link`), by first
+    step: each link's product reads the previous link's sum (its only consumer) and
+    otherwise only steps before the chain."""
+    chains: Dict[int, List[ChainLink]] = {}
+    p = 0
+    while p < len(steps):
+        pieces = _chain_link(steps, consumers, p)
+        if pieces is None:
+            p += 1
+            continue
+        links = [ChainLink(p, p + 1, None, pieces)]
+        while True:
+            previous = links[-1].total
+            following = previous + 1
+            pieces = _chain_link(steps, consumers, following) if consumers.get(previous) == [following] else None
+            if pieces is None:
+                break
+            carried = [h for h, (source, _) in enumerate(pieces) if source == previous]
+            outside = tuple(piece for h, piece in enumerate(pieces) if h not in carried)
+            if len(carried) != 1 or any(source >= p for source, _ in outside):
+                break
+            links.append(ChainLink(following, following + 1, carried[0], outside))
+        if len(links) >= CHAIN_MIN_LINKS:
+            chains[p] = links
+        p = links[-1].total + 1
+    return chains
+
+
+def _run_chain(links: List[ChainLink], steps: List[_Step], values: List[Optional[Tensor]],
+               scales: List[Optional[Tensor]], split_values: Dict[int, tuple],
+               split_scales: Dict[int, tuple]) -> Optional[Scaled]:
+    """A chain's last value (:func:`.chains.run_chain`), its outside operands read as the
+    products would read them; None where it does not apply (the steps then run one by one)."""
+    if any(values[source] is None for link in links for source, _ in link.outside):
+        return None  # an operand kept as factors only: the product multiplies it out
+    return run_chain([(link, [(operand_row(values, split_values, source, row),
+                               operand_row(scales, split_scales, source, row)) for source, row in link.outside],
+                       steps[link.total].layer) for link in links])
+
+
 class CircuitPlan:
     """How a compiled circuit is evaluated: one step per address-book entry, with its
     rule and the fetch of its inputs. Built once per circuit (see :func:`circuit_plan`)."""
@@ -995,6 +989,8 @@ class CircuitPlan:
                 step.measure = False
                 steps[users[0]].after_unmeasured = True
         self.steps = steps
+        # runs of one-fold product -> sum layers, each evaluated as one node (:mod:`.chains`)
+        self.chains = _find_chains(steps, consumers)
         self.origins, self.inputs_axis = _fold_origins(steps, folds)
         self._scopes: Dict[int, List[np.ndarray]] = {}  # by number of variables
         self._layouts: Dict[Tuple[bytes, bytes], "_SharedLayout"] = {}
@@ -1022,7 +1018,21 @@ class CircuitPlan:
         split_scales: Dict[int, tuple] = {}
         blocks: Dict[int, _Blocks] = {}  # values given as low-rank factors
         split_blocks: Dict[int, Dict[int, tuple]] = {}  # their factors read row by row, split once
-        for step in self.steps:
+        # deep chains in one node: not where every product is measured, nor where the values
+        # inside a chain are asked for (probes, every step's value)
+        chains = {} if probing or keep or measure_all else self.chains
+        resume = 0  # the first step not yet evaluated by a chain
+        for i, step in enumerate(self.steps):
+            if i < resume:
+                continue
+            if i in chains:
+                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales)
+                if out is not None:  # its inner values are read by nothing else
+                    last = chains[i][-1].total
+                    values.extend([None] * (last - i) + [out[0]])
+                    scales.extend([None] * (last - i) + [out[1]])
+                    resume = last + 1
+                    continue
             layer = step.layer
             factored = step.fetch is not None and all(j in blocks for j in step.fetch.sources)
             out: Union[_Blocks, Scaled, None] = None

@@ -36,8 +36,9 @@ from cirkit.backend.torch.parameters.parameter import TorchParameter
 
 from .internals import address_book, module_ids, node_tensor, pointer_fold_index
 
-__all__ = ["Fetch", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
-           "capture_inputs", "cached_plan", "fetched_rows", "is_kronecker_weight", "kronecker_leaf_factors"]
+__all__ = ["Fetch", "operand_row", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
+           "capture_inputs", "cached_plan", "fetched_rows", "is_kronecker_weight", "kronecker_inputs",
+           "kronecker_leaf_factors"]
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,15 @@ class Fetch:
         if not self.takes_operands:
             raise ValueError(f"operands() reads a 'pieces' or 'narrow' input of one fold, not {self.kind!r} "
                              f"of shape {self.shape}")
-        pieces = self.pieces if self.kind == "pieces" else [(self.sources[0], self.start + h) for h in range(self.shape[1])]
         cache = {} if unbound is None else unbound
-        # a source of one fold is its own row: no split, and no stack in the backward
-        return [outputs[source] if outputs[source].shape[0] == 1 else _row(outputs, cache, source, row).unsqueeze(0)
-                for source, row in pieces]
+        return [operand_row(outputs, cache, source, row) for source, row in self.operand_pieces]
+
+    @property
+    def operand_pieces(self) -> Tuple[Tuple[int, int], ...]:
+        """(source, row) of each of the H inputs :meth:`operands` reads."""
+        if self.kind == "pieces":
+            return self.pieces
+        return tuple((self.sources[0], self.start + h) for h in range(self.shape[1]))
 
     @property
     def takes_operands(self) -> bool:
@@ -119,6 +124,14 @@ class Fetch:
         read this way share their source's split (one stack in the backward for all of
         them, where a ``narrow`` of the source would add a zero-filled copy of it)."""
         return self.kind in ("pieces", "narrow") and len(self.shape) == 2 and self.shape[0] == 1
+
+
+def operand_row(outputs, cache: Dict[int, tuple], source: int, row: int) -> Tensor:
+    """Row ``row`` of ``outputs[source]`` as a value of one fold (1, ...): a source of one fold
+    is its own row (no split, and no stack in the backward), a larger one is split once per
+    run (``cache``)."""
+    t = outputs[source]
+    return t if t.shape[0] == 1 else _row(outputs, cache, source, row).unsqueeze(0)
 
 
 def _row(outputs, cache: Dict[int, tuple], source: int, row: int) -> Tensor:
@@ -235,6 +248,7 @@ class ParameterPlan:
             rows_of.append(module.num_folds)
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
+        self.kronecker_readers: Optional[list] = None  # built by kronecker_inputs
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
         canonical: Dict[tuple, Fetch] = {}
         self.steps = [(m, tuple(canonical.setdefault(_fetch_key(f), f) for f in fs)) for m, fs in self.steps]
@@ -396,6 +410,32 @@ def fetched_rows(fetch: Fetch, source_rows: int) -> Optional[np.ndarray]:
 def is_kronecker_weight(weight: TorchParameter) -> bool:
     """Whether a cirkit weight graph ends in a Kronecker node (W = A ⊗ B)."""
     return bool(weight.outputs) and isinstance(weight.outputs[0], TorchKroneckerParameter)
+
+
+def kronecker_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(A, B)`` of a weight graph ``A ⊗ B`` (as :func:`capture_inputs` gives them), read
+    straight from the parameter tensors where each factor is (conjugated) rows of one
+    (:func:`kronecker_leaf_factors`): a view, or a gather where rows move, and the same
+    tensor for both where they read the same rows -- without running the graph (about
+    20 µs per layer, which a deep chain of small layers pays per layer). None for a graph
+    whose output is not a Kronecker node."""
+    plan = parameter_plan(parameter)
+    if plan.kronecker_readers is None:
+        found = kronecker_leaf_factors(parameter)
+        readers: list = []
+        for leaf, rows, conjugated in found or ():
+            fetch = plan_fetch([0], torch.as_tensor(np.asarray(rows).reshape(-1)), [leaf.num_folds])
+            readers.append((leaf, fetch, conjugated, (id(leaf), tuple(rows.tolist()), conjugated)))
+        plan.kronecker_readers = readers if found is not None else []
+    if not plan.kronecker_readers:
+        return capture_inputs(parameter, TorchKroneckerParameter)  # type: ignore[return-value]
+    factors: Dict[tuple, Tensor] = {}
+    for leaf, fetch, conjugated, key in plan.kronecker_readers:
+        if key not in factors:
+            t = fetch([_leaf_value(leaf)])
+            factors[key] = t.conj() if conjugated else t
+    (a_key, b_key) = (r[3] for r in plan.kronecker_readers)
+    return factors[a_key], factors[b_key]
 
 
 def kronecker_leaf_factors(parameter: TorchParameter):

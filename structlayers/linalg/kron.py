@@ -71,7 +71,7 @@ def _plan_for_shapes(a_shapes: Tuple[Tuple[int, int], ...],
     return best[0][0], best[1]
 
 
-def _steps(a_chain: Chain, b_chain: Chain) -> Tuple[Tuple[str, ...], List[torch.Tensor]]:
+def kron_steps(a_chain: Chain, b_chain: Chain) -> Tuple[Tuple[str, ...], List[torch.Tensor]]:
     """:func:`_plan`'s order (the side of each step) and the chains' matrices in the order
     they are applied (each chain right to left)."""
     order = _plan(a_chain, b_chain)[1]
@@ -108,7 +108,7 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     blocks = x.reshape(f, n, a_chain[-1].shape[-1], b_chain[-1].shape[-1])
     swapped = False  # False: axes are (A side, B side); True: (B side, A side)
-    for side, m in zip(*_steps(a_chain, b_chain)):
+    for side, m in zip(*kron_steps(a_chain, b_chain)):
         if (side == "b") != swapped:  # acting on the last axis
             rows = blocks.shape[2]
             blocks = torch.matmul(blocks.reshape(f, n * rows, blocks.shape[3]), m.transpose(-1, -2))
@@ -153,29 +153,63 @@ def _kron_apply_one(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Te
     block, the chains' matrices applied in :func:`_plan`'s order as batched products that
     need no copy (bmm reads transposed operands in place). One autograd node
     (:class:`_KronChainOne`)."""
-    order, mats = _steps(a_chain, b_chain)
+    order, mats = kron_steps(a_chain, b_chain)
     shape = (a_chain[-1].shape[-1], b_chain[-1].shape[-1])
     return _KronChainOne.apply(x, order, shape, *mats)
 
 
-class _KronChainOne(torch.autograd.Function):
-    """``A X Bᵀ`` on blocks of one sample per fold, A and B given as chains of matrices: a
-    sequence of steps ``T <- M T`` (side ``'a'``) or ``T <- T Mᵀ`` (side ``'b'``). The
-    backward replays the steps in reverse on the saved intermediate blocks, two products
-    per step, instead of differentiating the reshapes and transposes around each product
-    one autograd node at a time (at K = 128 those nodes cost as much as the products).
+def block_chain_forward(block: torch.Tensor, sides: Sequence[str],
+                        mats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``A X Bᵀ`` on blocks X (F, p, q) for A and B given as chains of matrices, applied as
+    the steps ``T <- M T`` (side ``'a'``) or ``T <- T Mᵀ`` (side ``'b'``) of :func:`kron_steps`,
+    each a batched product that needs no copy (bmm reads transposed operands in place).
+    Returns the result (F, a1, b1) and the block each step was applied to, which
+    :func:`block_chain_backward` needs."""
+    inputs = []
+    for side, m in zip(sides, mats):
+        inputs.append(block)
+        block = torch.bmm(m, block) if side == "a" else torch.bmm(block, m.transpose(-1, -2))
+    return block, inputs
+
+
+def block_chain_backward(grad: torch.Tensor, sides: Sequence[str], mats: Sequence[torch.Tensor],
+                         inputs: Sequence[torch.Tensor], need_x: bool, need_m: Sequence[bool]
+                         ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """The backward of :func:`block_chain_forward`: the steps replayed in reverse on the saved
+    blocks, two products per step. ``grad`` (F, a1, b1) -> the gradient w.r.t. the block
+    (None unless ``need_x``) and w.r.t. each matrix (None where ``need_m`` is False).
     Gradients follow torch's convention for complex tensors (conjugate transposes)."""
+    n = len(sides)
+    g = grad
+    grads: List[Optional[torch.Tensor]] = [None] * n
+    for k in reversed(range(n)):
+        block, m = inputs[k], mats[k]
+        if sides[k] == "a":  # out = M T
+            if need_m[k]:
+                grads[k] = torch.bmm(g, block.mH)
+            if need_x or any(need_m[:k]):
+                g = torch.bmm(m.mH, g)
+        else:  # out = T Mᵀ
+            if need_m[k]:
+                grads[k] = torch.bmm(g.transpose(-1, -2), block.conj())
+            if need_x or any(need_m[:k]):
+                g = torch.bmm(g, m.conj())
+    return (g if need_x else None), grads
+
+
+class _KronChainOne(torch.autograd.Function):
+    """``A X Bᵀ`` on blocks of one sample per fold (:func:`block_chain_forward`) as one
+    autograd node: the backward replays the steps on the saved blocks
+    (:func:`block_chain_backward`) instead of differentiating the reshapes and transposes
+    around each product one autograd node at a time (at K = 128 those nodes cost as much as
+    the products)."""
 
     # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
     # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
     def forward(ctx, x: torch.Tensor, sides: Tuple[str, ...], shape: Tuple[int, int],  # type: ignore[override]
                 *mats: torch.Tensor) -> torch.Tensor:
-        block = x.reshape(x.shape[0], *shape)
-        inputs = []
-        for side, m in zip(sides, mats):
-            inputs.append(block)
-            block = torch.bmm(m, block) if side == "a" else torch.bmm(block, m.transpose(-1, -2))
+        block, inputs = block_chain_forward(x.reshape(x.shape[0], *shape), sides, mats)
         ctx.save_for_backward(*inputs, *mats)
         ctx.sides, ctx.x_shape, ctx.out_shape = sides, x.shape, block.shape
         return block.reshape(x.shape[0], 1, -1)
@@ -184,23 +218,9 @@ class _KronChainOne(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         n = len(ctx.sides)
         saved = ctx.saved_tensors
-        inputs, mats = saved[:n], saved[n:]
-        need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
-        g = grad.reshape(ctx.out_shape)
-        grads: List[Optional[torch.Tensor]] = [None] * n
-        for k in reversed(range(n)):
-            block, m = inputs[k], mats[k]
-            if ctx.sides[k] == "a":  # out = M T
-                if need_m[k]:
-                    grads[k] = torch.bmm(g, block.mH)
-                if need_x or any(need_m[:k]):
-                    g = torch.bmm(m.mH, g)
-            else:  # out = T Mᵀ
-                if need_m[k]:
-                    grads[k] = torch.bmm(g.transpose(-1, -2), block.conj())
-                if need_x or any(need_m[:k]):
-                    g = torch.bmm(g, m.conj())
-        return (g.reshape(ctx.x_shape) if need_x else None, None, None, *grads)
+        g, grads = block_chain_backward(grad.reshape(ctx.out_shape), ctx.sides, saved[n:], saved[:n],
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[3:])
+        return (g.reshape(ctx.x_shape) if g is not None else None, None, None, *grads)
 
 
 def kron_sum_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring, SumProductSemiring
 
 import structlayers
+from structlayers.linalg import kron_apply
 from adapters.cirkit.layers import (
     TorchKroneckerSumLayer,
     TorchLiveSquareSumLayer,
@@ -72,6 +73,9 @@ def test_kronecker_layer_equals_the_materialised_weight(fold):
         x = torch.randn(layer.num_folds, layer.arity, 3, layer.num_input_units, generator=gen) \
             .to(torch.complex128)
         torch.testing.assert_close(new(x), layer(x), rtol=1e-10, atol=1e-10)
+        chain_a, chain_b = new.kronecker_chain()  # what a deep chain applies (adapters.cirkit.chains)
+        z = torch.randn(layer.num_folds, 3, layer.num_input_units * layer.arity, generator=gen)
+        torch.testing.assert_close(kron_apply(chain_a, chain_b, z), new.linear(z), rtol=1e-13, atol=1e-13)
         assert new.flops(3) == 3 * layer.num_folds * (a.shape[1] * a.shape[2] * b.shape[2]
                                                       + a.shape[1] * b.shape[1] * b.shape[2]) or \
             new.flops(3) == 3 * layer.num_folds * (b.shape[1] * b.shape[2] * a.shape[2]
@@ -112,6 +116,7 @@ def test_live_square_layer_equals_the_frozen_approximation():
         frozen = structlayers.from_kronecker("lowrank", a.detach(), b.detach(), factor_ranks=(1, 1), square=True)
         z = torch.randn(layer.num_folds, 4, layer.num_input_units * layer.arity, generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(live.linear(z), frozen(z), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(kron_apply(*live.kronecker_chain(), z), frozen(z), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("conjugate_left", [True, False])
@@ -136,3 +141,30 @@ def test_structured_square_layer_is_the_kronecker_square_of_its_folds(kind, opti
         z[f] @ (torch.kron(w[g].conj(), w[g]) if conjugate_left else torch.kron(w[g], w[g].conj())).T
         for f, g in enumerate(rows.tolist())])
     torch.testing.assert_close(layer.linear(z), expected, rtol=1e-12, atol=1e-12)
+    chains = layer.kronecker_chain()  # through the thin factors only, in this layer's fold order
+    assert (chains is not None) == (kind == "lowrank")
+    if chains is not None:
+        torch.testing.assert_close(kron_apply(*chains, z), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, options, one_term", [
+    ("kronecker", {}, True),  # A ⊗ B itself
+    ("lowrank", {"factor_ranks": (2, 2), "square": True}, True),  # Ã ⊗ conj(Ã), each a chain of two
+    ("kronecker", {"rank": 2}, False),  # a sum of two Kronecker products (created): no single term
+    ("lowrank", {"rank": 3}, False),  # a flat low-rank map: no Kronecker term at all
+])
+def test_structured_layer_kronecker_chain(kind, options, one_term):
+    """kronecker_chain of a structured layer: its map as one Kronecker product of chains where
+    the kind stores a single term (what a deep chain applies), else None."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen)
+    if options.get("rank") == 2:
+        s = structlayers.create(kind, 16, 9, num_folds=2, dtype=torch.float64, **options)
+    else:
+        s = structlayers.from_kronecker(kind, a, a.conj(), **options)
+    layer = TorchStructuredSumLayer(16, 9, structured=s, semiring=SumProductSemiring, num_folds=2)
+    chains = layer.kronecker_chain()
+    assert (chains is not None) == one_term
+    if one_term:
+        z = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen)
+        torch.testing.assert_close(kron_apply(*chains, z), layer.linear(z), rtol=1e-12, atol=1e-12)

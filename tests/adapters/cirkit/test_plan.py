@@ -165,3 +165,49 @@ def test_one_fold_inputs_read_apart_are_the_rows_of_the_fetch(idx, kind):
     assert not whole.takes_operands
     with pytest.raises(ValueError, match="operands\\(\\) reads a 'pieces' or 'narrow' input of one fold"):
         whole.operands(parts)
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+@pytest.mark.parametrize("fold", [False, True])
+def test_kronecker_factors_read_from_the_parameter_tensors(fold, complex_weights):
+    """kronecker_inputs reads A and B of every Kronecker weight straight from the leaf tensors
+    (views, a permutation, conjugates): the same values and leaf gradients as evaluating the
+    graph up to its Kronecker node, one tensor for both where they read the same rows."""
+    from cirkit.backend.torch.parameters.nodes import TorchKroneckerParameter
+
+    import cirkit.symbolic.functional as SF
+
+    from adapters.cirkit.plan import capture_inputs, kronecker_inputs, kronecker_leaf_factors
+
+    from .builders import complex_circuit, compile_partition
+
+    if complex_weights:  # B = conj(A): a conjugated read
+        c = complex_circuit("quad-tree")
+        partition = compile_partition(SF.multiply(SF.conjugate(c), c), "complex-lse-sum", fold)
+        circuit = partition
+    else:
+        circuit, partition = compile_pair("quad-tree", "cp", "complex-lse-sum", fold, optimize=False)
+    weights = [m for c in (circuit, partition) for m in c.modules()
+               if isinstance(m, TorchParameter) and kronecker_leaf_factors(m) is not None]
+    assert weights
+    moved, conjugated = set(), set()
+    for w in weights:
+        plan = parameter_plan(w)
+        got, ref = kronecker_inputs(w), capture_inputs(w, TorchKroneckerParameter)
+        moved.update(r[1].kind for r in plan.kronecker_readers)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        same_rows = plan.kronecker_readers[0][3] == plan.kronecker_readers[1][3]
+        assert (got[0] is got[1]) == same_rows
+        conjugated.update(r[2] for r in plan.kronecker_readers)
+        leaves = [p for p in w.parameters() if p.requires_grad]
+        probe = [torch.randn(t.shape, generator=torch.Generator().manual_seed(5), dtype=t.real.dtype) for t in ref]
+        g = torch.autograd.grad(sum((t.real * p).sum() for t, p in zip(got, probe)), leaves)
+        r = torch.autograd.grad(sum((t.real * p).sum() for t, p in zip(ref, probe)), leaves)
+        for a, b in zip(g, r):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert "permute" in moved if fold else moved <= {"view", "narrow"}
+    assert (True in conjugated) == complex_weights
+    plain = next(m for m in circuit.modules() if isinstance(m, TorchParameter) and kronecker_leaf_factors(m) is None
+                 and not any(isinstance(n, TorchKroneckerParameter) for n in m.nodes))
+    assert kronecker_inputs(plain) is None  # not a Kronecker weight

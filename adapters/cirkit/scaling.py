@@ -1,0 +1,118 @@
+"""The scaled values of the linear-space evaluation (:mod:`~adapters.cirkit.linear_space`):
+a layer's output is a pair ``(v, s)``, ``v`` (F, B, K) in linear space and ``s`` (F, B) a
+real log-scale, standing for ``v · exp(s)``; ``v`` is rescaled only when its largest entry
+per fold and sample leaves ``[2^-16, 2^16]``. Also the conversions from and to the log
+semirings' encodings."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .semiring import log
+
+__all__ = ["Scaled", "normalise", "from_logs", "to_logs"]
+
+Scaled = Tuple[Tensor, Tensor]  # (v (F, [H,] B, K), s (F, [H,] B))
+
+
+# ------------------------------------------------------------------ scales
+def _max_abs(v: Tensor) -> Tensor:
+    """Largest |entry| over the last axis (the ∞-norm of the real and imaginary parts
+    for complex v, within √2 of the modulus and without a square root)."""
+    if v.is_complex():
+        v = torch.view_as_real(v).flatten(start_dim=-2)
+    # two vectorised reductions and no |v| temporary: torch's fused aminmax over the last
+    # axis is far slower on the CPU than amax and amin apart
+    return torch.maximum(v.amax(dim=-1), v.amin(dim=-1).neg())
+
+
+# Values are rescaled only when their largest entry leaves [2^-16, 2^16]: products of
+# such values keep far from both ends of float32's range, and a sum layer overflows
+# only with weights near 2^100. Layers inside the range cost one max and no division.
+_LOW, _HIGH = 2.0**-16, 2.0**16
+
+
+def _flush_limit(dtype: torch.dtype) -> float:
+    """Below this largest entry a product may have flushed entries to zero."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    return torch.finfo(real).tiny ** 0.5
+
+
+class _Unmeasured(Exception):
+    """A sum layer after an unmeasured product came out tiny: evaluate again, measuring."""
+
+
+def _peaks(v: Tensor) -> Tuple[Optional[Tensor], float, float]:
+    """The largest |entry| of v per (fold, sample), detached, and the smallest and largest of
+    those as Python floats (reading floats costs less dispatch than comparing tensors and
+    ``all``). A single vector (one fold and sample, as in a deep chain) is read with one
+    ``aminmax`` and gives no tensor (None). NaN entries give NaN, which fails every test."""
+    if v.numel() == v.shape[-1]:
+        lo, hi = torch.aminmax((torch.view_as_real(v) if v.is_complex() else v).detach())
+        top = max(float(hi), -float(lo))  # NaN: max keeps its first argument, hi is NaN too
+        return None, top, top
+    m = _max_abs(v).detach()
+    if not m.numel():  # no samples (an empty batch): nothing to rescale
+        return m, 1.0, 1.0
+    lo, hi = torch.aminmax(m)
+    return m, float(lo), float(hi)
+
+
+def _divisor(v: Tensor, m: Optional[Tensor], top: float) -> Union[float, Tensor]:
+    """What :func:`_rescaled` divides v by: its peaks ``m`` (:func:`_peaks`) with zeros
+    replaced by 1 (an all-zero vector stays zero), or for a single vector (m None) its peak
+    ``top`` as a Python number -- unless that is 0, inf or NaN, which take the tensor path
+    as every other vector does."""
+    if m is None:
+        if top > 0 and math.isfinite(top):
+            return top
+        m = _max_abs(v).detach()
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
+def _rescaled(v: Tensor, s: Tensor, m: Optional[Tensor], top: float) -> Scaled:
+    """v divided by its peaks ``m`` (:func:`_peaks`), their logs moved into s."""
+    d = _divisor(v, m, top)
+    if isinstance(d, float):
+        return v * (1.0 / d), s + math.log(d)
+    return v / d.unsqueeze(-1), s + torch.log(d)
+
+
+def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
+    """Keep v's entries in range: divide by the largest entry per (fold, sample) and move
+    its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
+    v is a sum over a product that was not measured; a tiny result raises
+    :class:`_Unmeasured` (the product may have flushed entries)."""
+    m, lo, hi = _peaks(v)
+    if _LOW <= lo and hi <= _HIGH:
+        return v, s
+    if after_unmeasured and lo < _flush_limit(v.dtype):
+        raise _Unmeasured
+    return _rescaled(v, s, m, hi)
+
+
+def from_logs(y: Tensor) -> Scaled:
+    """Semiring-encoded logs y (..., K) -> (v, s) with s the largest real part over K.
+
+    v is real when y is (or when y is complex with zero imaginary parts: positive values).
+    """
+    if y.is_complex() and not bool(y.imag.any()):
+        y = y.real
+    part = y.real if y.is_complex() else y
+    s = part.detach().amax(dim=-1)
+    s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    return torch.exp(y - s.unsqueeze(-1)), s
+
+
+def to_logs(v: Tensor, s: Tensor, complex_values: bool) -> Tensor:
+    """(v, s) -> logs in the encoding of cirkit's log semirings.
+
+    For complex-lse-sum the log is complex: a signed real v gets ``iπ`` where negative.
+    """
+    if complex_values and not v.is_complex():
+        v = v.to(v.dtype.to_complex())
+    return log(v) + s.unsqueeze(-1)

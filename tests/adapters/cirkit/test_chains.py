@@ -1,0 +1,243 @@
+"""Deep chains of one-fold layers in one autograd node (adapters.cirkit.chains).
+
+float64. A chain computes what the layer rules compute, in the same order: its values are
+the step-by-step evaluation's to the last bit for the exact Kronecker layer, and the
+gradients within rounding (the order in which a parameter's contributions are added may
+differ). Each case checks that the chain actually ran."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adapters.cirkit import chains, linear_space, square_policy, swap_kronecker_sum_layers
+from adapters.cirkit.bench.circuits import deep_cp_circuit, digits_squared_circuit
+from adapters.cirkit.chains import ChainLink, run_chain
+from adapters.cirkit.model import compile_density
+from adapters.cirkit.scaling import _Unmeasured, normalise
+from adapters.cirkit.structured import approximate_density, compile_structured, structure_policy
+from structlayers.linalg import kron_apply
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+DEPTH = 8
+
+
+def linear_tree(complex_weights=False, units=3):
+    return deep_cp_circuit(DEPTH, units, region_graph="linear-tree", complex=complex_weights).circuit
+
+
+def density(kind: str):
+    """A deep narrow squared circuit whose Z has one-fold sum layers of the given sort."""
+    if kind == "structured lowrank":  # c's layers a structured kind, squared through its thin factors
+        model, _ = compile_structured(linear_tree(), structure_policy("lowrank", rank=2), dtype=torch.float64,
+                                      seed=3, num_categories=2)
+        return model
+    model = compile_density(linear_tree(kind == "complex weights"), dtype=torch.float64, seed=3, num_categories=2)
+    if kind == "frozen lowrank square":
+        swap_kronecker_sum_layers([model.density, model.partition], square_policy("lowrank", 2))
+    elif kind == "kronecker kind":  # structlayers' exact Kronecker kind (one Kronecker term)
+        swap_kronecker_sum_layers([model.density, model.partition], "kronecker")
+    elif kind == "live lowrank square":
+        approximate_density(model, square_policy("lowrank", 2))
+    return model
+
+
+KINDS = ["exact", "complex weights", "frozen lowrank square", "kronecker kind", "live lowrank square",
+         "structured lowrank"]
+
+
+def counting(monkeypatch):
+    """Count the chains that ran (run_chain returning a value)."""
+    ran = []
+    original = linear_space.run_chain
+
+    def counted(links):
+        out = original(links)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(linear_space, "run_chain", counted)
+    return ran
+
+
+def log_z_and_gradients(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    logz = model.log_partition(cached=False).sum()
+    grads = torch.autograd.grad(logz, params, allow_unused=True)  # a swap leaves c's parameters out of Z
+    return logz.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def test_chains_are_found_where_layers_have_one_fold():
+    plan = linear_space.circuit_plan(density("exact").partition)
+    (links,) = plan.chains.values()  # one chain: every product -> sum pair above the first
+    assert len(links) == DEPTH - 1
+    assert links[0].carried is None and all(link.carried is not None for link in links[1:])
+    assert all(links[k + 1].product == links[k].total + 1 for k in range(len(links) - 1))
+    wide = compile_density(digits_squared_circuit(3, image_shape=(2, 2), num_categories=2).circuit,
+                           dtype=torch.float64, seed=0, num_categories=2)
+    assert linear_space.circuit_plan(wide.partition).chains == {}  # a quad tree's layers have several folds
+    # at data the products keep rank-1 factors per sample (far cheaper than a chain's blocks)
+    assert linear_space.circuit_plan(density("exact").density).chains == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_chain_equals_the_layers_one_by_one(kind, monkeypatch):
+    model = density(kind)
+    plan = linear_space.circuit_plan(model.partition)
+    assert plan.chains
+    ran = counting(monkeypatch)
+    logz, grads = log_z_and_gradients(model)
+    assert ran == [True]
+    monkeypatch.setattr(plan, "chains", {})
+    ref_logz, ref_grads = log_z_and_gradients(model)
+    assert ran == [True]  # the reference ran without it
+    if kind == "exact":
+        assert torch.equal(logz, ref_logz)
+    torch.testing.assert_close(logz, ref_logz, rtol=1e-14, atol=0)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_a_chain_rescales_as_the_layers_do(monkeypatch):
+    """Weights scaled so that every sum's output leaves [2^-16, 2^16]: each link divides by
+    its largest entry, as normalise does."""
+    model = density("exact")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3 and p.shape[-1] == p.shape[-2]:  # the sum weights
+                p.mul_(300.0)
+    divisors = []
+    original = chains._divisor
+    monkeypatch.setattr(chains, "_divisor", lambda *a: divisors.append(original(*a)) or divisors[-1])
+    logz, grads = log_z_and_gradients(model)
+    assert len(divisors) >= DEPTH // 2 and all(isinstance(d, float) and d > 2.0**16 for d in divisors)
+    monkeypatch.setattr(linear_space.circuit_plan(model.partition), "chains", {})
+    ref_logz, ref_grads = log_z_and_gradients(model)
+    assert torch.equal(logz, ref_logz)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ run_chain on its own
+class _Map:
+    """A one-fold layer whose map is A ⊗ B (what run_chain asks of a sum layer)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def kronecker_chain(self):
+        return [self.a], [self.b]
+
+
+def _links(dtype, n=3, k=3, generator=None, scale=1.0):
+    """n links over k x k blocks: an outside operand each (two for the first link)."""
+    g = generator or torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if dtype.is_complex:
+            t = torch.complex(t, torch.randn(*shape, generator=g, dtype=torch.float64))
+        return t.to(dtype)
+
+    mats = [(rand(1, k, k) * scale, rand(1, k, k) * scale) for _ in range(n)]
+    operands = [rand(1, 1, k * k) for _ in range(n + 1)]
+    scales = [torch.full((1, 1), 0.25 * i, dtype=torch.float64) for i in range(n + 1)]
+    return mats, operands, scales
+
+
+def _chain(mats, operands, scales):
+    links = [(ChainLink(2 * i, 2 * i + 1, None if i == 0 else 1, ((0, 0), (0, 1)) if i == 0 else ((0, i + 1),)),
+              [(operands[0], scales[0]), (operands[1], scales[1])] if i == 0 else [(operands[i + 1], scales[i + 1])],
+              _Map(a, b)) for i, (a, b) in enumerate(mats)]
+    return run_chain(links)
+
+
+def _one_by_one(mats, operands, scales):
+    """The layer rules' arithmetic: product, then A X Bᵀ, then normalise after an unmeasured product."""
+    v, s = operands[0] * operands[1], scales[0] + scales[1]
+    for i, (a, b) in enumerate(mats):
+        if i:
+            v, s = operands[i + 1] * v, scales[i + 1] + s
+        v, s = normalise(kron_apply([a], [b], v), s, after_unmeasured=True)
+    return v, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_run_chain_values_and_gradcheck(dtype, scale):
+    mats, operands, scales = _links(dtype, scale=scale)
+    v, s = _chain(mats, operands, scales)
+    ref_v, ref_s = _one_by_one(mats, operands, scales)
+    torch.testing.assert_close(v, ref_v, rtol=1e-14, atol=0)
+    torch.testing.assert_close(s, ref_s, rtol=1e-14, atol=0)
+    assert (scale > 1) == bool(s.item() > scales[-1].item() + 10)  # large weights: rescaled links
+
+    def value(*tensors):
+        n = len(mats)
+        ms = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n)]
+        v, s = _chain(ms, list(tensors[2 * n:]), scales)
+        # log |value represented| (the scale a constant to autograd): entries of very different
+        # sizes leave finite differences of the value itself at the mercy of rounding
+        return torch.log(v.abs()) + s.unsqueeze(-1)
+
+    inputs = [t.clone().requires_grad_() for pair in mats for t in pair] + \
+             [t.clone().requires_grad_() for t in operands]
+    assert torch.autograd.gradcheck(value, inputs)
+
+
+def test_run_chain_gradients_of_some_inputs_only():
+    mats, operands, scales = _links(torch.float64)
+    weight = mats[1][0].clone().requires_grad_()
+    operand = operands[2].clone().requires_grad_()
+    mats[1] = (weight, mats[1][1])
+    operands[2] = operand
+    v, _ = _chain(mats, operands, scales)
+    got = torch.autograd.grad(v.sum(), (weight, operand))
+    ref_v, _ = _one_by_one(mats, operands, scales)
+    ref = torch.autograd.grad(ref_v.sum(), (weight, operand))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-13, atol=0)
+
+
+def test_a_flushed_link_sends_the_evaluation_to_the_measured_path(monkeypatch):
+    """A sum after an unmeasured product that comes out below sqrt(tiny) raises, as the
+    layer rules do; the evaluation then runs once more with every product measured (no
+    chains) and gives the same value."""
+    mats, operands, scales = _links(torch.float32)
+    operands[1] = operands[1] * 1e-25  # the first product ~1e-25: below sqrt(tiny) = 1.1e-19
+    with pytest.raises(_Unmeasured):
+        _chain(mats, operands, scales)
+    with pytest.raises(_Unmeasured):
+        _one_by_one(mats, operands, scales)
+    model = density("exact")
+    ref = model.log_partition(cached=False).detach()
+    calls = []
+
+    def flushed(links):
+        calls.append(len(links))
+        raise _Unmeasured
+
+    monkeypatch.setattr(linear_space, "run_chain", flushed)
+    torch.testing.assert_close(model.log_partition(cached=False).detach(), ref, rtol=1e-12, atol=0)
+    assert calls == [DEPTH - 1]  # once; the measured evaluation takes no chain
+
+
+def test_run_chain_declines_what_it_does_not_compute():
+    mats, operands, scales = _links(torch.float64)
+    assert _chain(mats, operands, [s.requires_grad_() for s in scales]) is None  # scales with gradients
+    mats, operands, scales = _links(torch.float64)
+    assert _chain(mats, [operands[0].expand(1, 2, -1), *operands[1:]], scales) is None  # two samples
+    assert _chain(mats, [operands[0].to(torch.float32), *operands[1:]], scales) is None  # mixed dtypes
+    assert _chain([(a, b[:, :, :2]) for a, b in mats], operands, scales) is None  # blocks that do not fit
+
+    class NoTerm:
+        def kronecker_chain(self):
+            return None
+
+    links = [(ChainLink(0, 1, None, ((0, 0), (0, 1))), [(operands[0], scales[0]), (operands[1], scales[1])],
+              NoTerm())]
+    assert run_chain(links) is None
+    assert math.isclose(float(_one_by_one(mats, operands, scales)[1]), float(_chain(mats, operands, scales)[1]))
