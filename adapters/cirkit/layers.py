@@ -26,7 +26,7 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops, kron_sum_apply
 from structlayers.linalg.cur import cur_dense
 
-from .plan import evaluate_parameter, is_kronecker_weight, kronecker_inputs
+from .plan import _Permute, evaluate_parameter, is_kronecker_weight, kronecker_inputs, kronecker_permuted_inputs
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -104,6 +104,18 @@ def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tens
         part = kron_apply([m[:, t] for m in chain_a], [m[:, t] for m in chain_b], z)
         y = part if y is None else y + part
     return y
+
+
+def _kronecker_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(A left, B right)`` for A (F, a1, a2), B (F, b1, b2), left (F, a2, V), right (F, b2, V);
+    one product over both factors side by side where A and B are one tensor. None where the
+    shapes do not fit."""
+    if a is b and left.shape == right.shape and a.shape[-1] == left.shape[1]:
+        # as (xᵀ Aᵀ)ᵀ, the thin side first (see _terms_on_factors)
+        both = _matmul(torch.cat([left, right], dim=-1).transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+        v = left.shape[-1]
+        return both[:, :, :v], both[:, :, v:]
+    return _terms_on_factors([a.unsqueeze(1)], [b.unsqueeze(1)], left, right)
 
 
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
@@ -191,9 +203,22 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         """The map on one input block given by factors: units ``vec(left @ rightᵀ)`` (first
         index first; left (F, Ki1, V), right (F, Ki2, V)) -> ``(A left, B right)``, the
         factors of the output block ``A X Bᵀ``: ``(Ko1 + Ko2)·Ki·V`` multiply-adds per fold
-        where the block costs ``Ki·Ko·(Ki + Ko)``. None where the factors do not fit A and B."""
-        a, b = self.factors()
-        return _terms_on_factors([a.unsqueeze(1)], [b.unsqueeze(1)], left, right)
+        where the block costs ``Ki·Ko·(Ki + Ko)``. None where the factors do not fit A and B.
+
+        Where A and B are the parameter tensors permuted (a squared circuit reading ``c``'s
+        folds in its own order), the thin factors are permuted instead (``V`` columns where
+        the weights have ``K``); where A and B are one tensor, it multiplies both factors in
+        one product (one read of A, one gradient for it)."""
+        permuted = kronecker_permuted_inputs(self.weight)
+        if permuted is None:
+            a, b = self.factors()
+            return _kronecker_on_factors(a, b, left, right)
+        a, b, index, inverse = permuted
+        if a.shape[0] != left.shape[0]:
+            return None
+        # fold f applies A'[index[f]]: the factors in A's own fold order, and back
+        out = _kronecker_on_factors(a, b, _Permute.apply(left, inverse, index), _Permute.apply(right, inverse, index))
+        return None if out is None else tuple(_Permute.apply(t, index, inverse) for t in out)
 
 
 class TorchStructuredSumLayer(_SumLayerConfig):
@@ -499,8 +524,6 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         goes ``R`` on both sides first (an ``r x r`` block), then ``L`` on both sides:
         ``2·K²·r + 2·K·r²`` per sample instead of ``4·K²·r``.
         """
-        from .plan import _Permute
-
         ki, ko = self.structured.in_features, self.structured.out_features
         on_left, on_right = self.conjugate_left, not self.conjugate_left  # which side applies conj(S)
         factors = self._factors()

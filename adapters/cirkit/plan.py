@@ -38,7 +38,7 @@ from .internals import address_book, module_ids, node_tensor, pointer_fold_index
 
 __all__ = ["Fetch", "operand_row", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
            "capture_inputs", "cached_plan", "fetched_rows", "is_kronecker_weight", "kronecker_inputs",
-           "kronecker_leaf_factors"]
+           "kronecker_permuted_inputs", "kronecker_leaf_factors"]
 
 
 @dataclass(frozen=True)
@@ -436,6 +436,31 @@ def kronecker_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor
             factors[key] = t.conj() if conjugated else t
     (a_key, b_key) = (r[3] for r in plan.kronecker_readers)
     return factors[a_key], factors[b_key]
+
+
+def kronecker_permuted_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Where both factors of a weight graph ``A ⊗ B`` read all rows of their parameter
+    tensors through one permutation (a squared circuit's layer reading ``c``'s folds in its
+    own order): ``(A', B', index, inverse)`` with ``A = A'[index]`` and ``B = B'[index]``,
+    ``A'`` and ``B'`` the tensors in their own order (the same tensor where they read the same
+    rows), so that a caller can permute its small operands instead of the weights. None
+    otherwise (see :func:`kronecker_inputs`)."""
+    plan = parameter_plan(parameter)
+    if plan.kronecker_readers is None:
+        kronecker_inputs(parameter)
+    readers = plan.kronecker_readers
+    if not readers or any(r[1].kind != "permute" for r in readers) \
+            or not torch.equal(readers[0][1].index, readers[1][1].index):
+        return None
+    factors: Dict[tuple, Tensor] = {}
+    for leaf, _, conjugated, (leaf_id, _, _) in readers:
+        key = (leaf_id, conjugated)
+        if key not in factors:
+            t = _leaf_value(leaf)
+            factors[key] = t.conj() if conjugated else t
+    a, b = (factors[(r[3][0], r[2])] for r in readers)
+    fetch = readers[0][1]
+    return a, b, fetch.index, fetch.inverse
 
 
 def kronecker_leaf_factors(parameter: TorchParameter):

@@ -168,3 +168,40 @@ def test_structured_layer_kronecker_chain(kind, options, one_term):
     if one_term:
         z = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen)
         torch.testing.assert_close(kron_apply(*chains, z), layer.linear(z), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+def test_kronecker_layer_on_factors_permutes_the_thin_factors(complex_weights):
+    """linear_on_factors where A and B are the parameter tensors permuted (a squared circuit's
+    layer reading c's folds in its own order): the thin factors are permuted instead, and A = B
+    multiplies both factors in one product. Values and leaf gradients equal (A left, B right)
+    with A and B gathered."""
+    from adapters.cirkit.bench.circuits import digits_squared_circuit
+    from adapters.cirkit.model import compile_density
+    from adapters.cirkit.plan import kronecker_permuted_inputs
+
+    model = compile_density(digits_squared_circuit(2, complex=complex_weights).circuit, dtype=torch.float64,
+                            seed=0, num_categories=17)
+    circuit = model.partition
+    gen = torch.Generator().manual_seed(6)
+    permuted = same = 0
+    cycles = 0  # permutations that are not their own inverse: index and inverse cannot be confused
+    for layer in [lyr for lyr in circuit.layers if isinstance(lyr, TorchKroneckerSumLayer)]:
+        a, b = kronecker_factors(layer.weight)
+        found = kronecker_permuted_inputs(layer.weight)
+        permuted += found is not None
+        cycles += found is not None and not torch.equal(found[2][found[2]], torch.arange(layer.num_folds))
+        same += found is not None and found[0] is found[1]
+        left = torch.randn(layer.num_folds, a.shape[2], 2, dtype=a.dtype, generator=gen)
+        right = torch.randn(layer.num_folds, b.shape[2], 2, dtype=b.dtype, generator=gen)
+        leaves = [p for p in layer.weight.parameters() if p.requires_grad]
+        got, ref = layer.linear_on_factors(left, right), (a @ left, b @ right)
+        probe = [torch.randn(t.shape, dtype=t.real.dtype, generator=gen) for t in ref]
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-13, atol=1e-13)
+        g = torch.autograd.grad(sum((t.real * p).sum() for t, p in zip(got, probe)), leaves, retain_graph=True)
+        r = torch.autograd.grad(sum((t.real * p).sum() for t, p in zip(ref, probe)), leaves)
+        for x, y in zip(g, r):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+    assert permuted and cycles  # the folded circuit reads some layers' weights permuted
+    assert (same > 0) == (not complex_weights)  # real: B is A; complex: B = conj(A), another tensor
