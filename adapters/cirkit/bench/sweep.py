@@ -276,7 +276,8 @@ def score_nll(model: CompiledCircuitModel, x: torch.Tensor, y: Optional[torch.Te
 def _timed_calls(variant: Variant, batch: torch.Tensor) -> Dict[str, Callable[[], object]]:
     model = variant.model
 
-    def z_fwd_bwd():
+    def z_fwd_bwd():  # a training step's gradients: set, not added to those of the previous call
+        model.zero_grad(set_to_none=True)
         model.log_partition().sum().backward()
 
     def z_fwd():
