@@ -22,7 +22,6 @@ of matrices (``kronecker_chain()`` of the layer), then the rescaling of
 from __future__ import annotations
 
 import functools
-import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from structlayers.linalg.kron import block_chain_backward, block_chain_forward, kron_steps
 
-from .scaling import _HIGH, _LOW, Scaled, _divisor, _flush_limit, _peaks, _Unmeasured
+from .scaling import Scaled, rescale, undivided
 
 __all__ = ["ChainLink", "run_chain", "CHAIN_MIN_LINKS"]
 
@@ -126,18 +125,8 @@ class _DeepChain(torch.autograd.Function):
             product = functools.reduce(torch.mul, operands)
             scale = functools.reduce(torch.add, scales)
             block, inputs = block_chain_forward(product.reshape(1, *link.shape), link.sides, link.mats)
-            value = block.reshape(1, 1, -1)
-            # normalise(value, scale, after_unmeasured=True), keeping the divisor for the backward
-            m, lo, hi = _peaks(value)
-            divisor = None
-            if not (_LOW <= lo and hi <= _HIGH):
-                if lo < _flush_limit(value.dtype):
-                    raise _Unmeasured
-                divisor = _divisor(value, m, hi)
-                if isinstance(divisor, float):
-                    value, scale = value * (1.0 / divisor), scale + math.log(divisor)
-                else:
-                    value, scale = value / divisor.unsqueeze(-1), scale + torch.log(divisor)
+            # normalise after an unmeasured product, keeping the divisor for the backward
+            value, scale, divisor = rescale(block.reshape(1, 1, -1), scale, after_unmeasured=True)
             divisors.append(divisor)
             saved.extend(operands)  # with the chain's value: the product's backward reads it
             saved.extend(inputs)
@@ -162,8 +151,7 @@ class _DeepChain(torch.autograd.Function):
             link, divisor = links[k], ctx.divisors[k]
             if g is None:  # nothing earlier needs a gradient
                 break
-            if divisor is not None:
-                g = g * (1.0 / divisor) if isinstance(divisor, float) else g / divisor.unsqueeze(-1)
+            g = undivided(g, divisor)
             arity = len(link.operands) + (link.carried is not None)
             operands = saved[saved_at[k]:saved_at[k] + arity]
             inputs = saved[saved_at[k] + arity:saved_at[k + 1]]

@@ -136,8 +136,8 @@ from .plan import (
     plan_fetch,
 )
 from .scaling import (
-    _LOW,
     _HIGH,
+    _LOW,
     Scaled,
     _flush_limit,
     _peaks,

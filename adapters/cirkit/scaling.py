@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .semiring import log
 
-__all__ = ["Scaled", "normalise", "from_logs", "to_logs"]
+__all__ = ["Scaled", "normalise", "rescale", "undivided", "from_logs", "to_logs"]
 
 Scaled = Tuple[Tensor, Tensor]  # (v (F, [H,] B, K), s (F, [H,] B))
 
@@ -74,12 +74,37 @@ def _divisor(v: Tensor, m: Optional[Tensor], top: float) -> Union[float, Tensor]
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
+def _divided(v: Tensor, s: Tensor, divisor: Union[float, Tensor]) -> Scaled:
+    """v divided by :func:`_divisor`'s ``divisor``, its log moved into s."""
+    if isinstance(divisor, float):
+        return v * (1.0 / divisor), s + math.log(divisor)
+    return v / divisor.unsqueeze(-1), s + torch.log(divisor)
+
+
+def undivided(grad: Tensor, divisor: Union[float, Tensor, None]) -> Tensor:
+    """The gradient w.r.t. v before :func:`_divided` divided it by ``divisor`` (None: it was
+    not), as autograd would propagate it."""
+    if divisor is None:
+        return grad
+    return grad * (1.0 / divisor) if isinstance(divisor, float) else grad / divisor.unsqueeze(-1)
+
+
 def _rescaled(v: Tensor, s: Tensor, m: Optional[Tensor], top: float) -> Scaled:
     """v divided by its peaks ``m`` (:func:`_peaks`), their logs moved into s."""
-    d = _divisor(v, m, top)
-    if isinstance(d, float):
-        return v * (1.0 / d), s + math.log(d)
-    return v / d.unsqueeze(-1), s + torch.log(d)
+    return _divided(v, s, _divisor(v, m, top))
+
+
+def rescale(v: Tensor, s: Tensor, *, after_unmeasured: bool = False
+            ) -> Tuple[Tensor, Tensor, Union[float, Tensor, None]]:
+    """:func:`normalise`, also giving what v was divided by (None where nothing was): for
+    a caller that writes its own backward (:func:`undivided`)."""
+    m, lo, hi = _peaks(v)
+    if _LOW <= lo and hi <= _HIGH:
+        return v, s, None
+    if after_unmeasured and lo < _flush_limit(v.dtype):
+        raise _Unmeasured
+    divisor = _divisor(v, m, hi)
+    return (*_divided(v, s, divisor), divisor)
 
 
 def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
@@ -87,12 +112,8 @@ def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled
     its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
     v is a sum over a product that was not measured; a tiny result raises
     :class:`_Unmeasured` (the product may have flushed entries)."""
-    m, lo, hi = _peaks(v)
-    if _LOW <= lo and hi <= _HIGH:
-        return v, s
-    if after_unmeasured and lo < _flush_limit(v.dtype):
-        raise _Unmeasured
-    return _rescaled(v, s, m, hi)
+    v, s, _ = rescale(v, s, after_unmeasured=after_unmeasured)
+    return v, s
 
 
 def from_logs(y: Tensor) -> Scaled:
