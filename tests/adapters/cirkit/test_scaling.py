@@ -1,0 +1,73 @@
+"""Scaled values (adapters.cirkit.scaling): the rescaling keeps the value represented,
+``v · e^s``, and moves the range into s only when some (fold, sample) leaves [2^-16, 2^16]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.cirkit.scaling import _Unmeasured, normalise, rescale, undivided
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def represented(v, s):
+    return v * torch.exp(s).unsqueeze(-1)
+
+
+def test_values_in_range_are_left_alone():
+    v = torch.tensor([[[0.5, -2.0, 3.0]], [[1.0, 0.25, -1.0]]])  # (F=2, B=1, K=3)
+    s = torch.tensor([[0.5], [-1.0]])
+    out_v, out_s, divisor = rescale(v, s)
+    assert out_v is v and out_s is s and divisor is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_out_of_range_values_are_divided_by_their_peaks(dtype):
+    """One (fold, sample) above 2^16: every one is divided by its own largest |entry| (for
+    complex values the largest real or imaginary part), its log added to s."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 2, 5, dtype=dtype, generator=gen)
+    v[1, 0] *= 1e6
+    s = torch.randn(3, 2, dtype=torch.float64, generator=gen)
+    out_v, out_s, divisor = rescale(v, s)
+    parts = torch.view_as_real(v).flatten(-2) if dtype.is_complex else v
+    torch.testing.assert_close(divisor, parts.abs().amax(-1), rtol=0, atol=0)
+    torch.testing.assert_close(represented(out_v, out_s), represented(v, s), rtol=1e-14, atol=0)
+    assert float((torch.view_as_real(out_v) if dtype.is_complex else out_v).abs().max()) == 1.0
+
+
+def test_a_single_vector_is_divided_by_a_number():
+    v = torch.full((1, 1, 4), 1e-7)
+    out_v, out_s, divisor = rescale(v, torch.zeros(1, 1))
+    assert isinstance(divisor, float) and divisor == 1e-7
+    torch.testing.assert_close(out_v, torch.ones(1, 1, 4))
+    torch.testing.assert_close(out_s, torch.full((1, 1), torch.log(torch.tensor(1e-7)).item()))
+
+
+def test_an_all_zero_vector_stays_zero():
+    v = torch.zeros(2, 1, 3)
+    v[1] = 1e9  # another fold leaves the range, so every fold is divided
+    out_v, out_s, divisor = rescale(v, torch.zeros(2, 1))
+    assert torch.equal(divisor[0], torch.ones(1)) and bool((out_v[0] == 0).all())
+    assert float(out_s[0]) == 0.0
+
+
+def test_a_tiny_sum_after_an_unmeasured_product_raises():
+    v = torch.full((1, 1, 3), 1e-160)  # below sqrt(tiny) of float64
+    with pytest.raises(_Unmeasured):
+        normalise(v, torch.zeros(1, 1), after_unmeasured=True)
+    out_v, _ = normalise(v, torch.zeros(1, 1))  # a measured value is just rescaled
+    torch.testing.assert_close(out_v, torch.ones(1, 1, 3))
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_undivided_is_the_gradient_through_the_division(single):
+    gen = torch.Generator().manual_seed(1)
+    v = (torch.randn(1 if single else 3, 1, 4, generator=gen) * 1e7).requires_grad_()
+    out_v, _, divisor = rescale(v, torch.zeros(v.shape[:2]))
+    assert isinstance(divisor, float) == single
+    grad = torch.randn(out_v.shape, generator=gen)
+    (ref,) = torch.autograd.grad(out_v, v, grad)
+    torch.testing.assert_close(undivided(grad, divisor), ref, rtol=0, atol=0)
+    assert undivided(grad, None) is grad
