@@ -429,13 +429,14 @@ def kronecker_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor
         plan.kronecker_readers = readers if found is not None else []
     if not plan.kronecker_readers:
         return capture_inputs(parameter, TorchKroneckerParameter)  # type: ignore[return-value]
-    factors: Dict[tuple, Tensor] = {}
+    rows: Dict[tuple, Tensor] = {}  # each (leaf, rows) gathered once; the conjugate of a real tensor is itself
+    factors = []
     for leaf, fetch, conjugated, key in plan.kronecker_readers:
-        if key not in factors:
-            t = fetch([_leaf_value(leaf)])
-            factors[key] = t.conj() if conjugated else t
-    (a_key, b_key) = (r[3] for r in plan.kronecker_readers)
-    return factors[a_key], factors[b_key]
+        if key[:2] not in rows:
+            rows[key[:2]] = fetch([_leaf_value(leaf)])
+        t = rows[key[:2]]
+        factors.append(t.conj() if conjugated else t)
+    return factors[0], factors[1]
 
 
 def kronecker_permuted_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:

@@ -167,9 +167,9 @@ def test_one_fold_inputs_read_apart_are_the_rows_of_the_fetch(idx, kind):
         whole.operands(parts)
 
 
-@pytest.mark.parametrize("complex_weights", [False, True])
+@pytest.mark.parametrize("weights_of", ["real", "complex", "real, conjugated"])
 @pytest.mark.parametrize("fold", [False, True])
-def test_kronecker_factors_read_from_the_parameter_tensors(fold, complex_weights):
+def test_kronecker_factors_read_from_the_parameter_tensors(fold, weights_of):
     """kronecker_inputs reads A and B of every Kronecker weight straight from the leaf tensors
     (views, a permutation, conjugates): the same values and leaf gradients as evaluating the
     graph up to its Kronecker node, one tensor for both where they read the same rows."""
@@ -179,10 +179,14 @@ def test_kronecker_factors_read_from_the_parameter_tensors(fold, complex_weights
 
     from adapters.cirkit.plan import capture_inputs, kronecker_inputs, kronecker_leaf_factors
 
-    from .builders import complex_circuit, compile_partition
+    from adapters.cirkit.bench.circuits import digits_squared_circuit
 
-    if complex_weights:  # B = conj(A): a conjugated read
-        c = complex_circuit("quad-tree")
+    from .builders import CATEGORIES, complex_circuit, compile_partition
+
+    complex_weights = weights_of == "complex"
+    if weights_of != "real":  # |c|² = conj(c)·c: A read conjugated (a no-op on a real tensor), B not
+        c = complex_circuit("quad-tree") if complex_weights else \
+            digits_squared_circuit(2, image_shape=(4, 4), num_categories=CATEGORIES).circuit
         partition = compile_partition(SF.multiply(SF.conjugate(c), c), "complex-lse-sum", fold)
         circuit = partition
     else:
@@ -190,15 +194,19 @@ def test_kronecker_factors_read_from_the_parameter_tensors(fold, complex_weights
     weights = [m for c in (circuit, partition) for m in c.modules()
                if isinstance(m, TorchParameter) and kronecker_leaf_factors(m) is not None]
     assert weights
-    moved, conjugated = set(), set()
+    moved, conjugated, shared = set(), set(), 0
     for w in weights:
         plan = parameter_plan(w)
         got, ref = kronecker_inputs(w), capture_inputs(w, TorchKroneckerParameter)
         moved.update(r[1].kind for r in plan.kronecker_readers)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        same_rows = plan.kronecker_readers[0][3] == plan.kronecker_readers[1][3]
-        assert (got[0] is got[1]) == same_rows
+        (_, _, conj_a, key_a), (_, _, conj_b, key_b) = plan.kronecker_readers
+        # one tensor for both where they read the same rows and conjugate alike (a real tensor
+        # is its own conjugate: a squared real circuit's A = conj(A) = B is one gather)
+        same = key_a[:2] == key_b[:2] and (conj_a == conj_b or not ref[0].is_complex())
+        assert (got[0] is got[1]) == same
+        shared += same and conj_a != conj_b
         conjugated.update(r[2] for r in plan.kronecker_readers)
         leaves = [p for p in w.parameters() if p.requires_grad]
         probe = [torch.randn(t.shape, generator=torch.Generator().manual_seed(5), dtype=t.real.dtype) for t in ref]
@@ -207,7 +215,8 @@ def test_kronecker_factors_read_from_the_parameter_tensors(fold, complex_weights
         for a, b in zip(g, r):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     assert "permute" in moved if fold else moved <= {"view", "narrow"}
-    assert (True in conjugated) == complex_weights
+    assert (True in conjugated) == (weights_of != "real")
+    assert (shared > 0) == (weights_of == "real, conjugated")  # conj(A) and A of a real tensor: one gather
     plain = next(m for m in circuit.modules() if isinstance(m, TorchParameter) and kronecker_leaf_factors(m) is None
                  and not any(isinstance(n, TorchKroneckerParameter) for n in m.nodes))
     assert kronecker_inputs(plain) is None  # not a Kronecker weight
