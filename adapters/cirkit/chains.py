@@ -27,7 +27,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from structlayers.linalg.kron import block_chain_backward, block_chain_forward, kron_steps
+from structlayers.linalg.kron import block_chain_backward, block_chain_forward, kron_steps, symmetric_square
 
 from .scaling import Scaled, rescale, undivided
 
@@ -51,8 +51,8 @@ class ChainLink(NamedTuple):
 class _Link(NamedTuple):
     """A link's tensors at run time: the outside operands (1, 1, Ki) and their scales (1, 1),
     the sum layer's matrices in the order applied and the side of each (:func:`kron_steps`),
-    the shapes of its input and output blocks (Ki = p·q, Ko = a1·b1) and where the chain's
-    value enters the product."""
+    the shapes of its input and output blocks (Ki = p·q, Ko = a1·b1), where the chain's
+    value enters the product, and whether the backward may take the map as symmetric."""
 
     operands: List[Tensor]
     scales: List[Tensor]
@@ -61,17 +61,22 @@ class _Link(NamedTuple):
     shape: Tuple[int, int]
     out_shape: Tuple[int, int, int]
     carried: Optional[int]
+    symmetric: bool  # the product is a symmetric block and the map A P Aᵀ (one real square A)
 
 
-def run_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object]]) -> Optional[Scaled]:
+def run_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]]) -> Optional[Scaled]:
     """The last sum's output ``(v (1, 1, Ko), s (1, 1))`` of a chain, from each link's plan
     entry, its outside operands ``(v, s)`` (in the product's order, the carried one left
-    out) and its sum layer. None where the chain does not apply to these tensors (a layer
-    with no single Kronecker term, mixed dtypes, more than one fold or sample, scales that
-    carry gradients): the caller then evaluates the layers one by one."""
+    out), its sum layer, and whether those operands are symmetric blocks (then, where the
+    chain's value is too and the layer applies one real square matrix on both sides, the
+    link's backward spares a product: :func:`~structlayers.linalg.kron.block_chain_backward`).
+    None where the chain does not apply to these tensors (a layer with no single Kronecker
+    term, mixed dtypes, more than one fold or sample, scales that carry gradients): the
+    caller then evaluates the layers one by one."""
     prepared: List[_Link] = []
     dtype = None
-    for link, operands, layer in links:
+    carried_symmetric = True  # the first link has no carried value
+    for link, operands, layer, operands_symmetric in links:
         chain = layer.kronecker_chain()
         if chain is None:
             return None
@@ -89,7 +94,9 @@ def run_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object]]) -> Option
         if any(v.shape[-1] != shape[0] * shape[1] for v in values):
             return None
         out_shape = (1, chain[0][0].shape[-2], chain[1][0].shape[-2])
-        prepared.append(_Link(values, scales, sides, mats, shape, out_shape, link.carried))
+        symmetric = operands_symmetric and carried_symmetric and symmetric_square(sides, mats)
+        carried_symmetric = symmetric  # A P Aᵀ of a symmetric P
+        prepared.append(_Link(values, scales, sides, mats, shape, out_shape, link.carried, symmetric))
     tensors = [t for link in prepared for t in (*link.operands, *link.mats)]
     v, s = _DeepChain.apply(prepared, *tensors)
     return v, s
@@ -159,7 +166,8 @@ class _DeepChain(torch.autograd.Function):
             # the chain's value leads back to earlier links (their operands and matrices)
             operand_needs = _with_carried(list(needs[first:mats_first]), link.carried, k > 0)
             g_block, g_mats = block_chain_backward(g.reshape(link.out_shape), link.sides, link.mats, inputs,
-                                                   any(operand_needs), needs[mats_first:input_at[k + 1]])
+                                                   any(operand_needs), needs[mats_first:input_at[k + 1]],
+                                                   link.symmetric)
             grads[mats_first:input_at[k + 1]] = g_mats
             g = None
             if g_block is None:

@@ -174,13 +174,23 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
     #: :meth:`linear` applies to a subset of the folds
     fold_subsets = True
 
-    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None, *, symmetric: bool = False) -> Tensor:
         """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko); with
-        ``folds`` (F',), the map of those folds only on z (F', B, H*Ki)."""
+        ``folds`` (F',), the map of those folds only on z (F', B, H*Ki). ``symmetric``: every
+        block of z is symmetric (the caller knows it; see :meth:`maps_symmetric`), which
+        spares a product in the backward where A is B (:func:`structlayers.linalg.kron_apply`)."""
         a, b = self.factors()
         if folds is not None:
             a, b = a.index_select(0, folds), b.index_select(0, folds)
-        return apply_linear(lambda t: kron_apply([a], [b], t), z, a.dtype)
+        return apply_linear(lambda t: kron_apply([a], [b], t, symmetric=symmetric), z, a.dtype)
+
+    def maps_symmetric(self) -> bool:
+        """``A X Bᵀ`` keeps symmetric blocks symmetric: one input, and A and B one real square
+        tensor (a real circuit's layer in ``Z`` of ``|c|²``, where every block is a Gram matrix)."""
+        if self.arity != 1:
+            return False
+        a, b = self.factors()
+        return a is b and not a.is_complex() and a.shape[-1] == a.shape[-2]
 
     def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
         """The map as one Kronecker product of chains, ``([A], [B])`` (see

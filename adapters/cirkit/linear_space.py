@@ -161,6 +161,7 @@ class _Context:
     complex_values: bool
     measure_products: bool  # False: products feeding one sum layer are measured there
     folds: Optional[Tensor] = None  # the layer's folds computed (those of the value given), None: all
+    symmetric: bool = False  # every block of the value given is symmetric (see symmetric_blocks)
 
 
 def _weights(layer, ctx: _Context) -> Tensor:
@@ -275,7 +276,12 @@ def _sum(layer: TorchSumLayer, v: Tensor, s: Tensor, ctx: _Context, after_unmeas
 
 
 def _structured(layer, v: Tensor, s: Tensor, ctx: _Context, after_unmeasured: bool = False) -> Scaled:
-    linear = layer.linear if ctx.folds is None else functools.partial(layer.linear, folds=ctx.folds)
+    if ctx.folds is not None:
+        linear = functools.partial(layer.linear, folds=ctx.folds)
+    elif ctx.symmetric:  # only for layers with maps_symmetric (their linear takes it)
+        linear = functools.partial(layer.linear, symmetric=True)
+    else:
+        linear = layer.linear
     return _weighted(v, s, linear, ctx, after_unmeasured)
 
 
@@ -608,8 +614,8 @@ def _outer_lse_factors(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     e^(b_jv - mb_v)`` times ``e^s``: three factors at most 1, each at least the term, so
     a term underflows only when it is below ``tiny`` relative to ``e^s``, which is within
     a factor V of the fold's largest entry -- where a sum layer exponentiating cirkit's
-    logs relative to their maximum would flush it too. Returns left (F, Ki, V), right
-    (F, Kj, V), entries at most 1, and s (F, 1).
+    logs relative to their maximum would flush it too. The middle factor goes half to each
+    side. Returns left (F, Ki, V), right (F, Kj, V), entries at most 1, and s (F, 1).
     """
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
@@ -623,9 +629,10 @@ def _outer_lse_factors(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     ma, mb = column_top(a), column_top(b)
     top = ma + mb
     s = finite(top.amax(dim=-1, keepdim=True))  # (F, 1)
-    weight = torch.exp(top - s)  # (F, V), 0 for impossible categories
-    left = torch.exp(a - finite(ma).unsqueeze(1)) * weight.unsqueeze(1)
-    return left, torch.exp(b - finite(mb).unsqueeze(1)), s
+    # the middle factor split evenly between the sides, so that a = b (an integral of a
+    # squared layer) gives left = right: a block seen to be symmetric (SYMMETRIC_BLOCKS)
+    half = torch.exp((top - s) / 2).unsqueeze(1)  # (F, 1, V), 0 for impossible categories
+    return torch.exp(a - finite(ma).unsqueeze(1)) * half, torch.exp(b - finite(mb).unsqueeze(1)) * half, s
 
 
 def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Scaled:
@@ -863,6 +870,33 @@ def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks]
     return _unit_factors(left, right, s)
 
 
+#: Track which values are symmetric blocks (in ``Z`` of a real ``|c|²`` every block is a Gram
+#: matrix) and let ``A X Aᵀ`` layers on them spare a product in the backward
+#: (:meth:`TorchKroneckerSumLayer.maps_symmetric`, :func:`structlayers.linalg.kron_apply`).
+#: False: never claim symmetry (the tests compare both).
+SYMMETRIC_BLOCKS = True
+
+
+def _constant_symmetric(layer, found: Optional["_Blocks"]) -> bool:
+    """Whether a constant input's blocks are symmetric, read off the parameters that make them
+    (exact equality, so never wrongly): integrals of categorical products ``L Rᵀ`` with L = R
+    (``found``, its factors, when the layer was read as factors), or of Gaussian products with
+    equal means and deviations on both sides."""
+    if not isinstance(layer, TorchConstantValueLayer) or not layer.log_space:
+        return False
+    with torch.no_grad():
+        if found is None and _ends_in_reduce(layer.value):
+            pieces = _integrated_pieces(layer.value)
+            return pieces is not None and all(torch.equal(left, right) for left, right, _ in pieces[0])
+        if found is not None:
+            return found.batch is not None and torch.equal(found.left, found.right)
+        value = layer.value
+        if not value.outputs or not isinstance(value.outputs[0], TorchGaussianProductLogPartition):
+            return False
+        mean1, std1, mean2, std2 = capture_inputs(value, TorchGaussianProductLogPartition)
+        return torch.equal(mean1, mean2) and torch.equal(std1, std2)
+
+
 def _chain_link(steps: List[_Step], consumers: Dict[int, List[int]], p: int) -> Optional[Tuple[Tuple[int, int], ...]]:
     """Steps ``p`` and ``p + 1`` form a link of a chain (:mod:`.chains`): a product of one fold
     whose inputs are rows of other steps (multiplied out: not rank-1 blocks per sample, which
@@ -918,14 +952,15 @@ def _find_chains(steps: List[_Step], consumers: Dict[int, List[int]]) -> Dict[in
 
 def _run_chain(links: List[ChainLink], steps: List[_Step], values: List[Optional[Tensor]],
                scales: List[Optional[Tensor]], split_values: Dict[int, tuple],
-               split_scales: Dict[int, tuple]) -> Optional[Scaled]:
+               split_scales: Dict[int, tuple], symmetric: List[bool]) -> Optional[Scaled]:
     """A chain's last value (:func:`.chains.run_chain`), its outside operands read as the
     products would read them; None where it does not apply (the steps then run one by one)."""
     if any(values[source] is None for link in links for source, _ in link.outside):
         return None  # an operand kept as factors only: the product multiplies it out
     return run_chain([(link, [(operand_row(values, split_values, source, row),
                                operand_row(scales, split_scales, source, row)) for source, row in link.outside],
-                       steps[link.total].layer) for link in links])
+                       steps[link.total].layer, all(symmetric[source] for source, _ in link.outside))
+                      for link in links])
 
 
 class CircuitPlan:
@@ -1021,20 +1056,28 @@ class CircuitPlan:
         # deep chains in one node: not where every product is measured, nor where the values
         # inside a chain are asked for (probes, every step's value)
         chains = {} if probing or keep or measure_all else self.chains
+        symmetric: List[bool] = []  # per step: every block of its value is symmetric (SYMMETRIC_BLOCKS)
         resume = 0  # the first step not yet evaluated by a chain
         for i, step in enumerate(self.steps):
             if i < resume:
                 continue
             if i in chains:
-                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales)
+                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales, symmetric)
                 if out is not None:  # its inner values are read by nothing else
                     last = chains[i][-1].total
                     values.extend([None] * (last - i) + [out[0]])
                     scales.extend([None] * (last - i) + [out[1]])
+                    symmetric.extend([False] * (last + 1 - i))
                     resume = last + 1
                     continue
             layer = step.layer
             factored = step.fetch is not None and all(j in blocks for j in step.fetch.sources)
+            # the step's input blocks are symmetric, and its map keeps them so
+            inputs_symmetric = SYMMETRIC_BLOCKS and step.fetch is not None and all(
+                symmetric[j] for j in step.fetch.sources)
+            keeps_symmetric = inputs_symmetric and (step.rule is _hadamard or (
+                hasattr(layer, "maps_symmetric") and layer.maps_symmetric()))
+            symmetric.append(keeps_symmetric)
             out: Union[_Blocks, Scaled, None] = None
             if step.on_factors and factored and (not probing or step.reads_input is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks)
@@ -1067,7 +1110,9 @@ class CircuitPlan:
                 if step.rule in PRODUCT_RULES:
                     v, s = step.rule(layer, v, s, ctx, measure_all or step.measure)
                 elif step.rule in SUM_RULES:
+                    ctx.symmetric = keeps_symmetric  # a layer that maps symmetric blocks, given some
                     v, s = step.rule(layer, v, s, ctx, step.after_unmeasured and not measure_all)
+                    ctx.symmetric = False
                 else:
                     v, s = step.rule(layer, v, s, ctx)
             else:
@@ -1078,6 +1123,7 @@ class CircuitPlan:
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)
                 else:
                     v, s = _input(layer, *arguments)
+                symmetric[-1] = SYMMETRIC_BLOCKS and _constant_symmetric(layer, found)
                 if probing and v is not None:
                     v = _probed_input(input_values, layer, v, s)
             values.append(v)

@@ -84,7 +84,7 @@ def kron_chain_flops(a_chain: Chain, b_chain: Chain) -> int:
     return _plan(a_chain, b_chain)[0]
 
 
-def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
+def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor, *, symmetric: bool = False) -> torch.Tensor:
     """Apply (A ⊗ B) to a folded batch without forming the product.
 
     ``a_chain`` and ``b_chain`` are sequences of folded matrices whose products
@@ -98,11 +98,16 @@ def kron_apply(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
     sample would copy ``N`` matrices per fold; a small matrix (below
     ``PER_FOLD_MIN_ELEMENTS`` entries) multiplies the transposed view instead, broadcast,
     that axis then last, and a single transpose at the end restores order.
+
+    ``symmetric``: the caller knows every block of x is symmetric; where the map is
+    ``A X Aᵀ`` with one real square matrix and one sample per fold, the backward then gets
+    A's gradient from one product instead of two (:func:`block_chain_backward`). Values are
+    unchanged; a wrong claim gives wrong gradients.
     """
     f, n, _ = x.shape
     a_out, b_out = a_chain[0].shape[-2], b_chain[0].shape[-2]
     if n == 1:
-        return _kron_apply_one(a_chain, b_chain, x)
+        return _kron_apply_one(a_chain, b_chain, x, symmetric)
     # a strided view (e.g. the real part of a complex tensor) would send matmul down a
     # per-sample loop: one copy is far cheaper
     x = x.contiguous()
@@ -148,14 +153,14 @@ def _first_axis(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _kron_apply_one(a_chain: Chain, b_chain: Chain, x: torch.Tensor) -> torch.Tensor:
+def _kron_apply_one(a_chain: Chain, b_chain: Chain, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
     """(A ⊗ B) x for one sample per fold, x (F, 1, a2·b2): ``A X Bᵀ`` with X the (a2, b2)
     block, the chains' matrices applied in :func:`_plan`'s order as batched products that
     need no copy (bmm reads transposed operands in place). One autograd node
-    (:class:`_KronChainOne`)."""
+    (:class:`_KronChainOne`); ``symmetric``: see :func:`kron_apply`."""
     order, mats = kron_steps(a_chain, b_chain)
     shape = (a_chain[-1].shape[-1], b_chain[-1].shape[-1])
-    return _KronChainOne.apply(x, order, shape, *mats)
+    return _KronChainOne.apply(x, order, shape, symmetric, *mats)
 
 
 def block_chain_forward(block: torch.Tensor, sides: Sequence[str],
@@ -172,13 +177,27 @@ def block_chain_forward(block: torch.Tensor, sides: Sequence[str],
     return block, inputs
 
 
+def symmetric_square(sides: Sequence[str], mats: Sequence[torch.Tensor]) -> bool:
+    """The steps apply one real square matrix on both sides, ``A X Aᵀ`` (the same tensor twice):
+    where X is symmetric, :func:`block_chain_backward` may take ``symmetric``."""
+    return (len(mats) == 2 and set(sides) == {"a", "b"} and mats[0] is mats[1] and not mats[0].is_complex()
+            and mats[0].shape[-1] == mats[0].shape[-2])
+
+
 def block_chain_backward(grad: torch.Tensor, sides: Sequence[str], mats: Sequence[torch.Tensor],
-                         inputs: Sequence[torch.Tensor], need_x: bool, need_m: Sequence[bool]
-                         ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+                         inputs: Sequence[torch.Tensor], need_x: bool, need_m: Sequence[bool],
+                         symmetric: bool = False) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
     """The backward of :func:`block_chain_forward`: the steps replayed in reverse on the saved
     blocks, two products per step. ``grad`` (F, a1, b1) -> the gradient w.r.t. the block
     (None unless ``need_x``) and w.r.t. each matrix (None where ``need_m`` is False).
-    Gradients follow torch's convention for complex tensors (conjugate transposes)."""
+    Gradients follow torch's convention for complex tensors (conjugate transposes).
+
+    ``symmetric``: the map is ``A X Aᵀ`` with one real matrix (:func:`symmetric_square`) and
+    every block X is symmetric. A's two gradients ``Gᵀ (A X) + (G A) Xᵀ`` are then one product,
+    ``(G + Gᵀ)(A X)``, returned at the first matrix's place (the second gets None): three
+    products instead of four."""
+    if symmetric:
+        return _symmetric_square_backward(grad, sides, mats, inputs, need_x, any(need_m))
     n = len(sides)
     g = grad
     grads: List[Optional[torch.Tensor]] = [None] * n
@@ -197,6 +216,22 @@ def block_chain_backward(grad: torch.Tensor, sides: Sequence[str], mats: Sequenc
     return (g if need_x else None), grads
 
 
+def _symmetric_square_backward(g: torch.Tensor, sides: Sequence[str], mats: Sequence[torch.Tensor],
+                               inputs: Sequence[torch.Tensor], need_x: bool, need_a: bool
+                               ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """:func:`block_chain_backward` of ``Y = A X Aᵀ`` for symmetric X: with T the saved middle
+    block (``A X`` or ``X Aᵀ``), A's gradient is ``(G + Gᵀ) A X``."""
+    a, middle = mats[0], inputs[1]
+    grad_a = g_x = None
+    if need_a:
+        both = g + g.transpose(-1, -2)
+        grad_a = torch.bmm(both, middle if sides[0] == "a" else middle.transpose(-1, -2))
+    if need_x:  # Aᵀ G A, in the forward's order reversed
+        g_x = torch.bmm(a.transpose(-1, -2), torch.bmm(g, a)) if sides[0] == "a" else \
+            torch.bmm(torch.bmm(a.transpose(-1, -2), g), a)
+    return g_x, [grad_a, None]
+
+
 class _KronChainOne(torch.autograd.Function):
     """``A X Bᵀ`` on blocks of one sample per fold (:func:`block_chain_forward`) as one
     autograd node: the backward replays the steps on the saved blocks
@@ -208,10 +243,11 @@ class _KronChainOne(torch.autograd.Function):
     # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
     def forward(ctx, x: torch.Tensor, sides: Tuple[str, ...], shape: Tuple[int, int],  # type: ignore[override]
-                *mats: torch.Tensor) -> torch.Tensor:
+                symmetric: bool, *mats: torch.Tensor) -> torch.Tensor:
         block, inputs = block_chain_forward(x.reshape(x.shape[0], *shape), sides, mats)
         ctx.save_for_backward(*inputs, *mats)
         ctx.sides, ctx.x_shape, ctx.out_shape = sides, x.shape, block.shape
+        ctx.symmetric = symmetric and symmetric_square(sides, mats)
         return block.reshape(x.shape[0], 1, -1)
 
     @staticmethod
@@ -219,8 +255,8 @@ class _KronChainOne(torch.autograd.Function):
         n = len(ctx.sides)
         saved = ctx.saved_tensors
         g, grads = block_chain_backward(grad.reshape(ctx.out_shape), ctx.sides, saved[n:], saved[:n],
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[3:])
-        return (g.reshape(ctx.x_shape) if g is not None else None, None, None, *grads)
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[4:], ctx.symmetric)
+        return (g.reshape(ctx.x_shape) if g is not None else None, None, None, None, *grads)
 
 
 def kron_sum_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

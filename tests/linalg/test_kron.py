@@ -144,3 +144,30 @@ def test_factor_shapes():
         check_factor_shapes(((2, 2), (3, 3)), 6, 5)
     with pytest.raises(ValueError, match=r"factor_shapes must be \(\(a1, a2\), \(b1, b2\)\) of positive ints"):
         check_factor_shapes(((2, 0), (3, 3)), 6, 0)
+
+
+@pytest.mark.parametrize("sides", [("a", "b"), ("b", "a")])
+def test_the_symmetric_square_backward_equals_the_general_one(sides):
+    """A X Aᵀ with X symmetric: A's gradient from (G + Gᵀ)(A X) in one product equals the sum
+    of the two the general backward computes, for either order of the sides and any G; the
+    block's gradient is the same."""
+    from structlayers.linalg.kron import block_chain_backward, block_chain_forward, symmetric_square
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 6, 6, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 6, 6, dtype=torch.float64, generator=g)
+    x = x + x.transpose(1, 2)
+    grad = torch.randn(3, 6, 6, dtype=torch.float64, generator=g)  # not symmetric
+    mats = [a, a]
+    assert symmetric_square(sides, mats)
+    _, inputs = block_chain_forward(x, sides, mats)
+    g_x, (g_first, g_second) = block_chain_backward(grad, sides, mats, inputs, True, [True, True])
+    s_x, (s_first, s_second) = block_chain_backward(grad, sides, mats, inputs, True, [True, True], symmetric=True)
+    assert s_second is None
+    torch.testing.assert_close(s_first, g_first + g_second, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_x, g_x, rtol=1e-12, atol=1e-12)
+    # only one real square matrix on both sides qualifies
+    assert not symmetric_square(sides, [a, a.clone()])
+    assert not symmetric_square(sides, [a.to(torch.complex128)] * 2)
+    assert not symmetric_square(sides, [a[:, :4]] * 2)
+    assert not symmetric_square(("a", "a"), mats)

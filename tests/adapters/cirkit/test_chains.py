@@ -158,7 +158,7 @@ def _links(dtype, n=3, k=3, generator=None, scale=1.0):
 def _chain(mats, operands, scales):
     links = [(ChainLink(2 * i, 2 * i + 1, None if i == 0 else 1, ((0, 0), (0, 1)) if i == 0 else ((0, i + 1),)),
               [(operands[0], scales[0]), (operands[1], scales[1])] if i == 0 else [(operands[i + 1], scales[i + 1])],
-              _Map(a, b)) for i, (a, b) in enumerate(mats)]
+              _Map(a, b), False) for i, (a, b) in enumerate(mats)]
     return run_chain(links)
 
 
@@ -245,6 +245,6 @@ def test_run_chain_declines_what_it_does_not_compute():
             return None
 
     links = [(ChainLink(0, 1, None, ((0, 0), (0, 1))), [(operands[0], scales[0]), (operands[1], scales[1])],
-              NoTerm())]
+              NoTerm(), False)]
     assert run_chain(links) is None
     assert math.isclose(float(_one_by_one(mats, operands, scales)[1]), float(_chain(mats, operands, scales)[1]))

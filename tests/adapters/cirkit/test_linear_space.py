@@ -812,3 +812,53 @@ def test_categorical_conditionals_bad_input():
     mask[3] = True
     with pytest.raises(ValueError, match="categorical inputs over one variable each; TorchGaussianLayer"):
         linear_space.categorical_conditionals(squared, x, mask, [3], 0, 3)
+
+
+@pytest.mark.parametrize("shape", ["quad-tree categorical", "linear tree (a chain)", "Gaussian", "complex weights"])
+def test_symmetric_blocks_spare_a_product_with_the_same_gradients(shape, monkeypatch):
+    """In Z of a real |c|² every block is a Gram matrix: the evaluator sees it from the inputs
+    (equal parameters on both sides) and the layers (one real square A on both sides), and
+    those layers' backward takes A's gradient from one product. Values equal and gradients
+    within rounding of the general backward; taken on every real shape, never with complex
+    weights (B = conj(A) is another tensor)."""
+    import structlayers.linalg.kron as kron
+
+    from adapters.cirkit.bench.circuits import deep_cp_circuit, gaussian_image_circuit
+
+    specs = {"quad-tree categorical": lambda: digits_squared_circuit(3, image_shape=(4, 4), num_categories=CATEGORIES),
+             "linear tree (a chain)": lambda: deep_cp_circuit(8, 3, region_graph="linear-tree"),
+             "Gaussian": lambda: gaussian_image_circuit(3, image_shape=(4, 4)),
+             "complex weights": lambda: digits_squared_circuit(3, image_shape=(4, 4), num_categories=CATEGORIES,
+                                                               complex=True)}
+    spec = specs[shape]()
+    model = compile_density(spec.circuit, dtype=torch.float64, seed=2, num_categories=spec.num_categories)
+    params = [p for p in model.parameters() if p.requires_grad]
+    taken = []
+    original = kron._symmetric_square_backward
+    monkeypatch.setattr(kron, "_symmetric_square_backward", lambda *a: taken.append(1) or original(*a))
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(linear_space, "SYMMETRIC_BLOCKS", flag)
+        logz = model.log_partition(cached=False).sum()
+        results.append((logz.detach(), torch.autograd.grad(logz, params, allow_unused=True), len(taken)))
+    (got, got_grads, used), (ref, ref_grads, used_after) = results
+    assert (used > 0) == (shape != "complex weights") and used_after == used  # the general path took none
+    assert torch.equal(got, ref)
+    for g, r in zip(got_grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+
+
+def test_constant_inputs_are_symmetric_only_with_equal_sides():
+    """∫ c·c: both sides' parameters equal, the blocks symmetric; ∫ c1·c2 of two different
+    circuits (categorical or Gaussian): not, so no layer above claims symmetry."""
+    c1, c2 = two_circuits("quad-tree")
+    gaussians = gaussian_symbolic()
+    cases = {"categorical ∫c·c": (SF.multiply(c1, c1), True), "categorical ∫c1·c2": (SF.multiply(c1, c2), False),
+             "Gaussian ∫c·c": (gaussians[0], True)}
+    for name, (product, expected) in cases.items():
+        partition = compile_partition(product, "lse-sum" if "categorical" in name else "complex-lse-sum", True)
+        constants = [layer for layer in partition.layers if isinstance(layer, TorchInputLayer)]
+        flags = [linear_space._constant_symmetric(layer, None) for layer in constants]
+        assert flags and all(f == expected for f in flags), name
