@@ -106,11 +106,18 @@ def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tens
     return y
 
 
+def _thin(a: Tensor, left: Tensor, right: Tensor) -> bool:
+    """The factors (F, Ki, C) hold fewer entries, in and out, than the weight A (F, Ko, Ki): in
+    ``Z`` (C = V categories, K large) moving or copying them costs less than moving A; at data
+    (a column per sample) it does not."""
+    return (left.shape[-1] + right.shape[-1]) * (a.shape[-1] + a.shape[-2]) < a.shape[-1] * a.shape[-2]
+
+
 def _kronecker_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """``(A left, B right)`` for A (F, a1, a2), B (F, b1, b2), left (F, a2, V), right (F, b2, V);
-    one product over both factors side by side where A and B are one tensor. None where the
-    shapes do not fit."""
-    if a is b and left.shape == right.shape and a.shape[-1] == left.shape[1]:
+    where A and B are one tensor and the factors are thin (:func:`_thin`), one product over both
+    side by side. None where the shapes do not fit."""
+    if a is b and left.shape == right.shape and a.shape[-1] == left.shape[1] and _thin(a, left, right):
         # as (xᵀ Aᵀ)ᵀ, the thin side first (see _terms_on_factors)
         both = _matmul(torch.cat([left, right], dim=-1).transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
         v = left.shape[-1]
@@ -220,7 +227,7 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         the weights have ``K``); where A and B are one tensor, it multiplies both factors in
         one product (one read of A, one gradient for it)."""
         permuted = kronecker_permuted_inputs(self.weight)
-        if permuted is None:
+        if permuted is None or not _thin(permuted[0], left, right):
             a, b = self.factors()
             return _kronecker_on_factors(a, b, left, right)
         a, b, index, inverse = permuted

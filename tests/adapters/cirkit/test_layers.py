@@ -180,7 +180,10 @@ def test_kronecker_layer_on_factors_permutes_the_thin_factors(complex_weights):
     from adapters.cirkit.model import compile_density
     from adapters.cirkit.plan import kronecker_permuted_inputs
 
-    model = compile_density(digits_squared_circuit(2, complex=complex_weights).circuit, dtype=torch.float64,
+    from adapters.cirkit.layers import _thin
+
+    # K=16 and two columns: factors thinner than the weights, so they are what moves
+    model = compile_density(digits_squared_circuit(16, complex=complex_weights).circuit, dtype=torch.float64,
                             seed=0, num_categories=17)
     circuit = model.partition
     gen = torch.Generator().manual_seed(6)
@@ -194,6 +197,7 @@ def test_kronecker_layer_on_factors_permutes_the_thin_factors(complex_weights):
         same += found is not None and found[0] is found[1]
         left = torch.randn(layer.num_folds, a.shape[2], 2, dtype=a.dtype, generator=gen)
         right = torch.randn(layer.num_folds, b.shape[2], 2, dtype=b.dtype, generator=gen)
+        assert found is None or _thin(found[0], left, right)  # the permuted ones move their factors
         leaves = [p for p in layer.weight.parameters() if p.requires_grad]
         got, ref = layer.linear_on_factors(left, right), (a @ left, b @ right)
         probe = [torch.randn(t.shape, dtype=t.real.dtype, generator=gen) for t in ref]
