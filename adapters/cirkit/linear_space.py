@@ -493,13 +493,16 @@ def _select(mask: Tensor, integrated: Scaled, observed: Scaled) -> Scaled:
     return torch.where(mask.unsqueeze(-1), vi, vo), torch.where(mask, si.to(so.dtype), so)
 
 
-def _integrated_products(value) -> Optional[Scaled]:
+def _integrated_products(value, symmetric: Optional[List[bool]] = None) -> Optional[Scaled]:
     """``(v, s)`` of a value graph ``logsumexp_v (a[i, v] + b[j, v])``, else None: the blocks
-    of :func:`_integrated_factors` multiplied out. v (F, 1, Ki·Kj), s (F, 1)."""
+    of :func:`_integrated_factors` multiplied out. v (F, 1, Ki·Kj), s (F, 1). ``symmetric``:
+    receives whether every block is symmetric (a = b: equal factors, compared exactly)."""
     found = _integrated_pieces(value)
     if found is None:
         return None
     pieces, folds = found
+    if symmetric is not None:
+        symmetric.append(all(torch.equal(left, right) for left, right, _ in pieces))
     v, s = _folds_of([(_materialise(left, right), s) for left, right, s in pieces], folds)
     return normalise(v, s)
 
@@ -567,14 +570,18 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
     return pieces, folds
 
 
-def _gaussian_integrals(value) -> Optional[Scaled]:
+def _gaussian_integrals(value, symmetric: Optional[List[bool]] = None) -> Optional[Scaled]:
     """``(v, s)`` of a value graph ending in cirkit's log-integrals of products of Gaussian
     units, computed in linear space (:func:`~adapters.cirkit.integrals.gaussian_product_integrals`),
-    else None. v (F, 1, K1·K2), s (F, 1)."""
+    else None. v (F, 1, K1·K2), s (F, 1). ``symmetric``: receives whether every block is
+    symmetric (equal means and deviations on both sides, compared exactly)."""
     if not value.outputs or not isinstance(value.outputs[0], TorchGaussianProductLogPartition) \
             or any(len(shape) != 1 for shape in value.outputs[0].in_shapes):  # univariate units only
         return None
-    v, s = gaussian_product_integrals(*capture_inputs(value, TorchGaussianProductLogPartition))
+    mean1, std1, mean2, std2 = capture_inputs(value, TorchGaussianProductLogPartition)
+    if symmetric is not None:
+        symmetric.append(torch.equal(mean1, mean2) and torch.equal(std1, std2))
+    v, s = gaussian_product_integrals(mean1, std1, mean2, std2)
     return v.flatten(start_dim=1).unsqueeze(1), s.unsqueeze(1)
 
 
@@ -635,8 +642,11 @@ def _outer_lse_factors(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return torch.exp(a - finite(ma).unsqueeze(1)) * half, torch.exp(b - finite(mb).unsqueeze(1)) * half, s
 
 
-def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Scaled:
-    """An input layer's (v, s); ``mask`` (F, B): integrate those (fold, sample) pairs out."""
+def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor],
+           symmetric: Optional[List[bool]] = None) -> Scaled:
+    """An input layer's (v, s); ``mask`` (F, B): integrate those (fold, sample) pairs out.
+    ``symmetric``: receives whether a constant's blocks (integrals of products of two
+    layers) are symmetric (see :data:`SYMMETRIC_BLOCKS`); nothing for other inputs."""
     if isinstance(layer, TorchCategoricalLayer) and inputs:
         (x,) = inputs  # (F, B, 1)
         return _categorical(layer, x.squeeze(dim=2).long(), mask)
@@ -648,7 +658,7 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor]) -> Sca
         observed = from_logs(_gaussian(layer, x))
     else:
         if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
-            integrated = _integrated_products(layer.value) or _gaussian_integrals(layer.value)
+            integrated = _integrated_products(layer.value, symmetric) or _gaussian_integrals(layer.value, symmetric)
             if integrated is not None:  # the integral of a squared categorical or Gaussian layer
                 (batch,) = inputs
                 return _over_batch(*integrated, batch)
@@ -877,26 +887,6 @@ def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks]
 SYMMETRIC_BLOCKS = True
 
 
-def _constant_symmetric(layer, found: Optional["_Blocks"]) -> bool:
-    """Whether a constant input's blocks are symmetric, read off the parameters that make them
-    (exact equality, so never wrongly): integrals of categorical products ``L Rᵀ`` with L = R
-    (``found``, its factors, when the layer was read as factors), or of Gaussian products with
-    equal means and deviations on both sides."""
-    if not isinstance(layer, TorchConstantValueLayer) or not layer.log_space:
-        return False
-    with torch.no_grad():
-        if found is None and _ends_in_reduce(layer.value):
-            pieces = _integrated_pieces(layer.value)
-            return pieces is not None and all(torch.equal(left, right) for left, right, _ in pieces[0])
-        if found is not None:
-            return found.batch is not None and torch.equal(found.left, found.right)
-        value = layer.value
-        if not value.outputs or not isinstance(value.outputs[0], TorchGaussianProductLogPartition):
-            return False
-        mean1, std1, mean2, std2 = capture_inputs(value, TorchGaussianProductLogPartition)
-        return torch.equal(mean1, mean2) and torch.equal(std1, std2)
-
-
 def _chain_link(steps: List[_Step], consumers: Dict[int, List[int]], p: int) -> Optional[Tuple[Tuple[int, int], ...]]:
     """Steps ``p`` and ``p + 1`` form a link of a chain (:mod:`.chains`): a product of one fold
     whose inputs are rows of other steps (multiplied out: not rank-1 blocks per sample, which
@@ -1121,9 +1111,13 @@ class CircuitPlan:
                 if found is not None:
                     blocks[len(values)] = found
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)
+                    # integrals of a squared categorical layer: equal factors, compared exactly
+                    equal = found.batch is not None and torch.equal(found.left, found.right)
+                    symmetric[-1] = SYMMETRIC_BLOCKS and equal
                 else:
-                    v, s = _input(layer, *arguments)
-                symmetric[-1] = SYMMETRIC_BLOCKS and _constant_symmetric(layer, found)
+                    flags: List[bool] = []
+                    v, s = _input(layer, *arguments, symmetric=flags)
+                    symmetric[-1] = SYMMETRIC_BLOCKS and flags == [True]
                 if probing and v is not None:
                     v = _probed_input(input_values, layer, v, s)
             values.append(v)

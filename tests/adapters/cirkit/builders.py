@@ -104,12 +104,18 @@ def compile_partition(symbolic_circuit, semiring: str, fold: bool):
     return ctx.compile(SF.integrate(symbolic_circuit))
 
 
-@functools.lru_cache(maxsize=None)
-def gaussian_symbolic():
-    """(c², ∫c², c) of a signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel."""
+def gaussian_base():
+    """A signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel (a new one,
+    with parameters of its own, at every call)."""
     weights = Parameterization(activation="none", initialization="normal")
-    base = QuadTree((1, 4, 4), num_patch_splits=2).build_circuit(
+    return QuadTree((1, 4, 4), num_patch_splits=2).build_circuit(
         input_factory=GaussianLayer, sum_product="cp", sum_weight_factory=parameterization_to_factory(weights),
         num_input_units=3, num_sum_units=3)
+
+
+@functools.lru_cache(maxsize=None)
+def gaussian_symbolic():
+    """(c², ∫c², c) of :func:`gaussian_base`."""
+    base = gaussian_base()
     squared = SF.multiply(base, base)
     return squared, SF.integrate(squared), base
