@@ -26,7 +26,14 @@ from structlayers import StructuredSumLayer
 from structlayers.linalg import kron_apply, kron_chain_flops, kron_sum_apply
 from structlayers.linalg.cur import cur_dense
 
-from .plan import _Permute, evaluate_parameter, is_kronecker_weight, kronecker_inputs, kronecker_permuted_inputs
+from .plan import (
+    _Permute,
+    evaluate_parameter,
+    is_kronecker_weight,
+    kronecker_inputs,
+    kronecker_permuted_inputs,
+    kronecker_reads,
+)
 
 
 def semiring_linear(semiring: Semiring, linear: Callable[[Tensor], Tensor], x: Tensor,
@@ -192,12 +199,15 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         return apply_linear(lambda t: kron_apply([a], [b], t, symmetric=symmetric), z, a.dtype)
 
     def maps_symmetric(self) -> bool:
-        """``A X Bᵀ`` keeps symmetric blocks symmetric: one input, and A and B one real square
-        tensor (a real circuit's layer in ``Z`` of ``|c|²``, where every block is a Gram matrix)."""
-        if self.arity != 1:
+        """``A X Bᵀ`` keeps symmetric blocks symmetric: one input, and A and B the same rows of
+        one real parameter tensor, square (a real circuit's layer in ``Z`` of ``|c|²``, where every
+        block is a Gram matrix). A property of the weight graph: a plan asks it once."""
+        reads = kronecker_reads(self.weight)
+        if self.arity != 1 or reads is None or not reads.same_rows:
             return False
-        a, b = self.factors()
-        return a is b and not a.is_complex() and a.shape[-1] == a.shape[-2]
+        with torch.no_grad():
+            a, _ = self.factors()
+        return not a.is_complex() and a.shape[-1] == a.shape[-2]
 
     def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
         """The map as one Kronecker product of chains, ``([A], [B])`` (see

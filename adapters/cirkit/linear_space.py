@@ -161,7 +161,7 @@ class _Context:
     complex_values: bool
     measure_products: bool  # False: products feeding one sum layer are measured there
     folds: Optional[Tensor] = None  # the layer's folds computed (those of the value given), None: all
-    symmetric: bool = False  # every block of the value given is symmetric (see symmetric_blocks)
+    symmetric: bool = False  # every block of the value given is symmetric (SYMMETRIC_BLOCKS)
 
 
 def _weights(layer, ctx: _Context) -> Tensor:
@@ -711,6 +711,7 @@ class _Step:
     on_factors: bool = False
     product_on_factors: bool = False
     operands: bool = False  # a product of one fold reading rows of other layers: inputs apart
+    keeps_symmetry: bool = False  # symmetric input blocks give symmetric output blocks (SYMMETRIC_BLOCKS)
     # a sum on factors reading one input layer, one input fold per fold: (that layer, the input
     # fold of each of its folds (F,)); what categorical_conditionals differentiates there
     reads_input: Optional[Tuple[TorchInputLayer, Tensor]] = None
@@ -1016,6 +1017,9 @@ class CircuitPlan:
         self.steps = steps
         # runs of one-fold product -> sum layers, each evaluated as one node (:mod:`.chains`)
         self.chains = _find_chains(steps, consumers)
+        for step in steps:  # Hadamard products, and layers applying one real square matrix on both sides
+            step.keeps_symmetry = step.rule is _hadamard or (hasattr(step.layer, "maps_symmetric")
+                                                            and step.layer.maps_symmetric())
         self.origins, self.inputs_axis = _fold_origins(steps, folds)
         self._scopes: Dict[int, List[np.ndarray]] = {}  # by number of variables
         self._layouts: Dict[Tuple[bytes, bytes], "_SharedLayout"] = {}
@@ -1065,8 +1069,7 @@ class CircuitPlan:
             # the step's input blocks are symmetric, and its map keeps them so
             inputs_symmetric = SYMMETRIC_BLOCKS and step.fetch is not None and all(
                 symmetric[j] for j in step.fetch.sources)
-            keeps_symmetric = inputs_symmetric and (step.rule is _hadamard or (
-                hasattr(layer, "maps_symmetric") and layer.maps_symmetric()))
+            keeps_symmetric = inputs_symmetric and step.keeps_symmetry
             symmetric.append(keeps_symmetric)
             out: Union[_Blocks, Scaled, None] = None
             if step.on_factors and factored and (not probing or step.reads_input is not None):

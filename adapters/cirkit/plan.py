@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ from cirkit.backend.torch.parameters.parameter import TorchParameter
 from .internals import address_book, module_ids, node_tensor, pointer_fold_index
 
 __all__ = ["Fetch", "operand_row", "plan_fetch", "ParameterPlan", "parameter_plan", "evaluate_parameter", "evaluate_node",
-           "capture_inputs", "cached_plan", "fetched_rows", "is_kronecker_weight", "kronecker_inputs",
-           "kronecker_permuted_inputs", "kronecker_leaf_factors"]
+           "capture_inputs", "cached_plan", "fetched_rows", "is_kronecker_weight", "KroneckerReads",
+           "kronecker_reads", "kronecker_inputs", "kronecker_permuted_inputs", "kronecker_leaf_factors"]
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class ParameterPlan:
             rows_of.append(module.num_folds)
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
-        self.kronecker_readers: Optional[list] = None  # built by kronecker_inputs
+        self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
         canonical: Dict[tuple, Fetch] = {}
         self.steps = [(m, tuple(canonical.setdefault(_fetch_key(f), f) for f in fs)) for m, fs in self.steps]
@@ -307,6 +307,9 @@ class ParameterPlan:
                 continue
             outputs.append(module_fn(module, *inputs))
         raise RuntimeError("the parameter graph's address book has no output entry")
+
+
+_UNREAD = object()  # a ParameterPlan's kronecker_reads before they are decided
 
 
 def _leaf_value(leaf) -> Tensor:
@@ -412,31 +415,51 @@ def is_kronecker_weight(weight: TorchParameter) -> bool:
     return bool(weight.outputs) and isinstance(weight.outputs[0], TorchKroneckerParameter)
 
 
+class KroneckerReads(NamedTuple):
+    """How the two factors of a weight graph ``A ⊗ B`` are read from parameter tensors
+    (:func:`kronecker_leaf_factors`), decided once per plan: each factor's tensor (a leaf),
+    the fetch of its rows and whether it is conjugated; whether both read the same rows of one
+    tensor; and the permutation ``(index, inverse)`` both read all rows through, if they do."""
+
+    leaves: Tuple[object, object]
+    fetches: Tuple[Fetch, Fetch]
+    conjugated: Tuple[bool, bool]
+    same_rows: bool
+    permutation: Optional[Tuple[Tensor, Tensor]]
+
+
+def kronecker_reads(parameter: TorchParameter) -> Optional[KroneckerReads]:
+    """The :class:`KroneckerReads` of a weight graph, built with its plan; None where a factor
+    is not rows of a parameter tensor (or the graph is not a Kronecker product)."""
+    plan = parameter_plan(parameter)
+    if plan.kronecker_reads is _UNREAD:
+        found = kronecker_leaf_factors(parameter)
+        reads = None
+        if found is not None:
+            (leaf_a, rows_a, conj_a), (leaf_b, rows_b, conj_b) = found
+            fetches = tuple(plan_fetch([0], torch.as_tensor(np.asarray(rows).reshape(-1)), [leaf.num_folds])
+                            for leaf, rows, _ in found)
+            same = leaf_a is leaf_b and np.array_equal(rows_a, rows_b)
+            permuted = all(f.kind == "permute" for f in fetches) and torch.equal(fetches[0].index, fetches[1].index)
+            reads = KroneckerReads((leaf_a, leaf_b), fetches, (conj_a, conj_b), same,
+                                   (fetches[0].index, fetches[0].inverse) if permuted else None)
+        plan.kronecker_reads = reads
+    return plan.kronecker_reads
+
+
 def kronecker_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
     """``(A, B)`` of a weight graph ``A ⊗ B`` (as :func:`capture_inputs` gives them), read
     straight from the parameter tensors where each factor is (conjugated) rows of one
-    (:func:`kronecker_leaf_factors`): a view, or a gather where rows move, and the same
-    tensor for both where they read the same rows -- without running the graph (about
-    20 µs per layer, which a deep chain of small layers pays per layer). None for a graph
-    whose output is not a Kronecker node."""
-    plan = parameter_plan(parameter)
-    if plan.kronecker_readers is None:
-        found = kronecker_leaf_factors(parameter)
-        readers: list = []
-        for leaf, rows, conjugated in found or ():
-            fetch = plan_fetch([0], torch.as_tensor(np.asarray(rows).reshape(-1)), [leaf.num_folds])
-            readers.append((leaf, fetch, conjugated, (id(leaf), tuple(rows.tolist()), conjugated)))
-        plan.kronecker_readers = readers if found is not None else []
-    if not plan.kronecker_readers:
+    (:func:`kronecker_reads`): a view, or a gather where rows move, one gather and one tensor
+    for both where they read the same rows (the conjugate of a real tensor is itself) --
+    without running the graph (about 20 µs per layer, which a deep chain of small layers pays
+    per layer). None for a graph whose output is not a Kronecker node."""
+    reads = kronecker_reads(parameter)
+    if reads is None:
         return capture_inputs(parameter, TorchKroneckerParameter)  # type: ignore[return-value]
-    rows: Dict[tuple, Tensor] = {}  # each (leaf, rows) gathered once; the conjugate of a real tensor is itself
-    factors = []
-    for leaf, fetch, conjugated, key in plan.kronecker_readers:
-        if key[:2] not in rows:
-            rows[key[:2]] = fetch([_leaf_value(leaf)])
-        t = rows[key[:2]]
-        factors.append(t.conj() if conjugated else t)
-    return factors[0], factors[1]
+    a = reads.fetches[0]([_leaf_value(reads.leaves[0])])
+    b = a if reads.same_rows else reads.fetches[1]([_leaf_value(reads.leaves[1])])
+    return _conjugated(reads, a, b)
 
 
 def kronecker_permuted_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -445,23 +468,22 @@ def kronecker_permuted_inputs(parameter: TorchParameter) -> Optional[Tuple[Tenso
     own order): ``(A', B', index, inverse)`` with ``A = A'[index]`` and ``B = B'[index]``,
     ``A'`` and ``B'`` the tensors in their own order (the same tensor where they read the same
     rows), so that a caller can permute its small operands instead of the weights. None
-    otherwise (see :func:`kronecker_inputs`)."""
-    plan = parameter_plan(parameter)
-    if plan.kronecker_readers is None:
-        kronecker_inputs(parameter)
-    readers = plan.kronecker_readers
-    if not readers or any(r[1].kind != "permute" for r in readers) \
-            or not torch.equal(readers[0][1].index, readers[1][1].index):
+    otherwise (see :func:`kronecker_reads`)."""
+    reads = kronecker_reads(parameter)
+    if reads is None or reads.permutation is None:
         return None
-    factors: Dict[tuple, Tensor] = {}
-    for leaf, _, conjugated, (leaf_id, _, _) in readers:
-        key = (leaf_id, conjugated)
-        if key not in factors:
-            t = _leaf_value(leaf)
-            factors[key] = t.conj() if conjugated else t
-    a, b = (factors[(r[3][0], r[2])] for r in readers)
-    fetch = readers[0][1]
-    return a, b, fetch.index, fetch.inverse
+    a = _leaf_value(reads.leaves[0])
+    b = a if reads.leaves[1] is reads.leaves[0] else _leaf_value(reads.leaves[1])
+    return (*_conjugated(reads, a, b), *reads.permutation)
+
+
+def _conjugated(reads: KroneckerReads, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The factors with their conjugations; one tensor for both where they are one tensor
+    conjugated alike (a real tensor is its own conjugate)."""
+    a_out = a.conj() if reads.conjugated[0] else a
+    if b is a and (reads.conjugated[0] == reads.conjugated[1] or not a.is_complex()):
+        return a_out, a_out
+    return a_out, (b.conj() if reads.conjugated[1] else b)
 
 
 def kronecker_leaf_factors(parameter: TorchParameter):
