@@ -17,21 +17,37 @@ chain's value ``X_k`` with operands ``O_kj`` read from outside the chain (the fi
 has outside operands only), then the sum layer's map as one Kronecker product of chains
 of matrices (``kronecker_chain()`` of the layer), then the rescaling of
 :func:`~adapters.cirkit.scaling.normalise` (the product is measured at the sum's output).
+
+Through the inner units (:func:`_inner_chain`). Where every sum layer's map is ``L R``
+per side through ``r < K`` inner units (a low-rank square) and every later link's outside
+operand comes as thin factors ``Φ Ψᵀ`` of rank V (the integrals of a categorical input
+over V categories), the chain never needs its ``K x K`` blocks: with ``X = L M L'ᵀ`` the
+previous link's output, the next one's inner block is
+
+    R (X ∘ Φ Ψᵀ) R'ᵀ = Σ_v (R diag(φ_v) L) M (R' diag(ψ_v) L')ᵀ = Σ_v P_v M Q_vᵀ,
+
+an ``r x r`` recurrence whose operators ``P_v``, ``Q_v`` are computed for all links at
+once (one batched product each). Per link that is ``V·(2·K·r² + 2·r³)`` multiply-adds
+where the blocks take ``K² + 2·K²·r + 2·K·r²`` and several passes over ``K²`` entries:
+the transfer-matrix contraction of a tensor train, here of a low-rank squared circuit.
+Only the first link's input and the last link's output are ``K x K`` blocks.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from structlayers.linalg.kron import block_chain_backward, block_chain_forward, kron_steps, symmetric_square
+from structlayers.linalg.kron import (block_chain_backward, block_chain_forward, kron_chain_flops, kron_steps,
+                                     symmetric_square)
 
-from .scaling import Scaled, rescale, undivided
+from .scaling import Scaled, _flush_limit, _peaks, _Unmeasured, normalise, rescale, undivided
 
-__all__ = ["ChainLink", "run_chain", "CHAIN_MIN_LINKS"]
+__all__ = ["ChainLink", "OperandFactors", "run_chain", "CHAIN_MIN_LINKS"]
 
 #: Runs shorter than this are left to the layer rules (a chain saves per-layer overhead).
 CHAIN_MIN_LINKS = 2
@@ -64,15 +80,43 @@ class _Link(NamedTuple):
     symmetric: bool  # the product is a symmetric block and the map A P Aᵀ (one real square A)
 
 
-def run_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]]) -> Optional[Scaled]:
+class OperandFactors(NamedTuple):
+    """An outside operand given as thin factors: row ``row`` of ``left @ rightᵀ · e^s`` with
+    left (F, Ki, V), right (F, Kj, V), s (F, 1) (a constant input's integrals, one block per
+    fold). Rows of one source share one read (:func:`_inner_chain`)."""
+
+    left: Tensor
+    right: Tensor
+    s: Tensor
+    row: int
+
+
+def run_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
+              factors: Optional[Sequence[Sequence[Optional[OperandFactors]]]] = None) -> Optional[Scaled]:
     """The last sum's output ``(v (1, 1, Ko), s (1, 1))`` of a chain, from each link's plan
     entry, its outside operands ``(v, s)`` (in the product's order, the carried one left
     out), its sum layer, and whether those operands are symmetric blocks (then, where the
     chain's value is too and the layer applies one real square matrix on both sides, the
     link's backward spares a product: :func:`~structlayers.linalg.kron.block_chain_backward`).
-    None where the chain does not apply to these tensors (a layer with no single Kronecker
-    term, mixed dtypes, more than one fold or sample, scales that carry gradients): the
-    caller then evaluates the layers one by one."""
+    ``factors``: per link, per outside operand, its thin factors where it has them (then the
+    chain may run through the layers' inner units, :func:`_inner_chain`; an operand given
+    only as factors has ``v`` None). None where the chain does not apply to these tensors
+    (a layer with no single Kronecker term, mixed dtypes, more than one fold or sample,
+    scales that carry gradients, an operand missing its values): the caller then evaluates
+    the layers one by one."""
+    if factors is not None:
+        plan = _inner_links(links, factors)
+        if plan is not None:
+            taken = plan.taken
+            out = _inner_chain(links[:taken], factors[:taken], plan)
+            if taken == len(links):
+                return out
+            # the rest as blocks, the first of them reading this output as an outside operand
+            link, operands, layer, _ = links[taken]
+            links = [(link._replace(carried=None), _with_carried(operands, link.carried, out), layer, False),
+                     *links[taken + 1:]]
+    if any(v is None for _, operands, _, _ in links for v, _ in operands):
+        return None
     prepared: List[_Link] = []
     dtype = None
     carried_symmetric = True  # the first link has no carried value
@@ -185,3 +229,206 @@ class _DeepChain(torch.autograd.Function):
                 if h != link.carried:
                     outside += 1
         return (None, *grads)
+
+
+# ------------------------------------------------------------------ through the inner units
+def _rows(tensors: Sequence[Tensor], rows: Sequence[int]) -> Tensor:
+    """Row ``rows[k]`` of ``tensors[k]`` for every k, stacked: one ``index_select`` where they
+    are rows of one tensor (one gradient for it in the backward instead of one per row)."""
+    if all(t is tensors[0] for t in tensors):
+        return tensors[0].index_select(0, torch.tensor(list(rows), device=tensors[0].device))
+    return torch.cat([t[r:r + 1] for t, r in zip(tensors, rows)])
+
+
+def _transfer_operators(outer: Tensor, phi: Tensor, inner: Tensor) -> Tensor:
+    """``P_v = R diag(φ_v) L`` per link and category: outer R (N, r, K), phi (N, K, V), inner
+    L (N, K, r') -> (N, V, r, r')."""
+    n, r, k = outer.shape
+    scaled = (outer.unsqueeze(1) * phi.transpose(1, 2).unsqueeze(2)).reshape(n, -1, k)  # (N, V·r, K)
+    return torch.bmm(scaled, inner).view(n, phi.shape[-1], r, inner.shape[-1])
+
+
+def _inner_map(layer) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+    """A layer's map as ``(L_a, R_a), (L_b, R_b)`` through fewer inner units than it maps on
+    each side (``kronecker_chain`` of two matrices per side), else None."""
+    chain = layer.kronecker_chain()
+    if chain is None or any(len(side) != 2 or side[0].shape[-1] >= side[0].shape[-2] for side in chain):
+        return None
+    return chain
+
+
+def _khatri_rao(parts: Sequence[Tensor]) -> Tensor:
+    """Row-wise products of factors (1, K, V_i) -> (1, K, Π V_i): the factor of a Hadamard
+    product of the blocks ``left_i @ right_iᵀ``."""
+    return functools.reduce(lambda u, w: (u.unsqueeze(-1) * w.unsqueeze(-2)).flatten(start_dim=-2), parts)
+
+
+def _row(t: Tensor, row: int) -> Tensor:
+    return t[row:row + 1]
+
+
+class _InnerPlan(NamedTuple):
+    """What :func:`_inner_chain` takes of a chain: the inner maps of its first links, a
+    one-matrix map ``(A, B)`` per side ending the run (or None), and whether the first
+    link's operands are read as factors (their block never multiplied out)."""
+
+    maps: List[Tuple[List[Tensor], List[Tensor]]]
+    last: Optional[Tuple[Tensor, Tensor]]
+    first_factored: bool
+
+    @property
+    def taken(self) -> int:
+        return len(self.maps) + (self.last is not None)
+
+
+def _inner_links(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
+                 factors: Sequence[Sequence[Optional[OperandFactors]]]) -> Optional[_InnerPlan]:
+    """Which leading links :func:`_inner_chain` takes: at least two whose layers have inner
+    maps (:func:`_inner_map`) of the first's shapes (one fold, ``K x K`` blocks in and out),
+    then possibly one whose map is one matrix per side on those blocks; each link after the
+    first with one outside operand given as factors of one rank V; all of one dtype, no
+    scale with gradients, fewer multiply-adds than the blocks'. None where that is not so."""
+    maps: List[Tuple[List[Tensor], List[Tensor]]] = []
+    last = None
+    for k, (_, _, layer, _) in enumerate(links):
+        if k and (len(factors[k]) != 1 or factors[k][0] is None):
+            break
+        chain = _inner_map(layer)
+        if chain is not None and (not maps or [m.shape for side in chain for m in side]
+                                  == [m.shape for side in maps[0] for m in side]):
+            maps.append(chain)
+            continue
+        chain = layer.kronecker_chain() if len(maps) >= 2 else None
+        if chain is not None and all(len(side) == 1 for side in chain) \
+                and (chain[0][0].shape[-1], chain[1][0].shape[-1]) == (maps[0][0][0].shape[-2], maps[0][1][0].shape[-2]):
+            last = (chain[0][0], chain[1][0])
+        break
+    if len(maps) < 2:
+        return None
+    n = len(maps) + (last is not None)
+    (la, ra), (lb, rb) = maps[0]
+    ka, kb, r_a, r_b = la.shape[-2], lb.shape[-2], la.shape[-1], lb.shape[-1]
+    later = [f[0] for f in factors[1:n]]
+    rank = later[0].left.shape[-1]
+    first_values = links[0][1]
+    first_factors = factors[0]
+    first_factored = all(f is not None for f in first_factors) and all(
+        f.left.shape[1] == ka and f.right.shape[1] == kb for f in first_factors) and \
+        math.prod(f.left.shape[-1] for f in first_factors) < min(ka, kb)
+    if la.shape[0] != 1 or ra.shape[-1] != ka or rb.shape[-1] != kb \
+            or any(f.left.shape[1:] != (ka, rank) or f.right.shape[1:] != (kb, rank) for f in later) \
+            or (not first_factored and any(v is None or v.shape != (1, 1, ka * kb) for v, _ in first_values)):
+        return None
+    tensors = [*(m for chain in maps for side in chain for m in side), *(last or ()),
+               *(t for f in [*later, *(first_factors if first_factored else ())] for t in (f.left, f.right)),
+               *(() if first_factored else (v for v, _ in first_values))]
+    scales = [*(f.s for f in later), *(f.s for f in first_factors if first_factored),
+              *(() if first_factored else (s for _, s in first_values))]
+    if any(t.dtype != tensors[0].dtype for t in tensors) or any(s.requires_grad for s in scales):
+        return None
+    blocks_macs = ka * kb + kron_chain_flops(*maps[0])
+    inner_macs = rank * (r_a * ka * r_a + r_b * kb * r_b + r_a * r_a * r_b + r_a * r_b * r_b)
+    return _InnerPlan(maps, last, first_factored) if inner_macs < blocks_macs else None
+
+
+def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
+                 factors: Sequence[Sequence[Optional[OperandFactors]]], plan: _InnerPlan) -> Scaled:
+    """The last output of the links :func:`_inner_links` took, through the inner units (see
+    the module's docstring). The first link applies ``R`` on both sides of its product (on
+    its factors where ``plan.first_factored``: ``(R Φ̃)(R' Ψ̃)ᵀ``, Φ̃ the row-wise products
+    of its operands' factors); the last applies ``L`` on both sides, or, a one-matrix map
+    ending the run, ``Σ_v (A diag(φ_v) L) M (B diag(ψ_v) L')ᵀ``; the output is normalised
+    as a sum layer's is."""
+    maps, n = plan.maps, len(plan.maps)
+    (_, ra), (_, rb) = maps[0]
+    if plan.first_factored:
+        fs = factors[0]
+        left = torch.bmm(ra, _khatri_rao([_row(f.left, f.row) for f in fs]))  # (1, r_a, Π V)
+        right = torch.bmm(rb, _khatri_rao([_row(f.right, f.row) for f in fs]))
+        m = torch.bmm(left, right.transpose(-1, -2))[0]
+        s = functools.reduce(torch.add, [_row(f.s, f.row) for f in fs])
+    else:
+        first = links[0][1]
+        x = functools.reduce(torch.mul, [v for v, _ in first]).reshape(1, ra.shape[-1], rb.shape[-1])
+        m = torch.bmm(torch.bmm(ra, x), rb.transpose(-1, -2))[0]  # the first link's inner block (r_a, r_b)
+        s = functools.reduce(torch.add, [s for _, s in first])
+    later = [f[0] for f in factors[1:n]]
+    rows = [f.row for f in later]
+    s = s + _rows([f.s for f in later], rows).sum(0, keepdim=True)
+    p = _transfer_operators(torch.cat([c[0][1] for c in maps[1:]]), _rows([f.left for f in later], rows),
+                            torch.cat([c[0][0] for c in maps[:-1]]))
+    q = _transfer_operators(torch.cat([c[1][1] for c in maps[1:]]), _rows([f.right for f in later], rows),
+                            torch.cat([c[1][0] for c in maps[:-1]]))
+    # P laid out (N, r, V·r), [i, v·r + j] = P_v[i, j]: each link's sum over v is one product
+    m, log_divisor = _Transfer.apply(m, p.transpose(1, 2).reshape(n - 1, ra.shape[-2], -1), q)
+    s = s + log_divisor
+    (la, _), (lb, _) = maps[-1]
+    if plan.last is None:
+        y = torch.bmm(torch.bmm(la, m.unsqueeze(0)), lb.transpose(-1, -2))  # (1, Ka, Kb)
+    else:
+        f = factors[n][0]
+        a, b = plan.last
+        p_last = _transfer_operators(a, _row(f.left, f.row), la)[0]  # (V, a1, r_a)
+        q_last = _transfer_operators(b, _row(f.right, f.row), lb)[0]
+        y = torch.matmul(p_last, torch.matmul(m, q_last.transpose(-1, -2))).sum(0, keepdim=True)  # (1, a1, b1)
+        s = s + _row(f.s, f.row)
+    return normalise(y.reshape(1, 1, -1), s)
+
+
+class _Transfer(torch.autograd.Function):
+    """The recurrence ``M <- Σ_v P_v M Q_vᵀ / d`` of :func:`_inner_chain`, ``d`` the largest
+    |entry| of the result (kept as a constant, as the rescaling does). m (r, r'), p (N, r,
+    V·r) laid out by :func:`_transfer_operators`, q (N, V, r', r') -> the last M and the sum
+    of the logs of the divisors (the first of them M's own peak). Two products per link each
+    way; the operators' gradients as two batched products over all links after the loop. A
+    peak below ``sqrt(tiny)`` (or not finite) raises :class:`~adapters.cirkit.scaling._Unmeasured`:
+    the evaluation then runs the layers one by one, measuring every product."""
+
+    # ctx-first forward, no setup_context (see _DeepChain)
+    @staticmethod
+    def forward(ctx, m: Tensor, p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
+        limit = _flush_limit(m.dtype)
+        divisors: List[float] = []
+
+        def divided(t: Tensor) -> Tensor:
+            _, _, top = _peaks(t.reshape(1, -1))
+            if not (top >= limit and math.isfinite(top)):
+                raise _Unmeasured
+            divisors.append(top)
+            return t * (1.0 / top)
+
+        m = divided(m)
+        inputs, middles = [], []
+        q_t = q.transpose(-1, -2)
+        for k in range(p.shape[0]):
+            inputs.append(m)
+            t = torch.matmul(m, q_t[k]).reshape(-1, q.shape[-2])  # (V·r, r'): the M Q_vᵀ stacked
+            middles.append(t)
+            m = divided(p[k] @ t)
+        ctx.divisors = divisors
+        ctx.save_for_backward(p, q, torch.stack(inputs), torch.stack(middles))
+        log_divisor = torch.tensor(sum(math.log(d) for d in divisors), dtype=m.real.dtype)
+        ctx.mark_non_differentiable(log_divisor)
+        return m, log_divisor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_log: Optional[Tensor]):  # type: ignore[override]
+        p, q, inputs, middles = ctx.saved_tensors
+        divisors = ctx.divisors
+        n, rank = p.shape[0], q.shape[1]
+        q_conj = q.conj()
+        g = grad
+        grads_out, grads_middle = [], []
+        for k in reversed(range(n)):
+            g = g * (1.0 / divisors[k + 1])  # the gradient of link k's sum P (M Qᵀ)
+            grads_out.append(g)
+            g_t = (p[k].mH @ g).reshape(rank, -1, g.shape[-1])  # per v, w.r.t. M Q_vᵀ
+            grads_middle.append(g_t)
+            g = (g_t @ q_conj[k]).sum(0)  # w.r.t. the link's M
+        g = g * (1.0 / divisors[0])
+        grads_out.reverse()
+        grads_middle.reverse()
+        g_p = torch.stack(grads_out) @ middles.mH if ctx.needs_input_grad[1] else None
+        g_q = torch.stack(grads_middle).transpose(-1, -2) @ inputs.conj().unsqueeze(1) if ctx.needs_input_grad[2] \
+            else None
+        return g, g_p, g_q

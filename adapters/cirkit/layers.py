@@ -429,6 +429,16 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
             left, right = left.index_select(0, folds), right.index_select(0, folds)
         return [left, right], [left.conj(), right.conj()]
 
+    takes_factors = True  # see linear_on_factors
+
+    def linear_on_factors(self, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The map on one input block given by factors (left (F, Ki1, V), right (F, Ki1, V)) ->
+        the factors ``(Ã left, conj(Ã) right)`` of the output block, through Ã's thin factors
+        (``2·r·Ki·V`` multiply-adds per side); None where they do not fit. Lets ``Z`` start from
+        the integrals' factors, as the exact layer does."""
+        chain_a, chain_b = self.kronecker_chain()
+        return _terms_on_factors([m.unsqueeze(1) for m in chain_a], [m.unsqueeze(1) for m in chain_b], left, right)
+
     def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
         chain_a, chain_b = self.kronecker_chain(folds)
         return (lambda t: kron_apply(chain_a, chain_b, t)), chain_a[0].dtype

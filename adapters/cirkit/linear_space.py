@@ -112,7 +112,7 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
-from .chains import CHAIN_MIN_LINKS, ChainLink, run_chain
+from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, run_chain
 from .checks import check_evidence
 from .costs import layer_macs
 from .integrals import gaussian_product_integrals
@@ -810,7 +810,7 @@ def _unit_factors(left: Tensor, right: Tensor, s: Tensor) -> _Blocks:
     return _Blocks(*factors, s, None)
 
 
-def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Blocks, Scaled, None]:
+def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks], keep: bool = False) -> Union[_Blocks, Scaled, None]:
     """A sum layer over low-rank blocks, its inputs' ``blocks`` (:func:`_input_blocks`, or the
     factored output of a sum or product over them) read through its ``fetch``: its output
     from the factors; None where the layer cannot take these factors. One block per fold
@@ -818,7 +818,8 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
     out once. One rank-1 block per sample (left (F, 1, B, Ki1)): the samples are the columns,
     ``(A u_b)(B w_b)ᵀ`` for each, where the block would cost ``A X Bᵀ``; the output stays
     factored (:class:`_Blocks`) where it has rank 1 (a single Kronecker term, no variable
-    integrated out)."""
+    integrated out). ``keep``: one block per fold stays factored too (a deep chain may take
+    its factors, :func:`.chains.run_chain`)."""
     first = blocks[fetch.sources[0]]
     if any((blocks[j].batch is None) != (first.batch is None) or (blocks[j].mask is None) != (first.mask is None)
            for j in fetch.sources):
@@ -831,7 +832,9 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks]) -> Union[_Bl
     on_factors = _factor_map(layer)
     if first.batch is not None:
         factors = on_factors(left, right)
-        return None if factors is None else _over_batch(*normalise(_materialise(*factors), s), first.batch)
+        if factors is None or keep:
+            return None if factors is None else _Blocks(*factors, s, first.batch)
+        return _over_batch(*normalise(_materialise(*factors), s), first.batch)
     factors = on_factors(left.transpose(1, 2), right.transpose(1, 2))
     if factors is None:
         return None
@@ -943,15 +946,28 @@ def _find_chains(steps: List[_Step], consumers: Dict[int, List[int]]) -> Dict[in
 
 def _run_chain(links: List[ChainLink], steps: List[_Step], values: List[Optional[Tensor]],
                scales: List[Optional[Tensor]], split_values: Dict[int, tuple],
-               split_scales: Dict[int, tuple], symmetric: List[bool]) -> Optional[Scaled]:
+               split_scales: Dict[int, tuple], symmetric: List[bool],
+               blocks: Dict[int, _Blocks]) -> Optional[Scaled]:
     """A chain's last value (:func:`.chains.run_chain`), its outside operands read as the
-    products would read them; None where it does not apply (the steps then run one by one)."""
-    if any(values[source] is None for link in links for source, _ in link.outside):
-        return None  # an operand kept as factors only: the product multiplies it out
-    return run_chain([(link, [(operand_row(values, split_values, source, row),
-                               operand_row(scales, split_scales, source, row)) for source, row in link.outside],
-                       steps[link.total].layer, all(symmetric[source] for source, _ in link.outside))
-                      for link in links])
+    products would read them, and as thin factors where they are a constant's integrals
+    kept as such; None where it does not apply (the steps then run one by one)."""
+    def operands() -> List[Tuple[ChainLink, List[Scaled], object, bool]]:
+        return [(link, [(None, None) if values[source] is None else  # kept as factors only
+                        (operand_row(values, split_values, source, row), operand_row(scales, split_scales, source, row))
+                        for source, row in link.outside], steps[link.total].layer,
+                 all(symmetric[source] for source, _ in link.outside)) for link in links]
+
+    def factors(source: int, row: int) -> Optional[OperandFactors]:
+        found = blocks.get(source)
+        return None if found is None or found.batch is None else OperandFactors(found.left, found.right, found.s, row)
+
+    out = run_chain(operands(), [[factors(source, row) for source, row in link.outside] for link in links])
+    missing = {source for link in links for source, _ in link.outside if values[source] is None}
+    if out is not None or not missing:
+        return out
+    for source in missing:  # the chain multiplies its operands out after all
+        values[source], scales[source] = _dense_blocks(blocks[source])
+    return run_chain(operands())
 
 
 class CircuitPlan:
@@ -1001,12 +1017,6 @@ class CircuitPlan:
                 per_sample.append(True)
             else:
                 per_sample.append(False)
-        for i, step in enumerate(steps):
-            users = consumers.get(i, [])
-            takers = [u for u in users if steps[u].on_factors or steps[u].product_on_factors]
-            if takers:
-                step.blocks = True
-                step.dense_needed = len(takers) < len(users)
         # products whose only consumer is a sum layer are measured at the sum's output
         for i, step in enumerate(steps):
             users = consumers.get(i, [])
@@ -1015,8 +1025,18 @@ class CircuitPlan:
                 step.measure = False
                 steps[users[0]].after_unmeasured = True
         self.steps = steps
-        # runs of one-fold product -> sum layers, each evaluated as one node (:mod:`.chains`)
+        # runs of one-fold product -> sum layers, each evaluated as one node (:mod:`.chains`);
+        # a later link may take the factors of a constant input's integrals or of a sum layer
+        # over them (through its layers' inner units), else they are multiplied out when read
         self.chains = _find_chains(steps, consumers)
+        chain_takers = {link.product for links in self.chains.values() for link in links}
+        for i, step in enumerate(steps):
+            users = consumers.get(i, [])
+            takers = [u for u in users if steps[u].on_factors or steps[u].product_on_factors
+                      or ((block_input[i] or step.on_factors) and u in chain_takers)]
+            if takers:
+                step.blocks = True
+                step.dense_needed = len(takers) < len(users)
         for step in steps:  # Hadamard products, and layers applying one real square matrix on both sides
             step.keeps_symmetry = step.rule is _hadamard or (hasattr(step.layer, "maps_symmetric")
                                                             and step.layer.maps_symmetric())
@@ -1056,7 +1076,7 @@ class CircuitPlan:
             if i < resume:
                 continue
             if i in chains:
-                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales, symmetric)
+                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales, symmetric, blocks)
                 if out is not None:  # its inner values are read by nothing else
                     last = chains[i][-1].total
                     values.extend([None] * (last - i) + [out[0]])
@@ -1073,7 +1093,7 @@ class CircuitPlan:
             symmetric.append(keeps_symmetric)
             out: Union[_Blocks, Scaled, None] = None
             if step.on_factors and factored and (not probing or step.reads_input is not None):
-                out = _sum_on_blocks(layer, step.fetch, blocks)
+                out = _sum_on_blocks(layer, step.fetch, blocks, step.blocks)
                 if probing and out is not None:  # rank-1 blocks (nothing integrated) multiplied out too:
                     v, s = _dense_blocks(out) if isinstance(out, _Blocks) else out  # no factors pass a probe
                     out = (_probe(v), s)

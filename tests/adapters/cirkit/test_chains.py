@@ -7,6 +7,7 @@ differ). Each case checks that the chain actually ran."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -50,16 +51,16 @@ KINDS = ["exact", "complex weights", "frozen lowrank square", "kronecker kind", 
 
 
 def counting(monkeypatch):
-    """Count the chains that ran (run_chain returning a value)."""
+    """Count the chains that ran (the evaluator's chain step returning a value)."""
     ran = []
-    original = linear_space.run_chain
+    original = linear_space._run_chain
 
-    def counted(links):
-        out = original(links)
+    def counted(*args):
+        out = original(*args)
         ran.append(out is not None)
         return out
 
-    monkeypatch.setattr(linear_space, "run_chain", counted)
+    monkeypatch.setattr(linear_space, "_run_chain", counted)
     return ran
 
 
@@ -223,7 +224,7 @@ def test_a_flushed_link_sends_the_evaluation_to_the_measured_path(monkeypatch):
     ref = model.log_partition(cached=False).detach()
     calls = []
 
-    def flushed(links):
+    def flushed(links, factors=None):
         calls.append(len(links))
         raise _Unmeasured
 
@@ -248,3 +249,168 @@ def test_run_chain_declines_what_it_does_not_compute():
               NoTerm(), False)]
     assert run_chain(links) is None
     assert math.isclose(float(_one_by_one(mats, operands, scales)[1]), float(_chain(mats, operands, scales)[1]))
+
+
+# ------------------------------------------------------------------ through the inner units
+class _Chained:
+    """A one-fold layer whose map is given by its Kronecker chains (``kronecker_chain``)."""
+
+    def __init__(self, chain_a, chain_b):
+        self.chain = (list(chain_a), list(chain_b))
+
+    def kronecker_chain(self):
+        return self.chain
+
+
+def _inner_case(dtype, n=5, k=6, r=2, v=2, last=True, scale=1.0, seed=0):
+    """n links over k x k blocks whose maps are L R per side (r inner units), the last one a
+    single matrix per side (2 x k) where ``last``; the first link's two operands and every
+    later one's operand given as factors (k, v) with a log-scale each."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if dtype.is_complex:
+            t = torch.complex(t, torch.randn(*shape, generator=g, dtype=torch.float64))
+        return t.to(dtype)
+
+    maps = [([rand(1, k, r) * scale, rand(1, r, k)], [rand(1, k, r) * scale, rand(1, r, k)]) for _ in range(n - last)]
+    if last:
+        maps.append(([rand(1, 2, k)], [rand(1, 2, k)]))
+    lefts, rights = rand(n + 1, k, v), rand(n + 1, k, v)
+    scales = torch.linspace(-1.0, 2.0, n + 1, dtype=torch.float64).unsqueeze(-1)
+    return maps, lefts, rights, scales
+
+
+def _inner_links_of(maps, lefts, rights, scales, dense_first=False):
+    def block(row):  # the operand's block multiplied out, normalised as the evaluator keeps values
+        return normalise((lefts[row] @ rights[row].transpose(-1, -2)).reshape(1, 1, -1), scales[row:row + 1])
+
+    def factors(row):
+        return chains.OperandFactors(lefts, rights, scales, row)
+
+    links, fs = [], []
+    for i, (chain_a, chain_b) in enumerate(maps):
+        rows = (0, 1) if i == 0 else (i + 1,)
+        links.append((ChainLink(2 * i, 2 * i + 1, None if i == 0 else 1, tuple((0, r) for r in rows)),
+                      [block(r) for r in rows], _Chained(chain_a, chain_b), False))
+        fs.append([None if (dense_first and i == 0) else factors(r) for r in rows])
+    return links, fs
+
+
+def _inner_reference(maps, lefts, rights, scales):
+    """log of the last block, from the blocks multiplied out in float64/complex128, no scaling."""
+    def block(row):
+        return lefts[row] @ rights[row].transpose(-1, -2) * torch.exp(scales[row])
+
+    def matrix(chain):
+        return functools.reduce(torch.matmul, [m[0] for m in chain])
+
+    x = block(0) * block(1)
+    for i, (chain_a, chain_b) in enumerate(maps):
+        if i:
+            x = x * block(i + 1)
+        x = matrix(chain_a) @ x @ matrix(chain_b).transpose(-1, -2)
+    return torch.log(x.reshape(-1).to(torch.complex128))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("last", [True, False])
+@pytest.mark.parametrize("dense_first", [False, True])
+def test_inner_chain_values_and_gradcheck(dtype, last, dense_first, monkeypatch):
+    ran = []
+    original = chains._inner_chain
+    monkeypatch.setattr(chains, "_inner_chain", lambda *a: ran.append(a[2]) or original(*a))
+    maps, lefts, rights, scales = _inner_case(dtype, last=last)
+    links, fs = _inner_links_of(maps, lefts, rights, scales, dense_first)
+    v, s = run_chain(links, fs)
+    assert len(ran) == 1 and ran[0].taken == len(maps) and ran[0].first_factored == (not dense_first)
+    assert (ran[0].last is not None) == last
+    got = torch.log(v.reshape(-1).to(torch.complex128)) + s.reshape(-1)
+    ref = _inner_reference(maps, lefts, rights, scales)
+    # logs of complex values: compare the values (the imaginary parts are defined modulo 2π)
+    torch.testing.assert_close(torch.exp(got - ref.real.max()), torch.exp(ref - ref.real.max()), rtol=1e-12, atol=1e-13)
+
+    def value(lefts_, rights_, *mats):
+        it = iter(mats)
+        ms = [([next(it) for _ in a], [next(it) for _ in b]) for a, b in maps]
+        links_, fs_ = _inner_links_of(ms, lefts_, rights_, scales, dense_first)
+        v_, s_ = run_chain(links_, fs_)
+        return torch.log(v_.abs()) + s_.unsqueeze(-1)
+
+    inputs = [lefts.clone().requires_grad_(), rights.clone().requires_grad_(),
+              *(m.clone().requires_grad_() for a, b in maps for m in (*a, *b))]
+    assert torch.autograd.gradcheck(value, inputs)
+
+
+def test_inner_chain_rescales_every_link():
+    """Large weights: each link's inner block is divided by its peak; the value is the
+    unscaled product's."""
+    maps, lefts, rights, scales = _inner_case(torch.float64, n=8, scale=40.0)
+    v, s = run_chain(*_inner_links_of(maps, lefts, rights, scales))
+    ref = _inner_reference(maps, lefts, rights, scales)
+    assert float(s.max()) > 60  # far outside what float64 values alone would hold unscaled at float32
+    torch.testing.assert_close(torch.log(v.abs().reshape(-1)) + s.reshape(-1), ref.real, rtol=1e-12, atol=1e-12)
+
+
+def test_inner_chain_is_declined_where_it_does_not_pay_or_fit(monkeypatch):
+    ran = []
+    original = chains._inner_chain
+    monkeypatch.setattr(chains, "_inner_chain", lambda *a: ran.append(True) or original(*a))
+    # r = 5 of k = 6 inner units: the V-fold operators cost more than the blocks
+    maps, lefts, rights, scales = _inner_case(torch.float64, r=5, last=False)
+    links, fs = _inner_links_of(maps, lefts, rights, scales)
+    out = run_chain(links, fs)
+    assert not ran and out is not None  # the blocks' chain instead
+    # a later operand without factors: the links before it go inner, the rest as blocks
+    maps, lefts, rights, scales = _inner_case(torch.float64, last=False)
+    links, fs = _inner_links_of(maps, lefts, rights, scales)
+    fs[2] = [None]
+    assert chains._inner_links(links, fs).taken == 2
+    v, s = run_chain(links, fs)
+    torch.testing.assert_close(torch.log(v.abs().reshape(-1)) + s.reshape(-1),
+                               _inner_reference(maps, lefts, rights, scales).real, rtol=1e-12, atol=1e-12)
+    fs[1] = [None]  # one link before it: too few
+    ran.clear()
+    assert run_chain(links, fs) is not None and not ran
+    # mixed dtypes
+    links, fs = _inner_links_of(maps, lefts, rights, scales)
+    fs[3] = [fs[3][0]._replace(right=rights.to(torch.float32))]
+    assert chains._inner_links(links, fs) is None
+
+
+def test_inner_chain_with_a_flushed_link_raises():
+    """A peak below sqrt(tiny) sends the evaluation to the measured path, as the blocks do."""
+    maps, lefts, rights, scales = _inner_case(torch.float32, n=4, last=False)
+    maps[2][0][1] = maps[2][0][1] * 1e-25  # the third link's inner block ~1e-25
+    with pytest.raises(_Unmeasured):
+        run_chain(*_inner_links_of(maps, lefts, rights, scales))
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+@pytest.mark.parametrize("policy", ["frozen", "live"])
+def test_a_lowrank_deep_circuit_runs_through_the_inner_units(complex_weights, policy, monkeypatch):
+    """Z of a deep narrow circuit whose layers are rank-2 squares over 8 units: the chain
+    runs through the inner units from the integrals' factors (nothing multiplied out on the
+    way) and gives the layers' values and gradients."""
+    model = compile_density(deep_cp_circuit(DEPTH, 8, region_graph="linear-tree", complex=complex_weights).circuit,
+                            dtype=torch.float64, seed=3, num_categories=2)
+    if policy == "frozen":
+        swap_kronecker_sum_layers([model.density, model.partition], square_policy("lowrank", 2))
+    else:
+        approximate_density(model, square_policy("lowrank", 2))
+    plans = []
+    original = chains._inner_chain
+    monkeypatch.setattr(chains, "_inner_chain", lambda *a: plans.append(a[2]) or original(*a))
+    multiplied = []
+    dense = linear_space._dense_blocks
+    monkeypatch.setattr(linear_space, "_dense_blocks", lambda b: multiplied.append(b) or dense(b))
+    logz, grads = log_z_and_gradients(model)
+    assert len(plans) == 1 and plans[0].taken == DEPTH - 1 and plans[0].first_factored
+    assert plans[0].last is not None  # the root: one matrix per side
+    assert not multiplied
+    monkeypatch.setattr(linear_space.circuit_plan(model.partition), "chains", {})
+    ref_logz, ref_grads = log_z_and_gradients(model)
+    torch.testing.assert_close(logz, ref_logz, rtol=1e-13, atol=0)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-11, atol=1e-13)
