@@ -327,6 +327,15 @@ class StructuredSumLayer(nn.Module, abc.ABC):
         terms = self.kronecker_terms()
         return None if terms is None else ([terms[0]], [terms[1]])
 
+    def kronecker_chain(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """``(chain_a, chain_b)`` of (F, ·, ·) matrices with ``W = A ⊗ B`` (``A`` the product
+        of ``chain_a``, left to right), where the kind stores W as a single Kronecker term;
+        None otherwise. :meth:`kronecker_chains` without the terms' axis."""
+        chains = self.kronecker_chains()
+        if chains is None or chains[0][0].shape[1] != 1:
+            return None
+        return [m.squeeze(1) for m in chains[0]], [m.squeeze(1) for m in chains[1]]
+
     def to_dense(self) -> torch.Tensor:
         """The represented weight, (F, out_features, in_features); differentiable.
 

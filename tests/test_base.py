@@ -455,6 +455,11 @@ def test_declared_factorisations_are_the_weight(kind):
         if chains is not None:  # the stored form multiplies out to the terms
             for chain, term in zip(chains, terms):
                 assert rel(functools.reduce(torch.matmul, chain), term) < EXACT
+        single = layer.kronecker_chain()  # one term: its chains without the terms' axis
+        assert (single is None) == (chains is None or chains[0][0].shape[1] != 1)
+        if single is not None:
+            for chain, term in zip(single, terms):
+                assert rel(functools.reduce(torch.matmul, chain), term[:, 0]) < EXACT
 
 
 def test_kronecker_terms_are_declared_by_the_kronecker_kinds():

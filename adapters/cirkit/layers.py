@@ -305,10 +305,7 @@ class TorchStructuredSumLayer(_SumLayerConfig):
     def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
         """The map as one Kronecker product of chains (one input, a kind storing a single
         Kronecker term), else None; see :meth:`TorchKroneckerSumLayer.kronecker_chain`."""
-        chains = self.structured.kronecker_chains() if self.arity == 1 else None
-        if chains is None or chains[0][0].shape[1] != 1:
-            return None
-        return [m.squeeze(1) for m in chains[0]], [m.squeeze(1) for m in chains[1]]
+        return self.structured.kronecker_chain() if self.arity == 1 else None
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)

@@ -215,6 +215,11 @@ class FactoredLayer(StructuredSumLayer):
         chain_a, chain_b = self._chains()
         return [m.unsqueeze(1) for m in chain_a], [m.unsqueeze(1) for m in chain_b]
 
+    def kronecker_chain(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """Kronecker structure: ``([L_a, R_a], [L_b, R_b])`` as stored (no terms' axis to add
+        and take away: a deep chain reads these at every call)."""
+        return self._chains() if self.structure == "kronecker" else None
+
     def thin_factors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Flat structure: (left, right); the Kronecker structure has no single inner width."""
         return (self.left, self.right) if self.structure == "flat" else None
