@@ -241,11 +241,26 @@ def _rows(tensors: Sequence[Tensor], rows: Sequence[int]) -> Tensor:
 
 
 def _transfer_operators(outer: Tensor, phi: Tensor, inner: Tensor) -> Tensor:
-    """``P_v = R diag(φ_v) L`` per link and category: outer R (N, r, K), phi (N, K, V), inner
-    L (N, K, r') -> (N, V, r, r')."""
-    n, r, k = outer.shape
-    scaled = (outer.unsqueeze(1) * phi.transpose(1, 2).unsqueeze(2)).reshape(n, -1, k)  # (N, V·r, K)
-    return torch.bmm(scaled, inner).view(n, phi.shape[-1], r, inner.shape[-1])
+    """``P_v = R diag(φ_v) L`` per link and category, side by side: outer R (N, r, K), phi
+    (N, K, V), inner L (N, K, r') -> (N, r, V·r'), ``[i, v·r' + j] = P_v[i, j]``. One batched
+    product of R with the V scaled copies of L (the thin side scaled: a broadcast product over
+    R's rows was measured 1-4 ms against 0.2 at 37 links, K=256, r=64)."""
+    n, k, r = inner.shape
+    scaled = (phi.unsqueeze(-1) * inner.unsqueeze(2)).reshape(n, k, -1)  # (N, K, V·r'): [φ_1 L, …, φ_V L]
+    return torch.bmm(outer, scaled)
+
+
+def _stacked(side_a: Sequence[Tensor], side_b: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Both sides' matrices of the links, each concatenated over the links; once where the
+    sides are the same tensors (a real square's ``S`` on both sides)."""
+    a = torch.cat(side_a)
+    return a, a if all(x is y for x, y in zip(side_a, side_b)) else torch.cat(side_b)
+
+
+def _per_category(t: Tensor, rank: int) -> Tensor:
+    """(N, r, V·r') of :func:`_transfer_operators` -> (N, V, r, r'), a view."""
+    n, r, _ = t.shape
+    return t.view(n, r, rank, -1).transpose(1, 2)
 
 
 def _inner_map(layer) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
@@ -355,12 +370,13 @@ def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
     later = [f[0] for f in factors[1:n]]
     rows = [f.row for f in later]
     s = s + _rows([f.s for f in later], rows).sum(0, keepdim=True)
-    p = _transfer_operators(torch.cat([c[0][1] for c in maps[1:]]), _rows([f.left for f in later], rows),
-                            torch.cat([c[0][0] for c in maps[:-1]]))
-    q = _transfer_operators(torch.cat([c[1][1] for c in maps[1:]]), _rows([f.right for f in later], rows),
-                            torch.cat([c[1][0] for c in maps[:-1]]))
-    # P laid out (N, r, V·r), [i, v·r + j] = P_v[i, j]: each link's sum over v is one product
-    m, log_divisor = _Transfer.apply(m, p.transpose(1, 2).reshape(n - 1, ra.shape[-2], -1), q)
+    rank = later[0].left.shape[-1]
+    outer_a, outer_b = _stacked([c[0][1] for c in maps[1:]], [c[1][1] for c in maps[1:]])
+    inner_a, inner_b = _stacked([c[0][0] for c in maps[:-1]], [c[1][0] for c in maps[:-1]])
+    # P side by side (N, r, V·r): each link's sum over v is one product; Q per category
+    p = _transfer_operators(outer_a, _rows([f.left for f in later], rows), inner_a)
+    q = _transfer_operators(outer_b, _rows([f.right for f in later], rows), inner_b)
+    m, log_divisor = _Transfer.apply(m, p, _per_category(q, rank))
     s = s + log_divisor
     (la, _), (lb, _) = maps[-1]
     if plan.last is None:
@@ -368,8 +384,8 @@ def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
     else:
         f = factors[n][0]
         a, b = plan.last
-        p_last = _transfer_operators(a, _row(f.left, f.row), la)[0]  # (V, a1, r_a)
-        q_last = _transfer_operators(b, _row(f.right, f.row), lb)[0]
+        p_last = _per_category(_transfer_operators(a, _row(f.left, f.row), la), rank)[0]  # (V, a1, r_a)
+        q_last = _per_category(_transfer_operators(b, _row(f.right, f.row), lb), rank)[0]
         y = torch.matmul(p_last, torch.matmul(m, q_last.transpose(-1, -2))).sum(0, keepdim=True)  # (1, a1, b1)
         s = s + _row(f.s, f.row)
     return normalise(y.reshape(1, 1, -1), s)
