@@ -359,7 +359,8 @@ def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
     if plan.first_factored:
         fs = factors[0]
         left = torch.bmm(ra, _khatri_rao([_row(f.left, f.row) for f in fs]))  # (1, r_a, Π V)
-        right = torch.bmm(rb, _khatri_rao([_row(f.right, f.row) for f in fs]))
+        right = left if rb is ra and all(f.right is f.left for f in fs) else \
+            torch.bmm(rb, _khatri_rao([_row(f.right, f.row) for f in fs]))
         m = torch.bmm(left, right.transpose(-1, -2))[0]
         s = functools.reduce(torch.add, [_row(f.s, f.row) for f in fs])
     else:
@@ -373,9 +374,11 @@ def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
     rank = later[0].left.shape[-1]
     outer_a, outer_b = _stacked([c[0][1] for c in maps[1:]], [c[1][1] for c in maps[1:]])
     inner_a, inner_b = _stacked([c[0][0] for c in maps[:-1]], [c[1][0] for c in maps[:-1]])
-    # P side by side (N, r, V·r): each link's sum over v is one product; Q per category
+    # P side by side (N, r, V·r): each link's sum over v is one product; Q per category. A
+    # real square over one tensor of factors on both sides (conj(c)·c of a real c): Q is P
     p = _transfer_operators(outer_a, _rows([f.left for f in later], rows), inner_a)
-    q = _transfer_operators(outer_b, _rows([f.right for f in later], rows), inner_b)
+    same = outer_b is outer_a and inner_b is inner_a and all(f.right is f.left for f in later)
+    q = p if same else _transfer_operators(outer_b, _rows([f.right for f in later], rows), inner_b)
     m, log_divisor = _Transfer.apply(m, p, _per_category(q, rank))
     s = s + log_divisor
     (la, _), (lb, _) = maps[-1]
@@ -385,7 +388,8 @@ def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
         f = factors[n][0]
         a, b = plan.last
         p_last = _per_category(_transfer_operators(a, _row(f.left, f.row), la), rank)[0]  # (V, a1, r_a)
-        q_last = _per_category(_transfer_operators(b, _row(f.right, f.row), lb), rank)[0]
+        q_last = p_last if b is a and lb is la and f.right is f.left else \
+            _per_category(_transfer_operators(b, _row(f.right, f.row), lb), rank)[0]
         y = torch.matmul(p_last, torch.matmul(m, q_last.transpose(-1, -2))).sum(0, keepdim=True)  # (1, a1, b1)
         s = s + _row(f.s, f.row)
     return normalise(y.reshape(1, 1, -1), s)

@@ -97,7 +97,10 @@ def _terms_on_factors(chain_a: List[Tensor], chain_b: List[Tensor], left: Tensor
             y = _matmul(y, m.transpose(-1, -2))  # (F, T, V, ·)
         return y.permute(0, 3, 1, 2).reshape(f, y.shape[-1], t * v)
 
-    return side(chain_a, left), side(chain_b, right)
+    out = side(chain_a, left)
+    # one map and one block factor on both sides (a real circuit's conj(c)·c): one product
+    same = right is left and len(chain_a) == len(chain_b) and all(a is b for a, b in zip(chain_a, chain_b))
+    return out, (out if same else side(chain_b, right))
 
 
 def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tensor, folds: Tensor) -> Tensor:
@@ -124,6 +127,9 @@ def _kronecker_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> 
     """``(A left, B right)`` for A (F, a1, a2), B (F, b1, b2), left (F, a2, V), right (F, b2, V);
     where A and B are one tensor and the factors are thin (:func:`_thin`), one product over both
     side by side. None where the shapes do not fit."""
+    if a is b and left is right and a.shape[-1] == left.shape[1]:  # one product, one result for both
+        out = _matmul(left.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+        return out, out
     if a is b and left.shape == right.shape and a.shape[-1] == left.shape[1] and _thin(a, left, right):
         # as (xᵀ Aᵀ)ᵀ, the thin side first (see _terms_on_factors)
         both = _matmul(torch.cat([left, right], dim=-1).transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
@@ -244,8 +250,12 @@ class TorchKroneckerSumLayer(_SumLayerConfig):
         if a.shape[0] != left.shape[0]:
             return None
         # fold f applies A'[index[f]]: the factors in A's own fold order, and back
-        out = _kronecker_on_factors(a, b, _Permute.apply(left, inverse, index), _Permute.apply(right, inverse, index))
-        return None if out is None else tuple(_Permute.apply(t, index, inverse) for t in out)
+        moved = _Permute.apply(left, inverse, index)
+        out = _kronecker_on_factors(a, b, moved, moved if right is left else _Permute.apply(right, inverse, index))
+        if out is None:
+            return None
+        back = _Permute.apply(out[0], index, inverse)
+        return back, (back if out[1] is out[0] else _Permute.apply(out[1], index, inverse))
 
 
 class TorchStructuredSumLayer(_SumLayerConfig):
@@ -434,7 +444,9 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
         (``2·r·Ki·V`` multiply-adds per side); None where they do not fit. Lets ``Z`` start from
         the integrals' factors, as the exact layer does."""
         chain_a, chain_b = self.kronecker_chain()
-        return _terms_on_factors([m.unsqueeze(1) for m in chain_a], [m.unsqueeze(1) for m in chain_b], left, right)
+        with_axis = [m.unsqueeze(1) for m in chain_a]
+        same = all(a is b for a, b in zip(chain_a, chain_b))  # a real Ã: its own conjugate
+        return _terms_on_factors(with_axis, with_axis if same else [m.unsqueeze(1) for m in chain_b], left, right)
 
     def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
         chain_a, chain_b = self.kronecker_chain(folds)
@@ -608,7 +620,10 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
             out = self._apply(t.transpose(1, 2), conjugate=conjugate).transpose(1, 2)  # (F, Ko, V)
             return out if self._identity else out.index_select(0, self.fold_rows)
 
-        return side(left, self.conjugate_left), side(right, not self.conjugate_left)
+        out = side(left, self.conjugate_left)
+        if right is left and not self.structured.dtype.is_complex:  # one real map of one factor: once
+            return out, out
+        return out, side(right, not self.conjugate_left)
 
     @staticmethod
     def _square_factored(z: Tensor, left: Tensor, right: Tensor, on_left: bool, on_right: bool) -> Tensor:

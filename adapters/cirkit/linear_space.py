@@ -133,6 +133,7 @@ from .plan import (
     evaluate_parameter,
     fetched_rows,
     operand_row,
+    parameter_plan,
     plan_fetch,
 )
 from .scaling import (
@@ -502,7 +503,7 @@ def _integrated_products(value, symmetric: Optional[List[bool]] = None) -> Optio
         return None
     pieces, folds = found
     if symmetric is not None:
-        symmetric.append(all(torch.equal(left, right) for left, right, _ in pieces))
+        symmetric.append(all(left is right or torch.equal(left, right) for left, right, _ in pieces))
     v, s = _folds_of([(_materialise(left, right), s) for left, right, s in pieces], folds)
     return normalise(v, s)
 
@@ -524,8 +525,12 @@ def _integrated_factors(value) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
 def _folds_of(pieces: List[tuple], folds: Optional[Tensor]) -> tuple:
     """The pieces' tensors, each concatenated over the pieces' folds, then gathered by ``folds``
     (None: all of them in order)."""
-    columns = tuple(torch.cat(column) if len(pieces) > 1 else column[0] for column in zip(*pieces))
-    return columns if folds is None else tuple(t.index_select(0, folds) for t in columns)
+    columns = [torch.cat(column) if len(pieces) > 1 else column[0] for column in zip(*pieces)]
+    if folds is not None:
+        columns = [t.index_select(0, folds) for t in columns]
+    if len(columns) > 1 and all(piece[1] is piece[0] for piece in pieces):
+        columns[1] = columns[0]  # one tensor of factors for both sides stays one
+    return tuple(columns)
 
 
 def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tensor]], Optional[Tensor]]]:
@@ -551,11 +556,14 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
     if reduce.dim != 1 or not outers:
         return None
     pieces: List[Tuple[Tensor, Tensor, Tensor]] = []
+    plan = parameter_plan(value)
 
     def fn(node, *inputs):
         if node is reduce:
             return inputs[0]  # the fold numbers, gathered as the outer sums would be
         if any(node is outer for outer in outers):
+            if plan.same_inputs(node):  # one function on both sides (a real c's conj(c)·c): one tensor
+                inputs = (inputs[0], inputs[0])
             piece = _outer_lse_factors(*inputs)
             start = sum(p[0].shape[0] for p in pieces)
             pieces.append(piece)
@@ -639,7 +647,9 @@ def _outer_lse_factors(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     # the middle factor split evenly between the sides, so that a = b (an integral of a
     # squared layer) gives left = right: a block seen to be symmetric (SYMMETRIC_BLOCKS)
     half = torch.exp((top - s) / 2).unsqueeze(1)  # (F, 1, V), 0 for impossible categories
-    return torch.exp(a - finite(ma).unsqueeze(1)) * half, torch.exp(b - finite(mb).unsqueeze(1)) * half, s
+    left = torch.exp(a - finite(ma).unsqueeze(1)) * half
+    # one tensor for both sides where a is b: its consumers may compute with it once
+    return left, (left if b is a else torch.exp(b - finite(mb).unsqueeze(1)) * half), s
 
 
 def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor],
@@ -828,7 +838,9 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks], keep: bool =
     def fetched(part: Callable[[_Blocks], Tensor]) -> Tensor:  # arity 1: the one input of each fold
         return fetch({j: part(blocks[j]) for j in fetch.sources}, {}).squeeze(1)
 
-    left, right, s = fetched(lambda b: b.left), fetched(lambda b: b.right), fetched(lambda b: b.s)
+    left, s = fetched(lambda b: b.left), fetched(lambda b: b.s)
+    # one tensor of factors for both sides (a real circuit's conj(c)·c) stays one
+    right = left if all(blocks[j].right is blocks[j].left for j in fetch.sources) else fetched(lambda b: b.right)
     on_factors = _factor_map(layer)
     if first.batch is not None:
         factors = on_factors(left, right)
@@ -1135,7 +1147,7 @@ class CircuitPlan:
                     blocks[len(values)] = found
                     v, s = _dense_blocks(found) if step.dense_needed else (None, None)
                     # integrals of a squared categorical layer: equal factors, compared exactly
-                    equal = found.batch is not None and torch.equal(found.left, found.right)
+                    equal = found.batch is not None and (found.left is found.right or torch.equal(found.left, found.right))
                     symmetric[-1] = SYMMETRIC_BLOCKS and equal
                 else:
                     flags: List[bool] = []

@@ -248,10 +248,50 @@ class ParameterPlan:
             rows_of.append(module.num_folds)
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
+        self._rows_of = rows_of  # output rows per entry
+        self._same_inputs: Dict[int, bool] = {}  # by step: see same_inputs
         self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
         canonical: Dict[tuple, Fetch] = {}
         self.steps = [(m, tuple(canonical.setdefault(_fetch_key(f), f) for f in fs)) for m, fs in self.steps]
+
+    def same_inputs(self, module) -> bool:
+        """Whether the two inputs the step of ``module`` reads are the same function of the
+        same leaf rows: each traced back through its fetches to the leaf tensors' rows, every
+        node on the way of one type and configuration and without parameters of its own.
+        Every cirkit parameter node maps fold f of its inputs to its own fold f, so equal
+        traces give equal values and equal gradients (``conj(c)·c`` of a real circuit reads
+        its integrals' two sides through two pointers to the same rows). Decided once."""
+        step = next((i for i, (m, _) in enumerate(self.steps) if m is module), None)
+        if step is None:
+            return False
+        if step not in self._same_inputs:
+            fetches = self.steps[step][1]
+            keys = [self._trace(f, np.arange(module.num_folds), module.num_folds) for f in fetches]
+            self._same_inputs[step] = len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
+        return self._same_inputs[step]
+
+    def _trace(self, fetch: Fetch, rows: np.ndarray, folds: int, depth: int = 0) -> Optional[tuple]:
+        """A key of what ``fetch`` (read by a node of ``folds`` folds: one row per fold) gives
+        at its rows ``rows``: the leaf rows read and the operations applied to them (None
+        where it cannot be traced)."""
+        if len(fetch.sources) != 1 or depth > 64:
+            return None
+        source = fetch.sources[0]
+        total = self.leaves[-1 - source].num_folds if source < 0 else self._rows_of[source]
+        read = fetched_rows(fetch, total)
+        if read is None or read.size != folds:
+            return None
+        read = read[rows]
+        if source < 0:
+            return ("leaf", source, read.tobytes())
+        module, fetches = self.steps[source]
+        if module is None or next(module.parameters(recurse=False), None) is not None:
+            return None
+        parts = tuple(self._trace(f, read, module.num_folds, depth + 1) for f in fetches)
+        if not parts or any(part is None for part in parts):
+            return None
+        return (type(module), repr(module.config), parts)
 
     def _fetch(self, ids, idx, origin, rows_of) -> Fetch:
         """A fetch over the space of materialised outputs: entries computed here occupy
@@ -328,9 +368,9 @@ def _fetch_key(f: Fetch) -> tuple:
 
 
 def _once(fetch: Fetch, outputs, fetched: Dict[int, Tensor]) -> Tensor:
-    """``fetch(outputs)``, computed once per run when it moves rows."""
-    if fetch.kind not in ("index", "expand", "permute", "pieces"):
-        return fetch(outputs)
+    """``fetch(outputs)``, computed once per run: a fetch read twice (equal fetches are one,
+    e.g. both sides of ``conj(c)·c``'s integrals read through one pointer) gives one tensor,
+    which its readers can recognise as the same value by identity."""
     key = id(fetch)
     if key not in fetched:
         fetched[key] = fetch(outputs)

@@ -213,7 +213,10 @@ class FactoredLayer(StructuredSumLayer):
         if self.structure != "kronecker":
             return None
         chain_a, chain_b = self._chains()
-        return [m.unsqueeze(1) for m in chain_a], [m.unsqueeze(1) for m in chain_b]
+        with_axis = [m.unsqueeze(1) for m in chain_a]
+        if all(a is b for a, b in zip(chain_a, chain_b)):  # tied and real: one list, so consumers see it is one
+            return with_axis, with_axis
+        return with_axis, [m.unsqueeze(1) for m in chain_b]
 
     def kronecker_chain(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """Kronecker structure: ``([L_a, R_a], [L_b, R_b])`` as stored (no terms' axis to add

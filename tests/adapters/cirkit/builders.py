@@ -79,13 +79,14 @@ def shifted_reference(circuit, x, num_variables):
     return out.real[0, :, 0] - SHIFT * num_variables
 
 
-def two_circuits(region_graph: str, **categorical_options):
-    """Two different categorical circuits on one region graph, with 2 and 3 units."""
+def two_circuits(region_graph: str, units=(2, 3), **categorical_options):
+    """Two different categorical circuits on one region graph, with 2 and 3 units (or ``units``),
+    each with parameters of its own."""
     param = Parameterization(activation="softmax", initialization="normal")
     return tuple(REGION_GRAPHS[region_graph]().build_circuit(
         input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **categorical_options),
         sum_product="cp", sum_weight_factory=parameterization_to_factory(param),
-        num_input_units=units, num_sum_units=units) for units in (2, 3))
+        num_input_units=k, num_sum_units=k) for k in units)
 
 
 def complex_circuit(region_graph: str, units: int = 2):

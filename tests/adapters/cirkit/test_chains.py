@@ -405,10 +405,16 @@ def test_a_lowrank_deep_circuit_runs_through_the_inner_units(complex_weights, po
     multiplied = []
     dense = linear_space._dense_blocks
     monkeypatch.setattr(linear_space, "_dense_blocks", lambda b: multiplied.append(b) or dense(b))
+    operators = []
+    transfer = chains._Transfer.apply
+    monkeypatch.setattr(chains._Transfer, "apply", lambda m, p, q: operators.append((p, q)) or transfer(m, p, q))
     logz, grads = log_z_and_gradients(model)
     assert len(plans) == 1 and plans[0].taken == DEPTH - 1 and plans[0].first_factored
     assert plans[0].last is not None  # the root: one matrix per side
     assert not multiplied
+    # a real circuit: one tensor of factors and one map on both sides, so Q is P (built once)
+    (p, q), = operators
+    assert (q.data_ptr() == p.data_ptr()) == (not complex_weights)
     monkeypatch.setattr(linear_space.circuit_plan(model.partition), "chains", {})
     ref_logz, ref_grads = log_z_and_gradients(model)
     torch.testing.assert_close(logz, ref_logz, rtol=1e-13, atol=0)

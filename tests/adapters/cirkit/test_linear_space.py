@@ -869,3 +869,34 @@ def test_constant_inputs_are_symmetric_only_with_equal_sides():
             for layer in constants:
                 found = linear_space._input_blocks(layer, (1,), None)
                 assert torch.equal(found.left, found.right) == expected, name
+
+
+def test_one_function_on_both_sides_is_read_once():
+    """∫ c·c of a real circuit reads its integrals' two sides through two pointers to the same
+    rows: the plan sees one function (same_inputs), the factors are one tensor and the
+    layers above compute with it once. ∫ c1·c2 of two circuits whose parameters hold equal
+    values is not one function: the sides stay apart, and the gradients reach both circuits'
+    parameters as cirkit's own evaluation gives them (sharing would give c2 nothing and c1
+    twice)."""
+    c1, c2 = two_circuits("linear-tree", units=(2, 2))
+    same = compile_partition(SF.multiply(c1, c1), "lse-sum", True)
+    for layer in (layer for layer in same.layers if isinstance(layer, TorchInputLayer)):
+        found = linear_space._input_blocks(layer, (1,), None)
+        assert found.left is found.right
+    apart = compile_partition(SF.multiply(c1, c2), "lse-sum", True)
+    pointers = [n for layer in apart.layers if isinstance(layer, TorchInputLayer)
+                for n in layer.value.nodes if isinstance(n, TorchPointerParameter)]
+    logits = list({id(n.deref()): n.deref() for n in pointers}.values())
+    assert len(logits) == 2
+    with torch.no_grad():  # equal values, distinct parameters
+        node_tensor(logits[1]).copy_(node_tensor(logits[0]))
+    for layer in (layer for layer in apart.layers if isinstance(layer, TorchInputLayer)):
+        found = linear_space._input_blocks(layer, (1,), None)
+        assert found.left is not found.right and torch.equal(found.left, found.right)
+    params = list(apart.parameters())
+    ours = torch.autograd.grad(evaluate_linear_space(apart).real.sum(), params, allow_unused=True)
+    ref = torch.autograd.grad(apart().real.sum(), params, allow_unused=True)
+    for g, r in zip(ours, ref):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
