@@ -249,7 +249,7 @@ class ParameterPlan:
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
         self._rows_of = rows_of  # output rows per entry
-        self._same_inputs: Dict[int, bool] = {}  # by step: see same_inputs
+        self._same_inputs: Dict[int, bool] = {}  # by id of the node: see same_inputs
         self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
         canonical: Dict[tuple, Fetch] = {}
@@ -262,14 +262,17 @@ class ParameterPlan:
         Every cirkit parameter node maps fold f of its inputs to its own fold f, so equal
         traces give equal values and equal gradients (``conj(c)·c`` of a real circuit reads
         its integrals' two sides through two pointers to the same rows). Decided once."""
+        found = self._same_inputs.get(id(module))
+        if found is None:
+            found = self._same_inputs[id(module)] = self._decide_same_inputs(module)
+        return found
+
+    def _decide_same_inputs(self, module) -> bool:
         step = next((i for i, (m, _) in enumerate(self.steps) if m is module), None)
         if step is None:
             return False
-        if step not in self._same_inputs:
-            fetches = self.steps[step][1]
-            keys = [self._trace(f, np.arange(module.num_folds), module.num_folds) for f in fetches]
-            self._same_inputs[step] = len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
-        return self._same_inputs[step]
+        keys = [self._trace(f, np.arange(module.num_folds), module.num_folds) for f in self.steps[step][1]]
+        return len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
 
     def _trace(self, fetch: Fetch, rows: np.ndarray, folds: int, depth: int = 0) -> Optional[tuple]:
         """A key of what ``fetch`` (read by a node of ``folds`` folds: one row per fold) gives
