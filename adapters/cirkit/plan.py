@@ -258,7 +258,7 @@ class ParameterPlan:
     def same_inputs(self, module) -> bool:
         """Whether the two inputs the step of ``module`` reads are the same function of the
         same leaf rows: each traced back through its fetches to the leaf tensors' rows, every
-        node on the way of one type and configuration and without parameters of its own.
+        node on the way of one type and configuration and without tensors of its own.
         Every cirkit parameter node maps fold f of its inputs to its own fold f, so equal
         traces give equal values and equal gradients (``conj(c)·c`` of a real circuit reads
         its integrals' two sides through two pointers to the same rows). Decided once."""
@@ -289,12 +289,14 @@ class ParameterPlan:
         if source < 0:
             return ("leaf", source, read.tobytes())
         module, fetches = self.steps[source]
-        if module is None or next(module.parameters(recurse=False), None) is not None:
-            return None
+        config = getattr(module, "config", None)
+        if module is None or config is None or next(module.parameters(recurse=False), None) is not None \
+                or next(module.buffers(recurse=False), None) is not None:
+            return None  # a node holding tensors of its own is not traced
         parts = tuple(self._trace(f, read, module.num_folds, depth + 1) for f in fetches)
         if not parts or any(part is None for part in parts):
             return None
-        return (type(module), repr(module.config), parts)
+        return (type(module), repr(config), parts)
 
     def _fetch(self, ids, idx, origin, rows_of) -> Fetch:
         """A fetch over the space of materialised outputs: entries computed here occupy
