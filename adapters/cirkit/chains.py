@@ -45,7 +45,7 @@ from torch import Tensor
 from structlayers.linalg.kron import (block_chain_backward, block_chain_forward, kron_chain_flops, kron_steps,
                                      symmetric_square)
 
-from .scaling import Scaled, _flush_limit, _peaks, _Unmeasured, normalise, rescale, undivided
+from .scaling import Scaled, _flush_limit, _Unmeasured, normalise, rescale, undivided
 
 __all__ = ["ChainLink", "OperandFactors", "run_chain", "CHAIN_MIN_LINKS"]
 
@@ -407,45 +407,44 @@ class _Transfer(torch.autograd.Function):
     # ctx-first forward, no setup_context (see _DeepChain)
     @staticmethod
     def forward(ctx, m: Tensor, p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
-        limit = _flush_limit(m.dtype)
-        divisors: List[float] = []
-
-        def divided(t: Tensor) -> Tensor:
-            _, _, top = _peaks(t.reshape(1, -1))
-            if not (top >= limit and math.isfinite(top)):
-                raise _Unmeasured
-            divisors.append(top)
-            return t * (1.0 / top)
-
-        m = divided(m)
+        # each M divided by its largest modulus, kept as a tensor: one read on the host (the
+        # flush check) for the whole recurrence instead of one per link
+        tops = [torch.linalg.vector_norm(m, math.inf)]
+        m = m / tops[0]
         inputs, middles = [], []
         q_t = q.transpose(-1, -2)
+        rank = q.shape[1]
         for k in range(p.shape[0]):
             inputs.append(m)
-            t = torch.matmul(m, q_t[k]).reshape(-1, q.shape[-2])  # (V·r, r'): the M Q_vᵀ stacked
+            t = torch.bmm(m.expand(rank, -1, -1), q_t[k]).view(-1, q.shape[-2])  # (V·r, r'): the M Q_vᵀ stacked
             middles.append(t)
-            m = divided(p[k] @ t)
-        ctx.divisors = divisors
-        ctx.save_for_backward(p, q, torch.stack(inputs), torch.stack(middles))
-        log_divisor = torch.tensor(sum(math.log(d) for d in divisors), dtype=m.real.dtype)
+            n = p[k] @ t
+            tops.append(torch.linalg.vector_norm(n, math.inf))
+            m = n / tops[-1]
+        tops_t = torch.stack(tops)
+        low, high = (float(v) for v in torch.aminmax(tops_t))
+        if not (low >= _flush_limit(m.dtype) and math.isfinite(high)):
+            raise _Unmeasured
+        ctx.save_for_backward(p, q, torch.stack(inputs), torch.stack(middles), tops_t)
+        log_divisor = tops_t.log().sum().to(m.real.dtype)
         ctx.mark_non_differentiable(log_divisor)
         return m, log_divisor
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_log: Optional[Tensor]):  # type: ignore[override]
-        p, q, inputs, middles = ctx.saved_tensors
-        divisors = ctx.divisors
+        p, q, inputs, middles, tops = ctx.saved_tensors
         n, rank = p.shape[0], q.shape[1]
         q_conj = q.conj()
+        inverse = tops.reciprocal()
         g = grad
         grads_out, grads_middle = [], []
         for k in reversed(range(n)):
-            g = g * (1.0 / divisors[k + 1])  # the gradient of link k's sum P (M Qᵀ)
+            g = g * inverse[k + 1]  # the gradient of link k's sum P (M Qᵀ)
             grads_out.append(g)
-            g_t = (p[k].mH @ g).reshape(rank, -1, g.shape[-1])  # per v, w.r.t. M Q_vᵀ
+            g_t = (p[k].mH @ g).view(rank, -1, g.shape[-1])  # per v, w.r.t. M Q_vᵀ
             grads_middle.append(g_t)
-            g = (g_t @ q_conj[k]).sum(0)  # w.r.t. the link's M
-        g = g * (1.0 / divisors[0])
+            g = torch.bmm(g_t, q_conj[k]).sum(0)  # w.r.t. the link's M
+        g = g * inverse[0]
         grads_out.reverse()
         grads_middle.reverse()
         g_p = torch.stack(grads_out) @ middles.mH if ctx.needs_input_grad[1] else None
