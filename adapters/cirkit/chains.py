@@ -47,7 +47,7 @@ from structlayers.linalg.kron import (block_chain_backward, block_chain_forward,
 
 from .scaling import Scaled, _flush_limit, _Unmeasured, normalise, rescale, undivided
 
-__all__ = ["ChainLink", "OperandFactors", "run_chain", "CHAIN_MIN_LINKS"]
+__all__ = ["ChainLink", "OperandFactors", "run_chain", "may_run_inner", "CHAIN_MIN_LINKS"]
 
 #: Runs shorter than this are left to the layer rules (a chain saves per-layer overhead).
 CHAIN_MIN_LINKS = 2
@@ -270,6 +270,16 @@ def _inner_map(layer) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
     if chain is None or any(len(side) != 2 or side[0].shape[-1] >= side[0].shape[-2] for side in chain):
         return None
     return chain
+
+
+def may_run_inner(layers: Sequence[object]) -> bool:
+    """Whether a chain of these sum layers (in order) may run through their inner units
+    (:func:`_inner_links`): its first two layers have inner maps. A property of the layers'
+    structure, decided when the plan is built: only such a chain reads its operands as
+    factors, so only its operands stay factored (the others are multiplied out once, as
+    the layer rules read them)."""
+    with torch.no_grad():
+        return len(layers) >= 2 and all(_inner_map(layer) is not None for layer in layers[:2])
 
 
 def _khatri_rao(parts: Sequence[Tensor]) -> Tensor:

@@ -103,6 +103,14 @@ def _terms_on_factors(chain_a: List[Tensor], chain_b: List[Tensor], left: Tensor
     return out, (out if same else side(chain_b, right))
 
 
+def _with_terms_axis(chain_a: List[Tensor], chain_b: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """One-term chains of (F, ·, ·) matrices as :func:`_terms_on_factors` takes them (F, 1, ·, ·);
+    one list for both sides where they are the same matrices, so that it computes once."""
+    with_axis = [m.unsqueeze(1) for m in chain_a]
+    same = len(chain_a) == len(chain_b) and all(a is b for a, b in zip(chain_a, chain_b))
+    return with_axis, (with_axis if same else [m.unsqueeze(1) for m in chain_b])
+
+
 def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tensor, folds: Tensor) -> Tensor:
     """``Σ_t (A_t ⊗ B_t) z`` with the terms of the folds ``folds`` (F',): chains of (F, T, ·, ·)
     matrices as in :func:`_terms_on_factors`, z (F', B, a2·b2) -> (F', B, a1·b1)."""
@@ -125,17 +133,16 @@ def _thin(a: Tensor, left: Tensor, right: Tensor) -> bool:
 
 def _kronecker_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """``(A left, B right)`` for A (F, a1, a2), B (F, b1, b2), left (F, a2, V), right (F, b2, V);
-    where A and B are one tensor and the factors are thin (:func:`_thin`), one product over both
-    side by side. None where the shapes do not fit."""
-    if a is b and left is right and a.shape[-1] == left.shape[1]:  # one product, one result for both
-        out = _matmul(left.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
-        return out, out
-    if a is b and left.shape == right.shape and a.shape[-1] == left.shape[1] and _thin(a, left, right):
+    where A and B are one tensor and the factors two thin ones (:func:`_thin`), one product over
+    both side by side; where they are one factor too, one product and one result. None where
+    the shapes do not fit."""
+    if a is b and right is not left and left.shape == right.shape and a.shape[-1] == left.shape[1] \
+            and _thin(a, left, right):
         # as (xᵀ Aᵀ)ᵀ, the thin side first (see _terms_on_factors)
         both = _matmul(torch.cat([left, right], dim=-1).transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
         v = left.shape[-1]
         return both[:, :, :v], both[:, :, v:]
-    return _terms_on_factors([a.unsqueeze(1)], [b.unsqueeze(1)], left, right)
+    return _terms_on_factors(*_with_terms_axis([a], [b]), left, right)  # one factor: one product
 
 
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
@@ -443,10 +450,7 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
         the factors ``(Ã left, conj(Ã) right)`` of the output block, through Ã's thin factors
         (``2·r·Ki·V`` multiply-adds per side); None where they do not fit. Lets ``Z`` start from
         the integrals' factors, as the exact layer does."""
-        chain_a, chain_b = self.kronecker_chain()
-        with_axis = [m.unsqueeze(1) for m in chain_a]
-        same = all(a is b for a, b in zip(chain_a, chain_b))  # a real Ã: its own conjugate
-        return _terms_on_factors(with_axis, with_axis if same else [m.unsqueeze(1) for m in chain_b], left, right)
+        return _terms_on_factors(*_with_terms_axis(*self.kronecker_chain()), left, right)  # a real Ã: one side
 
     def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
         chain_a, chain_b = self.kronecker_chain(folds)

@@ -112,7 +112,7 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
-from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, run_chain
+from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, may_run_inner, run_chain
 from .checks import check_evidence
 from .costs import layer_macs
 from .integrals import gaussian_product_integrals
@@ -959,10 +959,12 @@ def _find_chains(steps: List[_Step], consumers: Dict[int, List[int]]) -> Dict[in
 def _run_chain(links: List[ChainLink], steps: List[_Step], values: List[Optional[Tensor]],
                scales: List[Optional[Tensor]], split_values: Dict[int, tuple],
                split_scales: Dict[int, tuple], symmetric: List[bool],
-               blocks: Dict[int, _Blocks]) -> Optional[Scaled]:
+               blocks: Optional[Dict[int, _Blocks]]) -> Optional[Scaled]:
     """A chain's last value (:func:`.chains.run_chain`), its outside operands read as the
-    products would read them, and as thin factors where they are a constant's integrals
-    kept as such; None where it does not apply (the steps then run one by one)."""
+    products would read them, and, given ``blocks`` (a chain that may run through its layers'
+    inner units, :attr:`CircuitPlan.inner_chains`), as thin factors where they are a
+    constant's integrals kept as such; None where it does not apply (the steps then run one
+    by one)."""
     def operands() -> List[Tuple[ChainLink, List[Scaled], object, bool]]:
         return [(link, [(None, None) if values[source] is None else  # kept as factors only
                         (operand_row(values, split_values, source, row), operand_row(scales, split_scales, source, row))
@@ -973,6 +975,8 @@ def _run_chain(links: List[ChainLink], steps: List[_Step], values: List[Optional
         found = blocks.get(source)
         return None if found is None or found.batch is None else OperandFactors(found.left, found.right, found.s, row)
 
+    if blocks is None:
+        return run_chain(operands())
     out = run_chain(operands(), [[factors(source, row) for source, row in link.outside] for link in links])
     missing = {source for link in links for source, _ in link.outside if values[source] is None}
     if out is not None or not missing:
@@ -1041,7 +1045,10 @@ class CircuitPlan:
         # a later link may take the factors of a constant input's integrals or of a sum layer
         # over them (through its layers' inner units), else they are multiplied out when read
         self.chains = _find_chains(steps, consumers)
-        chain_takers = {link.product for links in self.chains.values() for link in links}
+        # the chains that may run through their layers' inner units, reading factors
+        self.inner_chains = {start for start, links in self.chains.items()
+                             if may_run_inner([steps[link.total].layer for link in links])}
+        chain_takers = {link.product for start in self.inner_chains for link in self.chains[start]}
         for i, step in enumerate(steps):
             users = consumers.get(i, [])
             takers = [u for u in users if steps[u].on_factors or steps[u].product_on_factors
@@ -1088,7 +1095,8 @@ class CircuitPlan:
             if i < resume:
                 continue
             if i in chains:
-                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales, symmetric, blocks)
+                out = _run_chain(chains[i], self.steps, values, scales, split_values, split_scales, symmetric,
+                                 blocks if i in self.inner_chains else None)
                 if out is not None:  # its inner values are read by nothing else
                     last = chains[i][-1].total
                     values.extend([None] * (last - i) + [out[0]])

@@ -75,6 +75,10 @@ def test_chains_are_found_where_layers_have_one_fold():
     plan = linear_space.circuit_plan(density("exact").partition)
     (links,) = plan.chains.values()  # one chain: every product -> sum pair above the first
     assert len(links) == DEPTH - 1
+    # exact layers have no inner units: the chain reads its operands multiplied out, as the
+    # layers do, so none of them is kept as factors only
+    assert not plan.inner_chains
+    assert all(plan.steps[source].dense_needed for link in links for source, _ in link.outside)
     assert links[0].carried is None and all(link.carried is not None for link in links[1:])
     assert all(links[k + 1].product == links[k].total + 1 for k in range(len(links) - 1))
     wide = compile_density(digits_squared_circuit(3, image_shape=(2, 2), num_categories=2).circuit,
@@ -399,6 +403,7 @@ def test_a_lowrank_deep_circuit_runs_through_the_inner_units(complex_weights, po
         swap_kronecker_sum_layers([model.density, model.partition], square_policy("lowrank", 2))
     else:
         approximate_density(model, square_policy("lowrank", 2))
+    assert linear_space.circuit_plan(model.partition).inner_chains
     plans = []
     original = chains._inner_chain
     monkeypatch.setattr(chains, "_inner_chain", lambda *a: plans.append(a[2]) or original(*a))
