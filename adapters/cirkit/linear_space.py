@@ -393,8 +393,10 @@ def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: O
     unit (i, j) is ``left[f, b, i] right[f, b, j] e^s[f, b]`` (left, right at most 1); where
     ``mask`` (F, B) is True, the integral's rank-V block (:func:`_outer_lse_factors`)."""
     a, b = capture_inputs(layer.logits, TorchOuterSumParameter)
+    if parameter_plan(layer.logits).same_inputs(layer.logits.outputs[0], real=not (a.is_complex() or b.is_complex())):
+        b = a  # one function on both sides (a real c's c·c): computed once, one tensor
     va, sa = _lookup(*_exp_table(a), x)
-    vb, sb = _lookup(*_exp_table(b), x)
+    vb, sb = (va, sa) if b is a else _lookup(*_exp_table(b), x)
     if mask is None:
         return _Blocks(va, vb, sa + sb, None)
     return _Blocks(va, vb, sa + sb, None, _outer_lse_factors(a, b), mask)
@@ -433,6 +435,9 @@ def _gaussian_product_factors(layer: TorchGaussianLayer) -> Optional[Tuple[Tenso
     same = [(means[1], stds[0]), (means[3], stds[1])] + list(zip(means, logz))
     if not all(a.shape == b.shape and torch.equal(a.detach(), b.detach()) for a, b in same):
         return None
+    if parameter_plan(layer.mean).same_inputs(layer.mean.outputs[0], ((0, 2), (1, 3)),
+                                                 real=not any(t.is_complex() for t in means)):
+        return means[0], means[1], means[0], means[1]  # one layer on both sides (a real c's c·c)
     return means
 
 
@@ -465,7 +470,8 @@ def _gaussian_product_values(layer: TorchGaussianLayer, x: Tensor) -> Optional[T
     mean1, std1, mean2, std2 = factors
     x = x.to(mean1.dtype)
     va, sa = from_logs(_gaussian_logs(mean1, std1, x))
-    vb, sb = from_logs(_gaussian_logs(mean2, std2, x))
+    one = mean2 is mean1 and std2 is std1  # one layer on both sides: one tensor
+    vb, sb = (va, sa) if one else from_logs(_gaussian_logs(mean2, std2, x))
     return va, vb, sa + sb, factors
 
 
@@ -562,7 +568,7 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
         if node is reduce:
             return inputs[0]  # the fold numbers, gathered as the outer sums would be
         if any(node is outer for outer in outers):
-            if plan.same_inputs(node):  # one function on both sides (a real c's conj(c)·c): one tensor
+            if plan.same_inputs(node, real=not any(t.is_complex() for t in inputs)):  # one function on both sides (a real c's conj(c)·c): one tensor
                 inputs = (inputs[0], inputs[0])
             piece = _outer_lse_factors(*inputs)
             start = sum(p[0].shape[0] for p in pieces)
@@ -810,13 +816,18 @@ def _dense_blocks(blocks: _Blocks) -> Scaled:
 def _unit_factors(left: Tensor, right: Tensor, s: Tensor) -> _Blocks:
     """One rank-1 block per sample, ``left[f, b] ⊗ right[f, b] · e^s[f, b]`` (left (F, B, Ki),
     right (F, B, Kj), s (F, B)), as :class:`_Blocks` with each factor scaled to largest entry
-    1: the block's largest entry is then 1, as the multiplied-out value would be scaled."""
+    1: the block's largest entry is then 1, as the multiplied-out value would be scaled. One
+    tensor on both sides (one function) is scaled once and stays one."""
     factors = []
-    for t in (left, right):
+    for t in ((left,) if right is left else (left, right)):
         t = t.resolve_conj() if t.is_conj() else t  # a conjugate view has no real view (the peaks read one)
         peaks, _, top = _peaks(t)
+        given = s
         t, s = _rescaled(t, s, peaks, top)
         factors.append(t)
+    if right is left:  # the other side divided by the same peaks
+        factors.append(factors[0])
+        s = s + (s - given)
     return _Blocks(*factors, s, None)
 
 
@@ -847,14 +858,17 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks], keep: bool =
         if factors is None or keep:
             return None if factors is None else _Blocks(*factors, s, first.batch)
         return _over_batch(*normalise(_materialise(*factors), s), first.batch)
-    factors = on_factors(left.transpose(1, 2), right.transpose(1, 2))
+    columns = left.transpose(1, 2)
+    factors = on_factors(columns, columns if right is left else right.transpose(1, 2))
     if factors is None:
         return None
     f, b = s.shape
     terms = factors[0].shape[-1] // b if b else 1  # no samples: any number of terms; one keeps it simple
-    out_left, out_right = (t.reshape(f, t.shape[1], terms, b) for t in factors)  # (F, Ko, T, B): T terms
+    out_left = factors[0].reshape(f, factors[0].shape[1], terms, b)  # (F, Ko, T, B): T terms
+    out_right = out_left if factors[1] is factors[0] else factors[1].reshape(f, factors[1].shape[1], terms, b)
     if out_left.shape[2] == 1:
-        u, w = out_left.squeeze(2).transpose(1, 2), out_right.squeeze(2).transpose(1, 2)  # (F, B, Ko)
+        u = out_left.squeeze(2).transpose(1, 2)  # (F, B, Ko)
+        w = u if out_right is out_left else out_right.squeeze(2).transpose(1, 2)
         if first.mask is None:
             return _unit_factors(u, w, s)
         v = _sample_outer(u, w)
@@ -864,7 +878,9 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks], keep: bool =
     if first.mask is None:
         return observed
     # samples with this fold's variables integrated out: the integral's block, shared
-    integral = on_factors(*(fetched(lambda b, k=k: b.integrated[k]) for k in range(2)))
+    integrated = fetched(lambda b: b.integrated[0])
+    integral = on_factors(integrated, integrated if all(blocks[j].integrated[1] is blocks[j].integrated[0]
+                                                        for j in fetch.sources) else fetched(lambda b: b.integrated[1]))
     if integral is None:
         return None
     shared = normalise(_materialise(*integral), fetched(lambda b: b.integrated[2]))
@@ -887,12 +903,15 @@ def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks]
             return fetch.operands(parts, split.setdefault(part, {}))
         return list(fetch(parts, {}).unbind(1))
 
-    factors = list(zip(fetched(0), fetched(1), fetched(2)))
+    shared = all(blocks[j].right is blocks[j].left for j in fetch.sources)  # one function on both sides
+    lefts = fetched(0)
+    factors = list(zip(lefts, lefts if shared else fetched(1), fetched(2)))
     left, right, s = factors[0]
     if any(u.shape != left.shape or w.shape != right.shape for u, w, _ in factors):
         return None
     for u, w, scale in factors[1:]:
-        left, right, s = left * u, right * w, s + scale
+        left, s = left * u, s + scale
+        right = left if shared else right * w
     return _unit_factors(left, right, s)
 
 

@@ -249,30 +249,38 @@ class ParameterPlan:
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
         self._rows_of = rows_of  # output rows per entry
-        self._same_inputs: Dict[int, bool] = {}  # by id of the node: see same_inputs
+        self._same_inputs: Dict[tuple, bool] = {}  # by id of the node and pairs: see same_inputs
         self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
         canonical: Dict[tuple, Fetch] = {}
         self.steps = [(m, tuple(canonical.setdefault(_fetch_key(f), f) for f in fs)) for m, fs in self.steps]
 
-    def same_inputs(self, module) -> bool:
-        """Whether the two inputs the step of ``module`` reads are the same function of the
-        same leaf rows: each traced back through its fetches to the leaf tensors' rows, every
-        node on the way of one type and configuration and without tensors of its own.
-        Every cirkit parameter node maps fold f of its inputs to its own fold f, so equal
-        traces give equal values and equal gradients (``conj(c)·c`` of a real circuit reads
-        its integrals' two sides through two pointers to the same rows). Decided once."""
-        found = self._same_inputs.get(id(module))
+    def same_inputs(self, module, pairs: Tuple[Tuple[int, int], ...] = ((0, 1),), *, real: bool = False) -> bool:
+        """Whether the inputs the step of ``module`` reads are pairwise the same function of the
+        same leaf rows (``pairs``: which inputs; the default, a node of two inputs): each traced
+        back through its fetches to the leaf tensors' rows, every node on the way of one type
+        and configuration and without tensors of its own. Every cirkit parameter node maps
+        fold f of its inputs to its own fold f, so equal traces give equal values and equal
+        gradients (``conj(c)·c`` of a real circuit reads the two sides of its inputs and
+        their integrals through two pointers to the same rows). ``real``: the caller's values
+        are real, so conjugations on the way change nothing (cirkit squares a real c as
+        ``conj(c)·c`` too). Decided once."""
+        key = (id(module), pairs, real)
+        found = self._same_inputs.get(key)
         if found is None:
-            found = self._same_inputs[id(module)] = self._decide_same_inputs(module)
+            found = self._same_inputs[key] = self._decide_same_inputs(module, pairs, real)
         return found
 
-    def _decide_same_inputs(self, module) -> bool:
+    def _decide_same_inputs(self, module, pairs: Tuple[Tuple[int, int], ...], real: bool) -> bool:
         step = next((i for i, (m, _) in enumerate(self.steps) if m is module), None)
         if step is None:
             return False
         keys = [self._trace(f, np.arange(module.num_folds), module.num_folds) for f in self.steps[step][1]]
-        return len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
+        if real:
+            keys = [_without_conjugations(k) for k in keys]
+        if pairs == ((0, 1),) and len(keys) != 2:
+            return False
+        return all(max(i, j) < len(keys) and keys[i] is not None and keys[i] == keys[j] for i, j in pairs)
 
     def _trace(self, fetch: Fetch, rows: np.ndarray, folds: int, depth: int = 0) -> Optional[tuple]:
         """A key of what ``fetch`` (read by a node of ``folds`` folds: one row per fold) gives
@@ -473,6 +481,15 @@ class KroneckerReads(NamedTuple):
     permutation: Optional[Tuple[Tensor, Tensor]]
 
 
+def _without_conjugations(key: Optional[tuple]) -> Optional[tuple]:
+    """A trace key of :meth:`ParameterPlan._trace` with its conjugation nodes left out."""
+    if key is None or key[0] == "leaf":
+        return key
+    node_type, config, parts = key
+    parts = tuple(_without_conjugations(part) for part in parts)
+    return parts[0] if node_type is TorchConjugateParameter else (node_type, config, parts)
+
+
 def kronecker_reads(parameter: TorchParameter) -> Optional[KroneckerReads]:
     """The :class:`KroneckerReads` of a weight graph, built with its plan; None where a factor
     is not rows of a parameter tensor (or the graph is not a Kronecker product)."""
@@ -501,7 +518,11 @@ def kronecker_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor
     per layer). None for a graph whose output is not a Kronecker node."""
     reads = kronecker_reads(parameter)
     if reads is None:
-        return capture_inputs(parameter, TorchKroneckerParameter)  # type: ignore[return-value]
+        found = capture_inputs(parameter, TorchKroneckerParameter)
+        if found is not None and parameter_plan(parameter).same_inputs(
+                parameter.outputs[0], real=not any(t.is_complex() for t in found)):
+            return found[0], found[0]  # one function of the same rows (e.g. a softmax of them): one tensor
+        return found  # type: ignore[return-value]
     a = reads.fetches[0]([_leaf_value(reads.leaves[0])])
     b = a if reads.same_rows else reads.fetches[1]([_leaf_value(reads.leaves[1])])
     return _conjugated(reads, a, b)

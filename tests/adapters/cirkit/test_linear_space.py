@@ -900,3 +900,90 @@ def test_one_function_on_both_sides_is_read_once():
         assert (g is None) == (r is None)
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def _data_circuit(symbolic_circuit, semiring: str):
+    """The compiled circuit (folded, seeded) of a symbolic one, to evaluate at data."""
+    torch.manual_seed(0)
+    return PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=False).compile(symbolic_circuit)
+
+
+def _inputs_of(circuit, x):
+    """Each input layer's factors at x, as the evaluator reads them (:func:`linear_space._input_blocks`)."""
+    return [linear_space._input_blocks(layer, *linear_space._input_arguments(layer, x, None))
+            for layer in circuit.layers if isinstance(layer, TorchInputLayer)]
+
+
+@pytest.mark.parametrize("inputs", ["categorical", "Gaussian"])
+def test_one_function_at_data_is_computed_once(inputs, monkeypatch):
+    """c·c of a real circuit at data reads its inputs' two sides from the same rows: each
+    input's values are computed once, one tensor is both factors of its rank-1 blocks, and
+    the layers above keep it one (half the lookups or Gaussian passes of c1·c2). c1·c2 of
+    two circuits whose inputs hold equal values keeps two tensors, and both give cirkit's
+    values and gradients."""
+    if inputs == "categorical":
+        c1, c2 = two_circuits("linear-tree", units=(2, 2))
+        semiring, counted = "lse-sum", "_lookup"
+        x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["linear-tree"]))
+    else:
+        c1, c2 = gaussian_base(), gaussian_base()
+        semiring, counted = "complex-lse-sum", "_gaussian_logs"
+        x = torch.randn(5, 16, dtype=torch.float64)
+    same, apart = _data_circuit(SF.multiply(c1, c1), semiring), _data_circuit(SF.multiply(c1, c2), semiring)
+    assert all(found.left is found.right for found in _inputs_of(same, x))
+    with torch.no_grad():  # c2's inputs take c1's values: equal values, distinct parameters
+        for layer in (layer for layer in apart.layers if isinstance(layer, TorchInputLayer)):
+            for graph in layer.params.values():
+                targets = list({id(n.deref()): n.deref() for n in graph.nodes if isinstance(n, TorchPointerParameter)}.values())
+                half = len(targets) // 2  # c1's tensors, then c2's
+                for a, b in zip(targets[:half], targets[half:]):
+                    node_tensor(b).copy_(node_tensor(a))
+    found = _inputs_of(apart, x)
+    assert found and all(f.left is not f.right and torch.equal(f.left, f.right) for f in found)
+    calls = []
+    original = getattr(linear_space, counted)
+    monkeypatch.setattr(linear_space, counted, lambda *a: calls.append(1) or original(*a))
+    counts = []
+    for circuit in (same, apart):
+        calls.clear()
+        params = list(circuit.parameters())
+        ours = evaluate_linear_space(circuit, x)
+        counts.append(len(calls))
+        ref = semiring_values(circuit, x)
+        torch.testing.assert_close(ours.real, ref.real, rtol=RTOL, atol=1e-12)
+        got = torch.autograd.grad(ours.real.sum(), params, allow_unused=True)
+        want = torch.autograd.grad(circuit(x).real.sum(), params, allow_unused=True)
+        for g, r in zip(got, want):
+            assert (g is None) == (r is None)
+            if g is not None:
+                torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert counts[0] * 2 == counts[1] > 0
+
+
+@pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
+def test_one_function_at_data_goes_up_once(region_graph, monkeypatch):
+    """Above the inputs of a real c·c at data, every sum layer maps one factor instead of two
+    (the rank-1 blocks ``u ⊗ u``): about half the matrix products' multiply-adds of the same
+    evaluation with the inputs' two sides made two tensors, with the same values and gradients."""
+    from structlayers.benchmarking import matmul_macs
+
+    model = compile_density(two_circuits(region_graph, units=(4, 4))[0], semiring="lse-sum", seed=0,
+                            dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randint(0, CATEGORIES, (7, NUM_VARIABLES[region_graph]), generator=torch.Generator().manual_seed(3))
+    results = []
+    for shared in (True, False):
+        if not shared:
+            original = linear_space._squared_categorical_blocks
+            monkeypatch.setattr(linear_space, "_squared_categorical_blocks",
+                                lambda *a: original(*a)._replace(right=original(*a).right.clone()))
+        macs = matmul_macs(lambda: evaluate_linear_space(model.density, x))
+        value = evaluate_linear_space(model.density, x)
+        results.append((macs, value, torch.autograd.grad(value.sum(), params, allow_unused=True)))
+    (macs, value, grads), (apart_macs, apart_value, apart_grads) = results
+    assert 0 < macs <= 0.55 * apart_macs
+    torch.testing.assert_close(value, apart_value, rtol=1e-12, atol=1e-13)
+    for g, r in zip(grads, apart_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)

@@ -220,3 +220,41 @@ def test_kronecker_factors_read_from_the_parameter_tensors(fold, weights_of):
     plain = next(m for m in circuit.modules() if isinstance(m, TorchParameter) and kronecker_leaf_factors(m) is None
                  and not any(isinstance(n, TorchKroneckerParameter) for n in m.nodes))
     assert kronecker_inputs(plain) is None  # not a Kronecker weight
+
+
+def test_same_inputs_sees_through_conjugations_only_of_real_values():
+    """cirkit squares a real c as conj(c)·c: a Kronecker weight computed from the rows (here a
+    softmax of them) reads ``conj(f(w))`` and ``f(w)``. The plan calls them one function only
+    when told the values are real (a real tensor is its own conjugate), and kronecker_inputs
+    then gives one tensor for both, with cirkit's values and gradients. Two circuits' weights
+    are never one function."""
+    import cirkit.symbolic.functional as SF
+    from cirkit.backend.torch.parameters.nodes import TorchConjugateParameter, TorchKroneckerParameter
+
+    from adapters.cirkit.model import compile_density
+    from adapters.cirkit.plan import capture_inputs, kronecker_inputs, kronecker_reads
+
+    from .builders import compile_partition, two_circuits
+
+    c1, c2 = two_circuits("quad-tree", units=(2, 2))
+    density = compile_density(c1, seed=0, dtype=torch.float64).density
+    weights = [m for m in density.modules() if isinstance(m, TorchParameter) and m.outputs
+               and isinstance(m.outputs[0], TorchKroneckerParameter)]
+    assert weights
+    for w in weights:
+        assert kronecker_reads(w) is None and any(isinstance(n, TorchConjugateParameter) for n in w.nodes)
+        plan, node = parameter_plan(w), w.outputs[0]
+        assert not plan.same_inputs(node) and plan.same_inputs(node, real=True)
+        got, ref = kronecker_inputs(w), capture_inputs(w, TorchKroneckerParameter)
+        assert got[0] is got[1] and ref[0] is not ref[1]
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+        leaves = [p for p in w.parameters() if p.requires_grad]
+        probe = [torch.randn(t.shape, generator=torch.Generator().manual_seed(5), dtype=t.dtype) for t in ref]
+        g = torch.autograd.grad(sum((t * p).sum() for t, p in zip(got, probe)), leaves)
+        r = torch.autograd.grad(sum((t * p).sum() for t, p in zip(ref, probe)), leaves)
+        for a, b in zip(g, r):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    apart = compile_partition(SF.multiply(c1, c2), "lse-sum", True)
+    two = [m for m in apart.modules() if isinstance(m, TorchParameter) and m.outputs
+           and isinstance(m.outputs[0], TorchKroneckerParameter)]
+    assert two and not any(parameter_plan(w).same_inputs(w.outputs[0], real=True) for w in two)
