@@ -311,9 +311,14 @@ class TorchStructuredSumLayer(_SumLayerConfig):
         weight as Kronecker terms (applied through them there)."""
         return self.arity == 1 and self.structured.kronecker_chains() is not None
 
-    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None, *, symmetric: bool = False) -> Tensor:
         """The layer's map on linear-space inputs: z (F, B, H*Ki) -> (F, B, Ko); with ``folds``
-        (F',), the map of those folds on z (F', B, Ki) (:attr:`fold_subsets`)."""
+        (F',), the map of those folds on z (F', B, Ki) (:attr:`fold_subsets`). ``symmetric``:
+        every block of z is symmetric (see :meth:`maps_symmetric`), which spares products in
+        the backward of a thin chain on both sides (:func:`structlayers.linalg.kron_apply`)."""
+        chains = self.kronecker_chain() if folds is None and symmetric else None
+        if chains is not None:  # the caller's claim; kron_apply takes it only where one real chain is on both sides
+            return apply_linear(lambda t: kron_apply(*chains, t, symmetric=True), z, chains[0][0].dtype)
         if folds is None:
             return apply_linear(self.structured, z, self.structured.dtype)
         chain_a, chain_b = self.structured.kronecker_chains()
@@ -323,6 +328,15 @@ class TorchStructuredSumLayer(_SumLayerConfig):
         """The map as one Kronecker product of chains (one input, a kind storing a single
         Kronecker term), else None; see :meth:`TorchKroneckerSumLayer.kronecker_chain`."""
         return self.structured.kronecker_chain() if self.arity == 1 else None
+
+    def maps_symmetric(self) -> bool:
+        """``A X Aᵀ`` keeps symmetric blocks symmetric: one input and one real chain of matrices on
+        both sides, the same tensors (a tied Kronecker term of a real kind, as a squared circuit's
+        ``Z`` holds). A property of the stored factors: a plan asks it once."""
+        with torch.no_grad():
+            chains = self.kronecker_chain()
+        return chains is not None and len(chains[0]) == len(chains[1]) \
+            and all(a is b and not a.is_complex() for a, b in zip(*chains))
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)
@@ -565,9 +579,15 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         thin factors (the general path runs ``S``'s own forward over all of its folds)."""
         return self._inner is not None
 
-    def linear(self, z: Tensor, folds: Optional[Tensor] = None) -> Tensor:
+    def maps_symmetric(self) -> bool:
+        """``S X Sᵀ`` keeps symmetric blocks symmetric: a real S (its own conjugate)."""
+        return not self.structured.dtype.is_complex
+
+    def linear(self, z: Tensor, folds: Optional[Tensor] = None, *, symmetric: bool = False) -> Tensor:
         """z (F, B, Ki²) -> (F, B, Ko²): ``conj(S) X Sᵀ`` per fold and sample; with ``folds``
-        (F',), those folds' map on z (F', B, Ki²) (:attr:`fold_subsets`).
+        (F',), those folds' map on z (F', B, Ki²) (:attr:`fold_subsets`). ``symmetric``: every
+        block of z is symmetric (:meth:`maps_symmetric`); squared through ``L R``, the backward
+        then spares products (:func:`structlayers.linalg.kron_apply`).
 
         In general ``S``'s own forward on X's rows, then on the columns of the result. A kind
         whose ``S = L R`` passes through ``r`` inner units (``thin_factors``, e.g. low rank)
@@ -592,7 +612,7 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
                 left, right = left.index_select(0, self.fold_rows), right.index_select(0, self.fold_rows)
             if folds is not None:
                 left, right = left.index_select(0, folds), right.index_select(0, folds)
-            y = self._square_factored(z, left, right, on_left, on_right)
+            y = self._square_factored(z, left, right, on_left, on_right, symmetric)
         return y
 
     def kronecker_chain(self) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
@@ -630,11 +650,13 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
         return out, side(right, not self.conjugate_left)
 
     @staticmethod
-    def _square_factored(z: Tensor, left: Tensor, right: Tensor, on_left: bool, on_right: bool) -> Tensor:
+    def _square_factored(z: Tensor, left: Tensor, right: Tensor, on_left: bool, on_right: bool,
+                         symmetric: bool = False) -> Tensor:
         """z (F, B, Ki²) -> (F, B, Ko²): ``S_l X S_rᵀ`` with ``S = L R`` (left (F, Ko, r), right
         (F, r, Ki)), conjugated on the sides flagged, as four batched GEMMs over the folds:
         ``X R_rᵀ``, then ``R_l (.)`` and ``L_l (.)`` with the samples beside the columns, then
-        ``(.) L_rᵀ``. Only the samples' axis moves (twice), so for ``B = 1`` (``Z``) nothing is copied."""
+        ``(.) L_rᵀ``. Only the samples' axis moves (twice), so for ``B = 1`` (``Z``) nothing is copied.
+        ``symmetric``: see :meth:`linear` (one block per fold only)."""
         f, b, _ = z.shape
         ko, r, ki = left.shape[1], left.shape[2], right.shape[2]
         # z in the factors' precision, as apply_linear does (a real map keeps complex z complex)
@@ -647,7 +669,7 @@ class TorchStructuredSquareSumLayer(_SumLayerConfig):
             return w.conj() if conjugate and w.is_complex() else w
 
         if b == 1 and z.dtype == right.dtype:  # one block per fold (Z): one autograd node
-            return kron_apply(*_conjugated_chains(left, right, on_left, on_right), z)
+            return kron_apply(*_conjugated_chains(left, right, on_left, on_right), z, symmetric=symmetric)
         t = _matmul(z.reshape(f, b * ki, ki), side(right, on_right).transpose(1, 2))  # (F, B·Ki, r): (b, i1, j2)
         t = t.view(f, b, ki, r).transpose(1, 2).reshape(f, ki, b * r)  # (i1, b, j2)
         t = _matmul(side(left, on_left), _matmul(side(right, on_left), t))  # (F, Ko, B·r): (o1, b, j2)

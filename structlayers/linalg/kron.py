@@ -184,6 +184,15 @@ def symmetric_square(sides: Sequence[str], mats: Sequence[torch.Tensor]) -> bool
             and mats[0].shape[-1] == mats[0].shape[-2])
 
 
+def symmetric_chain(sides: Sequence[str], mats: Sequence[torch.Tensor]) -> bool:
+    """The steps apply one real thin chain ``A = L R`` on both sides, ``L R X Rᵀ Lᵀ``: R on both
+    sides first (the same tensor twice), then L (likewise), L's inner units R's outputs. Where
+    X is symmetric, :func:`block_chain_backward` may take ``symmetric``."""
+    return (len(mats) == 4 and sides[0] != sides[1] and sides[2] != sides[3] and mats[0] is mats[1]
+            and mats[2] is mats[3] and not mats[0].is_complex() and not mats[2].is_complex()
+            and mats[2].shape[-1] == mats[0].shape[-2])
+
+
 def block_chain_backward(grad: torch.Tensor, sides: Sequence[str], mats: Sequence[torch.Tensor],
                          inputs: Sequence[torch.Tensor], need_x: bool, need_m: Sequence[bool],
                          symmetric: bool = False) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
@@ -195,7 +204,12 @@ def block_chain_backward(grad: torch.Tensor, sides: Sequence[str], mats: Sequenc
     ``symmetric``: the map is ``A X Aᵀ`` with one real matrix (:func:`symmetric_square`) and
     every block X is symmetric. A's two gradients ``Gᵀ (A X) + (G A) Xᵀ`` are then one product,
     ``(G + Gᵀ)(A X)``, returned at the first matrix's place (the second gets None): three
-    products instead of four."""
+    products instead of four. With one real chain ``L R`` on both sides (:func:`symmetric_chain`)
+    the same holds for L and R, and the block's gradient is given as its symmetric part
+    ``Aᵀ (G + Gᵀ) A / 2`` (X is symmetric, so nothing upstream can tell): the two
+    ``K x K x r`` products of four (see :func:`_symmetric_chain_backward`)."""
+    if symmetric and len(mats) == 4:
+        return _symmetric_chain_backward(grad, sides, mats, inputs, need_x, need_m)
     if symmetric:
         return _symmetric_square_backward(grad, sides, mats, inputs, need_x, any(need_m))
     n = len(sides)
@@ -232,6 +246,26 @@ def _symmetric_square_backward(g: torch.Tensor, sides: Sequence[str], mats: Sequ
     return g_x, [grad_a, None]
 
 
+def _symmetric_chain_backward(g: torch.Tensor, sides: Sequence[str], mats: Sequence[torch.Tensor],
+                              inputs: Sequence[torch.Tensor], need_x: bool, need_m: Sequence[bool]
+                              ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """:func:`block_chain_backward` of ``Y = L M Lᵀ``, ``M = R X Rᵀ`` for symmetric X (so M is
+    symmetric too): with ``U = (G + Gᵀ) L`` and ``S = Lᵀ U``, L's gradient is ``U M``, R's is
+    ``S (R X)`` and the block's symmetric part ``Rᵀ S R / 2``; the gradients sit at each
+    matrix's first place (the second gets None)."""
+    r, lower = mats[0], mats[2]
+    rx = inputs[1] if sides[0] == "a" else inputs[1].transpose(-1, -2)  # R X (X symmetric)
+    u = torch.bmm(g + g.transpose(-1, -2), lower)
+    grads: List[Optional[torch.Tensor]] = [None] * 4
+    if need_m[2] or need_m[3]:
+        grads[2] = torch.bmm(u, inputs[2])
+    s = torch.bmm(lower.transpose(-1, -2), u) if need_x or need_m[0] or need_m[1] else None
+    if need_m[0] or need_m[1]:
+        grads[0] = torch.bmm(s, rx)
+    g_x = torch.bmm(r.transpose(-1, -2), torch.bmm(s, r)).mul_(0.5) if need_x else None
+    return g_x, grads
+
+
 class _KronChainOne(torch.autograd.Function):
     """``A X Bᵀ`` on blocks of one sample per fold (:func:`block_chain_forward`) as one
     autograd node: the backward replays the steps on the saved blocks
@@ -247,7 +281,7 @@ class _KronChainOne(torch.autograd.Function):
         block, inputs = block_chain_forward(x.reshape(x.shape[0], *shape), sides, mats)
         ctx.save_for_backward(*inputs, *mats)
         ctx.sides, ctx.x_shape, ctx.out_shape = sides, x.shape, block.shape
-        ctx.symmetric = symmetric and symmetric_square(sides, mats)
+        ctx.symmetric = symmetric and (symmetric_square(sides, mats) or symmetric_chain(sides, mats))
         return block.reshape(x.shape[0], 1, -1)
 
     @staticmethod

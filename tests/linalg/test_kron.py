@@ -171,3 +171,35 @@ def test_the_symmetric_square_backward_equals_the_general_one(sides):
     assert not symmetric_square(sides, [a.to(torch.complex128)] * 2)
     assert not symmetric_square(sides, [a[:, :4]] * 2)
     assert not symmetric_square(("a", "a"), mats)
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_the_symmetric_chain_backward_equals_the_general_one(first):
+    """L R X Rᵀ Lᵀ with X symmetric and one real thin chain on both sides: R's and L's gradients
+    from the shortcut equal the sums of the two the general backward computes, and the block's
+    gradient is the symmetric part of the general one (for any G), whichever side goes first."""
+    from structlayers.linalg.kron import block_chain_backward, block_chain_forward, symmetric_chain
+
+    g = torch.Generator().manual_seed(4)
+    lower = torch.randn(3, 7, 2, dtype=torch.float64, generator=g)
+    right = torch.randn(3, 2, 7, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 7, 7, dtype=torch.float64, generator=g)
+    x = x + x.transpose(1, 2)
+    grad = torch.randn(3, 7, 7, dtype=torch.float64, generator=g)  # not symmetric
+    other = "b" if first == "a" else "a"
+    sides, mats = (first, other, first, other), [right, right, lower, lower]
+    assert symmetric_chain(sides, mats)
+    y, inputs = block_chain_forward(x, sides, mats)
+    a = lower @ right
+    torch.testing.assert_close(y, a @ x @ a.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    g_x, general = block_chain_backward(grad, sides, mats, inputs, True, [True] * 4)
+    s_x, shortcut = block_chain_backward(grad, sides, mats, inputs, True, [True] * 4, symmetric=True)
+    assert shortcut[1] is None and shortcut[3] is None
+    torch.testing.assert_close(shortcut[0], general[0] + general[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(shortcut[2], general[2] + general[3], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_x, (g_x + g_x.transpose(1, 2)) / 2, rtol=1e-12, atol=1e-12)
+    # only one real chain, the same tensors on both sides, R before L, qualifies
+    assert not symmetric_chain(sides, [right, right.clone(), lower, lower])
+    assert not symmetric_chain(sides, [right, right, lower.to(torch.complex128), lower.to(torch.complex128)])
+    assert not symmetric_chain((first, first, other, other), mats)
+    assert not symmetric_chain(sides, [right, lower, right, lower])

@@ -987,3 +987,41 @@ def test_one_function_at_data_goes_up_once(region_graph, monkeypatch):
         assert (g is None) == (r is None)
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "nystrom", "structured circuit"])
+def test_symmetric_blocks_spare_products_of_a_thin_chain(kind, monkeypatch):
+    """Z of a real |c|² with squares of ``L R`` through r inner units (frozen low-rank or Nyström
+    squares, a tied real Kronecker term; or a structured circuit's layers, squared through c's
+    low-rank factors): each such layer maps symmetric blocks to symmetric blocks, and its
+    backward takes L's and R's gradients from half the ``K x K x r`` products. The same value
+    and gradients within rounding as the general backward."""
+    import structlayers.linalg.kron as kron
+
+    from adapters.cirkit.bench.variants import circuit_variants
+
+    spec = digits_squared_circuit(4, image_shape=(4, 4), num_categories=CATEGORIES)
+    if kind == "structured circuit":  # c's own layers low-rank, Z squaring each through its factors
+        model, _ = compile_structured(spec.circuit, structure_policy("lowrank", rank=2), dtype=torch.float64, seed=2,
+                                      num_categories=CATEGORIES)
+    else:
+        variants = {v.name: v.model for v in circuit_variants(spec, spec.compile(seed=2), kinds=(kind,), ranks=(2,),
+                                                              structures=("square",), materialised=False)}
+        model = variants[f"{kind} square 2"].to(torch.float64)
+    assert any(getattr(layer, "maps_symmetric", lambda: False)() for layer in model.partition.layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    taken = []
+    original = kron._symmetric_chain_backward
+    monkeypatch.setattr(kron, "_symmetric_chain_backward", lambda *a: taken.append(1) or original(*a))
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(linear_space, "SYMMETRIC_BLOCKS", flag)
+        logz = model.log_partition(cached=False).sum()
+        results.append((logz.detach(), torch.autograd.grad(logz, params, allow_unused=True), len(taken)))
+    (got, got_grads, used), (ref, ref_grads, used_after) = results
+    assert used > 0 and used_after == used  # the general path took none
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)  # the chain applied directly: rounding apart
+    for g, r in zip(got_grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)
