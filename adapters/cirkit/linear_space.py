@@ -568,7 +568,8 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
         if node is reduce:
             return inputs[0]  # the fold numbers, gathered as the outer sums would be
         if any(node is outer for outer in outers):
-            if plan.same_inputs(node, real=not any(t.is_complex() for t in inputs)):  # one function on both sides (a real c's conj(c)·c): one tensor
+            # one function on both sides (a real c's conj(c)·c): one tensor
+            if plan.same_inputs(node, real=not any(t.is_complex() for t in inputs)):
                 inputs = (inputs[0], inputs[0])
             piece = _outer_lse_factors(*inputs)
             start = sum(p[0].shape[0] for p in pieces)

@@ -105,6 +105,12 @@ def compile_partition(symbolic_circuit, semiring: str, fold: bool):
     return ctx.compile(SF.integrate(symbolic_circuit))
 
 
+def compile_circuit(symbolic_circuit, semiring: str):
+    """Compiled (folded, seeded, ``optimize=False``) symbolic circuit, to evaluate at data."""
+    torch.manual_seed(0)
+    return PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=False).compile(symbolic_circuit)
+
+
 def gaussian_base():
     """A signed CP quad-tree circuit over 4x4 pixels with 3 Gaussian units per pixel (a new one,
     with parameters of its own, at every call)."""

@@ -42,6 +42,7 @@ from .builders import (
     CATEGORIES,
     NUM_VARIABLES,
     REGION_GRAPHS,
+    compile_circuit,
     compile_pair,
     compile_partition,
     complex_circuit,
@@ -902,12 +903,6 @@ def test_one_function_on_both_sides_is_read_once():
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
-def _data_circuit(symbolic_circuit, semiring: str):
-    """The compiled circuit (folded, seeded) of a symbolic one, to evaluate at data."""
-    torch.manual_seed(0)
-    return PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=False).compile(symbolic_circuit)
-
-
 def _inputs_of(circuit, x):
     """Each input layer's factors at x, as the evaluator reads them (:func:`linear_space._input_blocks`)."""
     return [linear_space._input_blocks(layer, *linear_space._input_arguments(layer, x, None))
@@ -929,12 +924,13 @@ def test_one_function_at_data_is_computed_once(inputs, monkeypatch):
         c1, c2 = gaussian_base(), gaussian_base()
         semiring, counted = "complex-lse-sum", "_gaussian_logs"
         x = torch.randn(5, 16, dtype=torch.float64)
-    same, apart = _data_circuit(SF.multiply(c1, c1), semiring), _data_circuit(SF.multiply(c1, c2), semiring)
+    same, apart = compile_circuit(SF.multiply(c1, c1), semiring), compile_circuit(SF.multiply(c1, c2), semiring)
     assert all(found.left is found.right for found in _inputs_of(same, x))
     with torch.no_grad():  # c2's inputs take c1's values: equal values, distinct parameters
         for layer in (layer for layer in apart.layers if isinstance(layer, TorchInputLayer)):
             for graph in layer.params.values():
-                targets = list({id(n.deref()): n.deref() for n in graph.nodes if isinstance(n, TorchPointerParameter)}.values())
+                targets = list({id(n.deref()): n.deref() for n in graph.nodes
+                                if isinstance(n, TorchPointerParameter)}.values())
                 half = len(targets) // 2  # c1's tensors, then c2's
                 for a, b in zip(targets[:half], targets[half:]):
                     node_tensor(b).copy_(node_tensor(a))
