@@ -816,6 +816,24 @@ def test_categorical_conditionals_bad_input():
         linear_space.categorical_conditionals(squared, x, mask, [3], 0, 3)
 
 
+def _with_and_without_symmetry(model, shortcut: str, monkeypatch):
+    """``log Z`` of ``model`` and its gradients with symmetric blocks tracked, then without
+    (``SYMMETRIC_BLOCKS``), each with the number of calls so far of the backward ``shortcut``
+    of :mod:`structlayers.linalg.kron`: ``[(value, gradients, calls), (value, gradients, calls)]``."""
+    import structlayers.linalg.kron as kron
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    taken = []
+    original = getattr(kron, shortcut)
+    monkeypatch.setattr(kron, shortcut, lambda *a: taken.append(1) or original(*a))
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(linear_space, "SYMMETRIC_BLOCKS", flag)
+        logz = model.log_partition(cached=False).sum()
+        results.append((logz.detach(), torch.autograd.grad(logz, params, allow_unused=True), len(taken)))
+    return results
+
+
 @pytest.mark.parametrize("shape", ["quad-tree categorical", "linear tree (a chain)", "Gaussian", "complex weights"])
 def test_symmetric_blocks_spare_a_product_with_the_same_gradients(shape, monkeypatch):
     """In Z of a real |c|² every block is a Gram matrix: the evaluator sees it from the inputs
@@ -823,8 +841,6 @@ def test_symmetric_blocks_spare_a_product_with_the_same_gradients(shape, monkeyp
     those layers' backward takes A's gradient from one product. Values equal and gradients
     within rounding of the general backward; taken on every real shape, never with complex
     weights (B = conj(A) is another tensor)."""
-    import structlayers.linalg.kron as kron
-
     from adapters.cirkit.bench.circuits import deep_cp_circuit, gaussian_image_circuit
 
     specs = {"quad-tree categorical": lambda: digits_squared_circuit(3, image_shape=(4, 4), num_categories=CATEGORIES),
@@ -834,16 +850,8 @@ def test_symmetric_blocks_spare_a_product_with_the_same_gradients(shape, monkeyp
                                                                complex=True)}
     spec = specs[shape]()
     model = compile_density(spec.circuit, dtype=torch.float64, seed=2, num_categories=spec.num_categories)
-    params = [p for p in model.parameters() if p.requires_grad]
-    taken = []
-    original = kron._symmetric_square_backward
-    monkeypatch.setattr(kron, "_symmetric_square_backward", lambda *a: taken.append(1) or original(*a))
-    results = []
-    for flag in (True, False):
-        monkeypatch.setattr(linear_space, "SYMMETRIC_BLOCKS", flag)
-        logz = model.log_partition(cached=False).sum()
-        results.append((logz.detach(), torch.autograd.grad(logz, params, allow_unused=True), len(taken)))
-    (got, got_grads, used), (ref, ref_grads, used_after) = results
+    (got, got_grads, used), (ref, ref_grads, used_after) = _with_and_without_symmetry(
+        model, "_symmetric_square_backward", monkeypatch)
     assert (used > 0) == (shape != "complex weights") and used_after == used  # the general path took none
     assert torch.equal(got, ref)
     for g, r in zip(got_grads, ref_grads):
@@ -992,8 +1000,6 @@ def test_symmetric_blocks_spare_products_of_a_thin_chain(kind, monkeypatch):
     low-rank factors): each such layer maps symmetric blocks to symmetric blocks, and its
     backward takes L's and R's gradients from half the ``K x K x r`` products. The same value
     and gradients within rounding as the general backward."""
-    import structlayers.linalg.kron as kron
-
     from adapters.cirkit.bench.variants import circuit_variants
 
     spec = digits_squared_circuit(4, image_shape=(4, 4), num_categories=CATEGORIES)
@@ -1005,16 +1011,8 @@ def test_symmetric_blocks_spare_products_of_a_thin_chain(kind, monkeypatch):
                                                               structures=("square",), materialised=False)}
         model = variants[f"{kind} square 2"].to(torch.float64)
     assert any(getattr(layer, "maps_symmetric", lambda: False)() for layer in model.partition.layers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    taken = []
-    original = kron._symmetric_chain_backward
-    monkeypatch.setattr(kron, "_symmetric_chain_backward", lambda *a: taken.append(1) or original(*a))
-    results = []
-    for flag in (True, False):
-        monkeypatch.setattr(linear_space, "SYMMETRIC_BLOCKS", flag)
-        logz = model.log_partition(cached=False).sum()
-        results.append((logz.detach(), torch.autograd.grad(logz, params, allow_unused=True), len(taken)))
-    (got, got_grads, used), (ref, ref_grads, used_after) = results
+    (got, got_grads, used), (ref, ref_grads, used_after) = _with_and_without_symmetry(
+        model, "_symmetric_chain_backward", monkeypatch)
     assert used > 0 and used_after == used  # the general path took none
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)  # the chain applied directly: rounding apart
     for g, r in zip(got_grads, ref_grads):
