@@ -28,8 +28,10 @@ from torch import Tensor
 
 from cirkit.backend.torch.parameters.nodes import (
     TorchConjugateParameter,
+    TorchEntrywiseParameterOp,
     TorchKroneckerParameter,
     TorchPointerParameter,
+    TorchReduceParameterOp,
     TorchTensorParameter,
 )
 from cirkit.backend.torch.parameters.parameter import TorchParameter
@@ -212,6 +214,11 @@ class ParameterPlan:
     A pointer node does not compute: it stands for some folds of its target's tensor.
     Its consumers fetch from the target directly, through the composed index (a view
     of the parameter tensor whenever the composition is a range or the identity).
+
+    A node that works row by row (an entrywise or reduce op) and reads some rows more than
+    once (``conj(c)·c`` reads each input parameter of c on both sides) computes each distinct
+    row once; its readers fetch through the map from its rows to those it computed, so the
+    two sides then read one fetch, one tensor.
     """
 
     def __init__(self, parameter: TorchParameter) -> None:
@@ -220,15 +227,18 @@ class ParameterPlan:
         # where each entry's rows live: ('own', entry) or ('leaf', leaf module, rows)
         self.modules: List[object] = []
         self.leaves: List[object] = []  # leaf modules read by pointers, by slot
-        origin: List[Tuple[str, int, Optional[np.ndarray]]] = []  # per entry: (space, slot, rows)
-        rows_of: List[int] = []
+        # per entry: (space, slot, rows): a leaf's rows, or an entry's map from its rows to those it
+        # computes (None: all of them)
+        origin: List[Tuple[str, int, Optional[np.ndarray]]] = []
+        rows_of: List[int] = []  # rows per entry, as its readers index them
+        computed: List[int] = []  # rows per entry, as computed
         self.steps: List[Tuple[object, Tuple[Fetch, ...]]] = []
         leaf_slot: Dict[int, int] = {}
         for entry in entries:
             module = entry.module
             fetches = []
             for ids, idx in zip(entry.in_module_ids, entry.in_fold_idx):
-                fetches.append(self._fetch(ids, idx, origin, rows_of))
+                fetches.append(self._fetch(ids, idx, origin, rows_of, computed))
             if module is None:
                 self.steps.append((None, tuple(fetches)))
                 break
@@ -242,13 +252,20 @@ class ParameterPlan:
                 rows = np.arange(n) if idx is None else idx.detach().cpu().numpy().reshape(-1)
                 origin.append(("leaf", slot, rows))
                 rows_of.append(len(rows))
+                computed.append(len(rows))
                 self.steps.append((module, ()))  # nothing to compute
                 continue
-            origin.append(("own", len(origin), None))
+            row_map = None
+            if isinstance(module, (TorchEntrywiseParameterOp, TorchReduceParameterOp)) and len(fetches) == 1:
+                found = self._distinct_rows(fetches[0], computed)
+                if found is not None:
+                    fetches[0], row_map = found
+            origin.append(("own", len(origin), row_map))
             rows_of.append(module.num_folds)
+            computed.append(module.num_folds if row_map is None else int(row_map.max()) + 1)
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
-        self._rows_of = rows_of  # output rows per entry
+        self._rows_of = computed  # output rows per entry, as computed
         self._same_inputs: Dict[tuple, bool] = {}  # by id of the node and pairs: see same_inputs
         self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
@@ -301,17 +318,36 @@ class ParameterPlan:
         if module is None or config is None or next(module.parameters(recurse=False), None) is not None \
                 or next(module.buffers(recurse=False), None) is not None:
             return None  # a node holding tensors of its own is not traced
-        parts = tuple(self._trace(f, read, module.num_folds, depth + 1) for f in fetches)
+        parts = tuple(self._trace(f, read, self._rows_of[source], depth + 1) for f in fetches)
         if not parts or any(part is None for part in parts):
             return None
         return (type(module), repr(config), parts)
 
-    def _fetch(self, ids, idx, origin, rows_of) -> Fetch:
+    def _distinct_rows(self, fetch: Fetch, computed: List[int]) -> Optional[Tuple[Fetch, np.ndarray]]:
+        """For a row-wise node's input ``fetch`` that reads some rows of its one source more than
+        once: the fetch of each distinct row once (in order of first reading) and the map from
+        the node's rows to them; None where every row is read once (or the rows are unknown)."""
+        if len(fetch.sources) != 1:
+            return None
+        source = fetch.sources[0]
+        total = self.leaves[-1 - source].num_folds if source < 0 else computed[source]
+        read = fetched_rows(fetch, total)
+        if read is None or read.ndim != 1:
+            return None
+        distinct, first, row_map = np.unique(read, return_index=True, return_inverse=True)
+        if distinct.size == read.size:
+            return None
+        order = np.argsort(first)  # distinct rows in order of first reading
+        position = np.empty_like(order)
+        position[order] = np.arange(order.size)
+        return plan_fetch([source], torch.as_tensor(distinct[order].copy()), [total]), position[row_map.reshape(-1)]
+
+    def _fetch(self, ids, idx, origin, rows_of, computed) -> Fetch:
         """A fetch over the space of materialised outputs: entries computed here occupy
         slots ``0..E-1``; leaf tensors read through pointers occupy slots ``E + leaf``."""
         ids = [int(i) for i in ids]
         if not isinstance(idx, Tensor):
-            if any(origin[i][0] == "leaf" for i in ids):
+            if any(origin[i][0] == "leaf" or origin[i][2] is not None for i in ids):
                 # a slice of a pointer: materialise the pointer's rows as an index
                 idx = torch.arange(sum(rows_of[i] for i in ids))[idx]
             else:
@@ -329,16 +365,16 @@ class ParameterPlan:
                 rows[k] = leaf_rows[r]
             else:
                 spaces.append(("own", ids[w]))
-                rows[k] = r
+                rows[k] = r if leaf_rows is None else leaf_rows[r]  # through the entry's row map
         distinct = list(dict.fromkeys(spaces))
         if len(distinct) == 1:
             space, slot = distinct[0]
             source = slot if space == "own" else -1 - slot  # negative: a leaf tensor
-            total = rows_of[slot] if space == "own" else self.leaves[slot].num_folds
+            total = computed[slot] if space == "own" else self.leaves[slot].num_folds
             return plan_fetch([source], torch.as_tensor(rows.reshape(shape)), [total])
         # rows from several tensors: concatenate them (in order of first use) and index
         order = distinct
-        sizes = [rows_of[s] if sp == "own" else self.leaves[s].num_folds for sp, s in order]
+        sizes = [computed[s] if sp == "own" else self.leaves[s].num_folds for sp, s in order]
         base = dict(zip(order, np.cumsum([0] + sizes[:-1])))
         flat_rows = np.array([base[sp] + r for sp, r in zip(spaces, rows)])
         sources = [s if sp == "own" else -1 - s for sp, s in order]
