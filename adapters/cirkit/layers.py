@@ -63,14 +63,22 @@ def apply_linear(linear: Callable[[Tensor], Tensor], z: Tensor, dtype: torch.dty
     return linear(z.to(dtype) if z.dtype != dtype else z)
 
 
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``: ``bmm`` for two batches of matrices of one batch size (matmul's reshapes around
+    it cost a third of a small product's time, and four autograd nodes), else ``matmul``."""
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b)
+    return torch.matmul(a, b)
+
+
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` where one side may be real and the other complex: the real side multiplies
     the complex one part by part (two real products instead of a complex one costing four)."""
     if a.is_complex() == b.is_complex():
-        return torch.matmul(a, b)
+        return _product(a, b)
     if a.is_complex():
-        return torch.complex(torch.matmul(a.real, b), torch.matmul(a.imag, b))
-    return torch.complex(torch.matmul(a, b.real), torch.matmul(a, b.imag))
+        return torch.complex(_product(a.real, b), _product(a.imag, b))
+    return torch.complex(_product(a, b.real), _product(a, b.imag))
 
 
 def _terms_on_factors(chain_a: List[Tensor], chain_b: List[Tensor], left: Tensor,
