@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from structlayers.linalg.kron import (block_chain_backward, block_chain_forward, kron_chain_flops, kron_steps,
-                                     symmetric_square)
+                                     same_matrices, symmetric_square)
 
 from .scaling import Scaled, _flush_limit, _Unmeasured, normalise, rescale, undivided
 
@@ -254,7 +254,7 @@ def _stacked(side_a: Sequence[Tensor], side_b: Sequence[Tensor]) -> Tuple[Tensor
     """Both sides' matrices of the links, each concatenated over the links; once where the
     sides are the same tensors (a real square's ``S`` on both sides)."""
     a = torch.cat(side_a)
-    return a, a if all(x is y for x, y in zip(side_a, side_b)) else torch.cat(side_b)
+    return a, a if same_matrices(side_a, side_b) else torch.cat(side_b)
 
 
 def _per_category(t: Tensor, rank: int) -> Tensor:

@@ -23,7 +23,7 @@ from cirkit.backend.torch.parameters.parameter import TorchParameter
 from cirkit.backend.torch.semiring import Semiring
 
 from structlayers import StructuredSumLayer
-from structlayers.linalg import kron_apply, kron_chain_flops, kron_sum_apply
+from structlayers.linalg import kron_apply, kron_chain_flops, kron_sum_apply, same_matrices, with_terms_axis
 from structlayers.linalg.cur import cur_dense
 
 from .plan import (
@@ -107,16 +107,7 @@ def _terms_on_factors(chain_a: List[Tensor], chain_b: List[Tensor], left: Tensor
 
     out = side(chain_a, left)
     # one map and one block factor on both sides (a real circuit's conj(c)·c): one product
-    same = right is left and len(chain_a) == len(chain_b) and all(a is b for a, b in zip(chain_a, chain_b))
-    return out, (out if same else side(chain_b, right))
-
-
-def _with_terms_axis(chain_a: List[Tensor], chain_b: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-    """One-term chains of (F, ·, ·) matrices as :func:`_terms_on_factors` takes them (F, 1, ·, ·);
-    one list for both sides where they are the same matrices, so that it computes once."""
-    with_axis = [m.unsqueeze(1) for m in chain_a]
-    same = len(chain_a) == len(chain_b) and all(a is b for a, b in zip(chain_a, chain_b))
-    return with_axis, (with_axis if same else [m.unsqueeze(1) for m in chain_b])
+    return out, (out if right is left and same_matrices(chain_a, chain_b) else side(chain_b, right))
 
 
 def _kronecker_terms_apply(chain_a: List[Tensor], chain_b: List[Tensor], z: Tensor, folds: Tensor) -> Tensor:
@@ -150,7 +141,7 @@ def _kronecker_on_factors(a: Tensor, b: Tensor, left: Tensor, right: Tensor) -> 
         both = _matmul(torch.cat([left, right], dim=-1).transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
         v = left.shape[-1]
         return both[:, :, :v], both[:, :, v:]
-    return _terms_on_factors(*_with_terms_axis([a], [b]), left, right)  # one factor: one product
+    return _terms_on_factors(*with_terms_axis([a], [b]), left, right)  # one factor: one product
 
 
 def kronecker_factors(weight: TorchParameter) -> Optional[Tuple[Tensor, Tensor]]:
@@ -343,8 +334,7 @@ class TorchStructuredSumLayer(_SumLayerConfig):
         ``Z`` holds). A property of the stored factors: a plan asks it once."""
         with torch.no_grad():
             chains = self.kronecker_chain()
-        return chains is not None and len(chains[0]) == len(chains[1]) \
-            and all(a is b and not a.is_complex() for a, b in zip(*chains))
+        return chains is not None and same_matrices(*chains) and not any(m.is_complex() for m in chains[0])
 
     def flops(self, batch_size: int) -> int:
         return self.structured.flops(batch_size)
@@ -472,7 +462,7 @@ class TorchLiveSquareSumLayer(_LiveApproximation):
         the factors ``(Ã left, conj(Ã) right)`` of the output block, through Ã's thin factors
         (``2·r·Ki·V`` multiply-adds per side); None where they do not fit. Lets ``Z`` start from
         the integrals' factors, as the exact layer does."""
-        return _terms_on_factors(*_with_terms_axis(*self.kronecker_chain()), left, right)  # a real Ã: one side
+        return _terms_on_factors(*with_terms_axis(*self.kronecker_chain()), left, right)  # a real Ã: one side
 
     def _map(self, folds: Optional[Tensor] = None) -> Tuple[Callable[[Tensor], Tensor], torch.dtype]:
         chain_a, chain_b = self.kronecker_chain(folds)

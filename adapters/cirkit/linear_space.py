@@ -393,8 +393,10 @@ def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: O
     unit (i, j) is ``left[f, b, i] right[f, b, j] e^s[f, b]`` (left, right at most 1); where
     ``mask`` (F, B) is True, the integral's rank-V block (:func:`_outer_lse_factors`)."""
     a, b = capture_inputs(layer.logits, TorchOuterSumParameter)
-    if parameter_plan(layer.logits).same_inputs(layer.logits.outputs[0], real=not (a.is_complex() or b.is_complex())):
-        b = a  # one function on both sides (a real c's c·c): computed once, one tensor
+    # one function on both sides (a real c's c·c), read through two fetches: computed once, one tensor
+    if b is not a and parameter_plan(layer.logits).same_inputs(layer.logits.outputs[0],
+                                                                real=not (a.is_complex() or b.is_complex())):
+        b = a
     va, sa = _lookup(*_exp_table(a), x)
     vb, sb = (va, sa) if b is a else _lookup(*_exp_table(b), x)
     if mask is None:
@@ -569,7 +571,7 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
             return inputs[0]  # the fold numbers, gathered as the outer sums would be
         if any(node is outer for outer in outers):
             # one function on both sides (a real c's conj(c)·c): one tensor
-            if plan.same_inputs(node, real=not any(t.is_complex() for t in inputs)):
+            if inputs[0] is not inputs[1] and plan.same_inputs(node, real=not any(t.is_complex() for t in inputs)):
                 inputs = (inputs[0], inputs[0])
             piece = _outer_lse_factors(*inputs)
             start = sum(p[0].shape[0] for p in pieces)

@@ -265,7 +265,7 @@ class ParameterPlan:
             computed.append(module.num_folds if row_map is None else int(row_map.max()) + 1)
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
-        self._rows_of = computed  # output rows per entry, as computed
+        self._computed_rows = computed  # output rows per entry, as computed
         self._same_inputs: Dict[tuple, bool] = {}  # by id of the node and pairs: see same_inputs
         self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
@@ -306,7 +306,7 @@ class ParameterPlan:
         if len(fetch.sources) != 1 or depth > 64:
             return None
         source = fetch.sources[0]
-        total = self.leaves[-1 - source].num_folds if source < 0 else self._rows_of[source]
+        total = self.leaves[-1 - source].num_folds if source < 0 else self._computed_rows[source]
         read = fetched_rows(fetch, total)
         if read is None or read.size != folds:
             return None
@@ -318,7 +318,7 @@ class ParameterPlan:
         if module is None or config is None or next(module.parameters(recurse=False), None) is not None \
                 or next(module.buffers(recurse=False), None) is not None:
             return None  # a node holding tensors of its own is not traced
-        parts = tuple(self._trace(f, read, self._rows_of[source], depth + 1) for f in fetches)
+        parts = tuple(self._trace(f, read, self._computed_rows[source], depth + 1) for f in fetches)
         if not parts or any(part is None for part in parts):
             return None
         return (type(module), repr(config), parts)
@@ -555,7 +555,7 @@ def kronecker_inputs(parameter: TorchParameter) -> Optional[Tuple[Tensor, Tensor
     reads = kronecker_reads(parameter)
     if reads is None:
         found = capture_inputs(parameter, TorchKroneckerParameter)
-        if found is not None and parameter_plan(parameter).same_inputs(
+        if found is not None and found[0] is not found[1] and parameter_plan(parameter).same_inputs(
                 parameter.outputs[0], real=not any(t.is_complex() for t in found)):
             return found[0], found[0]  # one function of the same rows (e.g. a softmax of them): one tensor
         return found  # type: ignore[return-value]

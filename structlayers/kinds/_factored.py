@@ -31,6 +31,7 @@ from ..linalg.kron import (
     kron_dense,
     kron_inner_lowrank,
     lowrank_frobenius_sq,
+    with_terms_axis,
 )
 
 STRUCTURES = ("flat", "kronecker")
@@ -212,11 +213,7 @@ class FactoredLayer(StructuredSumLayer):
         """Kronecker structure: the one term as its thin factors, ``([L_a, R_a], [L_b, R_b])``."""
         if self.structure != "kronecker":
             return None
-        chain_a, chain_b = self._chains()
-        with_axis = [m.unsqueeze(1) for m in chain_a]
-        if all(a is b for a, b in zip(chain_a, chain_b)):  # tied and real: one list, so consumers see it is one
-            return with_axis, with_axis
-        return with_axis, [m.unsqueeze(1) for m in chain_b]
+        return with_terms_axis(*self._chains())  # tied and real: one list, so consumers see it is one
 
     def kronecker_chain(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """Kronecker structure: ``([L_a, R_a], [L_b, R_b])`` as stored (no terms' axis to add

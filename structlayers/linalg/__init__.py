@@ -22,6 +22,8 @@ from .kron import (
     kron_inner_lowrank,
     kron_rows,
     kron_sum_apply,
+    same_matrices,
+    with_terms_axis,
     lowrank_frobenius_sq,
 )
 from .pivots import PIVOT_STRATEGIES, RANDOM_STRATEGIES, select_pivots
@@ -53,6 +55,8 @@ __all__ = [
     "kron_inner_lowrank",
     "kron_rows",
     "kron_sum_apply",
+    "same_matrices",
+    "with_terms_axis",
     "kronecker_singular_values",
     "lowrank_frobenius_sq",
     "optimal_relative_error",

@@ -79,6 +79,20 @@ def kron_steps(a_chain: Chain, b_chain: Chain) -> Tuple[Tuple[str, ...], List[to
     return order, [remaining[side].pop() for side in order]
 
 
+def same_matrices(chain_a: Chain, chain_b: Chain) -> bool:
+    """The two chains are the same tensors, matrix by matrix: one map on both sides (a tied
+    real Kronecker term, whose consumers may then compute once)."""
+    return len(chain_a) == len(chain_b) and all(a is b for a, b in zip(chain_a, chain_b))
+
+
+def with_terms_axis(chain_a: Chain, chain_b: Chain) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """One-term chains of (F, ·, ·) matrices as (F, 1, ·, ·), the layout of
+    ``kronecker_chains``; one list for both sides where they are the same matrices
+    (:func:`same_matrices`), so that consumers see it is one."""
+    with_axis = [m.unsqueeze(1) for m in chain_a]
+    return with_axis, (with_axis if same_matrices(chain_a, chain_b) else [m.unsqueeze(1) for m in chain_b])
+
+
 def kron_chain_flops(a_chain: Chain, b_chain: Chain) -> int:
     """Multiply-adds per sample of :func:`kron_apply` (its cheapest ordering)."""
     return _plan(a_chain, b_chain)[0]

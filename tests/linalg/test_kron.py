@@ -203,3 +203,18 @@ def test_the_symmetric_chain_backward_equals_the_general_one(first):
     assert not symmetric_chain(sides, [right, right, lower.to(torch.complex128), lower.to(torch.complex128)])
     assert not symmetric_chain((first, first, other, other), mats)
     assert not symmetric_chain(sides, [right, lower, right, lower])
+
+
+def test_chains_get_a_terms_axis_and_one_list_for_the_same_matrices():
+    """with_terms_axis gives (F, 1, ·, ·) matrices, one list for both sides exactly where they are
+    the same tensors (same_matrices), two lists for equal values in distinct tensors."""
+    from structlayers.linalg.kron import same_matrices, with_terms_axis
+
+    left, right = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    chain = [left, right]
+    a, b = with_terms_axis(chain, [left, right])
+    assert same_matrices(chain, [left, right]) and a is b and [m.shape for m in a] == [(3, 1, 5, 2), (3, 1, 2, 4)]
+    copy = [left.clone(), right]
+    a, b = with_terms_axis(chain, copy)
+    assert not same_matrices(chain, copy) and a is not b and torch.equal(a[0], b[0])
+    assert not same_matrices(chain, [left])

@@ -286,7 +286,7 @@ def test_row_wise_nodes_compute_each_row_they_read_once(inputs):
             if isinstance(module, (TorchEntrywiseParameterOp, TorchReduceParameterOp)):
                 (fetch,) = fetches
                 source = fetch.sources[0]
-                total = plan.leaves[-1 - source].num_folds if source < 0 else plan._rows_of[source]
+                total = plan.leaves[-1 - source].num_folds if source < 0 else plan._computed_rows[source]
                 read = fetched_rows(fetch, total)
                 assert np.unique(read).size == read.size  # every row computed once
                 deduplicated += read.size < module.num_folds
