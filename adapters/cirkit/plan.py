@@ -463,10 +463,12 @@ def evaluate_parameter(parameter: TorchParameter, module_fn: NodeFunction = eval
     return parameter_plan(parameter).run(module_fn)
 
 
-def capture_inputs(parameter: TorchParameter, node_type) -> Optional[Tuple[Tensor, ...]]:
+def capture_inputs(parameter: TorchParameter, node_type,
+                   module_fn: NodeFunction = evaluate_node) -> Optional[Tuple[Tensor, ...]]:
     """The inputs of the graph's output node when it is a ``node_type`` (e.g. the factors
-    of a Kronecker product), evaluated through the plan; the node itself is never
-    computed. None for a graph whose output is another node."""
+    of a Kronecker product), evaluated through the plan (the other nodes by ``module_fn``,
+    as in :func:`evaluate_parameter`); the node itself is never computed. None for a graph
+    whose output is another node."""
     if not parameter.outputs or not isinstance(parameter.outputs[0], node_type):
         return None
     out = parameter.outputs[0]
@@ -476,7 +478,7 @@ def capture_inputs(parameter: TorchParameter, node_type) -> Optional[Tuple[Tenso
         if node is out:
             captured["inputs"] = inputs
             return inputs[0]  # placeholder: the graph's output is not used
-        return evaluate_node(node, *inputs)
+        return module_fn(node, *inputs)
 
     evaluate_parameter(parameter, fn)
     return captured["inputs"]

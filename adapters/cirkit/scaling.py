@@ -20,9 +20,17 @@ Scaled = Tuple[Tensor, Tensor]  # (v (F, [H,] B, K), s (F, [H,] B))
 
 
 # ------------------------------------------------------------------ scales
-def _max_abs(v: Tensor) -> Tensor:
+def _max_abs(v: Tensor, gram: bool = False) -> Tensor:
     """Largest |entry| over the last axis (the ∞-norm of the real and imaginary parts
-    for complex v, within √2 of the modulus and without a square root)."""
+    for complex v, within √2 of the modulus and without a square root).
+
+    ``gram``: the last axis holds K x K blocks that are Gram matrices (positive
+    semi-definite, Hermitian), whose largest |entry| is on the diagonal (|X_ij|² ≤ X_ii X_jj):
+    K entries are read instead of K²."""
+    if gram:
+        k = math.isqrt(v.shape[-1])
+        diagonal = v.unflatten(-1, (k, k)).diagonal(dim1=-2, dim2=-1)
+        return (diagonal.real if diagonal.is_complex() else diagonal).amax(dim=-1)
     if v.is_complex():
         v = torch.view_as_real(v).flatten(start_dim=-2)
     # two vectorised reductions and no |v| temporary: torch's fused aminmax over the last
@@ -46,23 +54,25 @@ class _Unmeasured(Exception):
     """A sum layer after an unmeasured product came out tiny: evaluate again, measuring."""
 
 
-def _peaks(v: Tensor) -> Tuple[Optional[Tensor], float, float]:
+def _peaks(v: Tensor, gram: bool = False) -> Tuple[Optional[Tensor], float, float]:
     """The largest |entry| of v per (fold, sample), detached, and the smallest and largest of
     those as Python floats (reading floats costs less dispatch than comparing tensors and
     ``all``). A single vector (one fold and sample, as in a deep chain) is read with one
-    ``aminmax`` and gives no tensor (None). NaN entries give NaN, which fails every test."""
+    ``aminmax`` and gives no tensor (None) -- also a Gram block (``gram``, :func:`_max_abs`:
+    its diagonal's two views cost more there than one pass). NaN entries give NaN, which
+    fails every test (``gram``: NaN on the diagonal)."""
     if v.numel() == v.shape[-1]:
         lo, hi = torch.aminmax((torch.view_as_real(v) if v.is_complex() else v).detach())
         top = max(float(hi), -float(lo))  # NaN: max keeps its first argument, hi is NaN too
         return None, top, top
-    m = _max_abs(v).detach()
+    m = _max_abs(v, gram).detach()
     if not m.numel():  # no samples (an empty batch): nothing to rescale
         return m, 1.0, 1.0
     lo, hi = torch.aminmax(m)
     return m, float(lo), float(hi)
 
 
-def _divisor(v: Tensor, m: Optional[Tensor], top: float) -> Union[float, Tensor]:
+def _divisor(v: Tensor, m: Optional[Tensor], top: float, gram: bool = False) -> Union[float, Tensor]:
     """What :func:`_rescaled` divides v by: its peaks ``m`` (:func:`_peaks`) with zeros
     replaced by 1 (an all-zero vector stays zero), or for a single vector (m None) its peak
     ``top`` as a Python number -- unless that is 0, inf or NaN, which take the tensor path
@@ -70,7 +80,7 @@ def _divisor(v: Tensor, m: Optional[Tensor], top: float) -> Union[float, Tensor]
     if m is None:
         if top > 0 and math.isfinite(top):
             return top
-        m = _max_abs(v).detach()
+        m = _max_abs(v, gram).detach()
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -94,25 +104,26 @@ def _rescaled(v: Tensor, s: Tensor, m: Optional[Tensor], top: float) -> Scaled:
     return _divided(v, s, _divisor(v, m, top))
 
 
-def rescale(v: Tensor, s: Tensor, *, after_unmeasured: bool = False
+def rescale(v: Tensor, s: Tensor, *, after_unmeasured: bool = False, gram: bool = False
             ) -> Tuple[Tensor, Tensor, Union[float, Tensor, None]]:
     """:func:`normalise`, also giving what v was divided by (None where nothing was): for
     a caller that writes its own backward (:func:`undivided`)."""
-    m, lo, hi = _peaks(v)
+    m, lo, hi = _peaks(v, gram)
     if _LOW <= lo and hi <= _HIGH:
         return v, s, None
     if after_unmeasured and lo < _flush_limit(v.dtype):
         raise _Unmeasured
-    divisor = _divisor(v, m, hi)
+    divisor = _divisor(v, m, hi, gram)
     return (*_divided(v, s, divisor), divisor)
 
 
-def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False) -> Scaled:
+def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False, gram: bool = False) -> Scaled:
     """Keep v's entries in range: divide by the largest entry per (fold, sample) and move
     its log into s when some (fold, sample) has left [2^-16, 2^16]. ``after_unmeasured``:
     v is a sum over a product that was not measured; a tiny result raises
-    :class:`_Unmeasured` (the product may have flushed entries)."""
-    v, s, _ = rescale(v, s, after_unmeasured=after_unmeasured)
+    :class:`_Unmeasured` (the product may have flushed entries). ``gram``: v's units are
+    K x K Gram blocks, measured on their diagonals (:func:`_max_abs`)."""
+    v, s, _ = rescale(v, s, after_unmeasured=after_unmeasured, gram=gram)
     return v, s
 
 

@@ -8,6 +8,7 @@ to ~1e-11 relative on these circuits, so 1e-10 is tight but not at rounding leve
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -201,6 +202,55 @@ def test_integrated_products_whose_factors_peak_apart_do_not_underflow(dtype, ga
         ref, got = semiring_values(partition), evaluate_linear_space(partition)
     assert bool(torch.isfinite(ref).all()) and float(ref.max()) < -gap  # the regime of the test
     torch.testing.assert_close(got, ref, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def _brute_force_marginal(circuit, x, mask):
+    """log Σ over every assignment of each row's masked variables of cirkit's log-value of a
+    categorical circuit (lse-sum), rows (B, 1, 1) as the evaluator gives them."""
+    rows = []
+    for row, integrated in zip(x, mask):
+        where = integrated.nonzero().flatten()
+        grid = torch.tensor(list(itertools.product(range(CATEGORIES), repeat=len(where))), dtype=torch.long)
+        full = row.repeat(grid.shape[0], 1)
+        if len(where):
+            full[:, where] = grid
+        with torch.no_grad():
+            rows.append(circuit(full).reshape(grid.shape[0], -1).logsumexp(dim=0))
+    return torch.stack(rows).reshape(x.shape[0], 1, -1)
+
+
+def test_logs_of_softmax_probabilities_are_never_taken(monkeypatch):
+    """The squared categorical inputs of c·c read log(softmax(θ)) through outer sums (cirkit
+    squares probabilities as logs). The evaluator takes the softmax's probabilities as they
+    are -- in Z (∫ c·c), at data and with variables integrated out, no log of them is computed
+    and none exponentiated -- with cirkit's values and gradients (float64). A log-softmax
+    keeps its logs (see the test above): it is left alone."""
+    from cirkit.backend.torch.parameters.nodes import TorchLogParameter
+
+    c1, _ = two_circuits("linear-tree", units=(3, 3))
+    partition = compile_partition(SF.multiply(c1, c1), "lse-sum", True)
+    squared = compile_circuit(SF.multiply(c1, c1), "lse-sum")
+    assert any(isinstance(n, TorchLogParameter) for layer in squared.layers if isinstance(layer, TorchInputLayer)
+               for n in layer.logits.nodes)  # the graphs do take logs of the probabilities
+    x = torch.randint(0, CATEGORIES, (6, NUM_VARIABLES["linear-tree"]), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[::2, 1:] = True  # some samples with variables integrated out
+    logs = []
+    original = TorchLogParameter.forward
+    monkeypatch.setattr(TorchLogParameter, "forward", lambda self, t: logs.append(1) or original(self, t))
+    for circuit, x_given, integrate in ((partition, None, None), (squared, x, None), (squared, x, mask)):
+        params = list(circuit.parameters())
+        logs.clear()
+        ours = evaluate_linear_space(circuit, x_given, integrate=integrate)
+        assert not logs
+        if integrate is not None:  # the marginal: against the sum over the integrated categories
+            torch.testing.assert_close(ours, _brute_force_marginal(circuit, x, mask), rtol=1e-12, atol=1e-12)
+            continue
+        torch.testing.assert_close(ours, semiring_values(circuit, x_given), rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(ours.real.sum(), params)
+        want = torch.autograd.grad((circuit() if x_given is None else circuit(x_given)).real.sum(), params)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_values_far_below_the_clamp_are_correct():
@@ -878,6 +928,43 @@ def test_constant_inputs_are_symmetric_only_with_equal_sides():
             for layer in constants:
                 found = linear_space._input_blocks(layer, (1,), None)
                 assert torch.equal(found.left, found.right) == expected, name
+
+
+@pytest.mark.parametrize("variant", ["kronecker", "lowrank square 3"])
+def test_gram_blocks_are_measured_on_their_diagonals(variant, monkeypatch):
+    """In Z of a real |c|² every block is a Gram matrix, and a symmetric map keeps it one:
+    those sum layers' outputs are measured on their diagonals (scaling's ``gram``). On every
+    block so measured -- the exact Kronecker layers and rank-3 squares, float64 -- the
+    diagonal's peak is the whole block's, and Z and its gradients are unchanged."""
+    from adapters.cirkit import scaling
+
+    spec = digits_squared_circuit(6, image_shape=(2, 4), num_categories=CATEGORIES)
+    variants = {v.name: v.model for v in circuit_variants(spec, spec.compile(seed=0), kinds=("lowrank",), ranks=(3,),
+                                                          structures=("square",), materialised=False)}
+    density = variants[variant].to(torch.float64)
+    measured = []
+    original = scaling._max_abs
+
+    def checked(v, gram=False):
+        if gram:
+            measured.append(v.shape)
+            torch.testing.assert_close(original(v, gram=True), original(v), rtol=1e-12, atol=0)
+        return original(v, gram)
+
+    params = [p for p in density.parameters() if p.requires_grad]
+    monkeypatch.setattr(scaling, "_max_abs", checked)
+    logz = density.log_partition(cached=False)
+    assert measured  # the Gram blocks were measured on their diagonals
+    got = torch.autograd.grad(logz.sum(), params, allow_unused=True)
+    monkeypatch.setattr(linear_space, "SYMMETRIC_BLOCKS", False)
+    ref = density.log_partition(cached=False)
+    want = torch.autograd.grad(ref.sum(), params, allow_unused=True)
+    torch.testing.assert_close(logz, ref, rtol=1e-12, atol=0)
+    assert any(g is not None for g in got)
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
 
 
 def test_one_function_on_both_sides_is_read_once():

@@ -71,3 +71,29 @@ def test_undivided_is_the_gradient_through_the_division(single):
     (ref,) = torch.autograd.grad(out_v, v, grad)
     torch.testing.assert_close(undivided(grad, divisor), ref, rtol=0, atol=0)
     assert undivided(grad, None) is grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("single", [True, False])
+def test_gram_blocks_are_measured_on_their_diagonals(dtype, single):
+    """K x K Gram blocks (A Aᴴ, flattened) out of range: measured on their diagonals only,
+    they are divided by the same peaks as measured whole (for complex blocks the diagonal
+    is real, within √2 of the largest real or imaginary part), and end with largest entry 1.
+    A block that is no Gram matrix would be measured wrongly: the flag is a promise."""
+    gen = torch.Generator().manual_seed(2)
+    folds, k = (1, 5) if single else (3, 5)
+    a = torch.randn(folds, 2, k, 3, dtype=dtype, generator=gen) * 1e4  # (F, B, K, r)
+    v = (a @ a.mH).flatten(start_dim=-2)  # (F, B, K²): above 2^16
+    s = torch.randn(folds, 2, dtype=torch.float64, generator=gen)
+    for gram in (False, True):
+        out_v, out_s, divisor = rescale(v, s, gram=gram)
+        torch.testing.assert_close(represented(out_v, out_s), represented(v, s), rtol=1e-13, atol=0)
+        if not dtype.is_complex:
+            assert float(out_v.abs().max()) == pytest.approx(1.0, rel=1e-13)
+    modulus = v.abs().amax(-1)
+    _, _, divisor = rescale(v, s, gram=True)
+    torch.testing.assert_close(divisor, modulus, rtol=1e-13, atol=0)  # the diagonal holds |X|'s peak
+    skew = v.clone()
+    skew.view(folds, 2, k, k)[..., 0, 1] = 1e30  # not a Gram block: its peak is off the diagonal
+    _, _, divisor = rescale(skew, s, gram=True)
+    assert float(divisor.max() if isinstance(divisor, torch.Tensor) else divisor) < 1e30
