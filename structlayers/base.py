@@ -570,3 +570,11 @@ def random_normal(
     else:
         out = torch.randn(tuple(shape), generator=generator, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * std
     return out.to(device=device, dtype=dtype)
+
+
+def owned_parameter(t: torch.Tensor) -> nn.Parameter:
+    """A parameter holding its own contiguous copy of ``t`` (detached): a construction from
+    given weights or factors never shares their storage or keeps their strides. Autograd
+    writes each gradient in its parameter's layout, so a transposed parameter (as
+    decompositions give them) would cost a copy of its gradient at every backward."""
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))

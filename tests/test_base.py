@@ -137,6 +137,28 @@ def test_trainable_after_construction(kind):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_are_laid_out_contiguously(kind):
+    """Every construction gives contiguous parameters, also from transposed (non-contiguous)
+    input weights and from decompositions whose factors come out transposed: autograd writes
+    each gradient in its parameter's layout, so a transposed parameter costs a copy of its
+    gradient per backward. After one backward every gradient is contiguous too."""
+    w = torch.randn(2, 10, 12, generator=generator(40), dtype=torch.float64).transpose(1, 2)  # (2, 12, 10)
+    a, b = random_factors(2, (4, 4), (4, 4), seed=41)
+    a, b = a.transpose(1, 2).contiguous().transpose(1, 2), b.transpose(1, 2).contiguous().transpose(1, 2)
+    built = [sl.from_dense(kind, w, **options) for options in SPECS[kind]["full_dense"](w)]
+    built += [sl.from_kronecker(kind, a, b, **options) for options in SPECS[kind]["full_kron"](a, b)]
+    if SPECS[kind]["budget"]:
+        built.append(sl.from_kronecker(kind, a, b, **SPECS[kind]["budget"](2)))
+    built.append(sl.create(kind, 12, 10, 2, dtype=torch.float64, seed=1, **SPECS[kind]["init"](12, 10)))
+    for layer in built:
+        strided = [name for name, p in layer.named_parameters() if not p.is_contiguous()]
+        assert not strided, (kind, strided)
+        x = torch.randn(2, 3, layer.in_features, generator=generator(42), dtype=torch.float64)
+        layer(x).square().sum().backward()
+        assert all(p.grad is None or p.grad.is_contiguous() for p in layer.parameters())
+
+
 @pytest.mark.parametrize("kind", [k for k in KINDS if SPECS[k]["budget"]])
 def test_relative_error_reports_agree(kind):
     """relative_error_kronecker (no materialisation) equals the dense computation."""

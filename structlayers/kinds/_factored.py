@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from .._checks import check_bool, check_positive_int, check_rank_range, make_generator
-from ..base import Order, StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, owned_parameter, random_normal
 from ..linalg.contract import gemm_work
 from ..linalg.kron import (
     FactorShapes,
@@ -140,22 +139,22 @@ class FactoredLayer(StructuredSumLayer):
     def _set_flat(self, left: torch.Tensor, right: torch.Tensor) -> None:
         self.structure = "flat"
         self.tied = False
-        self.left = nn.Parameter(left)
-        self.right = nn.Parameter(right)
+        self.left = owned_parameter(left)
+        self.right = owned_parameter(right)
 
     def _set_kronecker(self, left_a, right_a, left_b, right_b) -> None:
         self.structure = "kronecker"
         self.tied = left_b is None
-        self.left_a = nn.Parameter(left_a)
-        self.right_a = nn.Parameter(right_a)
+        self.left_a = owned_parameter(left_a)
+        self.right_a = owned_parameter(right_a)
         if not self.tied:
-            self.left_b = nn.Parameter(left_b)
-            self.right_b = nn.Parameter(right_b)
+            self.left_b = owned_parameter(left_b)
+            self.right_b = owned_parameter(right_b)
 
     @classmethod
     def _from_flat(cls, left: torch.Tensor, right: torch.Tensor):
         layer = cls._bare(right.shape[2], left.shape[1], left.shape[0])
-        layer._set_flat(left.detach().clone(), right.detach().clone())
+        layer._set_flat(left, right)
         return layer
 
     @classmethod
@@ -164,8 +163,7 @@ class FactoredLayer(StructuredSumLayer):
         b_out = (left_a if left_b is None else left_b).shape[1]
         b_in = (right_a if right_b is None else right_b).shape[2]
         layer = cls._bare(right_a.shape[2] * b_in, left_a.shape[1] * b_out, left_a.shape[0])
-        clone = (lambda t: None if t is None else t.detach().clone())
-        layer._set_kronecker(clone(left_a), clone(right_a), clone(left_b), clone(right_b))
+        layer._set_kronecker(left_a, right_a, left_b, right_b)
         return layer
 
     # ------------------------------------------------------------ views

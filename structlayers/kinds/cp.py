@@ -39,7 +39,7 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, random_normal
+from ..base import Order, owned_parameter, random_normal
 from ..linalg.decompose import CP_ITERATIONS, cp_als, cp_exact, cp_network, mode_tensor
 from ..linalg.tt import Modes
 from ._network import NetworkLayer, network_layout
@@ -108,7 +108,7 @@ class CP(NetworkLayer, kind="cp"):
         """From folded factors (F, m_k, n_k, R) (copied, detached)."""
         f = factors[0].shape[0]
         layer = cls._bare(math.prod(u.shape[2] for u in factors), math.prod(u.shape[1] for u in factors), f)
-        layer.factors = nn.ParameterList([nn.Parameter(u.detach().clone().contiguous()) for u in factors])
+        layer.factors = nn.ParameterList([owned_parameter(u) for u in factors])
         return layer
 
     # ------------------------------------------------------------ layout

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import as_folded_factors, as_folded_weight, make_generator
-from ..base import Order, StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, owned_parameter, random_normal
 from ..linalg.kron import kron_dense
 
 
@@ -60,7 +60,7 @@ class Dense(StructuredSumLayer, kind="dense"):
         w = as_folded_weight(weight).detach()
         f, out, inp = w.shape
         layer = cls._bare(inp, out, f)
-        layer.weight = nn.Parameter(w.clone())
+        layer.weight = owned_parameter(w)
         return layer
 
     @classmethod

@@ -24,7 +24,7 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, owned_parameter, random_normal
 from ..linalg.contract import contract_dense, gemm_work
 from ..linalg.kron import (
     FactorShapes,
@@ -132,8 +132,8 @@ class Kronecker(StructuredSumLayer, kind="kronecker"):
         """From term factors a (F, R, a1, a2), b (F, R, b1, b2)."""
         f, _, a1, a2 = a.shape
         layer = cls._bare(a2 * b.shape[3], a1 * b.shape[2], f)
-        layer.a = nn.Parameter(a.detach().clone())
-        layer.b = nn.Parameter(b.detach().clone())
+        layer.a = owned_parameter(a)
+        layer.b = owned_parameter(b)
         return layer
 
     @classmethod

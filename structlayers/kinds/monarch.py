@@ -48,7 +48,7 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, StructuredSumLayer, random_normal
+from ..base import Order, StructuredSumLayer, owned_parameter, random_normal
 from ..linalg.blocks import (
     Blocks,
     block_view,
@@ -232,9 +232,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
         f, lo, ki, s, r = u.shape
         p = vh.shape[-1]
         layer = cls._bare(ki * p, lo * s, f)
-        own = dict(memory_format=torch.contiguous_format)  # contiguous: same rounding as a fresh layer
-        layer.left = nn.Parameter(u.permute(0, 1, 3, 2, 4).reshape(f, lo, s, ki * r).detach().clone(**own))
-        layer.right = nn.Parameter(vh.transpose(1, 2).reshape(f, ki, lo * r, p).detach().clone(**own))
+        layer.left = owned_parameter(u.permute(0, 1, 3, 2, 4).reshape(f, lo, s, ki * r))  # contiguous: same rounding as a fresh layer
+        layer.right = owned_parameter(vh.transpose(1, 2).reshape(f, ki, lo * r, p))
         return layer
 
     @classmethod
@@ -312,8 +311,8 @@ class Monarch(StructuredSumLayer, kind="monarch"):
             left[..., 0] = a[:, None]
             right[:, :, :, 0, :] = b[:, None]
             layer = cls._bare(inp, out, f)
-            layer.left = nn.Parameter(left.reshape(f, b1, a1, a2 * r))
-            layer.right = nn.Parameter(right.reshape(f, a2, b1 * r, b2))
+            layer.left = owned_parameter(left.reshape(f, b1, a1, a2 * r))
+            layer.right = owned_parameter(right.reshape(f, a2, b1 * r, b2))
             return layer
         blockwise = kron_block_svd(a, b, blocks)
         if blockwise is None:

@@ -41,7 +41,7 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, random_normal
+from ..base import Order, owned_parameter, random_normal
 from ..linalg.contract import gemm_work
 from ..linalg.decompose import tt_matrix
 from ..linalg.kron import frobenius_sq
@@ -166,7 +166,7 @@ class TT(NetworkLayer, kind="tt"):
         out = math.prod(g.shape[2] for g in cores)
         inp = math.prod(g.shape[3] for g in cores)
         layer = cls._bare(inp, out, f)
-        layer.cores = nn.ParameterList([nn.Parameter(g.detach().clone().contiguous()) for g in cores])
+        layer.cores = nn.ParameterList([owned_parameter(g) for g in cores])
         return layer
 
     # ------------------------------------------------------------ layout

@@ -38,7 +38,7 @@ from .._checks import (
     make_generator,
     rank_for_params_share,
 )
-from ..base import Order, random_normal
+from ..base import Order, owned_parameter, random_normal
 from ..linalg.decompose import (
     TUCKER_ITERATIONS,
     mode_tensor,
@@ -132,8 +132,8 @@ class Tucker(NetworkLayer, kind="tucker"):
         """From a folded core (F, R_1..R_d) and factors (F, m_k, n_k, R_k) (copied, detached)."""
         f = core.shape[0]
         layer = cls._bare(math.prod(u.shape[2] for u in factors), math.prod(u.shape[1] for u in factors), f)
-        layer.core = nn.Parameter(core.detach().clone().contiguous())
-        layer.factors = nn.ParameterList([nn.Parameter(u.detach().clone().contiguous()) for u in factors])
+        layer.core = owned_parameter(core)
+        layer.factors = nn.ParameterList([owned_parameter(u) for u in factors])
         return layer
 
     # ------------------------------------------------------------ layout
