@@ -369,13 +369,19 @@ def _logs_of_probabilities(graph, consumers: Sequence) -> Tuple[Callable[..., Te
     be taken instead and exponentiated never: returns a node function for
     :func:`evaluate_parameter` that passes those nodes' inputs on, and the nodes so passed.
     (A log-softmax stays: its logs are finite where the probabilities would flush to 0.)"""
-    nodes = []
-    for consumer in consumers:
-        for node in graph.node_inputs(consumer):
-            if (type(node) is TorchLogParameter and not any(node is n for n in nodes)
-                    and all(type(n) is TorchSoftmaxParameter for n in graph.node_inputs(node))
-                    and all(any(reader is c for c in consumers) for reader in graph.node_outputs(node))):
-                nodes.append(node)
+    def find() -> List:
+        found: List = []
+        for consumer in consumers:
+            for node in graph.node_inputs(consumer):
+                if (type(node) is TorchLogParameter and not any(node is n for n in found)
+                        and all(type(n) is TorchSoftmaxParameter for n in graph.node_inputs(node))
+                        and all(any(reader is c for c in consumers) for reader in graph.node_outputs(node))):
+                    found.append(node)
+        return found
+
+    nodes = parameter_plan(graph).decided(("logs of probabilities", *map(id, consumers)), find)
+    if not nodes:
+        return evaluate_node, nodes
 
     def fn(node, *inputs: Tensor) -> Tensor:
         return inputs[0] if any(node is n for n in nodes) else evaluate_node(node, *inputs)
@@ -385,6 +391,8 @@ def _logs_of_probabilities(graph, consumers: Sequence) -> Tuple[Callable[..., Te
 
 def _read_probabilities(graph, outer, nodes: List) -> Tuple[bool, bool]:
     """Per side of an outer sum: whether it reads one of ``nodes`` (:func:`_logs_of_probabilities`)."""
+    if not nodes:
+        return False, False
     flags = tuple(any(n is m for m in nodes) for n in graph.node_inputs(outer))
     return (flags[0], flags[0]) if len(flags) == 1 else flags  # one node read on both sides
 

@@ -266,7 +266,7 @@ class ParameterPlan:
             self.steps.append((module, tuple(fetches)))
         self.origin = origin
         self._computed_rows = computed  # output rows per entry, as computed
-        self._same_inputs: Dict[tuple, bool] = {}  # by id of the node and pairs: see same_inputs
+        self._decisions: Dict[tuple, object] = {}  # see decided
         self.kronecker_reads: object = _UNREAD  # built by kronecker_reads
         # equal fetches (e.g. A and conj(A) read through one pointer) become one, run once
         canonical: Dict[tuple, Fetch] = {}
@@ -282,11 +282,15 @@ class ParameterPlan:
         their integrals through two pointers to the same rows). ``real``: the caller's values
         are real, so conjugations on the way change nothing (cirkit squares a real c as
         ``conj(c)·c`` too). Decided once."""
-        key = (id(module), pairs, real)
-        found = self._same_inputs.get(key)
-        if found is None:
-            found = self._same_inputs[key] = self._decide_same_inputs(module, pairs, real)
-        return found
+        return self.decided(("same inputs", id(module), pairs, real),
+                            lambda: self._decide_same_inputs(module, pairs, real))
+
+    def decided(self, key: tuple, decide: Callable[[], object]) -> object:
+        """``decide()``, called once per plan and ``key``: a decision about the graph's structure
+        (valid until the graph changes, when its plan is rebuilt)."""
+        if key not in self._decisions:
+            self._decisions[key] = decide()
+        return self._decisions[key]
 
     def _decide_same_inputs(self, module, pairs: Tuple[Tuple[int, int], ...], real: bool) -> bool:
         step = next((i for i, (m, _) in enumerate(self.steps) if m is module), None)
