@@ -47,7 +47,7 @@ from structlayers.linalg.kron import (block_chain_backward, block_chain_forward,
 
 from .scaling import Scaled, _flush_limit, _Unmeasured, normalise, rescale, undivided
 
-__all__ = ["ChainLink", "OperandFactors", "run_chain", "may_run_inner", "CHAIN_MIN_LINKS"]
+__all__ = ["ChainLink", "OperandFactors", "run_chain", "may_run_inner", "inner_map", "khatri_rao", "CHAIN_MIN_LINKS"]
 
 #: Runs shorter than this are left to the layer rules (a chain saves per-layer overhead).
 CHAIN_MIN_LINKS = 2
@@ -263,7 +263,7 @@ def _per_category(t: Tensor, rank: int) -> Tensor:
     return t.view(n, r, rank, -1).transpose(1, 2)
 
 
-def _inner_map(layer) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
+def inner_map(layer) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
     """A layer's map as ``(L_a, R_a), (L_b, R_b)`` through fewer inner units than it maps on
     each side (``kronecker_chain`` of two matrices per side), else None."""
     chain = layer.kronecker_chain()
@@ -279,11 +279,11 @@ def may_run_inner(layers: Sequence[object]) -> bool:
     factors, so only its operands stay factored (the others are multiplied out once, as
     the layer rules read them)."""
     with torch.no_grad():
-        return len(layers) >= 2 and all(_inner_map(layer) is not None for layer in layers[:2])
+        return len(layers) >= 2 and all(inner_map(layer) is not None for layer in layers[:2])
 
 
-def _khatri_rao(parts: Sequence[Tensor]) -> Tensor:
-    """Row-wise products of factors (1, K, V_i) -> (1, K, Π V_i): the factor of a Hadamard
+def khatri_rao(parts: Sequence[Tensor]) -> Tensor:
+    """Row-wise products of factors (F, K, V_i) -> (F, K, Π V_i): the factor of a Hadamard
     product of the blocks ``left_i @ right_iᵀ``."""
     return functools.reduce(lambda u, w: (u.unsqueeze(-1) * w.unsqueeze(-2)).flatten(start_dim=-2), parts)
 
@@ -309,7 +309,7 @@ class _InnerPlan(NamedTuple):
 def _inner_links(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
                  factors: Sequence[Sequence[Optional[OperandFactors]]]) -> Optional[_InnerPlan]:
     """Which leading links :func:`_inner_chain` takes: at least two whose layers have inner
-    maps (:func:`_inner_map`) of the first's shapes (one fold, ``K x K`` blocks in and out),
+    maps (:func:`inner_map`) of the first's shapes (one fold, ``K x K`` blocks in and out),
     then possibly one whose map is one matrix per side on those blocks; each link after the
     first with one outside operand given as factors of one rank V; all of one dtype, no
     scale with gradients, fewer multiply-adds than the blocks'. None where that is not so."""
@@ -318,7 +318,7 @@ def _inner_links(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
     for k, (_, _, layer, _) in enumerate(links):
         if k and (len(factors[k]) != 1 or factors[k][0] is None):
             break
-        chain = _inner_map(layer)
+        chain = inner_map(layer)
         if chain is not None and (not maps or [m.shape for side in chain for m in side]
                                   == [m.shape for side in maps[0] for m in side]):
             maps.append(chain)
@@ -368,9 +368,9 @@ def _inner_chain(links: Sequence[Tuple[ChainLink, List[Scaled], object, bool]],
     (_, ra), (_, rb) = maps[0]
     if plan.first_factored:
         fs = factors[0]
-        left = torch.bmm(ra, _khatri_rao([_row(f.left, f.row) for f in fs]))  # (1, r_a, Π V)
+        left = torch.bmm(ra, khatri_rao([_row(f.left, f.row) for f in fs]))  # (1, r_a, Π V)
         right = left if rb is ra and all(f.right is f.left for f in fs) else \
-            torch.bmm(rb, _khatri_rao([_row(f.right, f.row) for f in fs]))
+            torch.bmm(rb, khatri_rao([_row(f.right, f.row) for f in fs]))
         m = torch.bmm(left, right.transpose(-1, -2))[0]
         s = functools.reduce(torch.add, [_row(f.s, f.row) for f in fs])
     else:

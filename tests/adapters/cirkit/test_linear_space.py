@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.initializers import NormalInitializer
 from cirkit.symbolic.parameters import LogSoftmaxParameter, Parameter, TensorParameter
 
-from adapters.cirkit import linear_space
+from adapters.cirkit import linear_space, scaling
 from adapters.cirkit import accelerate, cirkit_evaluation, evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
 from adapters.cirkit.bench.circuits import digits_squared_circuit, one_sum_circuit
 from adapters.cirkit.internals import leaf_tensors, node_tensor
@@ -936,8 +937,6 @@ def test_gram_blocks_are_measured_on_their_diagonals(variant, monkeypatch):
     those sum layers' outputs are measured on their diagonals (scaling's ``gram``). On every
     block so measured -- the exact Kronecker layers and rank-3 squares, float64 -- the
     diagonal's peak is the whole block's, and Z and its gradients are unchanged."""
-    from adapters.cirkit import scaling
-
     spec = digits_squared_circuit(6, image_shape=(2, 4), num_categories=CATEGORIES)
     variants = {v.name: v.model for v in circuit_variants(spec, spec.compile(seed=0), kinds=("lowrank",), ranks=(3,),
                                                           structures=("square",), materialised=False)}
@@ -965,6 +964,56 @@ def test_gram_blocks_are_measured_on_their_diagonals(variant, monkeypatch):
         assert (g is None) == (r is None)
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("complex_weights", [False, True])
+def test_products_of_integral_blocks_go_through_inner_units_as_khatri_rao_factors(complex_weights, monkeypatch):
+    """In Z, a Hadamard product of two integrals' blocks of rank V (through sum layers, kept as
+    factors) feeding a rank-r square is taken as the row-wise products of the factors (V²
+    columns) and goes through the square's r inner units, never multiplied out K x K, where V²
+    is at most KHATRI_RAO_COLUMNS x K (8 x 8 units, 3 categories: 9 <= 12) and the work is
+    small enough (KHATRI_RAO_WORK). Z and its gradients
+    equal the multiplied-out evaluation's (float64 / complex128), also when every sum after an
+    unmeasured product is measured again (the fallback multiplies them out). At 4 units (9 > 6)
+    no product is so taken."""
+    results = {}
+    for units in (8, 4):
+        spec = digits_squared_circuit(units, image_shape=(4, 4), num_categories=CATEGORIES, complex=complex_weights)
+        variants = {v.name: v.model for v in circuit_variants(spec, spec.compile(seed=0), kinds=("lowrank",), ranks=(2,),
+                                                              structures=("square",), materialised=False)}
+        density = variants["lowrank square 2"].to(torch.float64)
+        params = [p for p in density.parameters() if p.requires_grad]
+        taken = [step for step in linear_space.circuit_plan(density.partition).steps if step.khatri_rao]
+        assert bool(taken) == (units == 8)
+        if units == 4:
+            continue
+        taken_at_8 = len(taken)
+        inner = []
+        original = linear_space._through_inner_units
+        monkeypatch.setattr(linear_space, "_through_inner_units", lambda *a: inner.append(1) or original(*a))
+        for route in ("khatri-rao", "multiplied out", "measured again"):
+            linear_space._PLANS.clear()
+            with monkeypatch.context() as patch:
+                if route == "multiplied out":
+                    patch.setattr(linear_space, "KHATRI_RAO_COLUMNS", 0.0)
+                if route == "measured again":  # every sum after an unmeasured product raises: all re-measured
+                    patch.setattr(linear_space, "_flush_limit", lambda dtype: math.inf)
+                    patch.setattr(scaling, "_flush_limit", lambda dtype: math.inf)
+                inner.clear()
+                logz = density.log_partition(cached=False)
+                grads = torch.autograd.grad(logz.real.sum(), params, allow_unused=True)
+                results[route] = (logz, grads, len(inner))
+        linear_space._PLANS.clear()
+    assert results["khatri-rao"][2] == taken_at_8 and results["multiplied out"][2] == 0
+    reference = results["multiplied out"]
+    for route in ("khatri-rao", "measured again"):
+        logz, grads, _ = results[route]
+        torch.testing.assert_close(logz, reference[0], rtol=1e-12, atol=1e-12)
+        assert any(g is not None for g in grads)
+        for g, r in zip(grads, reference[1]):
+            assert (g is None) == (r is None)
+            if g is not None:
+                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_one_function_on_both_sides_is_read_once():
