@@ -265,8 +265,9 @@ def _per_category(t: Tensor, rank: int) -> Tensor:
 
 def inner_map(layer) -> Optional[Tuple[List[Tensor], List[Tensor]]]:
     """A layer's map as ``(L_a, R_a), (L_b, R_b)`` through fewer inner units than it maps on
-    each side (``kronecker_chain`` of two matrices per side), else None."""
-    chain = layer.kronecker_chain()
+    each side (``kronecker_chain`` of two matrices per side), else None (also for a layer
+    without ``kronecker_chain``)."""
+    chain = layer.kronecker_chain() if hasattr(layer, "kronecker_chain") else None
     if chain is None or any(len(side) != 2 or side[0].shape[-1] >= side[0].shape[-2] for side in chain):
         return None
     return chain

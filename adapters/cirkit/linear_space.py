@@ -114,6 +114,8 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
+from structlayers.linalg import kron_apply
+
 from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, inner_map, khatri_rao, may_run_inner, run_chain
 from .checks import check_evidence
 from .costs import layer_macs
@@ -363,38 +365,35 @@ def _column_tops(values: Tensor, probabilities: bool) -> Tensor:
     return torch.log(top) if probabilities else top
 
 
-def _logs_of_probabilities(graph, consumers: Sequence) -> Tuple[Callable[..., Tensor], List]:
-    """Where ``consumers`` (nodes of a parameter graph) read logs of probabilities that the
-    graph has computed -- a log of a softmax, read by nothing else -- the probabilities can
-    be taken instead and exponentiated never: returns a node function for
-    :func:`evaluate_parameter` that passes those nodes' inputs on, and the nodes so passed.
-    (A log-softmax stays: its logs are finite where the probabilities would flush to 0.)"""
-    def find() -> List:
-        found: List = []
-        for consumer in consumers:
-            for node in graph.node_inputs(consumer):
-                if (type(node) is TorchLogParameter and not any(node is n for n in found)
+def _logs_of_probabilities(graph, outers: Sequence) -> Tuple[Callable[..., Tensor], Dict[int, Tuple[bool, bool]]]:
+    """Where ``outers`` (outer-sum nodes of a parameter graph) read logs of probabilities that
+    the graph has computed -- a log of a softmax, read by nothing else -- the probabilities can
+    be taken instead and exponentiated never. Returns a node function for
+    :func:`evaluate_parameter` that passes those logs' inputs on, and per outer sum (by id)
+    whether each of its two sides then reads probabilities; decided once per plan. (A
+    log-softmax stays: its logs are finite where the probabilities would flush to 0.)"""
+    def find() -> Tuple[List, Dict[int, Tuple[bool, bool]]]:
+        nodes: List = []
+        for outer in outers:
+            for node in graph.node_inputs(outer):
+                if (type(node) is TorchLogParameter and not any(node is n for n in nodes)
                         and all(type(n) is TorchSoftmaxParameter for n in graph.node_inputs(node))
-                        and all(any(reader is c for c in consumers) for reader in graph.node_outputs(node))):
-                    found.append(node)
-        return found
+                        and all(any(reader is o for o in outers) for reader in graph.node_outputs(node))):
+                    nodes.append(node)
+        sides = {}
+        for outer in outers:
+            flags = tuple(any(n is m for m in nodes) for n in graph.node_inputs(outer))
+            sides[id(outer)] = (flags[0], flags[0]) if len(flags) == 1 else flags  # one node read on both sides
+        return nodes, sides
 
-    nodes = parameter_plan(graph).decided(("logs of probabilities", *map(id, consumers)), find)
+    nodes, sides = parameter_plan(graph).decided(("logs of probabilities", *map(id, outers)), find)
     if not nodes:
-        return evaluate_node, nodes
+        return evaluate_node, sides
 
     def fn(node, *inputs: Tensor) -> Tensor:
         return inputs[0] if any(node is n for n in nodes) else evaluate_node(node, *inputs)
 
-    return fn, nodes
-
-
-def _read_probabilities(graph, outer, nodes: List) -> Tuple[bool, bool]:
-    """Per side of an outer sum: whether it reads one of ``nodes`` (:func:`_logs_of_probabilities`)."""
-    if not nodes:
-        return False, False
-    flags = tuple(any(n is m for m in nodes) for n in graph.node_inputs(outer))
-    return (flags[0], flags[0]) if len(flags) == 1 else flags  # one node read on both sides
+    return fn, sides
 
 
 def _lookup(table: Tensor, top: Tensor, x: Tensor) -> Scaled:
@@ -449,9 +448,9 @@ def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: O
     unit (i, j) is ``left[f, b, i] right[f, b, j] e^s[f, b]`` (left, right at most 1); where
     ``mask`` (F, B) is True, the integral's rank-V block (:func:`_outer_lse_factors`)."""
     graph, outer = layer.logits, layer.logits.outputs[0]
-    node_fn, nodes = _logs_of_probabilities(graph, [outer])
+    node_fn, sides = _logs_of_probabilities(graph, [outer])
     a, b = capture_inputs(graph, TorchOuterSumParameter, node_fn)
-    probabilities = _read_probabilities(graph, outer, nodes)
+    probabilities = sides[id(outer)]
     # one function on both sides (a real c's c·c), read through two fetches: computed once, one tensor
     if b is not a and parameter_plan(graph).same_inputs(outer, real=not (a.is_complex() or b.is_complex())):
         b = a
@@ -623,7 +622,7 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
         return None
     pieces: List[Tuple[Tensor, Tensor, Tensor]] = []
     plan = parameter_plan(value)
-    node_fn, nodes = _logs_of_probabilities(value, outers)
+    node_fn, sides = _logs_of_probabilities(value, outers)
 
     def fn(node, *inputs):
         if node is reduce:
@@ -632,7 +631,7 @@ def _integrated_pieces(value) -> Optional[Tuple[List[Tuple[Tensor, Tensor, Tenso
             # one function on both sides (a real c's conj(c)·c): one tensor
             if inputs[0] is not inputs[1] and plan.same_inputs(node, real=not any(t.is_complex() for t in inputs)):
                 inputs = (inputs[0], inputs[0])
-            piece = _outer_lse_factors(*inputs, _read_probabilities(value, node, nodes))
+            piece = _outer_lse_factors(*inputs, sides[id(node)])
             start = sum(p[0].shape[0] for p in pieces)
             pieces.append(piece)
             # placeholder: fold numbers, never the K_i·K_j·V outer sum
@@ -967,27 +966,25 @@ def _sum_on_blocks(layer, fetch: Fetch, blocks: Dict[int, _Blocks], keep: bool =
 
 def _through_inner_units(layer, left: Tensor, right: Tensor, s: Tensor, after_unmeasured: bool) -> Optional[Scaled]:
     """``A X Bᵀ`` for one block per fold ``X = left @ rightᵀ`` (left (F, Ki, C), right (F, Kj, C)),
-    through the layer's inner units where its map is ``A = L_a R_a``, ``B = L_b R_b`` with r_a,
-    r_b inner units fewer than the C columns: ``M = (R_a left)(R_b right)ᵀ`` (r_a x r_b), then
-    ``L_a M L_bᵀ``, where mapping the columns through A and B would give K x C factors to
-    multiply out. v (F, 1, Ko_a·Ko_b), s (F, 1); None where the layer has no such map."""
+    through the layer's inner units where its map is ``A = L_a R_a``, ``B = L_b R_b``:
+    ``M = (R_a left)(R_b right)ᵀ`` (r_a x r_b), then ``L_a M L_bᵀ``, where mapping the columns
+    through A and B would give K x C factors to multiply out (the plan takes this where C
+    exceeds r: :func:`_khatri_rao_products`). v (F, 1, Ko_a·Ko_b), s (F, 1); None where the
+    layer has no such map."""
     chain = inner_map(layer)
-    if chain is None:
+    if chain is None or chain[0][0].shape[0] != left.shape[0]:
         return None
     (l_a, r_a), (l_b, r_b) = chain
-    if l_a.shape[0] != left.shape[0]:
+    if r_a.shape[-1] != left.shape[1] or r_b.shape[-1] != right.shape[1]:
         return None
-    columns = left.shape[-1]
-    if columns <= max(r_a.shape[-2], r_b.shape[-2]) or r_a.shape[-1] != left.shape[1] or r_b.shape[-1] != right.shape[1]:
-        return None
-    dtype = functools.reduce(torch.promote_types, (left.dtype, right.dtype, l_a.dtype, l_b.dtype))
-    l_a, r_a, l_b, r_b = (m.to(dtype) for m in (l_a, r_a, l_b, r_b))
-    inner_a = torch.bmm(r_a, left.to(dtype))  # (F, r_a, C)
-    same = right is left and r_b is r_a
-    inner_b = inner_a if same else torch.bmm(r_b, right.to(dtype))
+    dtype = functools.reduce(torch.promote_types, (left.dtype, right.dtype, r_a.dtype, r_b.dtype))
+    # R on the C columns as they are: the thin-side-first order of the layers' factor maps costs
+    # more where C exceeds r (digits K=256, rank 32: 26.7 against 25.6 ms a log Z)
+    inner_a = torch.bmm(r_a.to(dtype), left.to(dtype))  # (F, r_a, C)
+    inner_b = inner_a if right is left and r_b is r_a else torch.bmm(r_b.to(dtype), right.to(dtype))
     m = torch.bmm(inner_a, inner_b.transpose(1, 2))  # (F, r_a, r_b)
-    y = torch.bmm(torch.bmm(l_a, m), l_b.transpose(1, 2))  # (F, Ko_a, Ko_b)
-    return normalise(y.flatten(start_dim=1).unsqueeze(1), s, after_unmeasured=after_unmeasured)
+    y = apply_linear(lambda t: kron_apply([l_a], [l_b], t), m.flatten(start_dim=1).unsqueeze(1), l_a.dtype)
+    return normalise(y, s, after_unmeasured=after_unmeasured)  # L_a M L_bᵀ: (F, 1, Ko_a·Ko_b)
 
 
 def _hadamard_on_blocks(fetch: Fetch, operands: bool, blocks: Dict[int, _Blocks],
@@ -1631,6 +1628,15 @@ def _integral_rank(layer) -> Optional[int]:
     return max(max(o.in_shape1[-1], o.in_shape2[-1]) for o in outers)
 
 
+def _khatri_rao_pays(columns: int, operand_columns: int, inner: int, units: int) -> bool:
+    """:data:`KHATRI_RAO_COLUMNS` and :data:`KHATRI_RAO_WORK` for a product of ``columns`` factor
+    columns (its operands' ``operand_columns`` in all) into a square of ``inner`` units on
+    ``units`` x ``units`` blocks."""
+    blocks_work = units * units * (operand_columns + inner)
+    return inner < columns <= KHATRI_RAO_COLUMNS * units \
+        and columns * inner * (units + inner) <= KHATRI_RAO_WORK * blocks_work
+
+
 def _khatri_rao_products(steps: List[_Step], consumers: Dict[int, List[int]], block_input: List[bool],
                          per_sample: List[bool]) -> None:
     """Mark the products of :data:`KHATRI_RAO_COLUMNS` (``khatri_rao``) and their consumers
@@ -1653,11 +1659,9 @@ def _khatri_rao_products(steps: List[_Step], consumers: Dict[int, List[int]], bl
             if user is not None and user.rule is _structured and user.fetch.sources == (i,) \
                     and user.fetch.kind in ("view", "slices", "narrow") and getattr(user.layer, "arity", 0) == 1:
                 with torch.no_grad():
-                    chain = inner_map(user.layer) if hasattr(user.layer, "kronecker_chain") else None
-                r, k = (chain[0][1].shape[-2], chain[0][1].shape[-1]) if chain is not None else (0, 0)
-                blocks_work = k * k * (step.layer.arity * max(ranks[j] for j in sources) + r)
-                if chain is not None and r < columns <= KHATRI_RAO_COLUMNS * k \
-                        and columns * r * (k + r) <= KHATRI_RAO_WORK * blocks_work:
+                    chain = inner_map(user.layer)
+                if chain is not None and _khatri_rao_pays(columns, step.layer.arity * max(ranks[j] for j in sources),
+                                                          *chain[0][1].shape[-2:]):
                     step.product_on_factors = step.khatri_rao = True
                     user.on_factors = user.through_inner = True
                     rank = columns

@@ -72,7 +72,7 @@ def _peaks(v: Tensor, gram: bool = False) -> Tuple[Optional[Tensor], float, floa
     return m, float(lo), float(hi)
 
 
-def _divisor(v: Tensor, m: Optional[Tensor], top: float, gram: bool = False) -> Union[float, Tensor]:
+def _divisor(v: Tensor, m: Optional[Tensor], top: float) -> Union[float, Tensor]:
     """What :func:`_rescaled` divides v by: its peaks ``m`` (:func:`_peaks`) with zeros
     replaced by 1 (an all-zero vector stays zero), or for a single vector (m None) its peak
     ``top`` as a Python number -- unless that is 0, inf or NaN, which take the tensor path
@@ -80,7 +80,7 @@ def _divisor(v: Tensor, m: Optional[Tensor], top: float, gram: bool = False) -> 
     if m is None:
         if top > 0 and math.isfinite(top):
             return top
-        m = _max_abs(v, gram).detach()
+        m = _max_abs(v).detach()
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -113,7 +113,7 @@ def rescale(v: Tensor, s: Tensor, *, after_unmeasured: bool = False, gram: bool 
         return v, s, None
     if after_unmeasured and lo < _flush_limit(v.dtype):
         raise _Unmeasured
-    divisor = _divisor(v, m, hi, gram)
+    divisor = _divisor(v, m, hi)
     return (*_divided(v, s, divisor), divisor)
 
 
