@@ -42,12 +42,12 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from structlayers.linalg.kron import (block_chain_backward, block_chain_forward, kron_chain_flops, kron_steps,
+from structlayers.linalg.kron import (block_chain_backward, block_chain_forward, khatri_rao, kron_chain_flops, kron_steps,
                                      same_matrices, symmetric_square)
 
 from .scaling import Scaled, _flush_limit, _Unmeasured, normalise, rescale, undivided
 
-__all__ = ["ChainLink", "OperandFactors", "run_chain", "may_run_inner", "inner_map", "khatri_rao", "CHAIN_MIN_LINKS"]
+__all__ = ["ChainLink", "OperandFactors", "run_chain", "may_run_inner", "inner_map", "CHAIN_MIN_LINKS"]
 
 #: Runs shorter than this are left to the layer rules (a chain saves per-layer overhead).
 CHAIN_MIN_LINKS = 2
@@ -281,12 +281,6 @@ def may_run_inner(layers: Sequence[object]) -> bool:
     the layer rules read them)."""
     with torch.no_grad():
         return len(layers) >= 2 and all(inner_map(layer) is not None for layer in layers[:2])
-
-
-def khatri_rao(parts: Sequence[Tensor]) -> Tensor:
-    """Row-wise products of factors (F, K, V_i) -> (F, K, Π V_i): the factor of a Hadamard
-    product of the blocks ``left_i @ right_iᵀ``."""
-    return functools.reduce(lambda u, w: (u.unsqueeze(-1) * w.unsqueeze(-2)).flatten(start_dim=-2), parts)
 
 
 def _row(t: Tensor, row: int) -> Tensor:

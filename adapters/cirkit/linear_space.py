@@ -115,8 +115,9 @@ from cirkit.backend.torch.parameters.nodes import (
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
 from structlayers.linalg import kron_apply
+from structlayers.linalg.kron import khatri_rao
 
-from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, inner_map, khatri_rao, may_run_inner, run_chain
+from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, inner_map, may_run_inner, run_chain
 from .checks import check_evidence
 from .costs import layer_macs
 from .integrals import gaussian_product_integrals

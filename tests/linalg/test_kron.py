@@ -1,5 +1,8 @@
 """Kronecker helpers against the materialised product."""
 
+import functools
+import math
+
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ from structlayers.linalg import (
     kron_sum_apply,
     lowrank_frobenius_sq,
 )
+from structlayers.linalg.kron import khatri_rao
 
 from ..helpers import generator, random_factors, rel
 
@@ -218,3 +222,47 @@ def test_chains_get_a_terms_axis_and_one_list_for_the_same_matrices():
     a, b = with_terms_axis(chain, copy)
     assert not same_matrices(chain, copy) and a is not b and torch.equal(a[0], b[0])
     assert not same_matrices(chain, [left])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("widths", [(3,), (3, 4), (2, 3, 4)])
+def test_khatri_rao_products_and_their_gradients_are_row_wise_kronecker_products(dtype, widths):
+    gen = generator(11)
+    parts = [torch.randn(2, 5, v, generator=gen, dtype=dtype).requires_grad_() for v in widths]
+    got = khatri_rao(parts)
+    # row by row, torch.kron of the parts' rows (the last part's index fastest)
+    want = torch.stack([torch.stack([functools.reduce(torch.kron, [p[f, k] for p in parts]) for k in range(5)])
+                        for f in range(2)])
+    assert got.shape == (2, 5, math.prod(widths))
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    weights = torch.randn(got.shape, generator=gen, dtype=dtype)
+    grads = torch.autograd.grad((got * weights).sum().real, parts)
+    expected = torch.autograd.grad((want * weights).sum().real, parts)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
+    torch.autograd.gradcheck(lambda *ps: khatri_rao(list(ps)), [p.detach().requires_grad_() for p in parts])
+
+
+def test_khatri_rao_of_a_real_and_a_complex_factor_gives_the_real_one_a_real_gradient():
+    u = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, dtype=torch.complex128, requires_grad=True)
+    weights = torch.randn(2, 3, 8, dtype=torch.complex128)
+    got = torch.autograd.grad(khatri_rao([u, w]), (u, w), weights)
+    want = torch.autograd.grad((u.unsqueeze(-1) * w.unsqueeze(-2)).flatten(start_dim=-2), (u, w), weights)
+    assert got[0].dtype == torch.float64
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-14, atol=1e-14)
+
+
+def test_khatri_rao_one_tensor_on_both_sides_gets_both_gradients():
+    u = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(khatri_rao([u, u]).square().sum(), [u])
+    (e,) = torch.autograd.grad((u.unsqueeze(-1) * u.unsqueeze(-2)).flatten(start_dim=-2).square().sum(), [u])
+    torch.testing.assert_close(g, e, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("parts, message", [([], "at least one"),
+                                            ([torch.ones(2, 3, 1), torch.ones(2, 4, 1)], "leading shapes")])
+def test_khatri_rao_rejects_parts_that_have_no_row_wise_product(parts, message):
+    with pytest.raises(ValueError, match=message):
+        khatri_rao(parts)
