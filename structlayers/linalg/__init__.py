@@ -1,7 +1,7 @@
 """Linear algebra the kinds are built from, independent of any layer class.
 
 ``kron``: Kronecker products applied, inspected and compared without forming them,
-and factor shapes. ``svd``: exact, randomized and Kronecker-product SVDs and error
+row-wise (Khatri-Rao) products, and factor shapes. ``svd``: exact, randomized and Kronecker-product SVDs and error
 tails. ``pivots`` and ``cur``: pivot strategies and CUR with a stable core.
 ``tt``: tensor-train layouts, TT-SVD and costs. ``blocks``: Monarch block grids and
 blockwise SVDs (also of A ⊗ B). ``sketch``: random sketches, sketched fits and their
