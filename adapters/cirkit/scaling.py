@@ -127,6 +127,44 @@ def normalise(v: Tensor, s: Tensor, *, after_unmeasured: bool = False, gram: boo
     return v, s
 
 
+#: ``exp(d)`` of a float32 argument below about -87.3 (a subnormal or zero result) takes torch's
+#: CPU kernel about 30x as long as one in the normal range (2M entries: 0.9 ms in the normal
+#: range, 31 ms between -103 and -87, 10 ms below; flushing subnormals in the CPU changes
+#: nothing). Seen in a Gaussian input's values at data, where 1.3 % of the entries made the
+#: exp take 3 ms instead of 0.9. :class:`_ShiftedExp` computes ``exp(d) = exp(d/2)²`` with
+#: ``d/2`` clamped at this value, whose square is zero in float32 like any ``exp(d)`` below -104.
+_HALF_LOG_CLAMP = -55.0
+
+
+class _ShiftedExp(torch.autograd.Function):
+    """``exp(y - s)`` for real float32 y (..., K) and s (...,), a constant to autograd, as
+    ``exp((y - s)/2)²``: every exp argument in the kernel's fast range (see
+    :data:`_HALF_LOG_CLAMP`), subnormal results kept, within about two ulps of ``exp``.
+    Three in-place passes after the one that makes the output; the backward is ``grad · v``."""
+
+    # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
+    # forward's arguments through inspect.signature on every call (~20 µs)
+    @staticmethod
+    def forward(ctx, y: Tensor, s: Tensor) -> Tensor:  # type: ignore[override]
+        v = torch.add(s.unsqueeze(-1) * -0.5, y, alpha=0.5)  # (y - s)/2 in one pass
+        v.clamp_(min=_HALF_LOG_CLAMP).exp_().square_()
+        ctx.save_for_backward(v)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (v,) = ctx.saved_tensors
+        return grad * v, None
+
+
+def shifted_exp(y: Tensor, s: Tensor) -> Tensor:
+    """``exp(y - s[..., None])`` for y (..., K) and s (...,) (no gradient through s); float32
+    real values through :class:`_ShiftedExp`, anything else through ``torch.exp``."""
+    if y.dtype == torch.float32 and s.dtype == torch.float32:
+        return _ShiftedExp.apply(y, s.detach())
+    return torch.exp(y - s.unsqueeze(-1))
+
+
 def from_logs(y: Tensor) -> Scaled:
     """Semiring-encoded logs y (..., K) -> (v, s) with s the largest real part over K.
 
@@ -137,7 +175,7 @@ def from_logs(y: Tensor) -> Scaled:
     part = y.real if y.is_complex() else y
     s = part.detach().amax(dim=-1)
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-    return torch.exp(y - s.unsqueeze(-1)), s
+    return shifted_exp(y, s), s
 
 
 def to_logs(v: Tensor, s: Tensor, complex_values: bool) -> Tensor:

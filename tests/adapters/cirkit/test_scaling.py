@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.cirkit.scaling import _Unmeasured, normalise, rescale, undivided
+from adapters.cirkit.scaling import _Unmeasured, from_logs, normalise, rescale, shifted_exp, undivided
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -97,3 +97,47 @@ def test_gram_blocks_are_measured_on_their_diagonals(dtype, single):
     skew.view(folds, 2, k, k)[..., 0, 1] = 1e30  # not a Gram block: its peak is off the diagonal
     _, _, divisor = rescale(skew, s, gram=True)
     assert float(divisor.max() if isinstance(divisor, torch.Tensor) else divisor) < 1e30
+
+
+def test_shifted_exp_in_float32_is_exp_to_a_few_ulps_down_to_subnormals_and_zero():
+    # arguments across the normal range, the subnormal band (-103.97, -87.34) and below it
+    gen = torch.Generator().manual_seed(3)
+    f32, eps = torch.float32, torch.finfo(torch.float32).eps
+    d = torch.cat([torch.linspace(-300.0, 0.0, 30000, dtype=f32), -300.0 * torch.rand(5000, generator=gen, dtype=f32)])
+    d = d.view(7, 5000)
+    got = shifted_exp(d, torch.zeros(7, dtype=f32))  # s = 0: the argument is exact
+    want = torch.exp(d.double())
+    assert got.dtype == f32
+    normal = want >= torch.finfo(f32).tiny
+    assert ((got.double() - want).abs() / want)[normal].max() <= 4 * eps  # within a few ulps, like torch.exp
+    subnormal = ~normal & (want > 0)
+    assert subnormal.any() and (got[subnormal] > 0).any()  # subnormal results are kept
+    assert ((got.double() - want).abs()[~normal] <= 2 * 2.0 ** -149).all()  # 2.0 ** -149: the subnormal step
+    assert (got[want < 2.0 ** -151] == 0).all()
+    # with a shift, as torch.exp of the float32 difference: up to the rounding of the argument
+    s = torch.randn(7, generator=gen, dtype=f32) * 3
+    y = d + s.unsqueeze(-1)
+    shifted, plain = shifted_exp(y, s).double(), torch.exp(y - s.unsqueeze(-1)).double()
+    bound = (d.double().abs() + 4) * eps
+    assert ((shifted - plain).abs() <= bound * plain + 2 * 2.0 ** -149).all()
+
+
+def test_shifted_exp_differentiates_as_exp_and_leaves_other_dtypes_to_torch():
+    y = (torch.randn(3, 5, dtype=torch.float32) * 40).requires_grad_()
+    s = y.detach().amax(dim=-1)
+    weights = torch.randn(3, 5, dtype=torch.float32)
+    (g,) = torch.autograd.grad((shifted_exp(y, s) * weights).sum(), [y])
+    v = shifted_exp(y.detach(), s)
+    torch.testing.assert_close(g, weights * v, rtol=0, atol=0)
+    y64 = torch.randn(3, 5, dtype=torch.float64) * 300
+    s64 = y64.amax(dim=-1)
+    assert torch.equal(shifted_exp(y64, s64), torch.exp(y64 - s64.unsqueeze(-1)))
+
+
+def test_from_logs_of_far_tails_in_float32_matches_float64():
+    logs = torch.tensor([[0.0, -50.0, -95.0, -120.0, float("-inf")]], dtype=torch.float32) - 7.0
+    v, s = from_logs(logs)
+    v64, s64 = from_logs(logs.double())
+    assert s.item() == -7.0 and s64.item() == -7.0
+    torch.testing.assert_close(v.double(), v64, rtol=4 * torch.finfo(torch.float32).eps, atol=2.0 ** -148)
+    assert v[0, -1] == 0 and v[0, -2] == 0 and v[0, -3] > 0
