@@ -9,8 +9,6 @@ Numbers go to tables and files; they are never asserted in tests.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import platform
 import statistics
@@ -18,6 +16,8 @@ import time
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
+
+from .allocator import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, load_libc
 
 
 @contextlib.contextmanager
@@ -139,16 +139,7 @@ def _reset_peak_rss() -> None:
         fh.write("5")
 
 
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim, libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return None, None
-
-
-_MALLOC_TRIM, _MALLOPT = _load_libc()
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_MALLOC_TRIM, _MALLOPT = load_libc()
 _MAP_FROM = 64 * 1024  # bytes: blocks from this size on get their own mapping
 
 
@@ -160,8 +151,8 @@ def _map_large_blocks() -> None:
     then follow the bytes live during the call, page-accurate and repeatable.
     It stays in force for the rest of the process: measure peaks after timings,
     or in a process of their own."""
-    _MALLOPT(_M_MMAP_THRESHOLD, _MAP_FROM)
-    _MALLOPT(_M_TRIM_THRESHOLD, _MAP_FROM)
+    _MALLOPT(M_MMAP_THRESHOLD, _MAP_FROM)
+    _MALLOPT(M_TRIM_THRESHOLD, _MAP_FROM)
 
 
 def _peak_rss_problem() -> Optional[str]:

@@ -38,7 +38,7 @@ PUBLIC = [
 
 #: Public modules besides the package itself (imported by name, not listed in __all__).
 MODULES = ["structlayers.registry", "structlayers.testing", "structlayers.cli", "structlayers.demo",
-           "structlayers.benchmarking", "structlayers.linalg", "structlayers.linalg.tt",
+           "structlayers.benchmarking", "structlayers.allocator", "structlayers.linalg", "structlayers.linalg.tt",
            "structlayers.linalg.blocks", "structlayers.linalg.sketch", "structlayers.linalg.cur",
            "structlayers.linalg.contract", "structlayers.linalg.decompose"]
 
