@@ -793,7 +793,7 @@ class _Step:
     dense_needed: bool = True
     on_factors: bool = False
     product_on_factors: bool = False
-    operands: bool = False  # a product of one fold reading rows of other layers: inputs apart
+    operands: bool = False  # a product (or CPT layer) of one fold reading rows of other layers: inputs apart
     keeps_symmetry: bool = False  # symmetric input blocks give symmetric output blocks (SYMMETRIC_BLOCKS)
     # a Hadamard product of one block per fold on factors (_khatri_rao_products), and its
     # consumer, a sum layer taking them through its inner units
@@ -1132,7 +1132,8 @@ class CircuitPlan:
                 for j in ids:
                     consumers.setdefault(int(j), []).append(i)
                 rule = None if layer is None else RULES.get(type(layer), _in_semiring)
-                operands = rule is _hadamard and fetch.takes_operands
+                # a product of one fold (or a fused product-sum, cirkit's CPT layer) reads its inputs apart
+                operands = rule in (_hadamard, _cpt) and fetch.takes_operands
                 steps.append(_Step(layer, rule, fetch, operands=operands))
             else:
                 if not isinstance(layer, TorchInputLayer):

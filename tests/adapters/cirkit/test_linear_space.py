@@ -1155,3 +1155,40 @@ def test_symmetric_blocks_spare_products_of_a_thin_chain(kind, monkeypatch):
         assert (g is None) == (r is None)
         if g is not None:
             torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("semiring", ["lse-sum", "complex-lse-sum"])
+def test_fused_product_sum_layers_of_one_fold_read_their_inputs_apart(semiring, monkeypatch):
+    """cirkit compiles a CP circuit's ``c`` into CPT layers (Hadamard product, then the sum).
+    On a linear tree each of them has one fold reading one row of each of two layers: it
+    multiplies those rows as they are, with no stack of them (nor an unbind in the backward).
+    The values equal cirkit's, and values and gradients equal those of the stacked inputs."""
+    torch.manual_seed(0)  # cirkit fuses a product and the sum above it into a CPT layer when optimising
+    c = PipelineContext(backend="torch", semiring=semiring, fold=True, optimize=True).compile(two_circuits("linear-tree")[0])
+    x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["linear-tree"]), generator=torch.Generator().manual_seed(4))
+    plan = linear_space.circuit_plan(c)
+    fused = [step for step in plan.steps if step.rule is linear_space._cpt]
+    assert fused and all(step.operands for step in fused)
+
+    stacks = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or real_stack(*a, **k))
+
+    def evaluated(apart: bool):
+        for step in fused:
+            step.operands = apart
+        stacks.clear()
+        c.zero_grad(set_to_none=True)
+        y = evaluate_linear_space(c, x)
+        count = len(stacks)
+        y.real.sum().backward()
+        return y.detach(), parameter_grads(c), count
+
+    value, grads, apart_stacks = evaluated(True)
+    stacked_value, stacked_grads, stacked_stacks = evaluated(False)
+    pieces = sum(step.fetch.kind == "pieces" for step in fused)  # rows of two layers ('narrow': of one, a view)
+    assert pieces and stacked_stacks - apart_stacks == 2 * pieces  # values and scales of each
+    with torch.no_grad():
+        assert_same_logs(value, semiring_values(c, x))
+    assert_same_logs(value, stacked_value)
+    assert_same_gradients(grads, stacked_grads)
