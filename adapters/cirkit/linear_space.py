@@ -114,8 +114,7 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
-from structlayers.linalg import kron_apply
-from structlayers.linalg.kron import khatri_rao
+from structlayers.linalg.kron import khatri_rao, kron_apply
 
 from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, inner_map, may_run_inner, run_chain
 from .checks import check_evidence

@@ -387,7 +387,8 @@ def kron_columns(a: torch.Tensor, b: torch.Tensor, cols_a: torch.Tensor, cols_b:
     b1 = b.shape[1]
     ca = torch.gather(a, 2, cols_a[:, None, :].expand(f, a1, -1))  # (F, a1, c)
     cb = torch.gather(b, 2, cols_b[:, None, :].expand(f, b1, -1))  # (F, b1, c)
-    return (ca[:, :, None, :] * cb[:, None, :, :]).reshape(f, a1 * b1, -1)
+    # column j of A ⊗ B is the Kronecker product of two columns: a row-wise product of the transposes
+    return khatri_rao([ca.transpose(1, 2), cb.transpose(1, 2)]).transpose(1, 2)
 
 
 def kron_rows(a: torch.Tensor, b: torch.Tensor, rows_a: torch.Tensor, rows_b: torch.Tensor) -> torch.Tensor:
