@@ -801,6 +801,11 @@ class _Step:
     # a sum on factors reading one input layer, one input fold per fold: (that layer, the input
     # fold of each of its folds (F,)); what categorical_conditionals differentiates there
     reads_input: Optional[Tuple[TorchInputLayer, Tensor]] = None
+    # a sum layer over a plain categorical input, one input fold per fold: that input's step; at
+    # data its map is applied to the input's table (:func:`_sum_over_table`). ``tabled_only``: an
+    # input read by nothing else, never looked up itself then
+    over_table: Optional[int] = None
+    tabled_only: bool = False
 
 
 def _takes_factors(layer) -> bool:
@@ -1161,6 +1166,11 @@ class CircuitPlan:
             else:
                 per_sample.append(False)
         _khatri_rao_products(steps, consumers, block_input, per_sample)
+        for step in steps:
+            step.over_table = _over_table(steps, step)
+        for j, step in enumerate(steps):
+            users = consumers.get(j, [])
+            step.tabled_only = bool(users) and all(steps[u].over_table is not None for u in users)
         # products whose only consumer is a sum layer are measured at the sum's output
         for i, step in enumerate(steps):
             users = consumers.get(i, [])
@@ -1217,6 +1227,10 @@ class CircuitPlan:
         # deep chains in one node: not where every product is measured, nor where the values
         # inside a chain are asked for (probes, every step's value)
         chains = {} if probing or keep or measure_all else self.chains
+        # sums over categorical inputs map their tables where the tables have fewer rows than the
+        # batch; not where values are probed, kept, or integrated out (masks)
+        tabled = x is not None and mask is None and not probing and not keep
+        batch = x.shape[0] if x is not None else 0
         symmetric: List[bool] = []  # per step: every block of its value is symmetric (SYMMETRIC_BLOCKS)
         resume = 0  # the first step not yet evaluated by a chain
         for i, step in enumerate(self.steps):
@@ -1239,6 +1253,16 @@ class CircuitPlan:
                 symmetric[j] for j in step.fetch.sources)
             keeps_symmetric = inputs_symmetric and step.keeps_symmetry
             symmetric.append(keeps_symmetric)
+            if tabled and step.over_table is not None \
+                    and self.steps[step.over_table].layer.num_categories < batch:
+                v, s = _sum_over_table(step, self.steps[step.over_table].layer, x, ctx)
+                values.append(v)
+                scales.append(s)
+                continue
+            if tabled and step.tabled_only and layer.num_categories < batch:  # only read through its table
+                values.append(None)
+                scales.append(None)
+                continue
             out: Union[_Blocks, Scaled, None] = None
             if step.on_factors and factored and (not probing or step.reads_input is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks, step.blocks,
@@ -1680,6 +1704,31 @@ def _read_input(steps: List[_Step], step: _Step) -> Optional[Tuple[TorchInputLay
     if rows is None or rows.size != step.layer.num_folds:  # several inputs per fold
         return None
     return source, torch.as_tensor(rows, dtype=torch.long)
+
+
+def _over_table(steps: List[_Step], step: _Step) -> Optional[int]:
+    """:attr:`_Step.over_table` of a step: the source of a sum layer reading one plain (not
+    squared) categorical input layer, one input fold per fold; else None."""
+    if step.rule not in SUM_RULES or step.on_factors:
+        return None
+    found = _read_input(steps, step)
+    if found is None or not isinstance(found[0], TorchCategoricalLayer) or _is_squared_categorical(found[0]):
+        return None
+    return step.fetch.sources[0]
+
+
+def _sum_over_table(step: _Step, source: TorchCategoricalLayer, x: Tensor, ctx: _Context) -> Scaled:
+    """A sum layer over a categorical input at x (B, D): the layer's map applied to the
+    input's table, one row per category ((F, V, K) -> (F, V, Ko)), then each sample's row
+    looked up: V rows mapped where the samples would be B. Each row is mapped and normalised
+    on its own either way, so the values are those of the map of the looked-up rows; the
+    gradient reaches the table through the look-up's scatter-add. The input's folds are read
+    through the layer's own fetch (one per fold)."""
+    (j,) = step.fetch.sources
+    table, top = _probability_table(source)  # (F_in, V, K), (F_in, V)
+    (inputs,), _ = _input_arguments(source, x, None)  # (F_in, B, 1)
+    v, s = step.rule(step.layer, step.fetch({j: table}, {}), step.fetch({j: top}, {}), ctx, False)
+    return _lookup(v, s, step.fetch({j: inputs.squeeze(dim=2).long()}, {}).squeeze(1))
 
 
 def _input_arguments(layer: TorchInputLayer, x: Optional[Tensor], mask: Optional[Tensor]):

@@ -8,6 +8,7 @@ to ~1e-11 relative on these circuits, so 1e-10 is tight but not at rounding leve
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 
@@ -20,7 +21,9 @@ from cirkit.backend.torch.layers import TorchInputLayer
 from cirkit.backend.torch.parameters.nodes import TorchOuterSumParameter, TorchPointerParameter
 from cirkit.pipeline import PipelineContext
 from cirkit.symbolic.initializers import NormalInitializer
+from cirkit.symbolic.layers import CategoricalLayer
 from cirkit.symbolic.parameters import LogSoftmaxParameter, Parameter, TensorParameter
+from cirkit.templates.utils import Parameterization, parameterization_to_factory
 
 from adapters.cirkit import linear_space, scaling
 from adapters.cirkit import accelerate, cirkit_evaluation, evaluate_linear_space, log_likelihood, log_value, swap_kronecker_sum_layers
@@ -1192,3 +1195,87 @@ def test_fused_product_sum_layers_of_one_fold_read_their_inputs_apart(semiring, 
         assert_same_logs(value, semiring_values(c, x))
     assert_same_logs(value, stacked_value)
     assert_same_gradients(grads, stacked_grads)
+
+
+def _base_circuit(region_graph: str, case: str):
+    """A compiled c (not squared) for :func:`test_sum_layers_over_categorical_inputs_map_their_tables`:
+    signed, softmax-normalised or complex weights; folded or not; cirkit's optimize=True; a
+    structured circuit's c (its sum layers low-rank kinds of the zoo); or inputs whose category 1
+    has log-probabilities near -800 (the table's rows then carry their own scale)."""
+    if case == "complex weights":
+        return compile_circuit(complex_circuit(region_graph, units=3), "complex-lse-sum")
+    activation = "softmax" if case == "lse-sum" else "none"
+    logits = {"logits_factory": log_softmax_logits} if case == "far logits" else {}
+    c = REGION_GRAPHS[region_graph]().build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **logits), sum_product="cp",
+        sum_weight_factory=parameterization_to_factory(Parameterization(activation=activation, initialization="normal")),
+        num_input_units=3, num_sum_units=3)
+    if case == "structured":
+        model, _ = compile_structured(c, structure_policy("lowrank", rank=2), dtype=torch.float64, seed=1,
+                                      num_categories=CATEGORIES)
+        return model.base
+    semiring = "lse-sum" if case == "lse-sum" else "complex-lse-sum"
+    torch.manual_seed(0)
+    ctx = PipelineContext(backend="torch", semiring=semiring, fold=case != "unfolded", optimize=case == "optimize=True")
+    circuit = ctx.compile(c)
+    if case == "far logits":
+        with torch.no_grad():
+            for layer in circuit.layers:
+                if isinstance(layer, TorchInputLayer):
+                    raw_tensor(layer.logits)[..., 1] -= 800.0
+    return circuit
+
+
+@pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
+@pytest.mark.parametrize("case", ["lse-sum", "signed", "complex weights", "unfolded", "optimize=True", "structured",
+                                  "far logits"])
+def test_sum_layers_over_categorical_inputs_map_their_tables(region_graph, case, monkeypatch):
+    """At data, a sum layer over a categorical input (one input fold per fold) maps the input's
+    V table rows and looks each sample's row up after, where the batch has more than V rows:
+    cirkit's values, the gradients of the map of the looked-up rows, and V rows' work in those
+    layers whatever the batch. A batch of at most V rows, a mask or a probe looks up first."""
+    from structlayers.benchmarking import matmul_macs
+
+    circuit = _base_circuit(region_graph, case)
+    looked_up_first = copy.deepcopy(circuit)
+    d = NUM_VARIABLES[region_graph]
+    x = torch.randint(0, CATEGORIES, (9, d), generator=torch.Generator().manual_seed(5))
+    calls = []
+    original = linear_space._sum_over_table
+    monkeypatch.setattr(linear_space, "_sum_over_table", lambda *a: calls.append(1) or original(*a))
+
+    def run(c, rows):
+        params = [p for p in c.parameters() if p.requires_grad]
+        value = evaluate_linear_space(c, x[:rows])
+        return value, torch.autograd.grad(value.real.sum(), params, allow_unused=True)
+
+    value, grads = run(circuit, 9)
+    assert calls, "no sum layer took its input's table"
+    assert bool(torch.isfinite(value.real).all())
+    assert_same_logs(value.detach(), semiring_values(circuit, x))
+    plan = linear_space.circuit_plan(circuit)
+    tabled = [s.layer for s in plan.steps if s.over_table is not None]
+    per_row = sum(math.prod(linear_space._weights(layer, linear_space._Context(False, False)).shape)
+                  for layer in tabled) if case in ("lse-sum", "signed", "unfolded", "optimize=True", "far logits") else None
+    macs = [matmul_macs(lambda: evaluate_linear_space(circuit, x[:rows])) for rows in (6, 9)]
+
+    monkeypatch.setattr(linear_space, "_over_table", lambda steps, step: None)  # the plan of the copy: rows first
+    ref_value, ref_grads = run(looked_up_first, 9)
+    assert_same_logs(value.detach(), ref_value.detach())
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    if per_row is not None:  # three more rows cost the tabled layers nothing: 3 rows of their maps saved
+        ref_macs = [matmul_macs(lambda: evaluate_linear_space(looked_up_first, x[:rows])) for rows in (6, 9)]
+        assert (ref_macs[1] - ref_macs[0]) - (macs[1] - macs[0]) == 3 * per_row > 0
+
+    calls.clear()
+    mask = torch.zeros(9, d, dtype=torch.bool)
+    mask[::2, 0] = True
+    with torch.no_grad():
+        value = evaluate_linear_space(circuit, x[:CATEGORIES])  # no more rows than categories
+        assert_same_logs(value, semiring_values(circuit, x[:CATEGORIES]))
+        assert_same_logs(evaluate_linear_space(circuit, x, integrate=mask),
+                         evaluate_linear_space(looked_up_first, x, integrate=mask))
+    assert not calls
