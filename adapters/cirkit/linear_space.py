@@ -443,10 +443,11 @@ def _is_squared_categorical(layer) -> bool:
     return isinstance(outer, TorchOuterSumParameter) and outer.dim == 0 and len(outer.in_shape1) == 2
 
 
-def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]) -> _Blocks:
-    """A squared categorical input at x (F, B) as one rank-1 block per sample: its value at
-    unit (i, j) is ``left[f, b, i] right[f, b, j] e^s[f, b]`` (left, right at most 1); where
-    ``mask`` (F, B) is True, the integral's rank-V block (:func:`_outer_lse_factors`)."""
+def _squared_categorical_rows(layer: TorchCategoricalLayer) -> Tuple[_Blocks, tuple]:
+    """A squared categorical input as one rank-1 block per category: its value at category n
+    and unit (i, j) is ``left[f, n, i] right[f, n, j] e^s[f, n]`` (left (F, V, Ki), right
+    (F, V, Kj) at most 1, s (F, V)); one tensor on both sides where they are one function.
+    Also ``(a, b, probabilities)``, the outer sum's two sides, for the integral's factors."""
     graph, outer = layer.logits, layer.logits.outputs[0]
     node_fn, sides = _logs_of_probabilities(graph, [outer])
     a, b = capture_inputs(graph, TorchOuterSumParameter, node_fn)
@@ -454,11 +455,28 @@ def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: O
     # one function on both sides (a real c's c·c), read through two fetches: computed once, one tensor
     if b is not a and parameter_plan(graph).same_inputs(outer, real=not (a.is_complex() or b.is_complex())):
         b = a
-    va, sa = _lookup(*_exp_table(a, probabilities[0]), x)
-    vb, sb = (va, sa) if b is a else _lookup(*_exp_table(b, probabilities[1]), x)
+    ta, sa = _exp_table(a, probabilities[0])
+    tb, sb = (ta, sa) if b is a else _exp_table(b, probabilities[1])
+    return _Blocks(ta, tb, sa + sb, None), (a, b, probabilities)
+
+
+def _rows_of(rows: _Blocks, x: Tensor) -> _Blocks:
+    """Per-category rank-1 blocks (:func:`_squared_categorical_rows`, or a layer's output over
+    them) at x (F, B): each sample's row of both factors and of the scale."""
+    left, s = _lookup(rows.left, rows.s, x)
+    right = left if rows.right is rows.left else _lookup(rows.right, rows.s, x)[0]
+    return _Blocks(left, right, s, None)
+
+
+def _squared_categorical_blocks(layer: TorchCategoricalLayer, x: Tensor, mask: Optional[Tensor]) -> _Blocks:
+    """A squared categorical input at x (F, B) as one rank-1 block per sample (the rows of
+    :func:`_squared_categorical_rows`); where ``mask`` (F, B) is True, the integral's rank-V
+    block (:func:`_outer_lse_factors`)."""
+    rows, (a, b, probabilities) = _squared_categorical_rows(layer)
+    found = _rows_of(rows, x)
     if mask is None:
-        return _Blocks(va, vb, sa + sb, None)
-    return _Blocks(va, vb, sa + sb, None, _outer_lse_factors(a, b, probabilities), mask)
+        return found
+    return found._replace(integrated=_outer_lse_factors(a, b, probabilities), mask=mask)
 
 
 def _sample_outer(left: Tensor, right: Tensor) -> Tensor:
@@ -1230,6 +1248,7 @@ class CircuitPlan:
         # sums over categorical inputs map their tables where the tables have fewer rows than the
         # batch; not where values are probed, kept, or integrated out (masks)
         tabled = x is not None and mask is None and not probing and not keep
+        tables: Dict[int, object] = {}  # the inputs' tables, by input layer, read once
         batch = x.shape[0] if x is not None else 0
         symmetric: List[bool] = []  # per step: every block of its value is symmetric (SYMMETRIC_BLOCKS)
         resume = 0  # the first step not yet evaluated by a chain
@@ -1253,18 +1272,18 @@ class CircuitPlan:
                 symmetric[j] for j in step.fetch.sources)
             keeps_symmetric = inputs_symmetric and step.keeps_symmetry
             symmetric.append(keeps_symmetric)
-            if tabled and step.over_table is not None \
-                    and self.steps[step.over_table].layer.num_categories < batch:
-                v, s = _sum_over_table(step, self.steps[step.over_table].layer, x, ctx)
-                values.append(v)
-                scales.append(s)
-                continue
             if tabled and step.tabled_only and layer.num_categories < batch:  # only read through its table
                 values.append(None)
                 scales.append(None)
                 continue
             out: Union[_Blocks, Scaled, None] = None
-            if step.on_factors and factored and (not probing or step.reads_input is not None):
+            if tabled and step.over_table is not None and self.steps[step.over_table].layer.num_categories < batch:
+                source = self.steps[step.over_table].layer
+                out = _sum_over_table(step, source, x, ctx, tables)
+                if out is None and step.over_table not in blocks:  # its squared input, looked up after all
+                    blocks[step.over_table] = _input_blocks(source, *_input_arguments(source, x, mask))
+                    factored = True
+            if out is None and step.on_factors and factored and (not probing or step.reads_input is not None):
                 out = _sum_on_blocks(layer, step.fetch, blocks, step.blocks,
                                      after_unmeasured=step.after_unmeasured and not measure_all, inner=step.through_inner)
                 if probing and out is not None:  # rank-1 blocks (nothing integrated) multiplied out too:
@@ -1707,28 +1726,43 @@ def _read_input(steps: List[_Step], step: _Step) -> Optional[Tuple[TorchInputLay
 
 
 def _over_table(steps: List[_Step], step: _Step) -> Optional[int]:
-    """:attr:`_Step.over_table` of a step: the source of a sum layer reading one plain (not
-    squared) categorical input layer, one input fold per fold; else None."""
-    if step.rule not in SUM_RULES or step.on_factors:
+    """:attr:`_Step.over_table` of a step: the source of a sum layer reading one categorical
+    input layer, one input fold per fold -- a plain one, or a squared one whose factors the
+    layer takes; else None."""
+    if step.rule not in SUM_RULES:
         return None
     found = _read_input(steps, step)
-    if found is None or not isinstance(found[0], TorchCategoricalLayer) or _is_squared_categorical(found[0]):
+    if found is None or not isinstance(found[0], TorchCategoricalLayer) \
+            or _is_squared_categorical(found[0]) != step.on_factors:
         return None
     return step.fetch.sources[0]
 
 
-def _sum_over_table(step: _Step, source: TorchCategoricalLayer, x: Tensor, ctx: _Context) -> Scaled:
-    """A sum layer over a categorical input at x (B, D): the layer's map applied to the
-    input's table, one row per category ((F, V, K) -> (F, V, Ko)), then each sample's row
-    looked up: V rows mapped where the samples would be B. Each row is mapped and normalised
-    on its own either way, so the values are those of the map of the looked-up rows; the
-    gradient reaches the table through the look-up's scatter-add. The input's folds are read
-    through the layer's own fetch (one per fold)."""
+def _sum_over_table(step: _Step, source: TorchCategoricalLayer, x: Tensor, ctx: _Context,
+                    tables: Dict[int, object]) -> Union[_Blocks, Scaled, None]:
+    """A sum layer over a categorical input at x (B, D): the layer applied to the input's
+    table, one row per category -- ``(F, V, K) -> (F, V, Ko)``; for a squared input, its rank-1
+    blocks per category through the layer's factor map (:func:`_sum_on_blocks`) -- then each
+    sample's row looked up: V rows mapped where the samples would be B. Each row is mapped
+    and normalised on its own either way, so the values are those of the layer on the
+    looked-up rows; the gradient reaches the table through the look-up's scatter-add. The
+    input's folds are read through the layer's own fetch (one per fold). None where the
+    layer cannot take the squared input's factors. ``tables``: each input's table, computed
+    once per evaluation for all the layers that read it."""
     (j,) = step.fetch.sources
-    table, top = _probability_table(source)  # (F_in, V, K), (F_in, V)
     (inputs,), _ = _input_arguments(source, x, None)  # (F_in, B, 1)
-    v, s = step.rule(step.layer, step.fetch({j: table}, {}), step.fetch({j: top}, {}), ctx, False)
-    return _lookup(v, s, step.fetch({j: inputs.squeeze(dim=2).long()}, {}).squeeze(1))
+    rows = step.fetch({j: inputs.squeeze(dim=2).long()}, {}).squeeze(1)  # (F, B)
+    if step.on_factors:
+        if j not in tables:
+            tables[j] = _squared_categorical_rows(source)[0]
+        out = _sum_on_blocks(step.layer, step.fetch, {j: tables[j]})
+        if out is None:
+            return None
+        return _rows_of(out, rows) if isinstance(out, _Blocks) else _lookup(*out, rows)
+    if j not in tables:
+        tables[j] = _probability_table(source)  # (F_in, V, K), (F_in, V)
+    table, top = tables[j]
+    return _lookup(*step.rule(step.layer, step.fetch({j: table}, {}), step.fetch({j: top}, {}), ctx, False), rows)
 
 
 def _input_arguments(layer: TorchInputLayer, x: Optional[Tensor], mask: Optional[Tensor]):

@@ -1117,9 +1117,13 @@ def test_one_function_at_data_goes_up_once(region_graph, monkeypatch):
     results = []
     for shared in (True, False):
         if not shared:
-            original = linear_space._squared_categorical_blocks
-            monkeypatch.setattr(linear_space, "_squared_categorical_blocks",
-                                lambda *a: original(*a)._replace(right=original(*a).right.clone()))
+            original = linear_space._squared_categorical_rows
+
+            def apart(layer):  # the inputs' two sides as two tensors (at the table: every look-up reads it)
+                rows, sides = original(layer)
+                return rows._replace(right=rows.right.clone()), sides
+
+            monkeypatch.setattr(linear_space, "_squared_categorical_rows", apart)
         macs = matmul_macs(lambda: evaluate_linear_space(model.density, x))
         value = evaluate_linear_space(model.density, x)
         results.append((macs, value, torch.autograd.grad(value.sum(), params, allow_unused=True)))
@@ -1210,10 +1214,10 @@ def _base_circuit(region_graph: str, case: str):
         input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **logits), sum_product="cp",
         sum_weight_factory=parameterization_to_factory(Parameterization(activation=activation, initialization="normal")),
         num_input_units=3, num_sum_units=3)
-    if case == "structured":
+    if case.startswith("structured"):
         model, _ = compile_structured(c, structure_policy("lowrank", rank=2), dtype=torch.float64, seed=1,
                                       num_categories=CATEGORIES)
-        return model.base
+        return model if case == "structured-model" else model.base
     semiring = "lse-sum" if case == "lse-sum" else "complex-lse-sum"
     torch.manual_seed(0)
     ctx = PipelineContext(backend="torch", semiring=semiring, fold=case != "unfolded", optimize=case == "optimize=True")
@@ -1279,3 +1283,58 @@ def test_sum_layers_over_categorical_inputs_map_their_tables(region_graph, case,
         assert_same_logs(evaluate_linear_space(circuit, x, integrate=mask),
                          evaluate_linear_space(looked_up_first, x, integrate=mask))
     assert not calls
+
+
+def _squared_density(region_graph: str, case: str):
+    """|c|² at data (fast path, float64) of a 3-unit categorical circuit: softmax-normalised,
+    signed or complex weights, or a structured circuit (low-rank squares)."""
+    if case == "structured":
+        return _base_circuit(region_graph, "structured-model").density
+    if case == "complex weights":
+        c = complex_circuit(region_graph, units=3)
+    else:
+        c = REGION_GRAPHS[region_graph]().build_circuit(
+            input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES), sum_product="cp",
+            sum_weight_factory=parameterization_to_factory(Parameterization(
+                activation="softmax" if case == "lse-sum" else "none", initialization="normal")),
+            num_input_units=3, num_sum_units=3)
+    semiring = "lse-sum" if case == "lse-sum" else "complex-lse-sum"
+    return compile_density(c, semiring=semiring, seed=0, dtype=torch.float64, num_categories=CATEGORIES).density
+
+
+@pytest.mark.parametrize("region_graph", ["quad-tree", "linear-tree"])
+@pytest.mark.parametrize("case", ["lse-sum", "signed", "complex weights", "structured"])
+def test_sum_layers_over_squared_categorical_inputs_map_their_tables(region_graph, case, monkeypatch):
+    """|c|² at data: a sum layer over a squared categorical input maps the input's rank-1 block
+    of each category (V rows of factors) and looks each sample's rows up after: cirkit's values,
+    the gradients of the map of the looked-up rows, V rows' work whatever the batch. Where the
+    layer cannot take the table's factors the input is looked up after all."""
+    from structlayers.benchmarking import matmul_macs
+
+    density = _squared_density(region_graph, case)
+    looked_up_first, declined = copy.deepcopy(density), copy.deepcopy(density)
+    x = torch.randint(0, CATEGORIES, (9, NUM_VARIABLES[region_graph]), generator=torch.Generator().manual_seed(6))
+    calls = []
+    original = linear_space._sum_over_table
+    monkeypatch.setattr(linear_space, "_sum_over_table", lambda *a: calls.append(1) or original(*a))
+
+    def run(c, rows=9):
+        params = [p for p in c.parameters() if p.requires_grad]
+        value = evaluate_linear_space(c, x[:rows])
+        return value, torch.autograd.grad(value.real.sum(), params, allow_unused=True)
+
+    value, grads = run(density)
+    assert calls
+    assert_same_logs(value.detach(), semiring_values(density, x))
+    macs = [matmul_macs(lambda: evaluate_linear_space(density, x[:rows])) for rows in (6, 9)]
+    monkeypatch.setattr(linear_space, "_sum_over_table", lambda *a: None)  # every layer declines the table
+    assert_same_logs(run(declined)[0].detach(), value.detach())
+    monkeypatch.setattr(linear_space, "_over_table", lambda steps, step: None)  # rows first, from the plan on
+    ref_value, ref_grads = run(looked_up_first)
+    assert_same_logs(value.detach(), ref_value.detach())
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    ref_macs = [matmul_macs(lambda: evaluate_linear_space(looked_up_first, x[:rows])) for rows in (6, 9)]
+    assert macs[1] - macs[0] < ref_macs[1] - ref_macs[0]  # three more rows cost the tabled layers nothing
