@@ -336,6 +336,27 @@ def test_pair_product_gradients(dtype):
     torch.testing.assert_close(_PairProduct.apply(v), v[:, 0] * v[:, 1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_products_with_transposed_weights_give_the_weights_gradient_in_their_layout(dtype):
+    """``z @ wᵀ`` (a dense sum layer): values and gradients as autograd's product with the
+    transposed view (gradcheck, complex too), and w's gradient comes in w's own layout, where
+    autograd's is a transposed view that accumulating copies into place."""
+    from adapters.cirkit.linear_space import _TransposedWeightProduct
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, dtype=dtype, generator=g).requires_grad_()
+    w = torch.randn(3, 6, 4, dtype=dtype, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(_TransposedWeightProduct.apply, (z, w))
+    y = _TransposedWeightProduct.apply(z, w)
+    torch.testing.assert_close(y, torch.bmm(z, w.transpose(1, 2)), rtol=0, atol=0)
+    upstream = torch.randn(y.shape, dtype=dtype, generator=g)
+    got = torch.autograd.grad(y, (z, w), upstream)
+    want = torch.autograd.grad(torch.bmm(z, w.transpose(1, 2)), (z, w), upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert got[1].stride() == w.stride() and not want[1].is_contiguous()
+
+
 def _over_inputs(plan, step) -> bool:
     return step.on_factors and all(plan.steps[j].fetch is None for j in step.fetch.sources)
 
