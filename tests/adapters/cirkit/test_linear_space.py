@@ -357,6 +357,28 @@ def test_products_with_transposed_weights_give_the_weights_gradient_in_their_lay
     assert got[1].stride() == w.stride() and not want[1].is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_assembled_rows_and_their_gradients(dtype):
+    """Rows of several parts put in one order in one write (the inputs of a step's mixed folds
+    under one mask for every sample): the concatenation reordered, and gradcheck, complex
+    too; a part given as an expanded view (a shared value) included."""
+    from adapters.cirkit.linear_space import _Assemble
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 3, 4, dtype=dtype, generator=g).requires_grad_(),
+             torch.randn(1, 1, 4, dtype=dtype, generator=g).requires_grad_(),
+             torch.randn(3, 3, 4, dtype=dtype, generator=g).requires_grad_()]
+    places = (torch.tensor([4, 0]), torch.tensor([2]), torch.tensor([5, 1, 3]))
+
+    def assembled(*p):
+        return _Assemble.apply(places, p[0], p[1].expand(-1, 3, -1), p[2])
+
+    reordered = torch.cat([parts[0], parts[1].expand(-1, 3, -1), parts[2]]).index_select(
+        0, torch.argsort(torch.cat(places)))
+    torch.testing.assert_close(assembled(*parts), reordered, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(assembled, tuple(parts))
+
+
 def _over_inputs(plan, step) -> bool:
     return step.on_factors and all(plan.steps[j].fetch is None for j in step.fetch.sources)
 
