@@ -273,9 +273,19 @@ class _TransposedWeightProduct(torch.autograd.Function):
         return grad_z, grad_w
 
 
+#: Weights of at least this many entries take :class:`_TransposedWeightProduct` where their
+#: gradient is needed: below, copying the gradient costs less than the node's own overhead
+#: (about 6 µs forward and 10 µs backward; a 128 x 128 weight's copy takes about 5 µs).
+TRANSPOSED_WEIGHT_MIN_ENTRIES = 1 << 16
+
+
 def _dense_map(w: Tensor) -> Callable[[Tensor], Tensor]:
-    """z (F, B, Ki) -> z @ w^T for w (F, Ko, Ki) (:class:`_TransposedWeightProduct`)."""
-    return lambda z: _TransposedWeightProduct.apply(z, w)
+    """z (F, B, Ki) -> z @ w^T for w (F, Ko, Ki) (:class:`_TransposedWeightProduct` where w's
+    gradient is needed and w is large)."""
+    if torch.is_grad_enabled() and w.requires_grad and w.numel() >= TRANSPOSED_WEIGHT_MIN_ENTRIES:
+        return lambda z: _TransposedWeightProduct.apply(z, w)
+    wt = w.transpose(1, 2)
+    return lambda z: torch.bmm(z, wt)
 
 
 def _weighted(v: Tensor, s: Tensor, linear: Callable[[Tensor], Tensor], ctx: _Context,

@@ -1381,3 +1381,28 @@ def test_sum_layers_over_squared_categorical_inputs_map_their_tables(region_grap
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
     ref_macs = [matmul_macs(lambda: evaluate_linear_space(looked_up_first, x[:rows])) for rows in (6, 9)]
     assert macs[1] - macs[0] < ref_macs[1] - ref_macs[0]  # three more rows cost the tabled layers nothing
+
+
+@pytest.mark.parametrize("case", ["lse-sum", "signed", "complex weights", "optimize=True"])
+def test_dense_sum_layers_with_the_transposed_weight_node_give_cirkits_gradients(case, monkeypatch):
+    """With every dense weight taken through :class:`linear_space._TransposedWeightProduct`
+    (its size threshold lowered to 0: the test circuits' weights are small), c(x) and its
+    gradients are cirkit's, softmax-normalised and complex weights included."""
+    monkeypatch.setattr(linear_space, "TRANSPOSED_WEIGHT_MIN_ENTRIES", 0)
+    calls = []
+    original = linear_space._TransposedWeightProduct.apply
+    monkeypatch.setattr(linear_space._TransposedWeightProduct, "apply", lambda *a: calls.append(1) or original(*a))
+    circuit = _base_circuit("quad-tree", case)
+    x = torch.randint(0, CATEGORIES, (9, NUM_VARIABLES["quad-tree"]), generator=torch.Generator().manual_seed(7))
+    params = list(circuit.parameters())
+    ours = evaluate_linear_space(circuit, x)
+    assert calls
+    got = torch.autograd.grad(ours.real.sum(), params, allow_unused=True)
+    reference = circuit(x)  # cirkit's own evaluation (the circuit is not accelerated)
+    assert_same_logs(ours.detach(), reference.detach())
+    want = torch.autograd.grad(reference.real.sum(), params, allow_unused=True)
+    assert any(g is not None for g in got)
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
