@@ -177,12 +177,17 @@ def test_the_symmetric_square_backward_equals_the_general_one(sides):
     assert not symmetric_square(("a", "a"), mats)
 
 
+@pytest.mark.parametrize("thin", [True, False])
 @pytest.mark.parametrize("first", ["a", "b"])
-def test_the_symmetric_chain_backward_equals_the_general_one(first):
+def test_the_symmetric_chain_backward_equals_the_general_one(first, thin, monkeypatch):
     """L R X Rᵀ Lᵀ with X symmetric and one real thin chain on both sides: R's and L's gradients
     from the shortcut equal the sums of the two the general backward computes, and the block's
-    gradient is the symmetric part of the general one (for any G), whichever side goes first."""
+    gradient is the symmetric part of the general one (for any G), whichever side goes first;
+    with ``(G + Gᵀ) L`` formed as two thin products or from G + Gᵀ (``thin``)."""
+    from structlayers.linalg import kron
     from structlayers.linalg.kron import block_chain_backward, block_chain_forward, symmetric_chain
+
+    monkeypatch.setattr(kron, "THIN_CHAIN_RATIO", 1 if thin else 100)
 
     g = torch.Generator().manual_seed(4)
     lower = torch.randn(3, 7, 2, dtype=torch.float64, generator=g)
