@@ -288,7 +288,7 @@ def _symmetric_chain_backward(g: torch.Tensor, sides: Sequence[str], mats: Seque
     s = torch.bmm(lower.transpose(-1, -2), u) if need_x or need_m[0] or need_m[1] else None
     if need_m[0] or need_m[1]:
         grads[0] = torch.bmm(s, rx)
-    g_x = torch.bmm(r.transpose(-1, -2), torch.bmm(s, r)).mul_(0.5) if need_x else None
+    g_x = torch.bmm(r.transpose(-1, -2), torch.bmm(s, r).mul_(0.5)) if need_x else None  # halved on r x K, not K x K
     return g_x, grads
 
 
