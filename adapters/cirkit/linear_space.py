@@ -849,9 +849,10 @@ class _Step:
     # a sum on factors reading one input layer, one input fold per fold: (that layer, the input
     # fold of each of its folds (F,)); what categorical_conditionals differentiates there
     reads_input: Optional[Tuple[TorchInputLayer, Tensor]] = None
-    # a sum layer over a plain categorical input, one input fold per fold: that input's step; at
-    # data its map is applied to the input's table (:func:`_sum_over_table`). ``tabled_only``: an
-    # input read by nothing else, never looked up itself then
+    # a sum layer over a categorical input (plain, or squared where the layer takes factors), one
+    # input fold per fold: that input's step; at data its map is applied to the input's table
+    # (:func:`_sum_over_table`). ``tabled_only``: an input read by such layers alone, never looked
+    # up itself then
     over_table: Optional[int] = None
     tabled_only: bool = False
 
@@ -1278,7 +1279,7 @@ class CircuitPlan:
         # sums over categorical inputs map their tables where the tables have fewer rows than the
         # batch; not where values are probed, kept, or integrated out (masks)
         tabled = x is not None and mask is None and not probing and not keep
-        tables: Dict[int, object] = {}  # the inputs' tables, by input layer, read once
+        tables: Dict[int, Union[_Blocks, Scaled]] = {}  # the inputs' tables, by input step, read once
         batch = x.shape[0] if x is not None else 0
         symmetric: List[bool] = []  # per step: every block of its value is symmetric (SYMMETRIC_BLOCKS)
         resume = 0  # the first step not yet evaluated by a chain
@@ -1799,7 +1800,7 @@ def _over_table(steps: List[_Step], step: _Step) -> Optional[int]:
 
 
 def _sum_over_table(step: _Step, source: TorchCategoricalLayer, x: Tensor, ctx: _Context,
-                    tables: Dict[int, object]) -> Union[_Blocks, Scaled, None]:
+                    tables: Dict[int, Union[_Blocks, Scaled]]) -> Union[_Blocks, Scaled, None]:
     """A sum layer over a categorical input at x (B, D): the layer applied to the input's
     table, one row per category -- ``(F, V, K) -> (F, V, Ko)``; for a squared input, its rank-1
     blocks per category through the layer's factor map (:func:`_sum_on_blocks`) -- then each
