@@ -148,6 +148,7 @@ from .scaling import (
     _peaks,
     _rescaled,
     _Unmeasured,
+    shifted_exp_values,
     from_logs,
     normalise,
     to_logs,
@@ -548,23 +549,64 @@ def _gaussian_product_factors(layer: TorchGaussianLayer) -> Optional[Tuple[Tenso
     return means
 
 
-def _gaussian_logs(mean: Tensor, std: Tensor, x: Tensor) -> Tensor:
-    """log N(x; μ_k, σ_k²): mean, std (F, K), x (F, B) -> (F, B, K); two passes over the
-    (F, B, K) result: ``z = x/σ - μ/σ``, then ``c - z²/2``, the per-unit terms folded first."""
+def _standardised_logs(mean: Tensor, std: Tensor, x: Tensor, shift: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(z, log N(x; μ_k, σ_k²) + shift_k)`` with ``z = (x - μ_k)/σ_k``: mean, std, shift (F, K),
+    x (F, B) -> two (F, B, K) tensors, in two passes."""
     inv = std.reciprocal()
     z = torch.addcmul((-mean * inv).unsqueeze(1), x.unsqueeze(-1), inv.unsqueeze(1))
-    constant = (-torch.log(std) - 0.5 * math.log(2.0 * math.pi)).unsqueeze(1)
-    return torch.addcmul(constant, z, z, value=-0.5)
+    constant = -torch.log(std) - 0.5 * math.log(2.0 * math.pi)
+    if shift is not None:
+        constant = constant + shift
+    return z, torch.addcmul(constant.unsqueeze(1), z, z, value=-0.5)
 
 
-def _gaussian(layer: TorchGaussianLayer, x: Tensor) -> Tensor:
-    """A univariate Gaussian layer's log-values at x (F, B) -> (F, B, K), in two passes
-    (cirkit's ``Normal.log_prob`` makes about six, and its semiring a complex copy)."""
-    mean, std = evaluate_parameter(layer.mean), evaluate_parameter(layer.stddev)
-    logs = _gaussian_logs(mean, std, x.to(mean.dtype))
-    if layer.log_partition is not None:
-        logs = logs + evaluate_parameter(layer.log_partition).unsqueeze(1)
-    return logs
+class _GaussianValues(torch.autograd.Function):
+    """A Gaussian layer's values at x as ``(v, s)``: ``v = N(x; μ_k, σ_k²) e^shift_k / e^s``
+    (F, B, K), s (F, B) the largest log per (fold, sample) (no gradient), from mean, std,
+    shift (F, K) and x (F, B). The backward makes one (F, B, K) tensor and works in place on
+    it: with ``g = grad · v`` and ``z = (x - μ)/σ``, μ's gradient is ``Σ_b g z / σ``, σ's
+    ``Σ_b g (z² - 1) / σ``, the shift's ``Σ_b g`` (autograd's chain through the logs made about
+    seven tensors of that size, each on fresh pages)."""
+
+    # ctx-first forward, no setup_context: Function.apply binds a setup_context-style
+    # forward's arguments through inspect.signature on every call (~20 µs)
+    @staticmethod
+    def forward(ctx, mean: Tensor, std: Tensor, x: Tensor, shift: Optional[Tensor]):  # type: ignore[override]
+        z, logs = _standardised_logs(mean, std, x, shift)
+        s = logs.amax(dim=-1)
+        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+        v = shifted_exp_values(logs, s)
+        ctx.save_for_backward(v, z, std)
+        ctx.has_shift = shift is not None
+        ctx.mark_non_differentiable(s)
+        return v, s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_s: Optional[Tensor]):  # type: ignore[override]
+        v, z, std = ctx.saved_tensors
+        need_mean, need_std, need_x, need_shift = ctx.needs_input_grad
+        inv = std.reciprocal()
+        g = grad * v  # the logs' gradient, (F, B, K): the one tensor of that size made here
+        total = g.sum(dim=1)  # Σ_b g
+        g.mul_(z)  # g z
+        grad_x = -(g * inv.unsqueeze(1)).sum(dim=-1) if need_x else None  # ∂ log N / ∂x = -z/σ
+        first = g.sum(dim=1) if need_mean else None
+        second = g.mul_(z).sum(dim=1) if need_std else None  # Σ_b g z²
+        return (first * inv if need_mean else None, (second - total) * inv if need_std else None,
+                grad_x, total if need_shift and ctx.has_shift else None)
+
+
+def _gaussian_values(mean: Tensor, std: Tensor, x: Tensor, shift: Optional[Tensor] = None) -> Scaled:
+    """``(v, s)`` of a univariate Gaussian layer at x (F, B) (:class:`_GaussianValues`): v (F, B, K)
+    at most 1, s (F, B)."""
+    return _GaussianValues.apply(mean, std, x.to(mean.dtype), shift)
+
+
+def _gaussian(layer: TorchGaussianLayer, x: Tensor) -> Scaled:
+    """A univariate Gaussian layer's ``(v, s)`` at x (F, B) (:func:`_gaussian_values`; cirkit's
+    ``Normal.log_prob`` makes about six passes, and its semiring a complex copy)."""
+    shift = evaluate_parameter(layer.log_partition) if layer.log_partition is not None else None
+    return _gaussian_values(evaluate_parameter(layer.mean), evaluate_parameter(layer.stddev), x, shift)
 
 
 def _gaussian_product_values(layer: TorchGaussianLayer, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor, tuple]]:
@@ -575,10 +617,9 @@ def _gaussian_product_values(layer: TorchGaussianLayer, x: Tensor) -> Optional[T
     if factors is None:
         return None
     mean1, std1, mean2, std2 = factors
-    x = x.to(mean1.dtype)
-    va, sa = from_logs(_gaussian_logs(mean1, std1, x))
+    va, sa = _gaussian_values(mean1, std1, x)
     one = mean2 is mean1 and std2 is std1  # one layer on both sides: one tensor
-    vb, sb = (va, sa) if one else from_logs(_gaussian_logs(mean2, std2, x))
+    vb, sb = (va, sa) if one else _gaussian_values(mean2, std2, x)
     return va, vb, sa + sb, factors
 
 
@@ -785,7 +826,7 @@ def _input(layer: TorchInputLayer, inputs: tuple, mask: Optional[Tensor],
         found = _gaussian_product(layer, x, mask)  # a squared circuit's Gaussian input
         if found is not None:
             return found
-        observed = from_logs(_gaussian(layer, x))
+        observed = _gaussian(layer, x)
     else:
         if isinstance(layer, TorchConstantValueLayer) and layer.log_space:
             integrated = _integrated_products(layer.value, symmetric) or _gaussian_integrals(layer.value, symmetric)

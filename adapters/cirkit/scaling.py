@@ -146,8 +146,7 @@ class _ShiftedExp(torch.autograd.Function):
     # forward's arguments through inspect.signature on every call (~20 µs)
     @staticmethod
     def forward(ctx, y: Tensor, s: Tensor) -> Tensor:  # type: ignore[override]
-        v = torch.add(s.unsqueeze(-1) * -0.5, y, alpha=0.5)  # (y - s)/2 in one pass
-        v.clamp_(min=_HALF_LOG_CLAMP).exp_().square_()
+        v = shifted_exp_values(y, s)
         ctx.save_for_backward(v)
         return v
 
@@ -155,6 +154,15 @@ class _ShiftedExp(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (v,) = ctx.saved_tensors
         return grad * v, None
+
+
+def shifted_exp_values(y: Tensor, s: Tensor) -> Tensor:
+    """``exp(y - s[..., None])`` as a new tensor, no autograd: for real float32, ``exp((y - s)/2)²``
+    with the half clamped (:class:`_ShiftedExp`); else ``torch.exp``."""
+    if y.dtype == torch.float32 and s.dtype == torch.float32:
+        v = torch.add(s.unsqueeze(-1) * -0.5, y, alpha=0.5)  # (y - s)/2 in one pass
+        return v.clamp_(min=_HALF_LOG_CLAMP).exp_().square_()
+    return torch.exp(y - s.unsqueeze(-1))
 
 
 def shifted_exp(y: Tensor, s: Tensor) -> Tensor:

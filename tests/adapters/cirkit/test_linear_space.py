@@ -379,6 +379,44 @@ def test_assembled_rows_and_their_gradients(dtype):
     assert torch.autograd.gradcheck(assembled, tuple(parts))
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_gaussian_values_and_their_gradients(shift):
+    """A Gaussian layer's values at x as (v, s) in one node: ``v e^s`` is the density (times
+    ``e^shift``), s the largest log per (fold, sample), and the hand-written backward gives
+    autograd's gradients for the mean, deviation, x and shift (gradcheck); float32 values
+    as the logs' :func:`from_logs`, subnormal ones included."""
+    from adapters.cirkit.linear_space import _GaussianValues
+    from adapters.cirkit.scaling import from_logs
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 3, dtype=torch.float64, generator=g).requires_grad_()
+    std = (0.5 + torch.rand(2, 3, dtype=torch.float64, generator=g)).requires_grad_()
+    x = torch.randn(2, 4, dtype=torch.float64, generator=g).requires_grad_()
+    extra = torch.randn(2, 3, dtype=torch.float64, generator=g).requires_grad_() if shift else None
+    v, s = _GaussianValues.apply(mean, std, x, extra)
+    density = torch.distributions.Normal(mean.unsqueeze(1), std.unsqueeze(1)).log_prob(x.unsqueeze(-1))
+    if shift:
+        density = density + extra.unsqueeze(1)
+    torch.testing.assert_close(torch.log(v) + s.unsqueeze(-1), density, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, density.amax(dim=-1), rtol=1e-14, atol=1e-14)
+    assert not s.requires_grad
+    inputs = (mean, std, x) + ((extra,) if shift else ())
+
+    def density_of(*t):  # v e^s: s is a constant to autograd, the value's gradient flows through v
+        v, s = _GaussianValues.apply(*t[:3], t[3] if shift else None)
+        return v * torch.exp(s).unsqueeze(-1)
+
+    assert torch.autograd.gradcheck(density_of, inputs)
+    # float32: the same values as exponentiating the logs, far below the largest one too
+    mean32 = torch.tensor([[0.0, 12.0, 30.0]]); std32 = torch.tensor([[1.0, 0.8, 0.5]])
+    x32 = torch.linspace(-2.0, 2.0, 9).unsqueeze(0)
+    v32, s32 = _GaussianValues.apply(mean32, std32, x32, None)
+    ref_v, ref_s = from_logs(torch.distributions.Normal(mean32.unsqueeze(1), std32.unsqueeze(1)).log_prob(x32.unsqueeze(-1)))
+    assert bool((v32[..., 1] > 0).any() and (v32[..., 1] < torch.finfo(torch.float32).tiny).any())  # subnormal
+    torch.testing.assert_close(s32, ref_s, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(v32, ref_v, rtol=1e-5, atol=1e-45)
+
+
 def _over_inputs(plan, step) -> bool:
     return step.on_factors and all(plan.steps[j].fetch is None for j in step.fetch.sources)
 
@@ -1112,7 +1150,7 @@ def test_one_function_at_data_is_computed_once(inputs, monkeypatch):
         x = torch.randint(0, CATEGORIES, (5, NUM_VARIABLES["linear-tree"]))
     else:
         c1, c2 = gaussian_base(), gaussian_base()
-        semiring, counted = "complex-lse-sum", "_gaussian_logs"
+        semiring, counted = "complex-lse-sum", "_gaussian_values"
         x = torch.randn(5, 16, dtype=torch.float64)
     same, apart = compile_circuit(SF.multiply(c1, c1), semiring), compile_circuit(SF.multiply(c1, c2), semiring)
     assert all(found.left is found.right for found in _inputs_of(same, x))
