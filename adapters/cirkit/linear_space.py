@@ -575,7 +575,7 @@ class _GaussianValues(torch.autograd.Function):
         z, logs = _standardised_logs(mean, std, x, shift)
         s = logs.amax(dim=-1)
         s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-        v = shifted_exp_values(logs, s)
+        v = shifted_exp_values(logs, s, overwrite=True)  # the logs are not kept
         ctx.save_for_backward(v, z, std)
         ctx.has_shift = shift is not None
         ctx.mark_non_differentiable(s)

@@ -156,12 +156,18 @@ class _ShiftedExp(torch.autograd.Function):
         return grad * v, None
 
 
-def shifted_exp_values(y: Tensor, s: Tensor) -> Tensor:
-    """``exp(y - s[..., None])`` as a new tensor, no autograd: for real float32, ``exp((y - s)/2)²``
-    with the half clamped (:class:`_ShiftedExp`); else ``torch.exp``."""
+def shifted_exp_values(y: Tensor, s: Tensor, overwrite: bool = False) -> Tensor:
+    """``exp(y - s[..., None])``, no autograd: for real float32, ``exp((y - s)/2)²`` with the half
+    clamped (:class:`_ShiftedExp`); else ``torch.exp``. A new tensor, or (``overwrite``, for a
+    caller done with y) y's own, which spares a tensor of y's size on fresh pages."""
     if y.dtype == torch.float32 and s.dtype == torch.float32:
-        v = torch.add(s.unsqueeze(-1) * -0.5, y, alpha=0.5)  # (y - s)/2 in one pass
+        if overwrite:
+            v = y.sub_(s.unsqueeze(-1)).mul_(0.5)
+        else:
+            v = torch.add(s.unsqueeze(-1) * -0.5, y, alpha=0.5)  # (y - s)/2 in one pass
         return v.clamp_(min=_HALF_LOG_CLAMP).exp_().square_()
+    if overwrite:
+        return y.sub_(s.unsqueeze(-1)).exp_()
     return torch.exp(y - s.unsqueeze(-1))
 
 

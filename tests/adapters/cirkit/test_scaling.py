@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.cirkit.scaling import _Unmeasured, from_logs, normalise, rescale, shifted_exp, undivided
+from adapters.cirkit.scaling import _Unmeasured, from_logs, normalise, rescale, shifted_exp, shifted_exp_values, undivided
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -120,6 +120,11 @@ def test_shifted_exp_in_float32_is_exp_to_a_few_ulps_down_to_subnormals_and_zero
     shifted, plain = shifted_exp(y, s).double(), torch.exp(y - s.unsqueeze(-1)).double()
     bound = (d.double().abs() + 4) * eps
     assert ((shifted - plain).abs() <= bound * plain + 2 * 2.0 ** -149).all()
+    # written over y (for a caller done with it): the same bound, in y's storage
+    target = y.clone()
+    over = shifted_exp_values(target, s, overwrite=True)
+    assert over.data_ptr() == target.data_ptr()
+    assert ((over.double() - plain).abs() <= bound * plain + 2 * 2.0 ** -149).all()
 
 
 def test_shifted_exp_differentiates_as_exp_and_leaves_other_dtypes_to_torch():
@@ -132,6 +137,7 @@ def test_shifted_exp_differentiates_as_exp_and_leaves_other_dtypes_to_torch():
     y64 = torch.randn(3, 5, dtype=torch.float64) * 300
     s64 = y64.amax(dim=-1)
     assert torch.equal(shifted_exp(y64, s64), torch.exp(y64 - s64.unsqueeze(-1)))
+    assert torch.equal(shifted_exp_values(y64.clone(), s64, overwrite=True), torch.exp(y64 - s64.unsqueeze(-1)))
 
 
 def test_from_logs_of_far_tails_in_float32_matches_float64():
