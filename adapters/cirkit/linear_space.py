@@ -1560,9 +1560,9 @@ class CircuitPlan:
             """The inputs ``gather`` names, per sample, shaped as the step's fetch gives them."""
             values, scales = [], []
             for j, kind, rows in gather.parts:
-                rows = rows.to(device)
+                rows = rows if isinstance(rows, slice) else rows.to(device)
                 if kind == _MIXED:
-                    v, s = (t.index_select(0, rows) for t in mixed[j])
+                    v, s = (_take_rows(t, rows) for t in mixed[j])
                 else:
                     v, s = evaluated(kind).rows(j, rows)
                     if kind == _SHARED:
@@ -1625,24 +1625,35 @@ class _Pass(NamedTuple):
     scales: List[Optional[Tensor]]
     blocks: Dict[int, "_Blocks"]
 
-    def rows(self, j: int, folds: Tensor) -> Scaled:
-        """Folds ``folds`` of step j, dense: (n, B, K), (n, B)."""
+    def rows(self, j: int, folds: Union[Tensor, slice]) -> Scaled:
+        """Folds ``folds`` of step j (indices, or a range: :func:`_take_rows`), dense: (n, B, K), (n, B)."""
         if self.values[j] is not None:
-            return self.values[j].index_select(0, folds), self.scales[j].index_select(0, folds)
+            return _take_rows(self.values[j], folds), _take_rows(self.scales[j], folds)
         b = self.blocks[j]
-        pick = (lambda t: None if t is None else t.index_select(0, folds))
+        pick = (lambda t: None if t is None else _take_rows(t, folds))
         integrated = None if b.integrated is None else tuple(pick(t) for t in b.integrated)
         return _dense_blocks(_Blocks(pick(b.left), pick(b.right), pick(b.s), b.batch, integrated, pick(b.mask)))
+
+
+def _take_rows(t: Tensor, rows: Union[Tensor, slice]) -> Tensor:
+    """Rows of t (first axis): ``index_select`` for indices; a range (a ``slice``, as
+    :func:`_gather` gives contiguous rows) is a view, and all of t is t itself -- no copy, and no
+    zero-fill and scatter-add in the backward."""
+    if not isinstance(rows, slice):
+        return t.index_select(0, rows)
+    if rows.start == 0 and rows.stop == t.shape[0]:
+        return t
+    return t[rows]
 
 
 class _Gather(NamedTuple):
     """How :meth:`CircuitPlan.run_shared_mask` reads the inputs of a step's mixed folds:
     ``parts`` (source step, kind, rows) -- the source's folds in the evaluation of that kind,
-    or their places among its mixed folds --, the shape the fetch gives the inputs, (n,) or
+    or their places among its mixed folds; a ``slice`` where they are a range --, the shape the fetch gives the inputs, (n,) or
     (n, H), the folds the layer computes (None: all of them), and where the parts' rows go in
     the (fold, input) order (:class:`_Assemble`; empty where the parts are in order)."""
 
-    parts: Tuple[Tuple[int, int, Tensor], ...]
+    parts: Tuple[Tuple[int, int, Union[Tensor, slice]], ...]
     shape: Tuple[int, ...]
     folds: Optional[Tensor] = None
     places: Tuple[Tensor, ...] = ()  # each part's rows in the (fold, input) order; () where in order
@@ -1688,7 +1699,10 @@ def _gather(sources: np.ndarray, rows: np.ndarray, kinds: np.ndarray, shape: Tup
         for kind in (_SHARED, _OBSERVED, _MIXED):
             picked = np.nonzero((sources == j) & (kinds == kind))[0]
             if picked.size:
-                parts.append((int(j), kind, torch.as_tensor(rows[picked])))
+                taken = rows[picked]
+                in_range = bool(np.array_equal(taken, np.arange(taken[0], taken[0] + taken.size)))
+                parts.append((int(j), kind, slice(int(taken[0]), int(taken[0]) + taken.size) if in_range
+                              else torch.as_tensor(taken)))
                 order.append(picked)
     flat = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
     in_order = bool(np.array_equal(flat, np.arange(flat.size)))

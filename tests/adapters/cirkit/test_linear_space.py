@@ -417,6 +417,22 @@ def test_gaussian_values_and_their_gradients(shift):
     torch.testing.assert_close(v32, ref_v, rtol=1e-5, atol=1e-45)
 
 
+def test_gathers_read_ranges_of_rows_as_views():
+    """A mixed fold's parts (one mask for every sample) read rows in a range as a slice: all of a
+    tensor is the tensor itself, part of it a view; other rows go through index_select; the
+    same rows either way."""
+    from adapters.cirkit.linear_space import _MIXED, _OBSERVED, _gather, _take_rows
+
+    gather = _gather(np.array([3, 3, 3, 5, 5]), np.array([2, 3, 4, 0, 2]), np.array([_MIXED] * 3 + [_OBSERVED] * 2), (5,))
+    (_, _, first), (_, _, second) = gather.parts
+    assert first == slice(2, 5) and isinstance(second, torch.Tensor) and second.tolist() == [0, 2]
+    t = torch.arange(24.0).view(6, 4)
+    assert _take_rows(t, slice(0, 6)) is t
+    view = _take_rows(t, first)
+    assert view.data_ptr() == t[2].data_ptr() and torch.equal(view, t[2:5])
+    torch.testing.assert_close(_take_rows(t, second), t[[0, 2]], rtol=0, atol=0)
+
+
 def _over_inputs(plan, step) -> bool:
     return step.on_factors and all(plan.steps[j].fetch is None for j in step.fetch.sources)
 
