@@ -980,15 +980,18 @@ def _dense_blocks(blocks: _Blocks) -> Scaled:
 
 def _unit_factors(left: Tensor, right: Tensor, s: Tensor) -> _Blocks:
     """One rank-1 block per sample, ``left[f, b] ⊗ right[f, b] · e^s[f, b]`` (left (F, B, Ki),
-    right (F, B, Kj), s (F, B)), as :class:`_Blocks` with each factor scaled to largest entry
-    1: the block's largest entry is then 1, as the multiplied-out value would be scaled. One
+    right (F, B, Kj), s (F, B)), as :class:`_Blocks` with each factor kept in range as
+    :func:`normalise` keeps a value: where some (fold, sample)'s largest entry has left
+    [2^-16, 2^16], the factor is divided by its largest entries (their logs moved into s);
+    else it is left as it is (the multiplied-out block then peaks within [2^-32, 2^32]). One
     tensor on both sides (one function) is scaled once and stays one."""
     factors = []
     for t in ((left,) if right is left else (left, right)):
         t = t.resolve_conj() if t.is_conj() else t  # a conjugate view has no real view (the peaks read one)
-        peaks, _, top = _peaks(t)
+        peaks, lo, top = _peaks(t)
         given = s
-        t, s = _rescaled(t, s, peaks, top)
+        if not (_LOW <= lo and top <= _HIGH):
+            t, s = _rescaled(t, s, peaks, top)
         factors.append(t)
     if right is left:  # the other side divided by the same peaks
         factors.append(factors[0])

@@ -433,6 +433,34 @@ def test_gathers_read_ranges_of_rows_as_views():
     torch.testing.assert_close(_take_rows(t, second), t[[0, 2]], rtol=0, atol=0)
 
 
+def test_rank_one_factors_are_rescaled_only_out_of_range():
+    """Rank-1 blocks per sample keep their factors as they are while every (fold, sample)'s
+    largest entry lies in [2^-16, 2^16] (as normalise keeps values); a factor out of range is
+    divided by its largest entries, their logs moved into the scale. The block's value is the
+    same either way, one tensor on both sides included."""
+    from adapters.cirkit.linear_space import _unit_factors
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(2, 3, 4, dtype=torch.float64, generator=g) + 0.5  # peaks in range
+    w = torch.rand(2, 3, 5, dtype=torch.float64, generator=g) * 1e-9  # peaks far below
+    s = torch.randn(2, 3, dtype=torch.float64, generator=g)
+
+    def block(b):
+        return (b.left.unsqueeze(-1) * b.right.unsqueeze(-2)) * torch.exp(b.s)[..., None, None]
+
+    want = (u.unsqueeze(-1) * w.unsqueeze(-2)) * torch.exp(s)[..., None, None]
+    found = _unit_factors(u, w, s)
+    assert found.left is u and found.right is not w
+    torch.testing.assert_close(found.right.abs().amax(dim=-1), torch.ones(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(block(found), want, rtol=1e-12, atol=0)
+    same = _unit_factors(w, w, s)  # one tensor on both sides: rescaled once, still one
+    assert same.left is same.right
+    torch.testing.assert_close(block(same), (w.unsqueeze(-1) * w.unsqueeze(-2)) * torch.exp(s)[..., None, None],
+                               rtol=1e-12, atol=0)
+    kept = _unit_factors(u, u, s)
+    assert kept.left is u and kept.right is u and torch.equal(kept.s, s)
+
+
 def _over_inputs(plan, step) -> bool:
     return step.on_factors and all(plan.steps[j].fetch is None for j in step.fetch.sources)
 
