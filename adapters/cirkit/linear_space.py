@@ -148,6 +148,7 @@ from .scaling import (
     _peaks,
     _rescaled,
     _Unmeasured,
+    log_peaks,
     shifted_exp_values,
     from_logs,
     normalise,
@@ -573,8 +574,7 @@ class _GaussianValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mean: Tensor, std: Tensor, x: Tensor, shift: Optional[Tensor]):  # type: ignore[override]
         z, logs = _standardised_logs(mean, std, x, shift)
-        s = logs.amax(dim=-1)
-        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+        s = log_peaks(logs)  # as from_logs takes it
         v = shifted_exp_values(logs, s, overwrite=True)  # the logs are not kept
         ctx.save_for_backward(v, z, std)
         ctx.has_shift = shift is not None
@@ -1324,7 +1324,10 @@ class CircuitPlan:
         # batch; not where values are probed, kept, or integrated out (masks)
         tabled = x is not None and mask is None and not probing and not keep
         tables: Dict[int, Union[_Blocks, Scaled]] = {}  # the inputs' tables, by input step, read once
-        batch = x.shape[0] if x is not None else 0
+
+        def table_pays(j: int) -> bool:  # input step j is read through its table in this call
+            return tabled and self.steps[j].layer.num_categories < x.shape[0]
+
         symmetric: List[bool] = []  # per step: every block of its value is symmetric (SYMMETRIC_BLOCKS)
         resume = 0  # the first step not yet evaluated by a chain
         for i, step in enumerate(self.steps):
@@ -1347,12 +1350,12 @@ class CircuitPlan:
                 symmetric[j] for j in step.fetch.sources)
             keeps_symmetric = inputs_symmetric and step.keeps_symmetry
             symmetric.append(keeps_symmetric)
-            if tabled and step.tabled_only and layer.num_categories < batch:  # only read through its table
+            if step.tabled_only and table_pays(i):  # only read through its table
                 values.append(None)
                 scales.append(None)
                 continue
             out: Union[_Blocks, Scaled, None] = None
-            if tabled and step.over_table is not None and self.steps[step.over_table].layer.num_categories < batch:
+            if step.over_table is not None and table_pays(step.over_table):
                 source = self.steps[step.over_table].layer
                 out = _sum_over_table(step, source, x, ctx, tables)
                 if out is None and step.over_table not in blocks:  # its squared input, looked up after all

@@ -176,7 +176,14 @@ def shifted_exp(y: Tensor, s: Tensor) -> Tensor:
     real values through :class:`_ShiftedExp`, anything else through ``torch.exp``."""
     if y.dtype == torch.float32 and s.dtype == torch.float32:
         return _ShiftedExp.apply(y, s.detach())
-    return torch.exp(y - s.unsqueeze(-1))
+    return shifted_exp_values(y, s)
+
+
+def log_peaks(part: Tensor) -> Tensor:
+    """The scale :func:`from_logs` takes out of real logs (..., K): their largest value over K,
+    detached, 0 where that is not finite (no unit can take a value, or a NaN)."""
+    s = part.detach().amax(dim=-1)
+    return torch.where(torch.isfinite(s), s, torch.zeros_like(s))
 
 
 def from_logs(y: Tensor) -> Scaled:
@@ -186,9 +193,7 @@ def from_logs(y: Tensor) -> Scaled:
     """
     if y.is_complex() and not bool(y.imag.any()):
         y = y.real
-    part = y.real if y.is_complex() else y
-    s = part.detach().amax(dim=-1)
-    s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    s = log_peaks(y.real if y.is_complex() else y)
     return shifted_exp(y, s), s
 
 

@@ -1326,6 +1326,21 @@ def test_fused_product_sum_layers_of_one_fold_read_their_inputs_apart(semiring, 
     assert_same_gradients(grads, stacked_grads)
 
 
+def _cp_symbolic(region_graph: str, activation: str, **categorical_options):
+    """A symbolic 3-unit CP circuit over categorical inputs, its weights through ``activation``."""
+    return REGION_GRAPHS[region_graph]().build_circuit(
+        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **categorical_options),
+        sum_product="cp", num_input_units=3, num_sum_units=3,
+        sum_weight_factory=parameterization_to_factory(Parameterization(activation=activation, initialization="normal")))
+
+
+def _structured_model(region_graph: str):
+    """A structured circuit (low-rank kinds of the zoo as c's sum layers) over :func:`_cp_symbolic`."""
+    model, _ = compile_structured(_cp_symbolic(region_graph, "none"), structure_policy("lowrank", rank=2),
+                                  dtype=torch.float64, seed=1, num_categories=CATEGORIES)
+    return model
+
+
 def _base_circuit(region_graph: str, case: str):
     """A compiled c (not squared) for :func:`test_sum_layers_over_categorical_inputs_map_their_tables`:
     signed, softmax-normalised or complex weights; folded or not; cirkit's optimize=True; a
@@ -1333,16 +1348,10 @@ def _base_circuit(region_graph: str, case: str):
     has log-probabilities near -800 (the table's rows then carry their own scale)."""
     if case == "complex weights":
         return compile_circuit(complex_circuit(region_graph, units=3), "complex-lse-sum")
-    activation = "softmax" if case == "lse-sum" else "none"
+    if case == "structured":
+        return _structured_model(region_graph).base
     logits = {"logits_factory": log_softmax_logits} if case == "far logits" else {}
-    c = REGION_GRAPHS[region_graph]().build_circuit(
-        input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES, **logits), sum_product="cp",
-        sum_weight_factory=parameterization_to_factory(Parameterization(activation=activation, initialization="normal")),
-        num_input_units=3, num_sum_units=3)
-    if case.startswith("structured"):
-        model, _ = compile_structured(c, structure_policy("lowrank", rank=2), dtype=torch.float64, seed=1,
-                                      num_categories=CATEGORIES)
-        return model if case == "structured-model" else model.base
+    c = _cp_symbolic(region_graph, "softmax" if case == "lse-sum" else "none", **logits)
     semiring = "lse-sum" if case == "lse-sum" else "complex-lse-sum"
     torch.manual_seed(0)
     ctx = PipelineContext(backend="torch", semiring=semiring, fold=case != "unfolded", optimize=case == "optimize=True")
@@ -1414,15 +1423,11 @@ def _squared_density(region_graph: str, case: str):
     """|c|² at data (fast path, float64) of a 3-unit categorical circuit: softmax-normalised,
     signed or complex weights, or a structured circuit (low-rank squares)."""
     if case == "structured":
-        return _base_circuit(region_graph, "structured-model").density
+        return _structured_model(region_graph).density
     if case == "complex weights":
         c = complex_circuit(region_graph, units=3)
     else:
-        c = REGION_GRAPHS[region_graph]().build_circuit(
-            input_factory=functools.partial(CategoricalLayer, num_categories=CATEGORIES), sum_product="cp",
-            sum_weight_factory=parameterization_to_factory(Parameterization(
-                activation="softmax" if case == "lse-sum" else "none", initialization="normal")),
-            num_input_units=3, num_sum_units=3)
+        c = _cp_symbolic(region_graph, "softmax" if case == "lse-sum" else "none")
     semiring = "lse-sum" if case == "lse-sum" else "complex-lse-sum"
     return compile_density(c, semiring=semiring, seed=0, dtype=torch.float64, num_categories=CATEGORIES).density
 
