@@ -2052,8 +2052,12 @@ def _with_categories(g: Tensor, parts: Tuple[Tensor, ...]) -> Tensor:
     if len(parts) == 1:
         return torch.einsum("fbk,fck->fbc", g, parts[0].to(g.dtype))
     left, right = (t.to(g.dtype) for t in parts)
-    grid = g.reshape(g.shape[0], g.shape[1], left.shape[1], right.shape[1])  # (F, B, Ki, Kj)
-    return torch.einsum("fbij,fitc,fjtc->fbc", grid, left, right)
+    f, b = g.shape[:2]
+    ki, t, v = left.shape[1:]
+    # g read once, in place, by one product: einsum copied it into a 6-D layout first (the
+    # largest tensor of a conditionals query, (F, B, Ki·Kj)); the (F, B, Ki·T, V) result is small
+    grid_right = torch.bmm(g.reshape(f, b * ki, right.shape[1]), right.reshape(f, right.shape[1], t * v))
+    return torch.einsum("fbkc,fkc->fbc", grid_right.view(f, b, ki * t, v), left.reshape(f, ki * t, v))
 
 
 def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Optional[Tensor],
@@ -2119,7 +2123,8 @@ def categorical_conditionals(circuit: TorchCircuit, x: Tensor, integrate: Option
         for p, g in zip(probes, grads):
             # torch's gradient of Re log f w.r.t. a complex v is the conjugate of ∂log f/∂v (log f is
             # holomorphic in v); a real v's is ∂log f/∂v itself (f is real in the real inputs)
-            g = g.index_select(0, p.folds)
+            if p.folds.numel() != g.shape[0]:  # else every fold, in order (nonzero gives them sorted)
+                g = g.index_select(0, p.folds)
             g = g.conj() if g.is_complex() else g
             parts, scale = _category_terms(p.layer, p.source, p.rows, p.folds, categories)
             # each category's value relative to the probed value's scale, as the evaluator saw it

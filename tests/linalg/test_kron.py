@@ -91,6 +91,50 @@ def test_kron_apply_on_a_batch_fold_by_fold_or_broadcast(per_fold, dtype, dims_a
     assert torch.autograd.gradcheck(apply, inputs)
 
 
+@pytest.mark.parametrize("m_dtype,blocks_dtype", [(torch.float64, torch.float64), (torch.float64, torch.complex128),
+                                                   (torch.complex128, torch.float64), (torch.complex128, torch.complex128)])
+def test_first_axis_products_are_one_node_with_gradients_in_each_inputs_dtype(m_dtype, blocks_dtype):
+    """The fold-by-fold products on the blocks' first axis under autograd: one node (no stack,
+    whose copy forward and backward it replaces), values against einsum, gradients by finite
+    differences, real gradients for a real input beside a complex one, and each input's
+    gradient the same when only it is asked for."""
+    from structlayers.linalg import kron as kron_module
+
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(3, 4, 5, generator=g, dtype=m_dtype).requires_grad_()
+    blocks = torch.randn(3, 2, 5, 6, generator=g, dtype=blocks_dtype).requires_grad_()
+    out = kron_module._first_axis(m, blocks)
+    assert type(out.grad_fn).__name__ == "_FirstAxisBackward"
+    torch.testing.assert_close(out, torch.einsum("frp,fnpq->fnrq", m.to(out.dtype), blocks.to(out.dtype)), rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(kron_module._first_axis, (m, blocks))
+    weights = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    both = torch.autograd.grad((out * weights).sum().real, (m, blocks))
+    assert [t.dtype for t in both] == [m_dtype, blocks_dtype]
+    for i, alone_inputs in enumerate([(m, blocks.detach()), (m.detach(), blocks)]):
+        (alone,) = torch.autograd.grad((kron_module._first_axis(*alone_inputs) * weights).sum().real, alone_inputs[i])
+        torch.testing.assert_close(alone, both[i], rtol=1e-13, atol=1e-13)
+
+
+def test_first_axis_backward_skips_the_matrix_gradient_a_pass_does_not_ask_for():
+    """A query's derivative with respect to the blocks (a view of them here, as the evaluation
+    passes its values) runs the forward's products and the blocks' gradient only: no
+    products for the matrix's gradient, which ``needs_input_grad`` alone would have run."""
+    from structlayers.benchmarking import matmul_macs
+    from structlayers.linalg import kron as kron_module
+
+    f, n, r, p, q = 3, 4, 5, 6, 7
+    m = torch.randn(f, r, p, dtype=torch.float64, requires_grad=True)
+    blocks = torch.randn(f, n, p, q, dtype=torch.float64, requires_grad=True)
+    one = f * n * r * p * q  # multiply-adds of one pass of products
+
+    def values_only():
+        view = blocks.view(f, n, p, q)
+        torch.autograd.grad(kron_module._first_axis(m, view).sum(), [view])
+
+    assert matmul_macs(values_only) == 2 * one
+    assert matmul_macs(lambda: kron_module._first_axis(m, blocks).sum().backward()) == 3 * one
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("dims_a,dims_b", [([3, 4], [5, 2]), ([2, 5], [3, 4]), ([4, 4], [4, 4]),  # both orders
                                            ([5, 2, 4], [3, 6]), ([5, 2, 4], [3, 2, 6])])  # chains (factored)
