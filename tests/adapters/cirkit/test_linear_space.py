@@ -973,6 +973,22 @@ def test_categorical_conditionals_of_every_variable_at_once(circuit, evidence):
                                rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_probe_gradients_meet_each_categorys_value_as_the_contraction_says(dtype):
+    """``_with_categories``: ``Σ_ij g[f, b, (i, j)] Σ_t left[f, i, t, c] right[f, j, t, c]`` for the
+    factored values (several outer products per category, Ki ≠ Kj) and ``Σ_k g[f, b, k] v[f, c, k]``
+    for plain ones, against the sums written out (one product on g in place, no copy of it)."""
+    g_ = torch.Generator().manual_seed(5)
+    f, b, ki, kj, t, v = 3, 4, 5, 6, 2, 7
+    g = torch.randn(f, b, ki * kj, generator=g_, dtype=dtype)
+    left, right = torch.randn(f, ki, t, v, generator=g_), torch.randn(f, kj, t, v, generator=g_)
+    expected = torch.einsum("fbij,fitc,fjtc->fbc", g.reshape(f, b, ki, kj), left.to(dtype), right.to(dtype))
+    torch.testing.assert_close(linear_space._with_categories(g, (left, right)), expected, rtol=1e-12, atol=1e-12)
+    plain = torch.randn(f, v, ki * kj, generator=g_)
+    torch.testing.assert_close(linear_space._with_categories(g, (plain,)),
+                               torch.einsum("fbk,fck->fbc", g, plain.to(dtype)), rtol=1e-12, atol=1e-12)
+
+
 def test_categorical_conditionals_bad_input():
     density = _density_for_conditionals("quad-tree", "kronecker")
     x = torch.zeros(2, 16, dtype=torch.long)
