@@ -114,6 +114,7 @@ from cirkit.backend.torch.parameters.nodes import (
 )
 from cirkit.backend.torch.semiring import ComplexLSESumSemiring, LSESumSemiring
 
+from structlayers.gradients import wanted_gradients
 from structlayers.linalg.kron import khatri_rao, kron_apply
 
 from .chains import CHAIN_MIN_LINKS, ChainLink, OperandFactors, inner_map, may_run_inner, run_chain
@@ -269,9 +270,10 @@ class _TransposedWeightProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         z, w = ctx.saved_tensors
+        need_z, need_w = wanted_gradients(ctx, (0, 1))  # a query's pass wants z's only
         # complex: gradients through the conjugates (torch's convention)
-        grad_z = torch.bmm(grad, w.conj()) if ctx.needs_input_grad[0] else None
-        grad_w = torch.bmm(grad.transpose(1, 2), z.conj()) if ctx.needs_input_grad[1] else None
+        grad_z = torch.bmm(grad, w.conj()) if need_z else None
+        grad_w = torch.bmm(grad.transpose(1, 2), z.conj()) if need_w else None
         return grad_z, grad_w
 
 

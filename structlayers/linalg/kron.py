@@ -354,8 +354,10 @@ class _KronChainOne(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         n = len(ctx.sides)
         saved = ctx.saved_tensors
+        # the tensors are x (argument 0) and the matrices (4 on); a query's pass wants x's only
+        wanted = wanted_gradients(ctx, (0, *range(4, 4 + n)))
         g, grads = block_chain_backward(grad.reshape(ctx.out_shape), ctx.sides, saved[n:], saved[:n],
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[4:], ctx.symmetric)
+                                        wanted[0], wanted[4:], ctx.symmetric)
         return (g.reshape(ctx.x_shape) if g is not None else None, None, None, None, *grads)
 
 
@@ -412,8 +414,7 @@ class _RowwiseKron(torch.autograd.Function):
         grad_u = torch.matmul(g, w.to(dtype).unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[0] else None
         grad_w = torch.matmul(u.to(dtype).unsqueeze(-2), g).squeeze(-2) if ctx.needs_input_grad[1] else None
         # a real factor's gradient is the real part (as autograd's own product gives it)
-        return tuple(d.real if d is not None and d.is_complex() and not t.is_complex() else d
-                     for d, t in ((grad_u, u), (grad_w, w)))
+        return tuple(None if d is None else _as_dtype_of(d, t) for d, t in ((grad_u, u), (grad_w, w)))
 
 
 def khatri_rao(parts: Sequence[torch.Tensor]) -> torch.Tensor:

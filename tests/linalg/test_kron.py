@@ -135,6 +135,29 @@ def test_first_axis_backward_skips_the_matrix_gradient_a_pass_does_not_ask_for()
     assert matmul_macs(lambda: kron_module._first_axis(m, blocks).sum().backward()) == 3 * one
 
 
+def test_one_sample_chain_backward_skips_the_matrices_gradients_a_pass_does_not_ask_for():
+    """``A X Bᵀ`` for one sample per fold (one node): a pass asking for the block's gradient
+    only (a view of it, as a query's) runs fewer products than one asking for everything, and
+    gives the same block gradient."""
+    from structlayers.benchmarking import matmul_macs
+
+    inputs, _, apply, g = _chains_and_apply(5, 2, 1, [5, 2, 4], [3, 6], torch.float64)
+    x, mats = inputs[0], inputs[1:]
+    weights = torch.randn(2, 1, 15, generator=g, dtype=torch.float64)
+    found = {}
+
+    def values_only():
+        view = x.view(x.shape)
+        (found["values_only"],) = torch.autograd.grad((apply(view, *mats) * weights).sum(), [view])
+
+    def everything():
+        x.grad = None
+        (apply(x, *mats) * weights).sum().backward()
+
+    assert matmul_macs(values_only) < matmul_macs(everything)
+    torch.testing.assert_close(found["values_only"], x.grad, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("dims_a,dims_b", [([3, 4], [5, 2]), ([2, 5], [3, 4]), ([4, 4], [4, 4]),  # both orders
                                            ([5, 2, 4], [3, 6]), ([5, 2, 4], [3, 2, 6])])  # chains (factored)
